@@ -1,0 +1,1 @@
+"""LightningDataModules: generated toys, the embedded digits, and loaders of standard dataset files."""

@@ -1,0 +1,184 @@
+"""The data-module base class every dataset of flowforge derives from.
+
+A data module holds three splits of tensors ``x`` (and optional integer labels ``y``). Image data are
+integer-valued floats in ``[0, num_levels - 1]`` with shape ``(C, H, W)``; the model dequantises them
+(see :meth:`flowforge.flows.model.Flow.bits_per_dim`). Vector data are continuous with shape ``(D,)``.
+Batches are tuples ``(x,)`` or ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from flowforge.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+
+
+class HorizontalFlip(Dataset):
+    """Wraps an image dataset and flips each image left-right with probability 1/2."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = self.base[i]
+        if torch.rand(()) < 0.5:
+            item = (item[0].flip(-1),) + tuple(item[1:])
+        return item
+
+
+class FlowDataModule(pl.LightningDataModule):
+    """Base class: subclasses implement :meth:`load_splits`.
+
+    Args:
+        shape: the event shape the config promises (checked against the data).
+        num_levels: number of quantisation levels of image data (None for continuous data).
+        logit_alpha: the logit-transform alpha image models use (None for vector data); stored here
+            so model configs can interpolate ``${dataset.logit_alpha}``.
+        data_dir: folder with the dataset's files (file-backed datasets only).
+        batch_size / eval_batch_size: loader batch sizes (eval defaults to batch_size).
+        num_workers: DataLoader workers.
+        flip: random horizontal flips of training images.
+        limit: keep at most this many examples per split (for quick runs).
+    """
+
+    kind: str = "vector"  # or "image"
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        num_levels: Optional[int] = None,
+        logit_alpha: Optional[float] = None,
+        data_dir: Optional[str] = None,
+        batch_size: int = 256,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        flip: bool = False,
+        limit: Optional[int] = None,
+        name: Optional[str] = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ConfigError(f"dataset.batch_size must be a positive integer, got {batch_size!r}")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size <= 0):
+            raise ConfigError(f"dataset.eval_batch_size must be a positive integer, got {eval_batch_size!r}")
+        if logit_alpha is not None and not (0.0 < float(logit_alpha) < 0.5):
+            raise ConfigError(f"dataset.logit_alpha must lie in (0, 0.5), got {logit_alpha!r}")
+        if num_levels is not None and int(num_levels) < 2:
+            raise ConfigError(f"dataset.num_levels must be >= 2, got {num_levels!r}")
+        self.shape = tuple(int(s) for s in shape)
+        self.num_levels = None if num_levels is None else int(num_levels)
+        self.logit_alpha = logit_alpha
+        self.data_dir = None if data_dir is None else Path(data_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.flip = flip
+        self.limit = limit
+        self.name = name
+        self.seed = seed
+        self.splits: dict[str, TensorDataset] = {}
+
+    # ----------------------------------------------------------------- for subclasses
+    def load_splits(self) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Return ``{"train": (x, y), "val": (x, y), "test": (x, y)}``; ``y`` may be None."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        raw = self.load_splits()
+        for split in SPLITS:
+            if split not in raw:
+                raise DataError(f"{type(self).__name__} produced no '{split}' split")
+            x, y = raw[split]
+            x = self.check(x, split)
+            if self.limit is not None:
+                x = x[: self.limit]
+                y = None if y is None else y[: self.limit]
+            tensors = (x,) if y is None else (x, torch.as_tensor(y).long())
+            self.splits[split] = TensorDataset(*tensors)
+
+    def check(self, x: torch.Tensor, split: str) -> torch.Tensor:
+        """Validate one split: non-empty, the promised shape, finite, in range; returns float32."""
+        name = self.name or type(self).__name__
+        x = torch.as_tensor(x)
+        if x.shape[0] == 0:
+            raise DataError(f"dataset '{name}': the {split} split is empty")
+        if tuple(x.shape[1:]) != self.shape:
+            raise DataError(
+                f"dataset '{name}': {split} examples have shape {tuple(x.shape[1:])}, but the config "
+                f"says dataset.shape={list(self.shape)}; fix dataset.shape or the data files"
+            )
+        if not x.dtype.is_floating_point:
+            x = x.float()
+        else:
+            x = x.to(torch.float32)
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            idx = bad.flatten(1).any(1).nonzero()[0].item()
+            raise DataError(
+                f"dataset '{name}': the {split} split has {int(bad.sum())} NaN/inf values "
+                f"(first in example {idx}); clean the data files"
+            )
+        if self.num_levels is not None:
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > self.num_levels - 1 or not torch.equal(x, x.round()):
+                raise DataError(
+                    f"dataset '{name}': image data must be integers in [0, {self.num_levels - 1}] "
+                    f"(num_levels={self.num_levels}); the {split} split has values in [{lo}, {hi}]"
+                )
+        return x
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        data = self.splits[split]
+        if train and self.flip:
+            data = HorizontalFlip(data)
+        bs = self.batch_size if train else self.eval_batch_size
+        return DataLoader(
+            data,
+            batch_size=bs,
+            shuffle=train,
+            drop_last=train and len(data) > bs,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    @property
+    def dim(self) -> int:
+        d = 1
+        for s in self.shape:
+            d *= s
+        return d
+
+
+def require_file(path: Path, dataset: str, how_to_get: str) -> Path:
+    """Raise a :class:`DataError` naming ``path`` and how to obtain it, unless it exists."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"dataset '{dataset}': expected file {path} does not exist. {how_to_get}"
+        )
+    return path

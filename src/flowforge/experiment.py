@@ -1,0 +1,164 @@
+"""Experiment entry points behind ``train.py``, ``eval.py`` and ``sample.py``.
+
+Hydra composes the configuration; this module only instantiates what the config names, wires it into
+a Lightning ``Trainer`` and reports where the results went.  Nothing here does mathematics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
+from flowforge.training.callbacks import SampleFigures
+from flowforge.training.module import FlowModule
+
+log = logging.getLogger("flowforge")
+
+
+def _wandb_mode() -> str:
+    """W&B mode: ``$WANDB_MODE`` if set, else online when an API key is configured, else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists() and "api.wandb.ai" in (Path.home() / ".netrc").read_text():
+        return "online"
+    return "offline"
+
+
+if not OmegaConf.has_resolver("wandb_mode"):
+    OmegaConf.register_new_resolver("wandb_mode", _wandb_mode)
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
+    """Instantiate the data module and the LightningModule (with its flow) from a composed config."""
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    model = hydra.utils.instantiate(cfg.model)
+    module = FlowModule(
+        model=model,
+        optimizer=hydra.utils.instantiate(cfg.optim.optimizer),
+        warmup_steps=cfg.optim.warmup_steps,
+        on_nonfinite=cfg.on_nonfinite,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    return datamodule, module
+
+
+def _instantiate_group(node: Optional[DictConfig]) -> list:
+    if not node:
+        return []
+    return [hydra.utils.instantiate(v) for v in node.values() if v is not None and "_target_" in v]
+
+
+def make_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) the configured model; returns the final metrics."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    datamodule, module = build(cfg)
+    trainer = make_trainer(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if module.stop_reason:
+        raise NonFiniteLossError(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}")
+    if cfg.get("test", True):
+        trainer.test(module, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    if trainer.is_global_zero:
+        _report(out_dir, metrics, trainer)
+    return metrics
+
+
+def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    figures = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleFigures) and cb.last_path]
+    lines = [f"run directory: {out_dir}", f"metrics: {out_dir / 'metrics.json'}"]
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "CSVLogger":
+            lines.append(f"metric history: {Path(lg.log_dir) / 'metrics.csv'}")
+    lines += [f"figure: {p}" for p in figures]
+    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test/")}
+    lines.append(f"test metrics: {shown}")
+    print("\n".join(lines), flush=True)
+
+
+def load_checkpoint(ckpt_path: str, map_location: str = "cpu") -> tuple[DictConfig, dict]:
+    """The run configuration stored in a flowforge checkpoint, and the checkpoint itself."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass the path of a .ckpt file written by train.py")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint ({e})") from e
+    config = ckpt.get("hyper_parameters", {}).get("config")
+    if not config:
+        raise ConfigError(f"{ckpt_path} holds no flowforge run configuration; was it written by train.py?")
+    return OmegaConf.create(config), ckpt
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test metrics of a checkpoint (its EMA weights when EMA was on) on the test split."""
+    run_cfg, ckpt = load_checkpoint(cfg.ckpt_path)
+    if cfg.get("data_dir"):
+        run_cfg.dataset.data_dir = cfg.data_dir
+    datamodule, module = build(run_cfg)
+    module.load_state_dict(ckpt["state_dict"])
+    trainer = pl.Trainer(accelerator=cfg.get("accelerator", "cpu"), devices=1, logger=False, enable_checkpointing=False)
+    trainer.test(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+@torch.no_grad()
+def sample(cfg: DictConfig) -> Path:
+    """Draw samples from a checkpoint: an image grid or a density plot, plus the raw tensor."""
+    from flowforge.training import visualize
+
+    run_cfg, ckpt = load_checkpoint(cfg.ckpt_path)
+    datamodule, module = build(run_cfg)
+    module.load_state_dict(ckpt["state_dict"])
+    model = module.model.eval()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    x = model.sample(cfg.num_samples, cfg.temperature)
+    torch.save(x, out / "samples.pt")
+    if model.is_image:
+        path = visualize.image_grid(x[:64], out / "samples.png")
+    elif model.dim == 2:
+        datamodule.setup("test")
+        path = visualize.density_plot_2d(model, datamodule.splits["test"].tensors[0], out / "density.png")
+    else:
+        datamodule.setup("test")
+        path = visualize.density_plot_1d(model, datamodule.splits["test"].tensors[0][:, :1], out / "density.png")
+    print(f"samples: {out / 'samples.pt'}\nfigure: {path}")
+    return path
+
+
+def main(fn, cfg: DictConfig) -> Any:
+    """Run ``fn(cfg)``; flowforge's own errors end the program with their message, not a traceback."""
+    try:
+        return fn(cfg)
+    except FlowforgeError as e:
+        log.error("%s: %s", type(e).__name__, e)
+        raise SystemExit(f"error: {e}") from None

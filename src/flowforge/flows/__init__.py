@@ -1,0 +1,21 @@
+"""Flows: the ``(z, log_det)`` transform contract, one module per family, and the model wrapper."""
+
+from flowforge.flows.actnorm import ActNorm
+from flowforge.flows.base import Compose, Inverse, Transform
+from flowforge.flows.coupling import Coupling
+from flowforge.flows.distributions import DiagonalGaussian, StandardNormal
+from flowforge.flows.glow import Glow
+from flowforge.flows.invconv import InvertibleLinearLU
+from flowforge.flows.maf import IAF, MAF
+from flowforge.flows.model import Flow, build_flow
+from flowforge.flows.nice import NICE
+from flowforge.flows.nsf import NSF
+from flowforge.flows.planar import Planar, planar_family
+from flowforge.flows.radial import Radial, radial_family
+from flowforge.flows.realnvp import RealNVP
+
+__all__ = [
+    "ActNorm", "Compose", "Coupling", "DiagonalGaussian", "Flow", "Glow", "IAF", "InvertibleLinearLU",
+    "Inverse", "MAF", "NICE", "NSF", "Planar", "Radial", "RealNVP", "StandardNormal", "Transform",
+    "build_flow", "planar_family", "radial_family",
+]

@@ -1,0 +1,73 @@
+"""The coupling-flow skeletons shared by NICE, RealNVP, Glow and coupling neural spline flows.
+
+A *step* is ``[ActNorm] -> [invertible 1x1 / LU linear] -> coupling``.
+- Vectors: ``num_steps`` steps with alternating masks.
+- Images, ``layout="realnvp"``: each scale is ``num_steps`` checkerboard steps, a squeeze and
+  ``num_steps`` channel-mask steps, then half the channels are factored out; the last scale is
+  ``num_steps + 1`` checkerboard steps (Dinh et al., 2017).
+- Images, ``layout="glow"``: each scale is a squeeze and ``num_steps`` channel-mask steps, then a
+  factor-out (Kingma & Dhariwal, 2018).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from flowforge.errors import ConfigError
+from flowforge.flows.actnorm import ActNorm
+from flowforge.flows.base import Compose, Transform
+from flowforge.flows.coupling import alternating_mask, channel_mask, checkerboard_mask, make_coupling
+from flowforge.flows.invconv import InvertibleLinearLU
+from flowforge.flows.multiscale import Squeeze, check_squeezable, multiscale
+
+
+def coupling_stack(
+    shape: Sequence[int],
+    elementwise,
+    num_steps: int = 4,
+    hidden: Sequence[int] = (64, 64),
+    channels: int = 64,
+    num_scales: int = 2,
+    actnorm: bool = True,
+    lu: bool = False,
+    layout: str = "realnvp",
+    act: str = "relu",
+) -> Transform:
+    shape = tuple(shape)
+    if num_steps < 1:
+        raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
+
+    def step(s: tuple, mask, width) -> list:
+        layers = [ActNorm(s)] if actnorm else []
+        if lu:
+            layers.append(InvertibleLinearLU(s))
+        return layers + [make_coupling(mask, elementwise, width, act)]
+
+    if len(shape) == 1:
+        return Compose(sum((step(shape, alternating_mask(shape[0], i % 2), hidden) for i in range(num_steps)), []))
+    if layout not in ("realnvp", "glow"):
+        raise ConfigError(f"unknown image layout '{layout}'; choose realnvp or glow")
+    squeezes = num_scales if layout == "glow" else num_scales - 1
+    check_squeezable(shape, squeezes, "image flow")
+
+    def scale(s: tuple, last: bool) -> tuple[list, tuple]:
+        layers: list = []
+        if layout == "glow":
+            layers.append(Squeeze())
+            s = (4 * s[0], s[1] // 2, s[2] // 2)
+            for i in range(num_steps):
+                layers += step(s, channel_mask(s, i % 2), channels)
+            return layers, s
+        n_checker = num_steps + 1 if last else num_steps
+        for i in range(n_checker):
+            layers += step(s, checkerboard_mask(s, i % 2), channels)
+        if last:
+            return layers, s
+        layers.append(Squeeze())
+        s = (4 * s[0], s[1] // 2, s[2] // 2)
+        for i in range(num_steps):
+            layers += step(s, channel_mask(s, i % 2), channels)
+        return layers, s
+
+    return multiscale(shape, num_scales, scale)
+

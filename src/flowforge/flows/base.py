@@ -1,0 +1,86 @@
+"""The transform contract every flow layer follows.
+
+A transform is a bijection f from data space to base space.  ``forward(x)`` returns
+``(z, log_det)`` with ``z = f(x)`` and ``log_det = log |det df/dx|`` per sample (natural log,
+shape ``(batch,)``); ``inverse(z)`` returns ``x = f^{-1}(z)``.  Composition follows the chain rule
+
+    log |det d(f_K o ... o f_1)/dx| = sum_k log |det df_k/dx_{k-1}|.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class Transform(nn.Module):
+    """Base class: subclasses implement :meth:`forward` and :meth:`inverse`."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log |det dx/dz|)``.  The default runs the forward once more at ``x``."""
+        x = self.inverse(z)
+        _, log_det = self.forward(x)
+        return x, -log_det
+
+
+class Compose(Transform):
+    """``f = f_K o ... o f_1``: applies ``transforms`` in order, summing log-determinants."""
+
+    def __init__(self, transforms: Iterable[Transform]):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        log_det = x.new_zeros(x.shape[0])
+        for t in self.transforms:
+            x, ld = t(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def inverse(self, z: Tensor) -> Tensor:
+        for t in reversed(self.transforms):
+            z = t.inverse(z)
+        return z
+
+    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        log_det = z.new_zeros(z.shape[0])
+        for t in reversed(self.transforms):
+            z, ld = t.inverse_and_log_det(z)
+            log_det = log_det + ld
+        return z, log_det
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+
+class Inverse(Transform):
+    """The inverse bijection ``f^{-1}``: swaps the fast and the slow direction of ``transform``.
+
+    ``forward(x) = (f^{-1}(x), log |det df^{-1}/dx|)``; used e.g. to make IAF from a MAF layer.
+    """
+
+    def __init__(self, transform: Transform):
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse_and_log_det(x)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self.transform(z)[0]
+
+    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transform(z)
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """Sum over every dimension but the first: per-sample totals of elementwise log-dets."""
+    return x.reshape(x.shape[0], -1).sum(1)

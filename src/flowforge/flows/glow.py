@@ -1,0 +1,27 @@
+"""Glow (Kingma & Dhariwal, 2018): steps of ActNorm -> invertible 1x1 convolution (LU form) ->
+affine coupling with ``exp(s) = sigmoid(h + 2)``; for images each scale starts with a squeeze and
+ends with a factor-out.  On vectors the 1x1 convolution is a full LU-parametrised linear map."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from flowforge.flows.architectures import coupling_stack
+from flowforge.flows.elementwise import Affine
+from flowforge.flows.model import Flow, build_flow
+
+
+def Glow(
+    shape: Sequence[int],
+    num_steps: int = 4,
+    hidden: Sequence[int] = (64, 64),
+    channels: int = 64,
+    num_scales: int = 2,
+    base: str = "normal",
+    num_levels: Optional[int] = None,
+    logit_alpha: Optional[float] = None,
+) -> Flow:
+    stack = coupling_stack(
+        shape, Affine("sigmoid"), num_steps, hidden, channels, num_scales, actnorm=True, lu=True, layout="glow"
+    )
+    return build_flow(shape, stack, base, num_levels, logit_alpha)

@@ -1,0 +1,56 @@
+"""Invertible linear map over channels in LU form (Glow's invertible 1x1 convolution).
+
+``W = P L (U + diag(sign(s) exp(log|s|)))`` with P a fixed permutation, L unit lower-triangular and U
+strictly upper-triangular; ``z = W x`` over the channel axis at every pixel, so
+``log |det| = (H W) sum_i log|s_i|`` in O(C).  For vectors it is a full invertible linear layer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowforge.flows.base import Transform
+
+
+class InvertibleLinearLU(Transform):
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        shape = tuple(shape)
+        c = shape[0]
+        self.spatial = 1
+        for s in shape[1:]:
+            self.spatial *= s
+        w0 = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
+        p, lower, upper = torch.linalg.lu(w0)
+        diag = torch.diagonal(upper)
+        self.register_buffer("perm", p.float())
+        self.register_buffer("sign_s", torch.sign(diag).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(c, c), -1))
+        self.lower = nn.Parameter(torch.tril(lower, -1).float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_s = nn.Parameter(torch.log(diag.abs()).float())
+
+    def weight(self) -> Tensor:
+        eye = torch.eye(self.lower.shape[0], device=self.lower.device, dtype=self.lower.dtype)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.perm @ lower @ upper
+
+    def _mix(self, x: Tensor, w: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return F.linear(x, w)
+        return F.conv2d(x, w[:, :, None, None])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        log_det = self.log_s.sum() * self.spatial
+        return self._mix(x, self.weight()), log_det.expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self._mix(z, torch.linalg.inv(self.weight()))
+
+    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.inverse(z), (-self.log_s.sum() * self.spatial).expand(z.shape[0])

@@ -1,0 +1,48 @@
+"""MAF and IAF (Papamakarios et al., 2017; Kingma et al., 2016).
+
+MAF: ``z_i = (x_i - mu_i(x_{<i})) exp(-alpha_i(x_{<i}))`` written as ``x_i exp(s_i) + t_i`` with
+``log |det dz/dx| = sum_i s_i``; density in one MADE pass, sampling in D passes.  Successive layers
+reverse the variable order.  IAF is the inverse of the same layer: sampling in one pass, density in D.
+Images are flattened to vectors first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from flowforge.flows.autoregressive import MaskedAutoregressive
+from flowforge.flows.base import Inverse, Transform
+from flowforge.flows.elementwise import Affine
+from flowforge.flows.model import Flow, build_flow, flatten_images
+
+
+def autoregressive_layers(
+    shape: Sequence[int], make_elementwise, num_layers: int, hidden: Sequence[int], inverse: bool
+) -> Transform:
+    """``num_layers`` MADE layers with alternating (identity, reversed) orders, optionally inverted."""
+    dim = math.prod(shape)
+    layers = []
+    for i in range(num_layers):
+        order = list(range(dim)) if i % 2 == 0 else list(reversed(range(dim)))
+        layer = MaskedAutoregressive(dim, make_elementwise(), hidden, order=order)
+        layers.append(Inverse(layer) if inverse else layer)
+    return flatten_images(shape, layers)
+
+
+def MAF(
+    shape: Sequence[int],
+    num_layers: int = 5,
+    hidden: Sequence[int] = (64, 64),
+    base: str = "normal",
+    num_levels: Optional[int] = None,
+    logit_alpha: Optional[float] = None,
+    inverse: bool = False,
+) -> Flow:
+    stack = autoregressive_layers(shape, lambda: Affine("tanh"), num_layers, hidden, inverse)
+    return build_flow(shape, stack, base, num_levels, logit_alpha)
+
+
+def IAF(shape: Sequence[int], **kwargs) -> Flow:
+    """Model config ``iaf``: MAF layers inverted (fast sampling, exact but D-pass density)."""
+    return MAF(shape, inverse=True, **kwargs)

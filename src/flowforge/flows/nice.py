@@ -1,0 +1,29 @@
+"""NICE (Dinh et al., 2015): additive couplings ``z_2 = x_2 + t(x_1)`` (volume preserving) followed
+by a learned diagonal scaling ``z = (x + b) exp(s)`` (here an :class:`ActNorm` without data init),
+whose log-determinant ``sum s`` is the model's only volume change."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from flowforge.flows.actnorm import ActNorm
+from flowforge.flows.architectures import coupling_stack
+from flowforge.flows.base import Compose
+from flowforge.flows.elementwise import Additive
+from flowforge.flows.model import Flow, build_flow
+
+
+def NICE(
+    shape: Sequence[int],
+    num_steps: int = 4,
+    hidden: Sequence[int] = (64, 64),
+    channels: int = 64,
+    num_scales: int = 2,
+    base: str = "normal",
+    num_levels: Optional[int] = None,
+    logit_alpha: Optional[float] = None,
+) -> Flow:
+    stack = coupling_stack(shape, Additive(), num_steps, hidden, channels, num_scales, actnorm=False)
+    scaling = ActNorm((math.prod(shape),), data_init=False)
+    return build_flow(shape, Compose([stack, scaling]), base, num_levels, logit_alpha)

@@ -1,0 +1,35 @@
+"""Neural spline flows (Durkan et al., 2019): rational-quadratic spline couplings (with ActNorm and an
+LU-parametrised linear map between them, Glow layout for images) or, with ``autoregressive``, MADE
+layers driving the spline (RQ-NSF (AR)).  See :mod:`flowforge.flows.spline` for the spline itself."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from flowforge.flows.architectures import coupling_stack
+from flowforge.flows.maf import autoregressive_layers
+from flowforge.flows.model import Flow, build_flow
+from flowforge.flows.spline import RationalQuadraticSpline
+
+
+def NSF(
+    shape: Sequence[int],
+    num_steps: int = 4,
+    hidden: Sequence[int] = (64, 64),
+    channels: int = 64,
+    num_scales: int = 2,
+    bins: int = 8,
+    bound: float = 5.0,
+    autoregressive: bool = False,
+    base: str = "normal",
+    num_levels: Optional[int] = None,
+    logit_alpha: Optional[float] = None,
+) -> Flow:
+    def spline() -> RationalQuadraticSpline:
+        return RationalQuadraticSpline(bins=bins, bound=bound)
+
+    if autoregressive:
+        stack = autoregressive_layers(shape, spline, num_steps, hidden, inverse=False)
+    else:
+        stack = coupling_stack(shape, spline(), num_steps, hidden, channels, num_scales, actnorm=True, lu=True, layout="glow")
+    return build_flow(shape, stack, base, num_levels, logit_alpha)

@@ -1,0 +1,58 @@
+"""Preprocessing layers between data space and the flow: logit transform and dequantisation.
+
+Logit transform (RealNVP):  ``s = alpha + (1 - 2 alpha) x``,  ``y = log s - log(1 - s)``, so
+``log |dy/dx| = sum log(1 - 2 alpha) - log s - log(1 - s)``.  It maps data in [0, 1] to R.
+
+Uniform dequantisation: discrete x in {0, ..., K-1}^D becomes ``y = (x + u) / K`` with
+``u ~ U[0, 1)^D``; then ``log P(x) >= E_u[log p(y)] - D log K`` (Theis et al., 2016), which is the
+bound :meth:`flowforge.flows.model.Flow.bits_per_dim` reports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.errors import ConfigError
+from flowforge.flows.base import Transform, sum_except_batch
+
+
+class Logit(Transform):
+    def __init__(self, alpha: float = 0.05):
+        super().__init__()
+        if not 0.0 < alpha < 0.5:
+            raise ConfigError(f"logit alpha must lie in (0, 0.5), got {alpha}")
+        self.alpha = alpha
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.alpha + (1 - 2 * self.alpha) * x
+        y = torch.log(s) - torch.log1p(-s)
+        ladj = math.log(1 - 2 * self.alpha) - torch.log(s) - torch.log1p(-s)
+        return y, sum_except_batch(ladj)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
+
+
+class UniformDequantization(nn.Module):
+    """``dequantize(x) -> (y, log_weight)`` with ``y = (x + u) / K`` and ``log_weight = -D log K``.
+
+    ``log_weight`` is what must be added to ``log p(y)`` to get the bound on ``log P(x)``.
+    """
+
+    name = "uniform"
+
+    def __init__(self, num_levels: int):
+        super().__init__()
+        self.num_levels = int(num_levels)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = (x + torch.rand_like(x)) / self.num_levels
+        d = x[0].numel()
+        return y, torch.full((x.shape[0],), -d * math.log(self.num_levels), device=x.device, dtype=x.dtype)
+
+    def quantize(self, y: Tensor) -> Tensor:
+        """Back to integer levels: ``floor(y K)`` clamped to the valid range."""
+        return torch.floor(y * self.num_levels).clamp(0, self.num_levels - 1)

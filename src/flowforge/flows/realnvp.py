@@ -1,0 +1,27 @@
+"""RealNVP (Dinh et al., 2017): affine couplings ``z_2 = x_2 exp(s(x_1)) + t(x_1)`` with
+``log |det| = sum s(x_1)``; checkerboard and channel masks in a multiscale architecture for images,
+alternating masks for vectors.  ActNorm replaces the paper's batch normalisation."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from flowforge.flows.architectures import coupling_stack
+from flowforge.flows.elementwise import Affine
+from flowforge.flows.model import Flow, build_flow
+
+
+def RealNVP(
+    shape: Sequence[int],
+    num_steps: int = 4,
+    hidden: Sequence[int] = (64, 64),
+    channels: int = 64,
+    num_scales: int = 2,
+    actnorm: bool = True,
+    scale: str = "tanh",
+    base: str = "normal",
+    num_levels: Optional[int] = None,
+    logit_alpha: Optional[float] = None,
+) -> Flow:
+    stack = coupling_stack(shape, Affine(scale), num_steps, hidden, channels, num_scales, actnorm=actnorm)
+    return build_flow(shape, stack, base, num_levels, logit_alpha)

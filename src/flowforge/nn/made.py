@@ -1,0 +1,66 @@
+"""MADE: Masked Autoencoder for Distribution Estimation (Germain et al., 2015).
+
+Each weight matrix is multiplied by a binary mask so that output ``i`` depends only on inputs
+that precede ``i`` in the autoregressive ``order``:  with input degrees ``m(d) = order[d]``
+and hidden degrees ``m(k)``, hidden unit k sees input d iff ``m(k) >= m(d)``, and output d sees
+hidden unit k iff ``m(d) > m(k)``.  The output has ``num_params`` values per input dimension,
+returned with shape ``(batch, D, num_params)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowforge.nn.mlp import activation
+
+
+class MaskedLinear(nn.Linear):
+    """``y = (W * M) x + b`` with a fixed binary mask ``M`` (a buffer, saved with the model)."""
+
+    def __init__(self, mask: Tensor):
+        out_features, in_features = mask.shape
+        super().__init__(in_features, out_features)
+        self.register_buffer("mask", mask.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    def __init__(
+        self,
+        features: int,
+        hidden: Sequence[int],
+        num_params: int,
+        order: Optional[Sequence[int]] = None,
+        act: str = "relu",
+        zero_last: bool = True,
+    ):
+        super().__init__()
+        self.features = features
+        self.num_params = num_params
+        degrees_in = torch.arange(1, features + 1) if order is None else torch.as_tensor(order) + 1
+        if sorted(degrees_in.tolist()) != list(range(1, features + 1)):
+            raise ValueError(f"order must be a permutation of range({features}), got {list(order)}")
+        self.register_buffer("order", degrees_in - 1)
+        layers: list[nn.Module] = []
+        prev = degrees_in
+        top = max(features - 1, 1)
+        for h in hidden:
+            deg = torch.arange(h) % top + 1
+            layers += [MaskedLinear(deg[:, None] >= prev[None, :]), activation(act)]
+            prev = deg
+        deg_out = degrees_in.repeat_interleave(num_params)
+        last = MaskedLinear(deg_out[:, None] > prev[None, :])
+        if zero_last:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        layers.append(last)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).view(x.shape[0], self.features, self.num_params)

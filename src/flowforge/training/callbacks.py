@@ -1,0 +1,91 @@
+"""Callbacks: sample figures written to the run directory and sent to image-capable loggers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+
+from flowforge.training import visualize
+
+
+class SampleFigures(pl.Callback):
+    """After every ``every_n_epochs``-th validation (and at the end of training) draw a figure of the
+    model: a 2-D density plot, a 1-D density, or a grid of sampled images at ``temperature``.
+
+    Figures go to ``<dirpath>/<stage>_epoch{E}.png`` and to W&B / TensorBoard when those log.
+    """
+
+    def __init__(self, dirpath: str, every_n_epochs: int = 1, num_images: int = 64, temperature: float = 1.0):
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.temperature = temperature
+        self.last_path: Optional[Path] = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self.draw(trainer, pl_module, f"val_epoch{trainer.current_epoch}")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.draw(trainer, pl_module, "test")
+
+    @torch.no_grad()
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Optional[Path]:
+        if not trainer.is_global_zero:
+            return None
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            path = self.dirpath / f"{tag}.png"
+            data = self._data(trainer)
+            with torch.autocast(device_type=pl_module.device.type, enabled=False):
+                if model.is_image:
+                    visualize.image_grid(model.sample(self.num_images, self.temperature).cpu(), path)
+                elif model.dim == 2:
+                    visualize.density_plot_2d(_OnDevice(model, pl_module.device), data, path)
+                elif model.dim == 1:
+                    visualize.density_plot_1d(_OnDevice(model, pl_module.device), data, path)
+                else:
+                    return None
+        finally:
+            model.train(was_training)
+        self.last_path = path
+        for logger in trainer.loggers:
+            _log_image(logger, f"samples/{tag.split('_')[0]}", path, trainer.global_step)
+        return path
+
+    @staticmethod
+    def _data(trainer: pl.Trainer) -> torch.Tensor:
+        dm = trainer.datamodule
+        split = dm.splits.get("test") or dm.splits.get("val")
+        return split.tensors[0][:5000].float()
+
+
+class _OnDevice:
+    """Moves plotting inputs to the model's device and results back to the CPU."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    def log_prob(self, x):
+        return self.model.log_prob(x.to(self.device)).cpu()
+
+    def sample(self, n):
+        return self.model.sample(n).cpu()
+
+
+def _log_image(logger, key: str, path: Path, step: int) -> None:
+    name = type(logger).__name__
+    if name == "WandbLogger":
+        logger.log_image(key=key, images=[str(path)], step=step)
+    elif name == "TensorBoardLogger":
+        import numpy as np
+        from PIL import Image
+
+        img = np.asarray(Image.open(path).convert("RGB"))
+        logger.experiment.add_image(key, img, step, dataformats="HWC")

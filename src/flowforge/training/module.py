@@ -1,0 +1,119 @@
+"""LightningModule for maximum-likelihood training of a :class:`flowforge.flows.model.Flow`.
+
+Loss: mean negative log-likelihood, ``-1/B sum_b log p(x_b)`` in nats for vector data, or mean bits
+per dimension for images (``-(log p(y) - D log K) / (D log 2)`` after uniform dequantisation).
+Logged: ``{train,val,test}/loss`` plus ``/nll`` (nats per example) and ``/bpd`` (images).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from flowforge.errors import ConfigError, DataError
+from flowforge.flows.model import Flow
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """LR multiplier ``min(1, (step + 1) / warmup_steps)``."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+class FlowModule(pl.LightningModule):
+    """Args:
+        model: the flow.
+        optimizer: a callable ``params -> torch.optim.Optimizer`` (Hydra ``_partial_``).
+        warmup_steps: linear learning-rate warm-up length in optimizer steps.
+        on_nonfinite: ``stop`` (default: end the run cleanly, weights untouched, last good checkpoint
+            kept) or ``skip`` (drop the batch and go on); either way the event is logged and counted.
+        config: the resolved run configuration (stored in checkpoints so ``eval.py`` can rebuild the model).
+    """
+
+    def __init__(
+        self,
+        model: Flow,
+        optimizer: Optional[Callable] = None,
+        warmup_steps: int = 0,
+        on_nonfinite: str = "stop",
+        config: Optional[dict] = None,
+    ):
+        super().__init__()
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got '{on_nonfinite}'")
+        if warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.model = model
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.warmup_steps = warmup_steps
+        self.on_nonfinite = on_nonfinite
+        self.save_hyperparameters({"config": config or {}})
+        self.nonfinite_events: list[dict] = []
+        self.stop_reason: Optional[str] = None
+
+    # ------------------------------------------------------------------ objective
+    def _batch_input(self, batch: Any) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self.model.check_input(x)
+        if not torch.isfinite(x).all():
+            raise DataError(
+                f"batch at step {self.global_step} contains {int((~torch.isfinite(x)).sum())} NaN/inf values; "
+                f"check the dataset files or the augmentation"
+            )
+        return x
+
+    def metrics(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-example ``nll`` (nats) and, for images, ``bpd``; ``loss`` is the quantity minimised."""
+        if self.model.is_image:
+            bpd = self.model.bits_per_dim(x)
+            return {"loss": bpd, "bpd": bpd, "nll": bpd * self.model.dim * math.log(2)}
+        nll = -self.model.log_prob(x)
+        return {"loss": nll, "nll": nll}
+
+    def _log(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
+        for k, v in values.items():
+            self.log(
+                f"{stage}/{k}", v.mean(), on_step=stage == "train", on_epoch=True,
+                prog_bar=k == "loss", sync_dist=stage != "train", batch_size=batch_size,
+            )
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+        x = self._batch_input(batch)
+        values = self.metrics(x)
+        loss = values["loss"].mean()
+        if not torch.isfinite(loss):
+            return self._handle_nonfinite(loss)
+        self._log("train", values, x.shape[0])
+        return loss
+
+    def _handle_nonfinite(self, loss: Tensor) -> None:
+        event = {"step": int(self.global_step), "loss": float(loss), "policy": self.on_nonfinite}
+        self.nonfinite_events.append(event)
+        self.log("train/nonfinite_losses", float(len(self.nonfinite_events)), on_step=True)
+        if self.on_nonfinite == "stop":
+            self.stop_reason = (
+                f"the training loss became {float(loss)} at step {event['step']}; the run stopped before "
+                f"applying that update, so the weights and the last checkpoint are the last good ones"
+            )
+            self.trainer.should_stop = True
+        return None  # Lightning skips backward and the optimizer step
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x = self._batch_input(batch)
+        self._log("val", self.metrics(x), x.shape[0])
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x = self._batch_input(batch)
+        self._log("test", self.metrics(x), x.shape[0])
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(linear_warmup, warmup_steps=self.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
