@@ -13,3 +13,43 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (ROOT / "conf" / "dataset").glob("*.yaml"))
+
+# small sizes so every model builds and runs fast in tests
+SMALL = {
+    "planar": ["model.num_layers=3"],
+    "radial": ["model.num_layers=3"],
+    "nice": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8"],
+    "realnvp": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8"],
+    "glow": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8"],
+    "nsf": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8", "model.bins=4"],
+    "maf": ["model.num_layers=2", "model.hidden=[16]"],
+    "iaf": ["model.num_layers=2", "model.hidden=[16]"],
+}
+VECTOR_ONLY = {"planar", "radial"}
+NEEDS_2D = {"nice", "realnvp", "glow", "nsf"}
+
+
+def compose(overrides=(), config_name="train"):
+    """Compose the real Hydra config tree with overrides (no run directory needed)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run, the job config carries no hydra node
+    return cfg
+
+
+def instantiate_model(cfg):
+    from flowforge.experiment import instantiate
+
+    return instantiate(cfg.model)

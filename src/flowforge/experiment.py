@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
+import hydra.errors
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -37,10 +38,21 @@ if not OmegaConf.has_resolver("wandb_mode"):
     OmegaConf.register_new_resolver("wandb_mode", _wandb_mode)
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets flowforge's own clear errors through unwrapped."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except hydra.errors.InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, FlowforgeError):
+            raise cause from None
+        raise
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     """Instantiate the data module and the LightningModule (with its flow) from a composed config."""
-    datamodule = hydra.utils.instantiate(cfg.dataset)
-    model = hydra.utils.instantiate(cfg.model)
+    datamodule = instantiate(cfg.dataset)
+    model = instantiate(cfg.model)
     module = FlowModule(
         model=model,
         optimizer=hydra.utils.instantiate(cfg.optim.optimizer),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+from flowforge.errors import ConfigError
 from flowforge.flows.autoregressive import MaskedAutoregressive
 from flowforge.flows.base import Inverse, Transform
 from flowforge.flows.elementwise import Affine
@@ -43,6 +44,16 @@ def MAF(
     return build_flow(shape, stack, base, num_levels, logit_alpha)
 
 
-def IAF(shape: Sequence[int], **kwargs) -> Flow:
-    """Model config ``iaf``: MAF layers inverted (fast sampling, exact but D-pass density)."""
+def IAF(shape: Sequence[int], max_density_passes: int = 1024, **kwargs) -> Flow:
+    """Model config ``iaf``: MAF layers inverted (fast sampling, exact but D-pass density).
+
+    Maximum-likelihood training evaluates densities, which costs IAF ``D`` sequential passes per
+    layer, so data with more than ``max_density_passes`` dimensions are refused.
+    """
+    dim = math.prod(shape)
+    if dim > max_density_passes:
+        raise ConfigError(
+            f"iaf evaluates a density in D sequential passes per layer; this dataset has D={dim} "
+            f"(> model.max_density_passes={max_density_passes}), too slow for likelihood training: use maf"
+        )
     return MAF(shape, inverse=True, **kwargs)
