@@ -27,7 +27,7 @@ SMALL = {
     "glow": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8"],
     "nsf": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8", "model.bins=4"],
     "maf": ["model.num_layers=2", "model.hidden=[16]"],
-    "iaf": ["model.num_layers=2", "model.hidden=[16]"],
+    "iaf": ["model.num_layers=2", "model.hidden=[16]", "model.max_density_passes=64"],
 }
 VECTOR_ONLY = {"planar", "radial"}
 NEEDS_2D = {"nice", "realnvp", "glow", "nsf"}

@@ -49,7 +49,7 @@ def test_wandb_offline_records_config_and_metrics(multirun):
     # offline runs keep config, history and summary as protobuf records in run-<id>.wandb
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b"flowforge.flows.realnvp.RealNVP" in record  # the resolved Hydra config
-    for key in (b"test/nll", b"val/loss", b"train/loss_step", b"samples/val"):
+    for key in (b"test/nll", b"val/loss", b"train/loss_step", b"samples/test"):
         assert key in record, key
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))  # the density plots
 
