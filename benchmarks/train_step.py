@@ -12,16 +12,19 @@ layers, same hidden widths, same bins; parameter counts are printed so the match
             autoregressive (with D = 2 that is a coupling whose first coordinate gets an
             unconditional spline) and has no ActNorm / LU mixing.
 * Glow    - 8 steps ActNorm -> LU linear -> affine coupling with sigmoid scale (zuko has no Glow).
+* RealNVP-bare / NSF-bare - the same without ActNorm (and LU), i.e. structure-matched to zuko.
 
-Timing: ``torch.set_num_threads`` is left at its default; each model gets ``--warmup`` steps, then the
-models are timed round-robin (``--rounds`` rounds of ``--steps`` steps each, the model order rotated
-each round) so machine noise hits all of them alike; every step is timed separately and the median
-per-step time is reported.  Ratios are ``flowforge / fastest peer that has the family`` (target <= 1).
+Timing: ``torch.set_num_threads`` is left at its default (unless ``--threads``); each model gets ``--warmup`` steps, then the
+models are timed round-robin (``--rounds`` rounds of ``--steps`` steps each, switching model after every
+``--block`` steps, the model order rotated each round) so machine noise hits all of them alike; every
+step is timed separately and the median per-step time is reported.  On a machine shared with other
+jobs, ``--threads 1 --clock cpu`` (CPU time of the main thread) gives much tighter numbers.  Ratios are ``flowforge / fastest peer that has the family`` (target <= 1).
 
 Usage::
 
-    python benchmarks/train_step.py                       # everything, ~1 min on 2 cores
+    python benchmarks/train_step.py                       # everything, ~1.5 min on 2 cores
     python benchmarks/train_step.py --families nsf glow --rounds 3 --steps 10 --out bench.md
+    python benchmarks/train_step.py --threads 1 --clock cpu  # noise-robust variant for a busy machine
 """
 
 from __future__ import annotations
@@ -41,9 +44,15 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-FAMILIES = ("realnvp", "maf", "nsf", "glow")
+# The four families of the comparison, plus two structure-matched variants: zuko's RealNVP has no ActNorm
+# and zuko's NSF has no ActNorm / LU mixing, so ``*-bare`` drops those layers in flowforge and normflows
+# too (flowforge's NSF() always adds them, so its bare variant is built from coupling_stack directly).
+FAMILIES = ("realnvp", "maf", "nsf", "glow", "realnvp-bare", "nsf-bare")
 LIBS = ("flowforge", "zuko", "normflows")
-FAMILY_TITLE = {"realnvp": "RealNVP", "maf": "MAF", "nsf": "NSF", "glow": "Glow"}
+FAMILY_TITLE = {
+    "realnvp": "RealNVP", "maf": "MAF", "nsf": "NSF", "glow": "Glow",
+    "realnvp-bare": "RealNVP, no ActNorm (matched to zuko)", "nsf-bare": "NSF, no ActNorm/LU (matched to zuko)",
+}
 
 # Matched sizes.
 HIDDEN = [64, 64]
@@ -66,15 +75,24 @@ LogProb = Callable[[Tensor], Tensor]
 def build_flowforge(family: str) -> tuple[nn.Module, LogProb, str]:
     from flowforge.flows import MAF, NSF, Glow, RealNVP
 
-    if family == "realnvp":
-        m = RealNVP((DIM,), num_steps=REALNVP_STEPS, hidden=HIDDEN, actnorm=True)
-        note = "ActNorm + affine coupling (tanh-clamped scale)"
+    if family in ("realnvp", "realnvp-bare"):
+        actnorm = family == "realnvp"
+        m = RealNVP((DIM,), num_steps=REALNVP_STEPS, hidden=HIDDEN, actnorm=actnorm)
+        note = ("ActNorm + " if actnorm else "") + "affine coupling (tanh-clamped scale)"
     elif family == "maf":
         m = MAF((DIM,), num_layers=MAF_LAYERS, hidden=HIDDEN)
         note = "MADE affine"
     elif family == "nsf":
         m = NSF((DIM,), num_steps=NSF_STEPS, hidden=HIDDEN, bins=NSF_BINS, bound=NSF_BOUND)
         note = "ActNorm + LU + RQ-spline coupling"
+    elif family == "nsf-bare":
+        from flowforge.flows.architectures import coupling_stack
+        from flowforge.flows.model import build_flow
+        from flowforge.flows.spline import RationalQuadraticSpline
+
+        spline = RationalQuadraticSpline(bins=NSF_BINS, bound=NSF_BOUND)
+        m = build_flow((DIM,), coupling_stack((DIM,), spline, NSF_STEPS, HIDDEN, actnorm=False, lu=False))
+        note = "RQ-spline coupling (coupling_stack, no ActNorm/LU)"
     elif family == "glow":
         m = Glow((DIM,), num_steps=GLOW_STEPS, hidden=HIDDEN)
         note = "ActNorm + LU + affine coupling (sigmoid scale)"
@@ -86,13 +104,13 @@ def build_flowforge(family: str) -> tuple[nn.Module, LogProb, str]:
 def build_zuko(family: str) -> Optional[tuple[nn.Module, LogProb, str]]:
     import zuko
 
-    if family == "realnvp":
+    if family in ("realnvp", "realnvp-bare"):
         m = zuko.flows.RealNVP(features=DIM, transforms=REALNVP_STEPS, hidden_features=tuple(HIDDEN))
         note = "affine coupling, no ActNorm"
     elif family == "maf":
         m = zuko.flows.MAF(DIM, transforms=MAF_LAYERS, hidden_features=tuple(HIDDEN))
         note = "MADE affine"
-    elif family == "nsf":
+    elif family in ("nsf", "nsf-bare"):
         m = zuko.flows.NSF(DIM, bins=NSF_BINS, transforms=NSF_STEPS, hidden_features=tuple(HIDDEN))
         note = "**autoregressive** RQ spline (no ActNorm/LU)"
     else:
@@ -116,14 +134,14 @@ def build_normflows(family: str) -> tuple[nn.Module, LogProb, str]:
 
     half = DIM // 2
     flows: list = []  # listed in the data -> base (density) direction, reversed below
-    if family == "realnvp":
+    if family in ("realnvp", "realnvp-bare"):
         for _ in range(REALNVP_STEPS):
+            flows += [nf.flows.ActNorm((DIM,))] if family == "realnvp" else []
             flows += [
-                nf.flows.ActNorm((DIM,)),
                 nf.flows.AffineCouplingBlock(nf.nets.MLP([half, *HIDDEN, 2 * (DIM - half)], init_zeros=True)),
                 nf.flows.Permute(DIM, mode="swap"),
             ]
-        note = "ActNorm + AffineCouplingBlock + swap"
+        note = ("ActNorm + " if family == "realnvp" else "") + "AffineCouplingBlock + swap"
     elif family == "maf":
         for i in range(MAF_LAYERS):
             if i:
@@ -136,7 +154,7 @@ def build_normflows(family: str) -> tuple[nn.Module, LogProb, str]:
             # i.e. a true MAF (and the fastest way to use normflows here).
             flows.append(nf.flows.Reverse(made))
         note = "Reverse(MaskedAffineAutoregressive) + swap"
-    elif family == "nsf":
+    elif family in ("nsf", "nsf-bare"):
         for i in range(NSF_STEPS):
             mask = (torch.arange(DIM) % 2 == (i + 1) % 2).int()  # transformed features: mask > 0
             coupling = PiecewiseRationalQuadraticCoupling(
@@ -145,8 +163,10 @@ def build_normflows(family: str) -> tuple[nn.Module, LogProb, str]:
             )
             # The coupling's ``forward`` is the data -> base direction; normflows' log_prob calls
             # ``inverse``, so wrap it (CoupledRationalQuadraticSpline does the same swap internally).
-            flows += [nf.flows.ActNorm((DIM,)), nf.flows.InvertibleAffine(DIM, use_lu=True), nf.flows.Reverse(coupling)]
-        note = "ActNorm + InvertibleAffine(LU) + RQ-spline coupling"
+            if family == "nsf":
+                flows += [nf.flows.ActNorm((DIM,)), nf.flows.InvertibleAffine(DIM, use_lu=True)]
+            flows.append(nf.flows.Reverse(coupling))
+        note = ("ActNorm + InvertibleAffine(LU) + " if family == "nsf" else "") + "RQ-spline coupling"
     elif family == "glow":
         for _ in range(GLOW_STEPS):
             flows += [
@@ -224,7 +244,10 @@ def make_batches(batch: int, n_batches: int, seed: int) -> list[Tensor]:
     return [b.contiguous() for b in pool.split(batch)]
 
 
-def run(entries: list[Entry], batches: list[Tensor], warmup: int, rounds: int, steps: int, block: int = 1) -> None:
+def run(
+    entries: list[Entry], batches: list[Tensor], warmup: int, rounds: int, steps: int, block: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
     k = 0
     for e in entries:
         for _ in range(warmup):
@@ -236,7 +259,7 @@ def run(entries: list[Entry], batches: list[Tensor], warmup: int, rounds: int, s
             raise RuntimeError(f"{e.lib} {e.family}: log_prob shape {tuple(lp.shape)}, expected per-sample")
         if not math.isfinite(loss):
             print(f"WARNING: {e.lib} {e.family}: non-finite loss after warm-up", file=sys.stderr)
-    perf = time.perf_counter
+    perf = clock
     n = len(entries)
     for r in range(rounds):
         order = entries[r % n:] + entries[: r % n]  # rotate so nobody always runs first / after X
@@ -278,7 +301,8 @@ def report(entries: list[Entry], args, wall: float) -> str:
         "# flowforge training-step benchmark (2-D checkerboard)",
         "",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- torch {torch.__version__}, threads {torch.get_num_threads()} (default), "
+        f"- torch {torch.__version__}, threads {torch.get_num_threads()} "
+        f"({'default' if args.threads is None else 'set by --threads'}), clock {args.clock}, "
         f"zuko {zuko.__version__}, normflows {normflows.__version__}, python {platform.python_version()}, "
         f"{platform.machine()} {os.cpu_count()} CPUs",
         f"- step = -log_prob(x).mean() + backward + Adam; batch {args.batch}; warm-up {args.warmup} steps; "
@@ -319,7 +343,10 @@ def report(entries: list[Entry], args, wall: float) -> str:
         "",
         "Notes: zuko's NSF is autoregressive (for D = 2 equivalent to a coupling whose first coordinate also "
         "gets an unconditional spline) and has no ActNorm/LU mixing; zuko's RealNVP has no ActNorm; zuko has no "
-        "Glow. normflows' MAF layers are wrapped in `Reverse` so that log_prob uses the one-pass MADE direction.",
+        "Glow. normflows' MAF layers are wrapped in `Reverse` so that log_prob uses the one-pass MADE direction. "
+        "Parameter counts differ slightly because flowforge's coupling conditioners read the whole (masked) "
+        "vector and emit parameters for every coordinate, while zuko/normflows feed only the kept half and emit "
+        "only the transformed half (normflows' NSF is smallest for that reason).",
         "",
         f"Benchmark wall time: {wall:.1f} s",
     ]
@@ -346,7 +373,12 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=1,
                    help="consecutive steps of one model before switching to the next (default 1)")
     p.add_argument("--batch", type=int, default=500, help="batch size (default 500)")
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), help="subset of realnvp maf nsf glow")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), help="subset of " + " ".join(FAMILIES) + " (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N); default: leave torch's default alone")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (perf_counter, default) or cpu (CPU time of the main thread: stable on a loaded "
+                        "machine, but only meaningful with --threads 1)")
     p.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS, help="subset of libraries")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -356,6 +388,10 @@ def main(argv=None) -> int:
     # normflows' LU init (torch.lu deprecation) and spline init emit harmless UserWarnings
     warnings.filterwarnings("ignore", category=UserWarning)
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        print("WARNING: --clock cpu only counts the main thread; use it with --threads 1", file=sys.stderr)
     t0 = time.perf_counter()
     print(
         f"torch {torch.__version__} | threads {torch.get_num_threads()} | "
@@ -364,7 +400,8 @@ def main(argv=None) -> int:
     )
     entries = build_entries(args.families, args.libs, args.lr, args.seed, args.batch)
     batches = make_batches(args.batch, 16, args.seed)
-    run(entries, batches, args.warmup, args.rounds, args.steps, args.block)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    run(entries, batches, args.warmup, args.rounds, args.steps, args.block, clock)
     text = report(entries, args, time.perf_counter() - t0)
     print(text)
     if args.out:

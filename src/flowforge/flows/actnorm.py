@@ -44,15 +44,20 @@ class ActNorm(Transform):
         self.log_scale.copy_((-0.5 * torch.log(var)).view_as(self.log_scale))
         self.initialized.fill_(1.0)
 
+    def _log_det(self) -> Tensor:
+        log_det = self.log_scale.sum()
+        return log_det if self.spatial == 1 else log_det * self.spatial  # vectors: no extra mul node
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # (keep reading the buffer each call: callbacks such as EMA swap buffers in place, so a Python-side
+        # "initialized" cache would go stale)
         if not self.initialized:
             self._init(x)
         z = (x + self.loc) * torch.exp(self.log_scale)
-        log_det = self.log_scale.sum() * self.spatial
-        return z, log_det.expand(x.shape[0])
+        return z, self._log_det().expand(x.shape[0])
 
     def inverse(self, z: Tensor) -> Tensor:
         return z * torch.exp(-self.log_scale) - self.loc
 
     def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.inverse(z), (-self.log_scale.sum() * self.spatial).expand(z.shape[0])
+        return self.inverse(z), (-self._log_det()).expand(z.shape[0])

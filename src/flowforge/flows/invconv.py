@@ -29,28 +29,30 @@ class InvertibleLinearLU(Transform):
         diag = torch.diagonal(upper)
         self.register_buffer("perm", p.float())
         self.register_buffer("sign_s", torch.sign(diag).float())
-        self.register_buffer("lower_mask", torch.tril(torch.ones(c, c), -1))
         self.lower = nn.Parameter(torch.tril(lower, -1).float())
         self.upper = nn.Parameter(torch.triu(upper, 1).float())
         self.log_s = nn.Parameter(torch.log(diag.abs()).float())
 
     def weight(self) -> Tensor:
         eye = torch.eye(self.lower.shape[0], device=self.lower.device, dtype=self.lower.dtype)
-        lower = self.lower * self.lower_mask + eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
-        return self.perm @ lower @ upper
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.perm @ (lower @ upper)
 
     def _mix(self, x: Tensor, w: Tensor) -> Tensor:
         if x.dim() == 2:
             return F.linear(x, w)
         return F.conv2d(x, w[:, :, None, None])
 
+    def _log_det(self) -> Tensor:
+        log_det = self.log_s.sum()
+        return log_det if self.spatial == 1 else log_det * self.spatial
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        log_det = self.log_s.sum() * self.spatial
-        return self._mix(x, self.weight()), log_det.expand(x.shape[0])
+        return self._mix(x, self.weight()), self._log_det().expand(x.shape[0])
 
     def inverse(self, z: Tensor) -> Tensor:
         return self._mix(z, torch.linalg.inv(self.weight()))
 
     def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.inverse(z), (-self.log_s.sum() * self.spatial).expand(z.shape[0])
+        return self.inverse(z), (-self._log_det()).expand(z.shape[0])

@@ -31,8 +31,11 @@ class RationalQuadraticSpline:
         """Knot positions (K+1 of them, from -B to B) and bin sizes from unnormalised logits."""
         K, B = self.bins, self.bound
         frac = self.min_width + (1 - self.min_width * K) * torch.softmax(raw, dim=-1)
-        knots = F.pad(torch.cumsum(frac, dim=-1), (1, 0)) * 2 * B - B
-        knots = torch.cat([torch.full_like(knots[..., :1], -B), knots[..., 1:-1], torch.full_like(knots[..., :1], B)], -1)
+        inner = torch.cumsum(frac[..., :-1], dim=-1) * (2 * B) - B  # the K-1 interior knots
+        # end knots exactly -B and B: zero-pad, then add (-B, 0, ..., 0, B) -- 2 ops instead of 2 full_like + cat
+        edges = torch.zeros(K + 1, dtype=raw.dtype, device=raw.device)
+        edges[0], edges[-1] = -B, B
+        knots = F.pad(inner, (1, 1)) + edges
         return knots, knots[..., 1:] - knots[..., :-1]
 
     def _params(self, p: Tensor):
@@ -45,7 +48,9 @@ class RationalQuadraticSpline:
 
     @staticmethod
     def _gather(idx: Tensor, *tensors: Tensor) -> list[Tensor]:
-        return [t.gather(-1, idx).squeeze(-1) for t in tensors]
+        # one gather on the stacked tables: one GatherBackward (scatter_add) instead of one per table
+        stacked = torch.stack(tensors)
+        return list(stacked.gather(-1, idx.expand(len(tensors), *idx.shape)).squeeze(-1).unbind(0))
 
     def _spline(self, x: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         B = self.bound
