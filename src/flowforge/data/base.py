@@ -88,6 +88,13 @@ class FlowDataModule(pl.LightningDataModule):
         self.name = name
         self.seed = seed
         self.splits: dict[str, TensorDataset] = {}
+        if flip and self.kind != "image":
+            raise ConfigError(f"dataset.flip flips images; set it to false for vector data ({self.label})")
+
+    @property
+    def label(self) -> str:
+        """The dataset's name for messages."""
+        return self.name or type(self).__name__
 
     # ----------------------------------------------------------------- for subclasses
     def load_splits(self) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -112,7 +119,7 @@ class FlowDataModule(pl.LightningDataModule):
 
     def check(self, x: torch.Tensor, split: str) -> torch.Tensor:
         """Validate one split: non-empty, the promised shape, finite, in range; returns float32."""
-        name = self.name or type(self).__name__
+        name = self.label
         x = torch.as_tensor(x)
         if x.shape[0] == 0:
             raise DataError(f"dataset '{name}': the {split} split is empty")

@@ -93,9 +93,6 @@ class _ImageFileDataModule(FlowDataModule):
             raise ConfigError(f"dataset.data_dir must name the folder that holds the {self.label} files")
         self.bit_shift = _bit_shift(self.num_levels)
 
-    @property
-    def label(self) -> str:
-        return self.name or type(self).__name__
 
 
 # --------------------------------------------------------------------------- torchvision formats

@@ -116,12 +116,7 @@ class _MAFDataModule(FlowDataModule):
         super().__init__(**kwargs)
         if self.data_dir is None:
             raise ConfigError(f"dataset.data_dir must name the MAF data folder ({self.label}). {_HOW_TO_GET}")
-        if self.flip:
-            raise ConfigError(f"dataset.flip flips images; set it to false for vector data ({self.label})")
 
-    @property
-    def label(self) -> str:
-        return self.name or type(self).__name__
 
     def prepare(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
