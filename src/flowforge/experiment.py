@@ -53,6 +53,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     """Instantiate the data module and the LightningModule (with its flow) from a composed config."""
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
+    check_estimator(cfg, model)
     module = FlowModule(
         model=model,
         optimizer=hydra.utils.instantiate(cfg.optim.optimizer),
@@ -61,6 +62,17 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return datamodule, module
+
+
+def check_estimator(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """A stochastic log-det estimator only means something for models that estimate their log-det."""
+    name = (cfg.get("estimator") or {}).get("name", "exact")
+    if name not in ("exact", "auto") and not any(hasattr(m, "logdet_estimator") for m in model.modules()):
+        target = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"estimator={name} applies to flows whose log-det is estimated (model=resflow, iresnet); "
+            f"{target} has a closed-form log-det: use estimator=exact"
+        )
 
 
 def _instantiate_group(node: Optional[DictConfig]) -> list:

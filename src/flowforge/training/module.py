@@ -3,6 +3,13 @@
 Loss: mean negative log-likelihood, ``-1/B sum_b log p(x_b)`` in nats for vector data, or mean bits
 per dimension for images (``-(log p(y) - D log K) / (D log 2)`` after uniform dequantisation).
 Logged: ``{train,val,test}/loss`` plus ``/nll`` (nats per example) and ``/bpd`` (images).
+
+Models with spectrally normalised layers get their power iteration run (without gradient) after
+every optimizer step and before validation and test (``train/max_sigma`` logs the largest estimated
+spectral norm before normalisation).  Models whose log-det is a stochastic estimate report
+``test/loss_std``: the standard deviation of the test-set mean due to the estimator, from two
+independent estimates per test example, ``sqrt(sum_i (a_i - b_i)^2 / 2) / (N sqrt(2))`` for the mean of
+the pair (the reported ``test/loss`` is that mean).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from torch import Tensor
 
 from flowforge.errors import ConfigError, DataError
 from flowforge.flows.model import Flow
+from flowforge.nn.lipschitz import update_lipschitz
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -56,6 +64,10 @@ class FlowModule(pl.LightningModule):
         self.save_hyperparameters({"config": config or {}})
         self.nonfinite_events: list[dict] = []
         self.stop_reason: Optional[str] = None
+        self.stochastic_logdet = any(
+            getattr(getattr(m, "logdet_estimator", None), "stochastic", False) for m in model.modules()
+        )
+        self._test_noise = torch.zeros(2, dtype=torch.float64)  # [sum (a - b)^2 / 2, count]
 
     # ------------------------------------------------------------------ objective
     def _batch_input(self, batch: Any) -> Tensor:
@@ -111,7 +123,34 @@ class FlowModule(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch)
-        self._log("test", self.metrics(x), x.shape[0])
+        values = self.metrics(x)
+        if self.stochastic_logdet:
+            again = self.metrics(x)
+            diff = (values["loss"] - again["loss"]).double()
+            self._test_noise += torch.stack([diff.pow(2).sum().cpu() / 2, torch.tensor(float(x.shape[0]))])
+            values = {k: (v + again[k]) / 2 for k, v in values.items()}
+        self._log("test", values, x.shape[0])
+
+    # ------------------------------------------------------------------ Lipschitz constraint
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stats = update_lipschitz(self.model)
+        if stats:
+            self.log("train/max_sigma", stats["max_sigma"], on_step=True, on_epoch=False)
+
+    def on_validation_epoch_start(self) -> None:
+        update_lipschitz(self.model)
+
+    def on_test_epoch_start(self) -> None:
+        update_lipschitz(self.model)
+        self._test_noise.zero_()
+
+    def on_test_epoch_end(self) -> None:
+        if not self.stochastic_logdet:
+            return
+        noise = self.trainer.strategy.reduce(self._test_noise.to(self.device), reduce_op="sum")
+        var_sum, n = float(noise[0]), float(noise[1])
+        if n > 0:
+            self.log("test/loss_std", math.sqrt(var_sum) / (n * math.sqrt(2)), sync_dist=False)
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameters())

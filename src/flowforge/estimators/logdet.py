@@ -1,0 +1,117 @@
+"""The ``estimator`` config group: how a residual block ``y = x + g(x)`` gets ``log det(I + J_g(x))``.
+
+- ``exact``: the full Jacobian (:mod:`flowforge.estimators.exact`); low dimensions and checks.
+- ``power_series``: the truncated series with ``n_terms`` terms and Hutchinson probes (i-ResNet;
+  biased, the bias grows as Lip(g) -> 1).
+- ``roulette``: ``n_exact_terms`` exact terms plus a Russian-roulette tail (unbiased; Residual Flows).
+
+Options: ``probe`` (gaussian | rademacher) and ``n_probes`` (estimates averaged per sample);
+``neumann_grad`` (O(1)-memory Neumann gradient series); ``mem_eff`` (backward-in-forward);
+``eval_n_exact_terms`` (exact terms of the roulette series in eval mode, default 20, so the test
+estimate has negligible variance); ``eval_exact_max_dim`` (inputs of at most this many dimensions use
+the exact log-det in eval mode, e.g. the 2-D toys).
+
+Every J^k v product uses the network's linearisation (``g.linearize``) when it has one, else
+``torch.func.jvp``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.errors import ConfigError
+from flowforge.estimators.exact import exact_logdet
+from flowforge.estimators.hutchinson import PROBES, sample_probe
+from flowforge.estimators.mem_eff import backward_in_forward
+from flowforge.estimators.roulette import RouletteDistribution
+from flowforge.estimators.series import neumann_logdet, series_logdet
+
+ESTIMATORS = ("exact", "power_series", "roulette")
+
+
+def linearize(g: nn.Module, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``(g(x), v -> J_g(x) v)``: the network's own linearisation, else forward-mode autograd."""
+    if hasattr(g, "linearize"):
+        return g.linearize(x)
+    return g(x), lambda v: torch.func.jvp(g, (x,), (v,))[1]
+
+
+class LogDetEstimator:
+    """Configuration and dispatch of the residual-block log-det (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str = "roulette",
+        n_terms: int = 5,
+        n_exact_terms: int = 2,
+        dist: str = "geometric",
+        p: float = 0.5,
+        lam: float = 2.0,
+        probe: str = "gaussian",
+        n_probes: int = 1,
+        neumann_grad: bool = False,
+        mem_eff: bool = False,
+        eval_n_exact_terms: int = 20,
+        eval_exact_max_dim: int = 2,
+    ):
+        if name not in ESTIMATORS:
+            raise ConfigError(f"unknown log-det estimator '{name}'; choose one of {ESTIMATORS}")
+        if probe not in PROBES:
+            raise ConfigError(f"unknown Hutchinson probe '{probe}'; choose one of {PROBES}")
+        for key, val, low in (("n_terms", n_terms, 1), ("n_exact_terms", n_exact_terms, 0),
+                              ("n_probes", n_probes, 1), ("eval_n_exact_terms", eval_n_exact_terms, 0)):
+            if int(val) != val or val < low:
+                raise ConfigError(f"estimator.{key} must be an integer >= {low}, got {val}")
+        if name == "exact" and (neumann_grad or mem_eff):
+            raise ConfigError(
+                "estimator=exact computes the full Jacobian; neumann_grad and mem_eff apply to the series "
+                "estimators (power_series, roulette): set them to false or choose a series estimator"
+            )
+        self.name, self.n_terms, self.n_exact_terms = name, int(n_terms), int(n_exact_terms)
+        self.roulette = RouletteDistribution(dist, p, lam)
+        self.probe, self.n_probes = probe, int(n_probes)
+        self.neumann_grad, self.mem_eff = bool(neumann_grad), bool(mem_eff)
+        self.eval_n_exact_terms, self.eval_exact_max_dim = int(eval_n_exact_terms), int(eval_exact_max_dim)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.name != "exact"
+
+    def __repr__(self) -> str:
+        return (f"LogDetEstimator({self.name}, n_terms={self.n_terms}, n_exact={self.n_exact_terms}, "
+                f"dist={self.roulette.dist}, probe={self.probe}x{self.n_probes}, "
+                f"neumann_grad={self.neumann_grad}, mem_eff={self.mem_eff})")
+
+    def coefficients(self, training: bool, roulette: Optional[RouletteDistribution] = None) -> list[float]:
+        """Term weights for one draw (the roulette draw is shared by the batch)."""
+        if self.name == "power_series":
+            return [1.0] * self.n_terms
+        roulette = roulette or self.roulette
+        n_exact = self.n_exact_terms if training else self.eval_n_exact_terms
+        return roulette.coefficients(n_exact, roulette.sample())
+
+    def __call__(
+        self, g: nn.Module, x: Tensor, training: bool, roulette: Optional[RouletteDistribution] = None
+    ) -> tuple[Tensor, Tensor, dict]:
+        """``(g(x), log det(I + J_g(x)), info)`` with ``info = {"terms": number of series terms}``."""
+        dim = x[0].numel()
+        if self.name == "exact" or (not training and dim <= self.eval_exact_max_dim):
+            y, jvp = linearize(g, x)
+            return y, exact_logdet(jvp, x), {"terms": 0}
+        coeffs = self.coefficients(training, roulette)
+        probes = [sample_probe(x, self.probe) for _ in range(self.n_probes)]
+        series = neumann_logdet if (self.neumann_grad and training) else series_logdet
+
+        def compute(xx: Tensor) -> tuple[Tensor, Tensor]:
+            y, jvp = linearize(g, xx)
+            est = sum(series(jvp, v, coeffs) for v in probes) / len(probes)
+            return y, est
+
+        if self.mem_eff and training and torch.is_grad_enabled():
+            y, est = backward_in_forward(compute, x, list(g.parameters()))
+        else:
+            y, est = compute(x)
+        return y, est, {"terms": len(coeffs)}

@@ -1,0 +1,54 @@
+"""Power-series log-determinant of a residual block ``y = x + g(x)`` with Lip(g) < 1:
+
+    log det(I + J_g) = sum_{k>=1} (-1)^{k+1} tr(J_g^k) / k                       (Behrmann et al., 2019)
+
+estimated with Hutchinson probes, ``tr(J^k) ~ v^T J^k v``, and term weights ``c_k`` (all 1 for the
+truncated i-ResNet series, ``1 / P(N >= k - n_exact)`` for the Russian-roulette series).
+
+Gradients, two ways:
+- :func:`series_logdet` builds the autograd graph of every term (memory grows with the number of terms).
+- :func:`neumann_logdet` uses the Neumann gradient series (Chen et al., 2019, Eq. 8):
+
+      d/dtheta log det(I + J) = tr((I + J)^{-1} dJ/dtheta),   (I + J)^{-1} = sum_{k>=0} (-1)^k J^k,
+
+  the derivative of the weighted series term by term being
+  ``sum_{k=1}^{n} (-1)^{k+1} c_k tr(J^{k-1} dJ)  ~  v^T dJ w``  with  ``w = sum_k (-1)^{k+1} c_k J^{k-1} v``.
+  ``w`` is built without a graph and the surrogate ``v^T J w`` carries the gradient: memory is O(1) in
+  the number of terms.  The returned *value* is the series estimate itself (computed without a graph),
+  never the surrogate: ``estimate + (surrogate - surrogate.detach())``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from flowforge.estimators.hutchinson import batch_dot
+
+Jvp = Callable[[Tensor], Tensor]
+
+
+def series_logdet(jvp: Jvp, v: Tensor, coeffs: Sequence[float]) -> Tensor:
+    """``sum_k (-1)^{k+1} c_k v^T J^k v / k`` per sample (differentiable when grad mode is on)."""
+    w, est = v, v.new_zeros(v.shape[0])
+    for k, c in enumerate(coeffs, start=1):
+        w = jvp(w)
+        est = est + ((-1) ** (k + 1) * c / k) * batch_dot(v, w)
+    return est
+
+
+def neumann_logdet(jvp: Jvp, v: Tensor, coeffs: Sequence[float]) -> Tensor:
+    """The series estimate as value, with the Neumann-series gradient."""
+    with torch.no_grad():
+        w, est, acc = v, v.new_zeros(v.shape[0]), torch.zeros_like(v)
+        for k, c in enumerate(coeffs, start=1):
+            sign = (-1) ** (k + 1)
+            acc = acc + (sign * c) * w  # w = J^{k-1} v here
+            w = jvp(w)
+            est = est + (sign * c / k) * batch_dot(v, w)
+    if not torch.is_grad_enabled():
+        return est
+    surrogate = batch_dot(v, jvp(acc))
+    return est + (surrogate - surrogate.detach())

@@ -1,0 +1,157 @@
+"""Contractive networks ``g`` for invertible residual blocks, with a cheap linearisation.
+
+``g = L_n o a o ... o a o L_1`` where each ``L_i`` is a spectrally normalised linear or convolutional
+layer (norm <= coeff) and each ``a`` a 1-Lipschitz activation, so Lip(g) <= coeff < 1.  With
+pre-activation (Residual Flows' image blocks) an activation also comes first.
+
+``linearize(x)`` returns ``(g(x), jvp)`` with ``jvp(v) = J_g(x) v = W_n D_{n-1} W_{n-1} ... D_1 W_1 v``:
+the normalised weights ``W_i`` and activation derivatives ``D_i`` are computed once, so every further
+product ``J^k v`` is one pass of matrix products and elementwise scalings (no autograd graph walk).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowforge.errors import ConfigError
+from flowforge.nn.activations import channel_multiplier, lipschitz_activation
+
+Jvp = Callable[[Tensor], Tensor]
+
+
+def _weight_op(layer: nn.Module) -> tuple[Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], Tensor]:
+    """The layer's normalised weight and the functional op ``op(input, weight, bias)`` applying it."""
+    w = layer.normalized_weight()
+    if w.dim() == 2:
+        return F.linear, w
+    stride, padding = getattr(layer, "stride", 1), getattr(layer, "padding", 0)
+    return (lambda v, w_, b=None: F.conv2d(v, w_, b, stride, padding)), w
+
+
+class LipschitzNet(nn.Sequential):
+    """A sequence of Lipschitz layers (``normalized_weight``) and activations (``linearize``)."""
+
+    def linearize(self, x: Tensor) -> tuple[Tensor, Jvp]:
+        ops: list[Jvp] = []
+        h = x
+        for layer in self:
+            if hasattr(layer, "normalized_weight"):
+                op, w = _weight_op(layer)
+                h = op(h, w, layer.bias)
+                ops.append(lambda v, op=op, w=w: op(v, w, None))
+            else:
+                h, jvp = layer.linearize(h)
+                ops.append(jvp)
+
+        def jvp_all(v: Tensor) -> Tensor:
+            for f in ops:
+                v = f(v)
+            return v
+
+        return h, jvp_all
+
+
+def _check_coeff(coeff: float) -> float:
+    if not 0.0 < float(coeff) < 1.0:
+        raise ConfigError(
+            f"coeff must be in (0, 1) so that Lip(g) < 1 and the residual block is invertible, got {coeff}; "
+            f"use e.g. 0.9 (i-ResNet, toys) or 0.98 (Residual Flow images)"
+        )
+    return float(coeff)
+
+
+def _norm_kwargs(norm: str, domain: float, codomain: float, learn_p: bool) -> dict:
+    if norm == "spectral":
+        return {}
+    if norm == "induced":
+        return {"domain": domain, "codomain": codomain, "learn_p": learn_p}
+    raise ConfigError(f"unknown Lipschitz norm '{norm}'; choose spectral or induced")
+
+
+def _linear_cls(norm: str):
+    if norm == "spectral":
+        from flowforge.nn.lipschitz import SpectralNormLinear
+
+        return SpectralNormLinear
+    from flowforge.nn.induced_norm import InducedNormLinear
+
+    return InducedNormLinear
+
+
+def _conv_cls(norm: str):
+    if norm == "spectral":
+        from flowforge.nn.lipschitz import SpectralNormConv2d
+
+        return SpectralNormConv2d
+    from flowforge.nn.induced_norm import InducedNormConv2d
+
+    return InducedNormConv2d
+
+
+def lipschitz_mlp(
+    features: int,
+    hidden: Sequence[int],
+    act: str = "lipswish",
+    coeff: float = 0.9,
+    preact: bool = False,
+    zero_last: bool = True,
+    norm: str = "spectral",
+    domain: float = 2.0,
+    codomain: float = 2.0,
+    learn_p: bool = False,
+    sn_rtol: float = 1e-3,
+    sn_max_iters: int = 200,
+) -> LipschitzNet:
+    """``features -> hidden... -> features`` with Lipschitz constant <= coeff (the toy/tabular g and
+    the fully connected blocks at the end of the image model)."""
+    coeff = _check_coeff(coeff)
+    cls, extra = _linear_cls(norm), _norm_kwargs(norm, domain, codomain, learn_p)
+    sn = dict(coeff=coeff, rtol=sn_rtol, max_iters=sn_max_iters, **extra)
+    mult = channel_multiplier(act)
+    layers: list[nn.Module] = [lipschitz_activation(act)] if preact else []
+    width = features * (mult if preact else 1)
+    for h in hidden:
+        layers += [cls(width, h, **sn), lipschitz_activation(act)]
+        width = h * mult
+    layers.append(cls(width, features, zero_init=zero_last, **sn))
+    return LipschitzNet(*layers)
+
+
+def lipschitz_convnet(
+    shape: Sequence[int],
+    width: int = 512,
+    kernels: Sequence[int] = (3, 1, 3),
+    act: str = "lipswish",
+    coeff: float = 0.98,
+    preact: bool = True,
+    zero_last: bool = False,
+    norm: str = "spectral",
+    domain: float = 2.0,
+    codomain: float = 2.0,
+    learn_p: bool = False,
+    sn_rtol: float = 1e-3,
+    sn_max_iters: int = 200,
+) -> LipschitzNet:
+    """Residual Flows' image ``g``: ``[a ->] conv k1 -> a -> conv k2 -> a -> ... -> conv kn`` at the
+    input resolution (stride 1, same padding), hidden width ``width``."""
+    coeff = _check_coeff(coeff)
+    c, h, w = (int(s) for s in shape)
+    cls, extra = _conv_cls(norm), _norm_kwargs(norm, domain, codomain, learn_p)
+    sn = dict(coeff=coeff, rtol=sn_rtol, max_iters=sn_max_iters, **extra)
+    mult = channel_multiplier(act)
+    layers: list[nn.Module] = [lipschitz_activation(act)] if preact else []
+    cin = c * (mult if preact else 1)
+    kernels = [int(k) for k in kernels]
+    if not kernels or any(k % 2 == 0 for k in kernels):
+        raise ConfigError(f"kernels must be odd sizes such as [3, 1, 3], got {kernels}")
+    for i, k in enumerate(kernels):
+        last = i == len(kernels) - 1
+        cout = c if last else width
+        layers.append(cls(cin, cout, k, input_size=(h, w), padding=k // 2, zero_init=last and zero_last, **sn))
+        if not last:
+            layers.append(lipschitz_activation(act))
+        cin = cout * mult
+    return LipschitzNet(*layers)
