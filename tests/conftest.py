@@ -28,7 +28,14 @@ SMALL = {
     "nsf": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8", "model.bins=4"],
     "maf": ["model.num_layers=2", "model.hidden=[16]"],
     "iaf": ["model.num_layers=2", "model.hidden=[16]", "model.max_density_passes=64"],
+    "resflow": ["model.num_blocks=2", "model.hidden=[8]", "model.blocks_per_scale=[1]", "model.channels=4",
+                "model.fc_blocks=1", "model.fc_hidden=[8]"],
+    "iresnet": ["model.num_blocks=2", "model.hidden=[8]", "model.blocks_per_scale=[1]", "model.channels=4",
+                "model.fc_blocks=1", "model.fc_hidden=[8]"],
 }
+# models whose log-det is estimated: exact-reference tests select estimator=exact and tight inverses
+ESTIMATED = {"resflow", "iresnet"}
+EXACT_OVERRIDES = ["estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"]
 VECTOR_ONLY = {"planar", "radial"}
 NEEDS_2D = {"nice", "realnvp", "glow", "nsf"}
 

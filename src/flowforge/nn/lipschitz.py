@@ -1,0 +1,436 @@
+"""Spectrally normalised linear and convolutional layers (i-ResNet, Behrmann et al. 2019; Residual Flows,
+Chen et al. 2019): the layers whose Lipschitz constant stays below ``coeff < 1``.
+
+A layer ``x -> A(W) x + b`` (a matrix, or a convolution seen as a linear operator at the layer's real input
+resolution) uses the softly normalised weight
+
+    W_hat = W / max(1, sigma_hat / coeff),        sigma_hat = |u^T A(W) v|,
+
+where ``u``, ``v`` are unit vectors (buffers, no gradient; renormalised before use) from power iteration on
+``A(W)``::
+
+    v <- A^T u / ||A^T u||,   u <- A v / ||A v||,   sigma = u^T A v = ||A v||,
+
+stopped when ``sigma * ||v_k - v_{k-1}||`` (to first order the residual ``||A^T u - sigma v||``) is at most
+``atol + rtol * sigma``.  ``sigma_hat`` is a lower bound of ``||A(W)||_2`` that is tight at convergence, and
+``||A(W_hat)||_2 = ||A(W)||_2 / max(1, sigma_hat / coeff) <= coeff`` up to the power-iteration error.
+Weights whose norm is already below ``coeff`` pass through unchanged.  Gradients flow through
+``sigma_hat`` (``d sigma_hat / dW = u v^T`` for a matrix), with ``u``, ``v`` held fixed.
+
+The forward pass never changes ``u``, ``v`` (except for the very first call, which initialises them): call
+:func:`update_lipschitz` after every optimiser step and before validation to refine them (warm-started
+power iteration, usually a few iterations).  :func:`max_normalized_sigma` reports the largest effective
+norm after normalisation.
+
+The iteration runs in float32 (or the weight's precision if higher) with autocast off, and ``u``, ``v``,
+``sigma``, ``initialized``, ``input_hw`` are kept in float32 or higher even when the module is cast to
+bfloat16/float16, so mixed precision cannot corrupt the estimate.  All buffers are float tensors, so weight
+averaging (EMA) can average and copy them, and they are only ever updated in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowforge.errors import ConfigError, ConvergenceError
+
+#: buffers that are kept at float32 or higher precision whatever the module is cast to
+_STATE_BUFFERS = ("u", "v", "sigma", "initialized", "input_hw")
+_TINY = 1e-30
+
+
+def _no_autocast(device: torch.device):
+    """A context that switches autocast off on ``device`` (our norm computations must stay in fp32)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _normalize(x: Tensor) -> Tensor:
+    """``x / ||x||_2`` (zero stays zero; the power-iteration loop then keeps its previous vectors)."""
+    return x / torch.linalg.vector_norm(x).clamp_min(_TINY)
+
+
+def _check_positive_int(name: str, value, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+class LipschitzLayer(nn.Module):
+    """Base of the normalised layers: buffers, power-iteration loop, soft normalisation, forward.
+
+    The operator ``A(W)`` is defined by subclasses through ``_op(x, w)`` (``A x``) and ``_adj(y, w)``
+    (``A^T y``) on the shapes of ``v`` and ``u``; the norm (2 -> 2 here, mixed p -> q in
+    :mod:`flowforge.nn.induced_norm`) through ``_power_step`` and ``sigma_hat``.
+    """
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    u: Tensor
+    v: Tensor
+    sigma: Tensor
+    initialized: Tensor
+
+    # ------------------------------------------------------------------ construction
+    def _setup_normalisation(self, coeff, atol, rtol, max_iters, u_shape: Sequence[int], v_shape: Sequence[int]):
+        name = type(self).__name__
+        if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not 0.0 < float(coeff) < 1.0:
+            raise ConfigError(
+                f"{name}: coeff must be in (0, 1) for an invertible residual block, got {coeff!r}; it bounds the "
+                "Lipschitz constant of the layer, and the residual branch g of x + g(x) needs Lip(g) < 1 "
+                "(typical values 0.9 to 0.98)"
+            )
+        if atol is not None and not (isinstance(atol, (int, float)) and atol >= 0):
+            raise ConfigError(f"{name}: atol must be None or a number >= 0, got {atol!r}")
+        if not (isinstance(rtol, (int, float)) and rtol >= 0):
+            raise ConfigError(f"{name}: rtol must be a number >= 0, got {rtol!r}")
+        self.coeff = float(coeff)
+        self.atol = None if atol is None else float(atol)
+        self.rtol = float(rtol)
+        self.max_iters = _check_positive_int("max_iters", max_iters, name)
+        self.register_buffer("u", F.normalize(torch.randn(*u_shape).reshape(-1), dim=0).reshape(*u_shape))
+        self.register_buffer("v", F.normalize(torch.randn(*v_shape).reshape(-1), dim=0).reshape(*v_shape))
+        self.register_buffer("sigma", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros(()))
+
+    def _init_parameters(self, zero_init: bool, fan_in: int) -> None:
+        """``nn.Linear``/``nn.Conv2d`` initialisation, or (``zero_init``) a zero bias and a tiny weight
+        ``U(-1e-3, 1e-3) / sqrt(fan_in)``: not exactly zero, so that power iteration stays well defined."""
+        with torch.no_grad():
+            if zero_init:
+                bound = 1e-3 / math.sqrt(fan_in)
+                self.weight.uniform_(-bound, bound)
+                if self.bias is not None:
+                    self.bias.zero_()
+            else:
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+                if self.bias is not None:
+                    bound = 1.0 / math.sqrt(fan_in)
+                    self.bias.uniform_(-bound, bound)
+
+    def _apply(self, fn, recurse=True):
+        # Casting the module (``.to(torch.bfloat16)``, ``.half()``) must not round the power-iteration state:
+        # keep those buffers at float32 or higher (device moves still apply).
+        before = {k: self._buffers[k] for k in _STATE_BUFFERS if self._buffers.get(k) is not None}
+        out = super()._apply(fn, recurse)
+        for key, old in before.items():
+            new = self._buffers[key]
+            if new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+                dtype = old.dtype if torch.finfo(old.dtype).bits >= 32 else torch.float32
+                self._buffers[key] = old.to(device=new.device, dtype=dtype)
+        return out
+
+    # ------------------------------------------------------------------ operator (subclasses)
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:  # A(w) x, x shaped like v
+        raise NotImplementedError
+
+    def _adj(self, y: Tensor, w: Tensor) -> Tensor:  # A(w)^T y, y shaped like u
+        raise NotImplementedError
+
+    def _layer_map(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:  # the layer on a batch
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ norm (2 -> 2 here)
+    def _power_step(self, u: Tensor, v: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        v = _normalize(self._adj(u, w))
+        y = self._op(v, w)
+        sigma = torch.linalg.vector_norm(y)
+        return y / sigma.clamp_min(_TINY), v, sigma
+
+    def sigma_hat(self) -> Tensor:
+        """Differentiable estimate ``|u^T A(W) v|`` of the norm of the raw weight (u, v fixed; computed in
+        float32 or higher with autocast off).  ``u``/``v`` are renormalised first, so averaged (EMA) copies
+        that drifted off the unit sphere still give a lower bound of the norm."""
+        dt = self._iteration_dtype()
+        with _no_autocast(self.weight.device):
+            w = self.weight.to(dt)
+            u = self.u.to(dt)
+            v = self.v.to(dt)
+            u = u / torch.linalg.vector_norm(u).clamp_min(_TINY)
+            v = v / torch.linalg.vector_norm(v).clamp_min(_TINY)
+            return (u * self._op(v, w)).sum().abs()
+
+    # ------------------------------------------------------------------ public API
+    def _iteration_dtype(self) -> torch.dtype:
+        dt = torch.promote_types(self.weight.dtype, torch.float32)
+        return torch.promote_types(dt, self.u.dtype)
+
+    def _is_initialized(self) -> bool:
+        # read the buffer on every call: EMA/weight averaging swaps buffer data in place (and may average
+        # the 0/1 flag, hence the threshold)
+        return float(self.initialized) >= 0.5
+
+    def _ensure_initialized(self) -> None:
+        if self._is_initialized():
+            return
+        try:
+            self.power_iteration()
+        except RuntimeError as err:
+            if "transform" not in str(err):
+                raise
+            raise ConfigError(
+                f"{type(self).__name__} is not initialised and cannot initialise its power-iteration buffers inside "
+                "a torch.func transform (in-place update of a captured buffer); call update_lipschitz(model) or run "
+                "one ordinary forward pass first"
+            ) from err
+
+    @torch.no_grad()
+    def power_iteration(self, max_iters: Optional[int] = None, rtol: Optional[float] = None,
+                        atol: Optional[float] = None) -> int:
+        """Refine ``u``, ``v`` and ``sigma`` by warm-started power iteration; return the iterations run.
+
+        Stops when ``sigma * ||v_k - v_{k-1}|| <= atol + rtol * sigma`` or after ``max_iters`` (defaults: the
+        constructor's; ``atol=None`` means 0).  For the spectral norm ``sigma * ||v_k - v_{k-1}||`` is, to first
+        order, the residual ``||A^T u - sigma v||`` of the singular-pair equations: a small residual puts
+        ``sigma`` close to a singular value even when the top singular values cluster (as they do for
+        convolutions), whereas the change of ``sigma`` itself is only of order residual^2 / sigma there, so the
+        plain test ``|s_k - s_{k-1}| <= atol + rtol * s_k`` (implied by this one) stops far from the limit.  Like
+        any power method it can still rest near a singular value just below the top one when the two nearly
+        coincide; the error is then at most their gap.
+        A warm-started call on an unchanged weight stops after one iteration.  The first call on an
+        uninitialised layer (random ``u``, ``v``) may run up to ``max(max_iters, 200)`` iterations and sets
+        ``initialized``.  Buffers are updated in place.  Raises
+        :class:`~flowforge.errors.ConvergenceError` when the weight is not finite.
+        """
+        max_iters = self.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters,
+                                                                                   type(self).__name__)
+        rtol = self.rtol if rtol is None else float(rtol)
+        atol = (self.atol if atol is None else float(atol)) or 0.0
+        first = not self._is_initialized()
+        if first:
+            max_iters = max(max_iters, 200)
+        dt = self._iteration_dtype()
+        with _no_autocast(self.weight.device):
+            w = self.weight.detach().to(dt)
+            u, v, sigma, iters = self._run(w, self.u.to(dt), self.v.to(dt), max_iters, rtol, atol, first)
+        self.u.copy_(u)
+        self.v.copy_(v)
+        self.sigma.copy_(sigma)
+        self.initialized.fill_(1.0)
+        return iters
+
+    def _run(self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float,
+             first: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The whole estimate from the current ``u``, ``v`` (overridden by the induced-norm layers)."""
+        return self._iterate(self._power_step, w, u, v, max_iters, rtol, atol)
+
+    def _iterate(self, step, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float,
+                 atol: float) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Apply ``step(u, v, w) -> (u, v, sigma)`` until ``sigma * ||dv|| / ||v|| <= atol + rtol * sigma``."""
+        iters = 0
+        sigma = torch.zeros((), dtype=w.dtype, device=w.device)
+        for iters in range(1, max_iters + 1):
+            u_old, v_old = u, v
+            u, v, sigma = step(u, v, w)
+            moved = torch.linalg.vector_norm(v - v_old) / torch.linalg.vector_norm(v).clamp_min(_TINY)
+            s, moved = torch.stack([sigma, moved.to(sigma.dtype)]).tolist()  # one device sync per iteration
+            if not math.isfinite(s):
+                raise ConvergenceError(
+                    f"{type(self).__name__}: power iteration produced a non-finite norm estimate ({s}); the "
+                    "weight contains NaN/inf values (lower the learning rate or check the loss)"
+                )
+            if s <= _TINY:  # zero weight (or u orthogonal to its range): keep the unit vectors we had
+                u, v = u_old, v_old
+                break
+            if s * moved <= atol + rtol * s:
+                break
+        return u, v, sigma, iters
+
+    def normalized_weight(self) -> Tensor:
+        """``W / max(1, sigma_hat / coeff)``, differentiable w.r.t. ``W`` (through ``sigma_hat`` as well)."""
+        self._ensure_initialized()
+        factor = torch.clamp(self.sigma_hat() / self.coeff, min=1.0)
+        w = self.weight
+        return (w.to(factor.dtype) / factor).to(w.dtype)
+
+    def normalized_sigma(self) -> float:
+        """The effective norm estimate after normalisation, ``sigma_hat / max(1, sigma_hat / coeff)``."""
+        self._ensure_initialized()
+        with torch.no_grad():
+            s = float(self.sigma_hat())
+        return s / max(1.0, s / self.coeff)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._layer_map(x, self.normalized_weight(), self.bias)
+
+    def linear_part(self, v: Tensor) -> Tensor:
+        """The layer without its bias, ``A(W_hat) v``: its Jacobian-vector product (differentiable in W)."""
+        return self._layer_map(v, self.normalized_weight(), None)
+
+
+class _LipschitzLinear(LipschitzLayer):
+    """Geometry of a dense layer ``y = W_hat x + b``: ``A(W) = W`` with ``u`` (out,), ``v`` (in,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, coeff: float = 0.97,
+                 atol: Optional[float] = None, rtol: float = 1e-3, max_iters: int = 200, zero_init: bool = False):
+        super().__init__()
+        name = type(self).__name__
+        self.in_features = _check_positive_int("in_features", in_features, name)
+        self.out_features = _check_positive_int("out_features", out_features, name)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self._init_parameters(zero_init, in_features)
+        self._setup_normalisation(coeff, atol, rtol, max_iters, (out_features,), (in_features,))
+
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
+        return w @ x
+
+    def _adj(self, y: Tensor, w: Tensor) -> Tensor:
+        return w.t() @ y
+
+    def _layer_map(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, coeff={self.coeff}")
+
+
+class _LipschitzConv2d(LipschitzLayer):
+    """Geometry of a convolution ``y = conv(x, W_hat) + b`` at a fixed input size ``(H, W)``.
+
+    ``kernel_size == 1``: ``A(W)`` is the (out, in) channel-mixing matrix (its norm is the operator norm at
+    any resolution).  ``kernel_size > 1``: ``A(W)`` is the true convolution operator on
+    ``(1, in, H, W)`` inputs (zero padding included), ``A^T`` its transposed convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 input_size: Optional[Sequence[int]] = None, stride: int = 1, padding: Optional[int] = None,
+                 bias: bool = True, coeff: float = 0.97, atol: Optional[float] = None, rtol: float = 1e-3,
+                 max_iters: int = 200, zero_init: bool = False):
+        super().__init__()
+        name = type(self).__name__
+        self.in_channels = _check_positive_int("in_channels", in_channels, name)
+        self.out_channels = _check_positive_int("out_channels", out_channels, name)
+        self.kernel_size = _check_positive_int("kernel_size", kernel_size, name)
+        self.stride = _check_positive_int("stride", stride, name)
+        padding = kernel_size // 2 if padding is None else padding
+        if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding < kernel_size:
+            raise ConfigError(f"{name}: padding must be an integer in [0, kernel_size - 1] = [0, {kernel_size - 1}], "
+                              f"got {padding!r}")
+        self.padding = padding
+        if input_size is not None:
+            if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_size)):
+                raise ConfigError(f"{name}: input_size must be a pair (H, W) of positive integers, got {input_size!r}")
+            input_size = (int(input_size[0]), int(input_size[1]))
+        elif kernel_size > 1:
+            raise ConfigError(
+                f"{name}: input_size=(H, W) is required for kernel_size={kernel_size} > 1: the norm of a convolution "
+                "depends on the input resolution, and power iteration runs on the operator at that size; pass "
+                "input_size=(H, W) of the feature map this layer sees"
+            )
+        self.input_size = input_size
+        self.output_size = None
+        self._output_padding = (0, 0)
+        if input_size is not None:
+            out = tuple((s + 2 * padding - kernel_size) // self.stride + 1 for s in input_size)
+            if min(out) < 1:
+                raise ConfigError(f"{name}: input_size={input_size} is smaller than the kernel ({kernel_size}, "
+                                  f"padding {padding}): the output would be empty")
+            self.output_size = out
+            self._output_padding = tuple(
+                s - ((o - 1) * self.stride - 2 * padding + kernel_size) for s, o in zip(input_size, out))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self._init_parameters(zero_init, in_channels * kernel_size * kernel_size)
+        if kernel_size == 1:
+            u_shape, v_shape = (out_channels,), (in_channels,)
+        else:
+            u_shape, v_shape = (1, out_channels, *self.output_size), (1, in_channels, *input_size)
+        self._setup_normalisation(coeff, atol, rtol, max_iters, u_shape, v_shape)
+        self.register_buffer("input_hw", torch.tensor(input_size if input_size is not None else (0, 0),
+                                                      dtype=torch.float32))
+
+    @property
+    def _is_matrix(self) -> bool:
+        return self.kernel_size == 1
+
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
+        if self._is_matrix:
+            return w.reshape(w.shape[0], -1) @ x
+        return F.conv2d(x, w, None, self.stride, self.padding)
+
+    def _adj(self, y: Tensor, w: Tensor) -> Tensor:
+        if self._is_matrix:
+            return w.reshape(w.shape[0], -1).t() @ y
+        return F.conv_transpose2d(y, w, None, self.stride, self.padding, self._output_padding)
+
+    def _layer_map(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            raise ConfigError(
+                f"{type(self).__name__} was built for inputs of spatial size {self.input_size} (its norm is "
+                f"controlled at that resolution) but got spatial size {tuple(x.shape[-2:])}; construct it with "
+                f"input_size={tuple(x.shape[-2:])}"
+            )
+        return F.conv2d(x, w, b, self.stride, self.padding)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = state_dict.get(prefix + "input_hw")
+        if saved is not None and not torch.equal(saved.to(self.input_hw), self.input_hw):
+            raise ConfigError(
+                f"{type(self).__name__}: checkpoint was saved for input size "
+                f"{tuple(int(s) for s in saved.tolist())} but this layer is configured for "
+                f"{tuple(int(s) for s in self.input_hw.tolist())} (0, 0 = any); build it with the same input_size"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, input_size={self.input_size}, bias={self.bias is not None}, "
+                f"coeff={self.coeff}")
+
+
+class SpectralNormLinear(_LipschitzLinear):
+    """``y = W_hat x + b`` with ``||W_hat||_2 <= coeff`` (soft spectral normalisation, see module docstring).
+
+    Parameters are exactly ``weight`` (out, in) and ``bias`` (out), initialised like ``nn.Linear``.
+    """
+
+
+class SpectralNormConv2d(_LipschitzConv2d):
+    """``y = conv(x, W_hat) + b`` with the convolution operator norm at ``input_size`` at most ``coeff``.
+
+    Parameters are exactly those of ``nn.Conv2d`` (``weight`` (out, in, k, k), ``bias`` (out)).  For
+    ``kernel_size > 1`` the norm is that of the true operator on ``(in, H, W)`` inputs with zero padding
+    (not the norm of the reshaped kernel), so ``input_size=(H, W)`` is required and checked in forward.
+    """
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def lipschitz_layers(module: nn.Module) -> list[nn.Module]:
+    """All submodules (``module`` included) that carry a ``power_iteration`` method."""
+    return [m for m in module.modules() if callable(getattr(m, "power_iteration", None))]
+
+
+@torch.no_grad()
+def update_lipschitz(module: nn.Module, max_iters: Optional[int] = None, rtol: Optional[float] = None) -> dict:
+    """Run power iteration on every normalised layer (after each optimiser step, before validation).
+
+    Returns ``{"max_sigma": largest raw-weight norm estimate (before normalisation), "power_iterations": most
+    iterations any layer needed, "num_layers": n}``, or ``{}`` when ``module`` has no such layer.
+    """
+    layers = lipschitz_layers(module)
+    if not layers:
+        return {}
+    iters = [layer.power_iteration(max_iters=max_iters, rtol=rtol) for layer in layers]
+    return {
+        "max_sigma": max(float(layer.sigma) for layer in layers),
+        "power_iterations": int(max(iters)),
+        "num_layers": len(layers),
+    }
+
+
+def max_normalized_sigma(module: nn.Module) -> float:
+    """Largest ``sigma_hat / max(1, sigma_hat / coeff)`` over the normalised layers (``<= coeff`` each);
+    0.0 when there are none."""
+    return max((layer.normalized_sigma() for layer in lipschitz_layers(module)), default=0.0)
