@@ -7,6 +7,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: with -n 2 on 2 cores, more threads oversubscribe the CPU and
+    # small convolutions stall for milliseconds each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

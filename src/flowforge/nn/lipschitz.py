@@ -363,6 +363,25 @@ class _LipschitzConv2d(LipschitzLayer):
             return w.reshape(w.shape[0], -1).t() @ y
         return F.conv_transpose2d(y, w, None, self.stride, self.padding, self._output_padding)
 
+    def sigma_hat(self) -> Tensor:
+        """For k x k kernels ``<u, conv(v, W)>`` is linear in W: ``= <W, M(u, v)>`` with ``M`` the weight
+        gradient of the convolution at (v, u).  ``M`` is computed once per power-iteration update (keyed
+        by the buffers' identity and version counters, so in-place updates and weight-averaging swaps
+        refresh it), and every forward then costs one elementwise product instead of a convolution of
+        the full-resolution vector."""
+        if self._is_matrix:
+            return super().sigma_hat()
+        dt = self._iteration_dtype()
+        key = (self.u.data_ptr(), self.u._version, self.v.data_ptr(), self.v._version, dt)
+        cache = self.__dict__.get("_sigma_direction")
+        if cache is None or cache[0] != key:
+            with torch.no_grad(), _no_autocast(self.weight.device):
+                u, v = _normalize(self.u.to(dt)), _normalize(self.v.to(dt))
+                m = torch.nn.grad.conv2d_weight(v, self.weight.shape, u, self.stride, self.padding)
+            cache = self.__dict__["_sigma_direction"] = (key, m)
+        with _no_autocast(self.weight.device):
+            return (self.weight.to(dt) * cache[1]).sum().abs()
+
     def _layer_map(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
             raise ConfigError(
