@@ -222,3 +222,24 @@ def test_iresnet_defaults():
     assert "ELU" in acts and "LipSwish" not in acts
     layer = lipschitz_layers(flow)[0]
     assert math.isclose(layer.coeff, 0.9)
+
+
+def test_lightning_logs_sigma_and_estimator_std(tmp_path):
+    """A stochastic estimator at test time reports its standard deviation (> 0, and small next to
+    the loss with 20 exact terms); an exact one reports none."""
+    torch.manual_seed(0)
+    data = torch.randint(0, 256, (32, 1, 8, 8)).float()
+    loader = DataLoader(TensorDataset(data), batch_size=16)
+    results = {}
+    for name in ("roulette", "exact"):
+        flow = small_image_flow((1, 8, 8), estimator=LogDetEstimator(name))
+        module = FlowModule(flow, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer.fit(module, loader)
+        assert float(trainer.callback_metrics["train/max_sigma"]) > 0
+        trainer.test(module, loader, verbose=False)
+        results[name] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    std = results["roulette"]["test/loss_std"]
+    assert 0 < std < 1e-2 * results["roulette"]["test/loss"], results["roulette"]
+    assert "test/loss_std" not in results["exact"]

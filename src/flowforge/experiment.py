@@ -54,12 +54,18 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
     check_estimator(cfg, model)
+    objective = None
+    if cfg.get("objective") is not None and cfg.objective.get("name", "mle") != "mle":
+        objective = OmegaConf.to_container(cfg.objective, resolve=True)
+        if objective.get("num_classes") is None and cfg.dataset.get("num_classes") is not None:
+            objective["num_classes"] = cfg.dataset.num_classes
     module = FlowModule(
         model=model,
         optimizer=hydra.utils.instantiate(cfg.optim.optimizer),
         warmup_steps=cfg.optim.warmup_steps,
         on_nonfinite=cfg.on_nonfinite,
         config=OmegaConf.to_container(cfg, resolve=True),
+        objective=objective,
     )
     return datamodule, module
 

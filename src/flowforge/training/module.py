@@ -4,6 +4,15 @@ Loss: mean negative log-likelihood, ``-1/B sum_b log p(x_b)`` in nats for vector
 per dimension for images (``-(log p(y) - D log K) / (D log 2)`` after uniform dequantisation).
 Logged: ``{train,val,test}/loss`` plus ``/nll`` (nats per example) and ``/bpd`` (images).
 
+With ``objective`` ``hybrid`` or ``classification`` (Residual Flows, Sec. 6) the flow is wrapped in a
+:class:`flowforge.flows.hybrid.HybridClassifier` and the per-example loss is
+
+    L(x, y) = lam * (-log p(x)) + CrossEntropy(logits(x), y)
+
+(``-log p(x)`` in nats, total over the ``D`` dimensions; ``lam`` a number or ``"1/D"``; ``classification``
+is ``lam = 0``, where ``nll``/``bpd`` are still logged but carry no gradient).  Also logged: ``/ce`` and
+``/acc``.
+
 Models with spectrally normalised layers get their power iteration run (without gradient) after
 every optimizer step and before validation and test (``train/max_sigma`` logs the largest estimated
 spectral norm before normalisation).  Models whose log-det is a stochastic estimate report
@@ -20,13 +29,60 @@ from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from flowforge.errors import ConfigError, DataError
+from flowforge.flows.hybrid import HybridClassifier
 from flowforge.flows.model import Flow
 from flowforge.nn.lipschitz import update_lipschitz
 
 NONFINITE_POLICIES = ("stop", "skip")
+OBJECTIVES = ("mle", "hybrid", "classification")
+
+
+def resolve_lam(lam: Any, dim: int) -> float:
+    """The likelihood weight: a number >= 0, or the string ``"1/D"`` for ``1 / dim``."""
+    if isinstance(lam, str):
+        text = lam.replace(" ", "")
+        if text.upper() == "1/D":
+            return 1.0 / dim
+        try:
+            lam = float(text)
+        except ValueError:
+            raise ConfigError(f"objective.lam must be a number >= 0 or '1/D', got '{lam}'") from None
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ConfigError(f"objective.lam must be a number >= 0 or '1/D', got {lam!r}")
+    return float(lam)
+
+
+def parse_objective(objective: Optional[dict], dim: int) -> Optional[dict]:
+    """``None`` for maximum likelihood, else ``{name, lam, num_classes, head_channels}`` checked."""
+    if objective is None:
+        return None
+    objective = dict(objective)
+    name = objective.get("name", "mle")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{name}'; choose objective= one of {', '.join(OBJECTIVES)}")
+    if name == "mle":
+        return None
+    lam = resolve_lam(objective.get("lam", 0 if name == "classification" else "1/D"), dim)
+    if name == "classification" and lam != 0:
+        raise ConfigError(
+            f"objective=classification trains with lam=0, got objective.lam={objective.get('lam')}; "
+            f"use objective=hybrid objective.lam=... to weight in the likelihood"
+        )
+    num_classes = objective.get("num_classes")
+    if not _is_int(num_classes, 2):
+        raise ConfigError(f"objective.num_classes must be an integer >= 2 (e.g. 10), got {num_classes!r}")
+    head_channels = objective.get("head_channels", 256)
+    if not _is_int(head_channels, 1):
+        raise ConfigError(f"objective.head_channels must be a positive integer (e.g. 256), got {head_channels!r}")
+    return {"name": name, "lam": lam, "num_classes": int(num_classes), "head_channels": int(head_channels)}
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
@@ -42,6 +98,8 @@ class FlowModule(pl.LightningModule):
         on_nonfinite: ``stop`` (default: end the run cleanly, weights untouched, last good checkpoint
             kept) or ``skip`` (drop the batch and go on); either way the event is logged and counted.
         config: the resolved run configuration (stored in checkpoints so ``eval.py`` can rebuild the model).
+        objective: ``None`` (or ``name: mle``) for maximum likelihood, else ``{name: hybrid |
+            classification, lam, num_classes, head_channels}`` (see the module docstring).
     """
 
     def __init__(
@@ -51,6 +109,7 @@ class FlowModule(pl.LightningModule):
         warmup_steps: int = 0,
         on_nonfinite: str = "stop",
         config: Optional[dict] = None,
+        objective: Optional[dict] = None,
     ):
         super().__init__()
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -68,6 +127,12 @@ class FlowModule(pl.LightningModule):
             getattr(getattr(m, "logdet_estimator", None), "stochastic", False) for m in model.modules()
         )
         self._test_noise = torch.zeros(2, dtype=torch.float64)  # [sum (a - b)^2 / 2, count]
+        self.objective = parse_objective(objective, model.dim)
+        self.classifier: Optional[HybridClassifier] = None
+        if self.objective is not None:
+            self.classifier = HybridClassifier(
+                model, self.objective["num_classes"], self.objective["head_channels"]
+            )
 
     # ------------------------------------------------------------------ objective
     def _batch_input(self, batch: Any) -> Tensor:
@@ -80,13 +145,59 @@ class FlowModule(pl.LightningModule):
             )
         return x
 
-    def metrics(self, x: Tensor) -> dict[str, Tensor]:
-        """Per-example ``nll`` (nats) and, for images, ``bpd``; ``loss`` is the quantity minimised."""
+    def _batch_labels(self, batch: Any) -> Tensor:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            dataset = ((self.hparams.get("config") or {}).get("dataset") or {}).get("name") or "this dataset"
+            raise ConfigError(
+                f"objective={self.objective['name']} needs class labels, but the batches of {dataset} carry "
+                f"none; use a labelled dataset such as dataset=digits, mnist or cifar10 (or objective=mle)"
+            )
+        y = batch[1]
+        n = self.objective["num_classes"]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n):
+            raise ConfigError(
+                f"labels range over [{int(y.min())}, {int(y.max())}] but objective.num_classes={n}; "
+                f"set objective.num_classes to the dataset's number of classes"
+            )
+        return y
+
+    def _step_metrics(self, batch: Any, x: Tensor) -> dict[str, Tensor]:
+        if self.classifier is None:
+            return self.metrics(x)
+        return self.metrics(x, self._batch_labels(batch))
+
+    def metrics(self, x: Tensor, y: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Per-example ``nll`` (nats) and, for images, ``bpd``; ``loss`` is the quantity minimised.
+        With a hybrid objective ``y`` holds the labels and ``ce`` and ``acc`` join them."""
+        if self.classifier is not None:
+            return self._hybrid_metrics(x, y)
         if self.model.is_image:
             bpd = self.model.bits_per_dim(x)
             return {"loss": bpd, "bpd": bpd, "nll": bpd * self.model.dim * math.log(2)}
         nll = -self.model.log_prob(x)
         return {"loss": nll, "nll": nll}
+
+    def _hybrid_metrics(self, x: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:
+        if y is None:
+            raise ConfigError(f"objective={self.objective['name']} needs labels: call metrics(x, y)")
+        model, lam = self.model, self.objective["lam"]
+        log_weight: Any = 0.0
+        if model.is_image:
+            x, log_weight = model.dequantizer(x)
+        log_p, logits = self.classifier(x)
+        nll = -(log_p + log_weight)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        if lam == 0:
+            nll = nll.detach()
+            loss = ce
+        else:
+            loss = lam * nll + ce
+        values = {"loss": loss, "nll": nll}
+        if model.is_image:
+            values["bpd"] = nll / (model.dim * math.log(2))
+        values["ce"] = ce
+        values["acc"] = (logits.argmax(1) == y).float()
+        return values
 
     def _log(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
         for k, v in values.items():
@@ -98,7 +209,7 @@ class FlowModule(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         x = self._batch_input(batch)
-        values = self.metrics(x)
+        values = self._step_metrics(batch, x)
         loss = values["loss"].mean()
         if not torch.isfinite(loss):
             return self._handle_nonfinite(loss)
@@ -119,13 +230,13 @@ class FlowModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch)
-        self._log("val", self.metrics(x), x.shape[0])
+        self._log("val", self._step_metrics(batch, x), x.shape[0])
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch)
-        values = self.metrics(x)
+        values = self._step_metrics(batch, x)
         if self.stochastic_logdet:
-            again = self.metrics(x)
+            again = self._step_metrics(batch, x)
             diff = (values["loss"] - again["loss"]).double()
             self._test_noise += torch.stack([diff.pow(2).sum().cpu() / 2, torch.tensor(float(x.shape[0]))])
             values = {k: (v + again[k]) / 2 for k, v in values.items()}
