@@ -565,3 +565,42 @@ def test_induced_config_errors():
         InducedNormLinear(3, 3, domain=1.0, learn_p=True)
     with pytest.raises(ConfigError, match=r"\(1, 5\)"):
         InducedNormConv2d(3, 3, 3, input_size=(4, 4), codomain=6.0, learn_p=True)
+
+
+def _clustered_matrix(n=64, dtype=torch.float64):
+    """A matrix with top singular values 1.0 and 0.999, the rest <= 0.6 (a worst case for power iteration)."""
+    g = torch.Generator().manual_seed(3)
+    q1 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))[0]
+    q2 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))[0]
+    s = torch.cat([torch.tensor([1.0, 0.999], dtype=dtype), torch.linspace(0.6, 0.1, n - 2, dtype=dtype)])
+    return q1 @ torch.diag(s) @ q2.T
+
+
+def test_block_power_iteration_resolves_clustered_top_singular_values():
+    """Subspace iteration (power_block=4) reaches sigma_1 where plain power iteration, with the same cap,
+    stalls between the two clustered top values (rate (0.999)^2 per iteration)."""
+    w = _clustered_matrix()
+    results = {}
+    for block in (1, 4):
+        layer = SpectralNormLinear(64, 64, coeff=0.9, rtol=1e-9, max_iters=100).double()
+        layer.power_block = block
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        iters = layer.power_iteration()
+        results[block] = (float(layer.sigma), iters)
+    sigma4, iters4 = results[4]
+    assert abs(sigma4 - 1.0) < 1e-9 and iters4 < 100, results
+    assert 1.0 - results[1][0] > 1e-6, f"plain power iteration should stall here: {results}"
+
+
+def test_block_power_iteration_conv_and_warm_start_after_reload():
+    torch.manual_seed(0)
+    layer = SpectralNormConv2d(3, 5, 3, input_size=(6, 6), coeff=0.9, rtol=1e-8, max_iters=500).double()
+    layer.power_iteration()
+    exact = exact_lipschitz_conv(layer.weight.detach(), (6, 6), padding=1)
+    assert abs(float(layer.sigma) - exact) < 1e-6 * exact
+    assert layer.power_iteration() <= 2  # warm start on an unchanged weight
+    fresh = SpectralNormConv2d(3, 5, 3, input_size=(6, 6), coeff=0.9, rtol=1e-8, max_iters=500).double()
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.power_iteration() <= 3  # the stored top pair is already converged; the subspace is rebuilt
+    assert abs(float(fresh.sigma) - exact) < 1e-6 * exact
