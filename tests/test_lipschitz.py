@@ -604,3 +604,4 @@ def test_block_power_iteration_conv_and_warm_start_after_reload():
     fresh.load_state_dict(layer.state_dict())
     assert fresh.power_iteration() <= 3  # the stored top pair is already converged; the subspace is rebuilt
     assert abs(float(fresh.sigma) - exact) < 1e-6 * exact
+

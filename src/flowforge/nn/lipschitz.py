@@ -255,11 +255,14 @@ class LipschitzLayer(nn.Module):
             gen = torch.Generator(device=v.device).manual_seed(0)
             extra = torch.randn((k - 1, *vshape), generator=gen, device=v.device, dtype=v.dtype)
             basis = torch.cat([v.reshape(1, *vshape), extra])
-        basis = torch.linalg.qr(basis.reshape(k, -1).t())[0].t().reshape(k, *vshape)
         v_prev = v.reshape(-1)
         sigma = torch.zeros((), dtype=w.dtype, device=w.device)
+        y = self._batch_op(basis, w)
         iters = 0
         for iters in range(1, max_iters + 1):
+            # refresh the subspace with the current weight first, so that the stopping test never compares
+            # two Ritz vectors of a stale subspace (which would stop below a newly dominant direction)
+            basis = torch.linalg.qr(self._batch_adj(y, w).reshape(k, -1).t())[0].t().reshape(k, *vshape)
             y = self._batch_op(basis, w)
             yf = y.reshape(k, -1)
             evals, evecs = torch.linalg.eigh(yf @ yf.t())
@@ -280,8 +283,6 @@ class LipschitzLayer(nn.Module):
             u_new = (top @ yf) / sigma
             if s * m <= atol + rtol * s:
                 break
-            z = self._batch_adj(y, w).reshape(k, -1)
-            basis = torch.linalg.qr(z.t())[0].t().reshape(k, *vshape)
         u_out, v_out = u_new.reshape(u.shape), v_new.reshape(v.shape)
         self.__dict__["_subspace"] = ((self.v.data_ptr(), self.v._version + 1), basis.detach())
         return u_out, v_out, sigma, iters
