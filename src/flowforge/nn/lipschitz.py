@@ -497,17 +497,129 @@ def lipschitz_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if callable(getattr(m, "power_iteration", None))]
 
 
+def _group_key(layer: nn.Module):
+    """Layers that can share one batched subspace iteration: plain spectral norm, same geometry."""
+    if type(layer) not in (SpectralNormLinear, SpectralNormConv2d) or layer.power_block < 2:
+        return None
+    w = layer.weight
+    conv = isinstance(layer, _LipschitzConv2d) and not layer._is_matrix
+    geometry = ("conv", layer.input_size, layer.stride, layer.padding, layer._output_padding) if conv else ("matrix",)
+    return (geometry, tuple(w.shape), w.dtype, w.device, layer.rtol, layer.atol, layer.max_iters, layer.power_block,
+            layer._is_initialized())
+
+
+@torch.no_grad()
+def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optional[float]) -> int:
+    """:meth:`LipschitzLayer._block_iterate` for G layers of one geometry at once: stacked matrices with
+    batched products, or convolutions as one grouped convolution; batched QR and k x k eigenproblems.
+    The group iterates until every layer passes its own stopping test (more iterations only refine the
+    others).  Returns the iterations run."""
+    first, g = layers[0], len(layers)
+    max_iters = first.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters, "update_lipschitz")
+    rtol = first.rtol if rtol is None else float(rtol)
+    atol = first.atol or 0.0
+    if not first._is_initialized():
+        max_iters = max(max_iters, 200)
+    dt = first._iteration_dtype()
+    conv = isinstance(first, _LipschitzConv2d) and not first._is_matrix
+    vshape = first.v.shape[1:] if conv else first.v.shape
+    k = min(first.power_block, first.u.numel(), first.v.numel())
+    with _no_autocast(first.weight.device):
+        w = torch.stack([layer.weight.detach().to(dt) for layer in layers])
+        if conv:
+            out_c, in_c, kh, kw = first.weight.shape
+            wc = w.reshape(g * out_c, in_c, kh, kw)
+
+            def op(b):  # (g, k, C, H, W) -> (g, k, O, H', W')
+                y = F.conv2d(b.transpose(0, 1).reshape(k, g * in_c, *vshape[1:]), wc, None, first.stride,
+                             first.padding, 1, g)
+                return y.reshape(k, g, out_c, *y.shape[-2:]).transpose(0, 1)
+
+            def adj(y):
+                x = F.conv_transpose2d(y.transpose(0, 1).reshape(k, g * out_c, *y.shape[-2:]), wc, None,
+                                       first.stride, first.padding, first._output_padding, g)
+                return x.reshape(k, g, in_c, *x.shape[-2:]).transpose(0, 1)
+        else:
+            wm = w.reshape(g, w.shape[1], -1)
+
+            def op(b):  # (g, k, in) -> (g, k, out)
+                return torch.bmm(b, wm.transpose(1, 2))
+
+            def adj(y):
+                return torch.bmm(y, wm)
+
+        bases = []
+        for layer in layers:
+            cache = layer.__dict__.get("_subspace")
+            if cache is not None and cache[0] == (layer.v.data_ptr(), layer.v._version) and cache[1].shape[0] == k \
+                    and cache[1].dtype == dt:
+                bases.append(cache[1])
+            else:
+                gen = torch.Generator(device=layer.v.device).manual_seed(0)
+                extra = torch.randn((k - 1, *vshape), generator=gen, device=layer.v.device, dtype=dt)
+                bases.append(torch.cat([layer.v.to(dt).reshape(1, *vshape), extra]))
+        basis = torch.stack(bases)  # (g, k, *vshape)
+        v_old = torch.stack([layer.v.to(dt).reshape(-1) for layer in layers])
+        v_prev = v_old / torch.linalg.vector_norm(v_old, dim=1, keepdim=True).clamp_min(_TINY)
+        y = op(basis)
+        iters = 0
+        for iters in range(1, max_iters + 1):
+            z = adj(y).reshape(g, k, -1)
+            basis = torch.linalg.qr(z.transpose(1, 2))[0].transpose(1, 2).reshape(g, k, *vshape)
+            y = op(basis)
+            yf = y.reshape(g, k, -1)
+            evals, evecs = torch.linalg.eigh(yf @ yf.transpose(1, 2))
+            top = evecs[:, :, -1]  # (g, k)
+            sigma = evals[:, -1].clamp_min(0).sqrt()
+            v_new = torch.einsum("gk,gkn->gn", top, basis.reshape(g, k, -1))
+            cos = (v_new * v_prev).sum(1).abs().clamp_max(1.0)
+            moved = torch.sqrt((2 - 2 * cos).clamp_min(0))  # ||v_new -+ v_prev|| for unit vectors
+            finite = bool(torch.isfinite(sigma).all())
+            if not finite:
+                bad = next(layer for layer, s_ in zip(layers, sigma.tolist()) if not math.isfinite(s_))
+                raise ConvergenceError(
+                    f"{type(bad).__name__}: power iteration produced a non-finite norm estimate; the weight "
+                    "contains NaN/inf values (lower the learning rate or check the loss)"
+                )
+            v_prev = v_new
+            if bool(((sigma * moved <= atol + rtol * sigma) | (sigma <= _TINY)).all()):
+                break
+        u_new = torch.einsum("gk,gkn->gn", top, yf) / sigma.clamp_min(_TINY)[:, None]
+    for i, layer in enumerate(layers):
+        if float(sigma[i]) > _TINY:  # a zero weight keeps the unit vectors it had
+            layer.u.copy_(u_new[i].reshape(layer.u.shape))
+            layer.v.copy_(v_new[i].reshape(layer.v.shape))
+            layer.sigma.copy_(sigma[i])
+        layer.initialized.fill_(1.0)
+        layer.__dict__["_subspace"] = ((layer.v.data_ptr(), layer.v._version), basis[i])
+    return iters
+
+
 @torch.no_grad()
 def update_lipschitz(module: nn.Module, max_iters: Optional[int] = None, rtol: Optional[float] = None) -> dict:
     """Run power iteration on every normalised layer (after each optimiser step, before validation).
 
+    Spectral-norm layers of the same geometry are iterated together (one batched product or grouped
+    convolution per iteration for the whole group); the others one by one.
     Returns ``{"max_sigma": largest raw-weight norm estimate (before normalisation), "power_iterations": most
     iterations any layer needed, "num_layers": n}``, or ``{}`` when ``module`` has no such layer.
     """
     layers = lipschitz_layers(module)
     if not layers:
         return {}
-    iters = [layer.power_iteration(max_iters=max_iters, rtol=rtol) for layer in layers]
+    groups: dict = {}
+    iters = []
+    for layer in layers:
+        key = _group_key(layer)
+        if key is None:
+            iters.append(layer.power_iteration(max_iters=max_iters, rtol=rtol))
+        else:
+            groups.setdefault(key, []).append(layer)
+    for group in groups.values():
+        if len(group) == 1:
+            iters.append(group[0].power_iteration(max_iters=max_iters, rtol=rtol))
+        else:
+            iters.append(_batched_block_iteration(group, max_iters, rtol))
     return {
         "max_sigma": max(float(layer.sigma) for layer in layers),
         "power_iterations": int(max(iters)),
