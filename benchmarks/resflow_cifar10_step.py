@@ -59,6 +59,9 @@ def build(device):
     return ResidualFlow((3, 32, 32), estimator=est, **MODEL_KWARGS).to(device)
 
 
+STEP_ITERS = 2
+
+
 def time_steps(flow, batch: int, steps: int, warmup: int, device, autocast_dtype=None) -> dict:
     from flowforge.nn.lipschitz import update_lipschitz
 
@@ -89,7 +92,7 @@ def time_steps(flow, batch: int, steps: int, warmup: int, device, autocast_dtype
         opt.step()
         sync()
         t1 = time.perf_counter()
-        info = update_lipschitz(flow)
+        info = update_lipschitz(flow, max_iters=STEP_ITERS)
         sync()
         t2 = time.perf_counter()
         losses.append(loss.item())
@@ -116,7 +119,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU row")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N); default: torch's default")
     p.add_argument("--out", default=None, help="also write the Markdown report to this path")
+    p.add_argument("--step-iters", type=int, default=2,
+                   help="power iterations per step at most (the recipes' lipschitz_step_iters, default 2)")
     args = p.parse_args(argv)
+    global STEP_ITERS
+    STEP_ITERS = args.step_iters
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -155,7 +162,7 @@ def main(argv=None) -> int:
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- torch {torch.__version__}, python {platform.python_version()}, {platform.machine()} {os.cpu_count()} CPUs",
         f"- parameters: {n_params:,} incl. frozen roulette scalars, {n_train:,} trainable (recipe: {EXPECTED_PARAMS:,}, {'match' if n_params == EXPECTED_PARAMS else 'MISMATCH'})",
-        "- step = bits_per_dim(x).mean() + backward + Adam + update_lipschitz (rtol 1e-3, <= 200 iterations); "
+        f"- step = bits_per_dim(x).mean() + backward + Adam + update_lipschitz (rtol 1e-3, <= {STEP_ITERS} warm-started iterations per step, as the recipes' lipschitz_step_iters; the first forward initialises each layer with up to 200); "
         "estimator: 2 exact terms + geometric(0.5) roulette, Neumann gradient, backward-in-forward; random "
         f"integer pixels; {args.warmup} warm-up step(s), median of {args.steps} timed steps",
         f"- {gpu_note}",

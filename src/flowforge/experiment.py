@@ -66,6 +66,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
         on_nonfinite=cfg.on_nonfinite,
         config=OmegaConf.to_container(cfg, resolve=True),
         objective=objective,
+        lipschitz_step_iters=cfg.get("lipschitz_step_iters"),
     )
     return datamodule, module
 

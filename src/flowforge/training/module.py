@@ -14,8 +14,9 @@ is ``lam = 0``, where ``nll``/``bpd`` are still logged but carry no gradient).  
 ``/acc``.
 
 Models with spectrally normalised layers get their power iteration run (without gradient) after
-every optimizer step and before validation and test (``train/max_sigma`` logs the largest estimated
-spectral norm before normalisation).  Models whose log-det is a stochastic estimate report
+every optimizer step (at most ``lipschitz_step_iters`` warm-started iterations when set, for large
+convolutional models) and to tolerance before validation and test (``train/max_sigma`` logs the
+largest estimated spectral norm before normalisation).  Models whose log-det is a stochastic estimate report
 ``test/loss_std``: the standard deviation of the test-set mean due to the estimator, from two
 independent estimates per test example, ``sqrt(sum_i (a_i - b_i)^2 / 2) / (N sqrt(2))`` for the mean of
 the pair (the reported ``test/loss`` is that mean).
@@ -110,8 +111,13 @@ class FlowModule(pl.LightningModule):
         on_nonfinite: str = "stop",
         config: Optional[dict] = None,
         objective: Optional[dict] = None,
+        lipschitz_step_iters: Optional[int] = None,
     ):
         super().__init__()
+        if lipschitz_step_iters is not None and (isinstance(lipschitz_step_iters, bool)
+                                                 or not isinstance(lipschitz_step_iters, int) or lipschitz_step_iters < 1):
+            raise ConfigError(f"lipschitz_step_iters must be null or a positive integer, got {lipschitz_step_iters!r}")
+        self.lipschitz_step_iters = lipschitz_step_iters
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got '{on_nonfinite}'")
         if warmup_steps < 0:
@@ -244,7 +250,9 @@ class FlowModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lipschitz constraint
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        stats = update_lipschitz(self.model)
+        # during training at most lipschitz_step_iters warm-started iterations per step (the subspace carries
+        # over, so the estimate keeps converging across steps); before validation/test: to tolerance
+        stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
         if stats:
             self.log("train/max_sigma", stats["max_sigma"], on_step=True, on_epoch=False)
 
