@@ -37,6 +37,8 @@ import warnings
 
 import torch
 
+from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
+
 EXPECTED_PARAMS = 25_174_233
 # Not measured here: the reference implementation (rtqichen/residual-flows) at batch 4 on a 2-core CPU
 # machine of this kind, about 10 s per training step (number given in the issue).
@@ -182,11 +184,7 @@ def main(argv=None) -> int:
                       f"~{REFERENCE_CPU_S_PER_STEP:.0f} s/step is a **published constant, not measured here**)."]
     lines += ["", f"Benchmark wall time: {time.perf_counter() - t_start:.1f} s"]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(text, args.out)
     return 0
 
 

@@ -47,6 +47,8 @@ import weakref
 
 import torch
 
+from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
+
 METHODS = {  # name -> (neumann_grad, mem_eff)
     "naive": (False, False),
     "Neumann": (True, False),
@@ -289,11 +291,7 @@ def main(argv=None) -> int:
         print("note: the table needs all four methods; run without --methods for the report")
         return 0
     text = report(results, args, time.perf_counter() - t0, device)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(text, args.out)
     return 0
 
 

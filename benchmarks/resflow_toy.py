@@ -55,6 +55,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
+
 DIM = 2
 NUM_BLOCKS = 10
 COEFF = 0.9
@@ -347,11 +349,7 @@ def main(argv=None) -> int:
         for e in nll_entries:
             e.test_nll = test_nll(e, x_test)
     text = report(entries, args, nll_entries, time.perf_counter() - t0)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(text, args.out)
     return 0
 
 

@@ -44,6 +44,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
+
 # The four families of the comparison, plus two structure-matched variants: zuko's RealNVP has no ActNorm
 # and zuko's NSF has no ActNorm / LU mixing, so ``*-bare`` drops those layers in flowforge and normflows
 # too (flowforge's NSF() always adds them, so its bare variant is built from coupling_stack directly).
@@ -403,11 +405,7 @@ def main(argv=None) -> int:
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     run(entries, batches, args.warmup, args.rounds, args.steps, args.block, clock)
     text = report(entries, args, time.perf_counter() - t0)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(text, args.out)
     return 0
 
 

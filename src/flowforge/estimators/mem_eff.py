@@ -50,7 +50,6 @@ class BackwardInForward(torch.autograd.Function):
         if bool((a == a[0]).all()):
             grad_p = [d + a[0] * g for d, g in zip(dg[1:], gp_ld)]
         else:
-            BackwardInForward.recomputations += 1
             with torch.enable_grad():
                 x2 = xl.detach().requires_grad_(True)
                 _, logdet = ctx.compute(x2)
@@ -58,8 +57,6 @@ class BackwardInForward(torch.autograd.Function):
             grad_p = [d if g is None else d + g for d, g in zip(dg[1:], gp)]
         ctx.gx = ctx.logdet_grads = ctx.compute = None
         return (None, grad_x, *grad_p)
-
-    recomputations = 0  # how often per-sample weights forced a rebuild (diagnostics)
 
 
 def backward_in_forward(compute: Callable, x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

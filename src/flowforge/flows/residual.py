@@ -57,8 +57,15 @@ class ResidualBlock(Transform):
         self.last_terms = 0
 
     def _roulette(self) -> RouletteDistribution:
-        r = self.logdet_estimator.roulette
-        return RouletteDistribution(r.dist, float(torch.sigmoid(self.roulette_logit_p)), float(self.roulette_lam))
+        """The distribution from the block's parameters; rebuilt only when they change (saves two device
+        synchronisations per block and step)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.roulette_logit_p, self.roulette_lam))
+        cached = self.__dict__.get("_roulette_cache")
+        if cached is None or cached[0] != key:
+            r = self.logdet_estimator.roulette
+            dist = RouletteDistribution(r.dist, float(torch.sigmoid(self.roulette_logit_p)), float(self.roulette_lam))
+            cached = self.__dict__["_roulette_cache"] = (key, dist)
+        return cached[1]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         roulette = self._roulette() if self.logdet_estimator.name == "roulette" else None

@@ -165,9 +165,14 @@ class LipschitzLayer(nn.Module):
         return torch.promote_types(dt, self.u.dtype)
 
     def _is_initialized(self) -> bool:
-        # read the buffer on every call: EMA/weight averaging swaps buffer data in place (and may average
-        # the 0/1 flag, hence the threshold)
-        return float(self.initialized) >= 0.5
+        # EMA/weight averaging swaps buffer data in place (and may average the 0/1 flag, hence the
+        # threshold), so the flag is re-read whenever the buffer's storage or version changes; otherwise a
+        # cached answer saves one device synchronisation per layer and forward
+        key = (self.initialized.data_ptr(), self.initialized._version)
+        cached = self.__dict__.get("_initialized_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_initialized_cache"] = (key, float(self.initialized) >= 0.5)
+        return cached[1]
 
     def _ensure_initialized(self) -> None:
         if self._is_initialized():

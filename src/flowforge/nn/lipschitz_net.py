@@ -91,6 +91,16 @@ def _conv_cls(norm: str):
     return InducedNormConv2d
 
 
+def _layer_setup(kind: str, act: str, coeff: float, norm: str, domain: float, codomain: float, learn_p: bool,
+                 sn_rtol: float, sn_max_iters: int) -> tuple[type, dict, int]:
+    """The Lipschitz layer class (``kind`` linear or conv), its keyword arguments, and the channel
+    multiplier of the activation."""
+    cls = _linear_cls(norm) if kind == "linear" else _conv_cls(norm)
+    sn = dict(coeff=_check_coeff(coeff), rtol=sn_rtol, max_iters=sn_max_iters,
+              **_norm_kwargs(norm, domain, codomain, learn_p))
+    return cls, sn, channel_multiplier(act)
+
+
 def lipschitz_mlp(
     features: int,
     hidden: Sequence[int],
@@ -107,10 +117,7 @@ def lipschitz_mlp(
 ) -> LipschitzNet:
     """``features -> hidden... -> features`` with Lipschitz constant <= coeff (the toy/tabular g and
     the fully connected blocks at the end of the image model)."""
-    coeff = _check_coeff(coeff)
-    cls, extra = _linear_cls(norm), _norm_kwargs(norm, domain, codomain, learn_p)
-    sn = dict(coeff=coeff, rtol=sn_rtol, max_iters=sn_max_iters, **extra)
-    mult = channel_multiplier(act)
+    cls, sn, mult = _layer_setup("linear", act, coeff, norm, domain, codomain, learn_p, sn_rtol, sn_max_iters)
     layers: list[nn.Module] = [lipschitz_activation(act)] if preact else []
     width = features * (mult if preact else 1)
     for h in hidden:
@@ -137,11 +144,8 @@ def lipschitz_convnet(
 ) -> LipschitzNet:
     """Residual Flows' image ``g``: ``[a ->] conv k1 -> a -> conv k2 -> a -> ... -> conv kn`` at the
     input resolution (stride 1, same padding), hidden width ``width``."""
-    coeff = _check_coeff(coeff)
     c, h, w = (int(s) for s in shape)
-    cls, extra = _conv_cls(norm), _norm_kwargs(norm, domain, codomain, learn_p)
-    sn = dict(coeff=coeff, rtol=sn_rtol, max_iters=sn_max_iters, **extra)
-    mult = channel_multiplier(act)
+    cls, sn, mult = _layer_setup("conv", act, coeff, norm, domain, codomain, learn_p, sn_rtol, sn_max_iters)
     layers: list[nn.Module] = [lipschitz_activation(act)] if preact else []
     cin = c * (mult if preact else 1)
     kernels = [int(k) for k in kernels]
