@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
 @dataclass
 class SolverStats:
-    """Per-sample ``iterations`` and ``converged`` flags, the final per-sample step/residual size
-    ``residual``, and the tolerance it was held to."""
+    """Per-sample ``iterations`` (evaluations of the map) and ``converged`` flags, the final per-sample
+    residual ``max_i |T(x)_i - x_i|`` (``residual``), the iteration cap and the method's name."""
 
     iterations: Tensor
     converged: Tensor
     residual: Tensor
     max_iters: int
+    method: str = "picard"
 
     @property
     def num_failed(self) -> int:
@@ -32,3 +34,17 @@ class SolverStats:
             "failed": float(self.num_failed),
             "residual_max": float(self.residual.max()) if self.residual.numel() else 0.0,
         }
+
+    def merge(self, other: "SolverStats", idx: Tensor) -> "SolverStats":
+        """These stats with the samples ``idx`` continued by a second run (``other``, over ``idx`` only)."""
+        iterations = self.iterations.clone()
+        iterations[idx] += other.iterations
+        converged, residual = self.converged.clone(), self.residual.clone()
+        converged[idx], residual[idx] = other.converged, other.residual
+        return SolverStats(iterations, converged, residual, self.max_iters + other.max_iters,
+                           f"{self.method}+{other.method}")
+
+    @staticmethod
+    def empty(device: torch.device | str = "cpu") -> "SolverStats":
+        z = torch.zeros(0, device=device)
+        return SolverStats(z.long(), z.bool(), z, 0)

@@ -1,0 +1,72 @@
+"""What residual and monotone blocks share: a contractive network g, its log-det estimator, solver records.
+
+A :class:`ContractiveBlock` owns
+- ``g`` (Lip(g) < 1) and ``logdet_estimator`` (the ``estimator`` config group); :meth:`estimate` returns
+  ``(g(x), log-det)`` for ``kind="residual"`` (``log det(I + J_g)``) or ``"monotone"``
+  (``log det(I - J_g) - log det(I + J_g)``);
+- the roulette distribution's parameters as frozen per-block parameters ``roulette_logit_p`` = logit(p)
+  and ``roulette_lam``, as the reference implementation does (the published parameter counts include
+  them);
+- ``solves``: the last :class:`flowforge.solvers.SolverStats` of each solve (``forward``, ``inverse``,
+  their ``backward`` adjoints) and failure counts; an unconverged solve warns with the count or, with
+  ``on_fail="raise"``, raises :class:`flowforge.errors.ConvergenceError`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.estimators.logdet import LogDetEstimator
+from flowforge.estimators.roulette import RouletteDistribution
+from flowforge.flows.base import Transform
+from flowforge.solvers import SolveRecord, Solver, SolverStats, check_convergence
+from flowforge.solvers.solver import check_on_fail
+
+# adjoint solves of implicit differentiation: tighter than the forward, few iterations (Lip(g) < 1)
+BACKWARD_DEFAULTS = dict(method="anderson", atol=1e-8, rtol=1e-6, max_iters=100, fallback_iters=100)
+
+
+class ContractiveBlock(Transform):
+    hint = "check that Lip(g) < 1 (spectral norms) or raise the solver's max_iters"
+
+    def __init__(self, g: nn.Module, estimator: Optional[LogDetEstimator] = None, on_fail: str = "warn"):
+        super().__init__()
+        self.on_fail = check_on_fail(on_fail)
+        self.g = g
+        self.logdet_estimator = estimator or LogDetEstimator("roulette")
+        r = self.logdet_estimator.roulette
+        self.roulette_logit_p = nn.Parameter(torch.tensor(math.log(r.p) - math.log1p(-r.p)), requires_grad=False)
+        self.roulette_lam = nn.Parameter(torch.tensor(r.lam), requires_grad=False)
+        self.solves = SolveRecord()
+        self.last_terms = 0
+
+    def _roulette(self) -> RouletteDistribution:
+        """The distribution from the block's parameters; rebuilt only when they change (saves two device
+        synchronisations per block and step)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.roulette_logit_p, self.roulette_lam))
+        cached = self.__dict__.get("_roulette_cache")
+        if cached is None or cached[0] != key:
+            r = self.logdet_estimator.roulette
+            dist = RouletteDistribution(r.dist, float(torch.sigmoid(self.roulette_logit_p)), float(self.roulette_lam))
+            cached = self.__dict__["_roulette_cache"] = (key, dist)
+        return cached[1]
+
+    def estimate(self, x: Tensor, kind: str = "residual") -> tuple[Tensor, Tensor]:
+        """``(g(x), log-det of the given kind at x)`` with the block's estimator."""
+        roulette = self._roulette() if self.logdet_estimator.name == "roulette" else None
+        gx, log_det, info = self.logdet_estimator(self.g, x, self.training, roulette, kind)
+        self.last_terms = info["terms"]
+        return gx, log_det
+
+    def recorder(self, kind: str, solver: Solver) -> Callable[[SolverStats], None]:
+        """Records a solve's stats under ``kind`` and applies the failure policy."""
+
+        def record(stats: SolverStats) -> None:
+            self.solves.add(kind, stats)
+            check_convergence(stats, f"{type(self).__name__} {kind}", solver, self.on_fail, self.hint)
+
+        return record
