@@ -1,4 +1,5 @@
-"""Exact log-determinant of a residual block: ``log |det(I + J_g(x))|`` from the full Jacobian.
+"""Exact log-determinants from the full Jacobian of g: ``log |det(I + J_g(x))|`` (residual block) and
+``log |det(I - J_g(w))| - log |det(I + J_g(w))|`` (monotone block, ``kind="monotone"``).
 
 The Jacobian is assembled column by column from Jacobian-vector products ``J e_i`` (D products for a
 D-dimensional input), then ``slogdet``; differentiable, for low dimensions and for checking estimators.
@@ -29,10 +30,17 @@ def full_jacobian(jvp: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return torch.stack(cols, dim=2)
 
 
-def exact_logdet(jvp: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    j = full_jacobian(jvp, x)
-    eye = torch.eye(j.shape[1], dtype=j.dtype, device=j.device)
+def _logdet_shifted(j: Tensor, sign: float) -> Tensor:
+    """``log |det(I + sign J)|`` per sample."""
     if j.shape[1] == 2:  # closed form, cheaper than slogdet for the 2-D toys
-        det = (1 + j[:, 0, 0]) * (1 + j[:, 1, 1]) - j[:, 0, 1] * j[:, 1, 0]
+        det = (1 + sign * j[:, 0, 0]) * (1 + sign * j[:, 1, 1]) - j[:, 0, 1] * j[:, 1, 0]
         return torch.log(det.abs())
-    return torch.linalg.slogdet(eye + j)[1]
+    eye = torch.eye(j.shape[1], dtype=j.dtype, device=j.device)
+    return torch.linalg.slogdet(eye + sign * j)[1]
+
+
+def exact_logdet(jvp: Callable[[Tensor], Tensor], x: Tensor, kind: str = "residual") -> Tensor:
+    j = full_jacobian(jvp, x)
+    if kind == "monotone":
+        return _logdet_shifted(j, -1.0) - _logdet_shifted(j, 1.0)
+    return _logdet_shifted(j, 1.0)

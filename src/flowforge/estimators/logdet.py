@@ -1,4 +1,6 @@
-"""The ``estimator`` config group: how a residual block ``y = x + g(x)`` gets ``log det(I + J_g(x))``.
+"""The ``estimator`` config group: how a residual block ``y = x + g(x)`` gets ``log det(I + J_g(x))``
+(``kind="residual"``), and a monotone block ``log det(I - J_g(w)) - log det(I + J_g(w))``
+(``kind="monotone"``, the odd series; see :mod:`flowforge.estimators.series`).
 
 - ``exact``: the full Jacobian (:mod:`flowforge.estimators.exact`); low dimensions and checks.
 - ``power_series``: the truncated series with ``n_terms`` terms and Hutchinson probes (i-ResNet;
@@ -17,19 +19,32 @@ Every J^k v product uses the network's linearisation (``g.linearize``) when it h
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import logging
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from flowforge.errors import ConfigError
-from flowforge.estimators.exact import exact_logdet
+from flowforge.estimators.exact import MAX_EXACT_DIM, exact_logdet
 from flowforge.estimators.hutchinson import PROBES, sample_probe
 from flowforge.estimators.mem_eff import backward_in_forward
 from flowforge.estimators.roulette import RouletteDistribution
 from flowforge.estimators.series import neumann_logdet, series_logdet
 
+log = logging.getLogger("flowforge")
+
 ESTIMATORS = ("exact", "power_series", "roulette")
+KINDS = ("residual", "monotone")
+
+
+def series_signs(kind: str, n: int) -> list[float]:
+    """``a_1..a_n`` of ``sum_k a_k tr(J^k) / k``: ``(-1)^{k+1}`` (residual) or ``-2 [k odd]`` (monotone)."""
+    if kind == "residual":
+        return [float((-1) ** (k + 1)) for k in range(1, n + 1)]
+    if kind == "monotone":
+        return [-2.0 if k % 2 else 0.0 for k in range(1, n + 1)]
+    raise ConfigError(f"unknown log-det kind '{kind}'; choose one of {KINDS}")
 
 
 def linearize(g: nn.Module, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -94,14 +109,18 @@ class LogDetEstimator:
         return roulette.coefficients(n_exact, roulette.sample())
 
     def __call__(
-        self, g: nn.Module, x: Tensor, training: bool, roulette: Optional[RouletteDistribution] = None
+        self, g: nn.Module, x: Tensor, training: bool, roulette: Optional[RouletteDistribution] = None,
+        kind: str = "residual",
     ) -> tuple[Tensor, Tensor, dict]:
-        """``(g(x), log det(I + J_g(x)), info)`` with ``info = {"terms": number of series terms}``."""
+        """``(g(x), log-det, info)`` with ``info = {"terms": number of series terms}``; the log-det is
+        ``log det(I + J_g(x))`` for ``kind="residual"``, ``log det(I - J_g) - log det(I + J_g)`` for
+        ``kind="monotone"``."""
         dim = x[0].numel()
         if self.name == "exact" or (not training and dim <= self.eval_exact_max_dim):
             y, jvp = linearize(g, x)
-            return y, exact_logdet(jvp, x), {"terms": 0}
-        coeffs = self.coefficients(training, roulette)
+            return y, exact_logdet(jvp, x, kind), {"terms": 0}
+        raw = self.coefficients(training, roulette)
+        coeffs = [a * c for a, c in zip(series_signs(kind, len(raw)), raw)]
         probes = [sample_probe(x, self.probe) for _ in range(self.n_probes)]
         series = neumann_logdet if (self.neumann_grad and training) else series_logdet
 
@@ -115,3 +134,25 @@ class LogDetEstimator:
         else:
             y, est = compute(x)
         return y, est, {"terms": len(coeffs)}
+
+
+def as_estimator(estimator: Union[None, dict, LogDetEstimator], dim: int) -> LogDetEstimator:
+    """The block estimator from its config; ``name: auto`` resolves to ``exact`` for inputs of at most
+    ``auto_exact_max_dim`` dimensions and to ``roulette`` (with the configured gradient options) otherwise."""
+    if estimator is None:
+        estimator = {"name": "auto"}
+    if isinstance(estimator, LogDetEstimator):
+        return estimator
+    kwargs = {k: v for k, v in dict(estimator).items() if not str(k).startswith("_")}
+    max_exact = kwargs.pop("auto_exact_max_dim", 2)
+    if kwargs.get("name", "roulette") == "auto":
+        kwargs["name"] = "exact" if dim <= max_exact else "roulette"
+        if kwargs["name"] == "exact":
+            kwargs.update(neumann_grad=False, mem_eff=False)
+        log.info("estimator=auto resolved to %s for %d-dimensional data", kwargs["name"], dim)
+    if kwargs.get("name") == "exact" and dim > MAX_EXACT_DIM:
+        raise ConfigError(
+            f"estimator=exact needs {dim} Jacobian-vector products per block for {dim}-dimensional data "
+            f"(limit {MAX_EXACT_DIM}); use estimator=roulette, neumann_grad, mem_eff or power_series"
+        )
+    return LogDetEstimator(**kwargs)
