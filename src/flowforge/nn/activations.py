@@ -11,6 +11,26 @@ mode is on, so the JVP is differentiable in x and in the parameters (needed by t
   (init 0.5);  ``phi'(z) = [s + beta z s (1 - s)] / 1.1`` with ``s = sigmoid(beta z)``.
 - CLipSwish (Perugachi-Diaz et al., 2021): ``[LipSwish(z), LipSwish(-z)] / 1.004`` along channels
   (doubles the channel count); the 1.004 makes the concatenation 1-Lipschitz.
+- Pila (Perugachi-Diaz et al., 2021), ``k > 0`` (default 5), with ``t = k z``::
+
+      Pila(z)   = z                                        z > 0
+                = (k^2/2 z^3 - k z^2 + z) e^{kz}
+                = (t^3/2 - t^2 + t) e^t / k                z <= 0
+      Pila'(z)  = 1                                        z > 0
+                = (t^3/2 + t^2/2 - t + 1) e^t              z <= 0
+      Pila''(z) = 0                                        z > 0
+                = k (t^3/2 + 2 t^2) e^t                    z <= 0
+
+  C^2 at 0 (value 0, slope 1, curvature 0 from both sides).  The slope depends on ``t`` only, so its
+  range does not depend on k: ``Pila'`` is minimal where ``Pila'' = 0``, at ``t = -4``, with value
+  ``-19 e^{-4} = -0.3480``, and maximal (1) on ``z >= 0``; hence Lip(Pila) = 1.  Non-monotone on z < 0:
+  minimum where ``t^3 + t^2 - 2t + 2 = 0`` (t = -2.2695), ``Pila = -1.3711 / k`` (-0.2742 at z = -0.4539
+  for k = 5).  Products are evaluated as ``(e^t t) t ...`` so no intermediate overflows.
+- CPila (Perugachi-Diaz et al., 2021): ``[Pila_5(z - 0.2), Pila_5(-z - 0.2)] / 1.06`` along channels
+  (doubles the channel count).  Its Jacobian stacks two diagonal matrices, so its 2-norm Lipschitz
+  constant is ``max_z sqrt(Pila'(z - 0.2)^2 + Pila'(-z - 0.2)^2) / 1.06``; the maximum is at
+  ``z = +-0.6`` (one slope 1, the other the minimum slope -19 e^{-4}):
+  ``sqrt(1 + 361 e^{-8}) / 1.06 = 1.05882 / 1.06 = 0.99889 <= 1``.
 - MaxMin (Anil et al., 2019): channel pairs ``(a, b) -> (max(a, b), min(a, b))``; gradient-norm preserving.
 - ELU, softplus, ``sin(2 pi z) / (2 pi)`` and the identity.
 """
@@ -61,6 +81,7 @@ class CLipSwish(nn.Module):
     """Concatenated LipSwish along dim 1: ``C -> 2C`` channels."""
 
     scale = 1.004
+    channel_multiplier = 2
 
     def __init__(self, beta_init: float = 0.5):
         super().__init__()
@@ -122,10 +143,73 @@ class Identity(ElementwiseActivation):
         return x, lambda v: v
 
 
+class Pila(ElementwiseActivation):
+    """Pila_k (see the module docstring): identity for z > 0, ``(k^2/2 z^3 - k z^2 + z) e^{kz}`` for
+    z <= 0.  ``k`` is a fixed positive float (not learnable)."""
+
+    #: ``t = k z`` is clamped to ``>= -T`` in the negative branch, with ``e^{-T}`` 0 (or negligible) in
+    #: the dtype, so this only keeps ``-inf`` inputs from making ``0 * inf = NaN`` and, in float16, the
+    #: backward's ``t^3`` factors (applied before the ``e^t`` one) from overflowing
+    _T_MIN = 1000.0
+    _T_MIN_HALF = 20.0
+
+    def __init__(self, k: float = 5.0):
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
+            raise ConfigError(f"Pila: k must be a finite number > 0 (it sets the decay rate e^(kz) on z < 0), "
+                              f"got {k!r}; use the default k=5")
+        self.k = float(k)
+
+    def value_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # negative branch on t = k z, set to 0 where z > 0 (finite there, and zero gradient), so
+        # torch.where never mixes an inf/NaN gradient into the other side.  (A ``clamp_max(0)`` would do
+        # the same, but its backward is zero at the boundary z = 0 itself, which would lose Pila'(0) = 1.)
+        pos = x > 0
+        t_min = self._T_MIN if torch.finfo(x.dtype).max > 1e30 else self._T_MIN_HALF
+        t = torch.where(pos, torch.zeros_like(x), self.k * x).clamp_min(-t_min)
+        e = torch.exp(t)
+        et = e * t  # bounded: |t^n e^t| <= (n/e)^n on t <= 0, so no product below overflows
+        et2 = et * t
+        et3 = et2 * t
+        neg_value = (0.5 * et3 - et2 + et) / self.k
+        neg_slope = e - et + 0.5 * et2 + 0.5 * et3
+        return torch.where(pos, x, neg_value), torch.where(pos, torch.ones_like(x), neg_slope)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class CPila(nn.Module):
+    """Concatenated Pila along dim 1: ``[Pila_5(x - 0.2), Pila_5(-x - 0.2)] / 1.06`` (``C -> 2C``).
+
+    The constants are fixed (class attributes) because the Lipschitz bound ``0.99889`` (module
+    docstring) was verified for exactly these values."""
+
+    k = 5.0
+    shift = 0.2
+    scale = 1.06
+    channel_multiplier = 2
+
+    def __init__(self):
+        super().__init__()
+        self.pila = Pila(self.k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.pila(x - self.shift), self.pila(-x - self.shift)], dim=1) / self.scale
+
+    def linearize(self, x: Tensor) -> tuple[Tensor, Jvp]:
+        y1, d1 = self.pila.value_and_derivative(x - self.shift)
+        y2, d2 = self.pila.value_and_derivative(-x - self.shift)
+        y = torch.cat([y1, y2], dim=1) / self.scale
+        return y, lambda v: torch.cat([v * d1, -v * d2], dim=1) / self.scale
+
+
 LIPSCHITZ_ACTIVATIONS = {
     "lipswish": LipSwish,
     "swish": LipSwish,
     "clipswish": CLipSwish,
+    "pila": Pila,
+    "cpila": CPila,
     "maxmin": MaxMin,
     "elu": ELU,
     "softplus": Softplus,
@@ -134,17 +218,21 @@ LIPSCHITZ_ACTIVATIONS = {
 }
 
 
-def lipschitz_activation(name: str) -> nn.Module:
-    """Build a 1-Lipschitz activation by name (see ``LIPSCHITZ_ACTIVATIONS``)."""
+def _activation_class(name: str) -> type:
     try:
-        return LIPSCHITZ_ACTIVATIONS[name]()
-    except KeyError:
+        return LIPSCHITZ_ACTIVATIONS[name]
+    except (KeyError, TypeError):
         raise ConfigError(
-            f"unknown Lipschitz activation '{name}'; choose one of {sorted(LIPSCHITZ_ACTIVATIONS)}"
+            f"unknown Lipschitz activation {name!r}; choose one of {sorted(LIPSCHITZ_ACTIVATIONS)}"
         ) from None
 
 
+def lipschitz_activation(name: str) -> nn.Module:
+    """Build a 1-Lipschitz activation by name (see ``LIPSCHITZ_ACTIVATIONS``)."""
+    return _activation_class(name)()
+
+
 def channel_multiplier(name: str) -> int:
-    """How many output channels an activation makes per input channel (2 for CLipSwish)."""
-    lipschitz_activation(name)  # validates the name
-    return 2 if name == "clipswish" else 1
+    """How many output channels an activation makes per input channel: the class attribute
+    ``channel_multiplier`` (2 for the concatenating CLipSwish and CPila), else 1."""
+    return int(getattr(_activation_class(name), "channel_multiplier", 1))
