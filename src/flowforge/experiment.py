@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
+from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.module import FlowModule
 
@@ -53,6 +54,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     """Instantiate the data module and the LightningModule (with its flow) from a composed config."""
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
+    apply_dequantization(cfg, model)
     check_estimator(cfg, model)
     objective = None
     if cfg.get("objective") is not None and cfg.objective.get("name", "mle") != "mle":
@@ -71,13 +73,34 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     return datamodule, module
 
 
+def apply_dequantization(cfg: DictConfig, model: torch.nn.Module) -> Optional[str]:
+    """Give an image model the dequantiser ``cfg.dequantization`` names; returns its name (None for vectors).
+
+    Models are built with uniform dequantisation; any other choice replaces ``model.dequantizer`` (so its
+    parameters are trained with the flow).  Vector data are not quantised: only ``uniform`` is accepted.
+    """
+    options = dict(cfg.get("dequantization") or {})
+    name = check_dequantization(options.pop("name", "uniform"))
+    if not getattr(model, "is_image", False):
+        if name != "uniform":
+            dataset = cfg.dataset.get("name") or "the dataset"
+            raise ConfigError(
+                f"dequantization={name} applies to integer image data (e.g. dataset=digits, mnist, cifar10), but "
+                f"{dataset} is vector data of shape {tuple(model.data_shape)}; use dequantization=uniform (the default)"
+            )
+        return None
+    if name != "uniform":
+        model.dequantizer = make_dequantizer(name, model.data_shape, cfg.dataset.num_levels, **options)
+    return model.dequantizer.name
+
+
 def check_estimator(cfg: DictConfig, model: torch.nn.Module) -> None:
     """A stochastic log-det estimator only means something for models that estimate their log-det."""
     name = (cfg.get("estimator") or {}).get("name", "exact")
     if name not in ("exact", "auto") and not any(hasattr(m, "logdet_estimator") for m in model.modules()):
         target = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
         raise ConfigError(
-            f"estimator={name} applies to flows whose log-det is estimated (model=resflow, iresnet); "
+            f"estimator={name} applies to flows whose log-det is estimated (model=resflow, iresnet, impflow, monotone); "
             f"{target} has a closed-form log-det: use estimator=exact"
         )
 
@@ -113,13 +136,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(module, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if trainer.is_global_zero:
-        _report(out_dir, metrics, trainer)
+        flow = module.model
+        _report(out_dir, metrics, trainer, flow.dequantizer.name if flow.is_image else None)
     return metrics
 
 
-def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer) -> None:
+def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer, dequantization: Optional[str] = None) -> None:
+    """Write metrics.json (plus ``"dequantization": name`` for image models, whose bits/dim it qualifies)
+    and print where the results are."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    saved = dict(metrics) if dequantization is None else {**metrics, "dequantization": dequantization}
+    (out_dir / "metrics.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
     figures = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleFigures) and cb.last_path]
     lines = [f"run directory: {out_dir}", f"metrics: {out_dir / 'metrics.json'}"]
     for lg in trainer.loggers:
@@ -128,6 +155,8 @@ def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer) -> No
     lines += [f"figure: {p}" for p in figures]
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test/")}
     lines.append(f"test metrics: {shown}")
+    if dequantization is not None:
+        lines.append(f"dequantization: {dequantization}")
     print("\n".join(lines), flush=True)
 
 
