@@ -36,10 +36,22 @@ SMALL = {
                 "model.fc_blocks=1", "model.fc_hidden=[8]"],
     "iresnet": ["model.num_blocks=2", "model.hidden=[8]", "model.blocks_per_scale=[1]", "model.channels=4",
                 "model.fc_blocks=1", "model.fc_hidden=[8]"],
+    "impflow": ["model.num_blocks=2", "model.hidden=[8]", "model.blocks_per_scale=[1]", "model.channels=4",
+                "model.fc_blocks=1", "model.fc_hidden=[8]"],
+    "monotone": ["model.num_blocks=2", "model.depth=2", "model.growth=4", "model.fc_growth=4",
+                 "model.blocks_per_scale=[1]", "model.fc_blocks=1"],
 }
 # models whose log-det is estimated: exact-reference tests select estimator=exact and tight inverses
-ESTIMATED = {"resflow", "iresnet"}
-EXACT_OVERRIDES = ["estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"]
+# tight solves, adjoints included (the brute-force Jacobian differentiates through them)
+_TIGHT_SOLVES = [f"model.{s}_solver.{t}=1e-13" for s in ("forward", "inverse", "backward") for t in ("atol", "rtol")]
+_TIGHT_SOLVES.append("model.backward_solver.max_iters=1000")
+EXACT_OVERRIDES = {
+    "resflow": ["estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"],
+    "iresnet": ["estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"],
+    "impflow": ["estimator=exact", *_TIGHT_SOLVES],
+    "monotone": ["estimator=exact", *_TIGHT_SOLVES],
+}
+ESTIMATED = set(EXACT_OVERRIDES)
 VECTOR_ONLY = {"planar", "radial"}
 NEEDS_2D = {"nice", "realnvp", "glow", "nsf"}
 
