@@ -38,7 +38,7 @@ SMALL = {
                 "model.fc_blocks=1", "model.fc_hidden=[8]"],
     "impflow": ["model.num_blocks=2", "model.hidden=[8]", "model.blocks_per_scale=[1]", "model.channels=4",
                 "model.fc_blocks=1", "model.fc_hidden=[8]"],
-    "monotone": ["model.num_blocks=2", "model.depth=2", "model.growth=4", "model.fc_growth=4",
+    "monotone": ["model.num_blocks=2", "model.depth=2", "model.growth=4", "model.fc_g=mlp", "model.fc_hidden=[8]",
                  "model.blocks_per_scale=[1]", "model.fc_blocks=1"],
 }
 # models whose log-det is estimated: exact-reference tests select estimator=exact and tight inverses

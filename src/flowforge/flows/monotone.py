@@ -97,6 +97,7 @@ def MonotoneFlow(
     depth: int = 3,
     growth: int = 16,
     fc_growth: int = 32,
+    fc_g: Optional[str] = None,
     lip_coeff: float = 0.98,
     hidden: Sequence[int] = (128, 128, 128),
     channels: int = 512,
@@ -121,7 +122,7 @@ def MonotoneFlow(
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
     nets = ContractiveNets(g, act, coeff, hidden, channels, kernels, fc_hidden, preact, "spectral", False, depth,
-                           growth, fc_growth, lip_coeff, dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters))
+                           growth, fc_growth, lip_coeff, dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters), fc_g)
     solvers = dict(forward_solver=forward_solver, inverse_solver=inverse_solver, backward_solver=backward_solver)
 
     def make_block(kind: str, s: tuple, first: bool) -> MonotoneBlock:

@@ -56,6 +56,7 @@ def ResidualFlow(
     depth: int = 3,
     growth: int = 16,
     fc_growth: int = 32,
+    fc_g: Optional[str] = None,
     lip_coeff: float = 0.98,
     inverse_solver: Union[None, str, dict] = "picard",
 ) -> Flow:
@@ -64,7 +65,7 @@ def ResidualFlow(
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
     nets = ContractiveNets(g, act, coeff, hidden, channels, kernels, fc_hidden, preact, norm, learn_p, depth,
-                           growth, fc_growth, lip_coeff, dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters))
+                           growth, fc_growth, lip_coeff, dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters), fc_g)
     inv = dict(inverse_atol=inverse_atol, inverse_rtol=inverse_rtol, inverse_max_iters=inverse_max_iters,
                on_fail=on_fail, inverse_solver=inverse_solver)
 
