@@ -15,6 +15,10 @@ class SampleFigures(pl.Callback):
     """After every ``every_n_epochs``-th validation (and at the end of training) draw a figure of the
     model: a 2-D density plot, a 1-D density, or a grid of sampled images at ``temperature``.
 
+    With ``objective=regression`` the figure is the fit instead: the target curve and the model's ``F(x)`` on a
+    dense grid of ``[-2, 2]`` (:func:`flowforge.training.visualize.fit_plot_1d`), and ``<dirpath>/fit.csv``
+    (columns ``x, target, prediction`` on 400 grid points) is rewritten with it.
+
     Figures go to ``<dirpath>/<stage>_epoch{E}.png`` and to W&B / TensorBoard when those log.
     """
 
@@ -44,7 +48,15 @@ class SampleFigures(pl.Callback):
             path = self.dirpath / f"{tag}.png"
             data = self._data(trainer)
             with torch.autocast(device_type=pl_module.device.type, enabled=False):
-                if model.is_image:
+                if _is_regression(pl_module):
+                    if model.dim != 1:
+                        return None  # the fit figure plots 1-D functions only
+                    dm = trainer.datamodule
+                    split = dm.splits.get("test") or dm.splits.get("val")
+                    y, x = split.tensors[0][:5000].float(), split.tensors[1][:5000].float()
+                    visualize.fit_plot_1d(_OnDevice(model, pl_module.device), x, y, path,
+                                          target_fn=_target_function(dm), csv_path=self.dirpath / "fit.csv")
+                elif model.is_image:
                     visualize.image_grid(model.sample(self.num_images, self.temperature).cpu(), path)
                 elif model.dim == 2:
                     visualize.density_plot_2d(_OnDevice(model, pl_module.device), data, path)
@@ -66,11 +78,27 @@ class SampleFigures(pl.Callback):
         return split.tensors[0][:5000].float()
 
 
+def _is_regression(pl_module: pl.LightningModule) -> bool:
+    objective = getattr(pl_module, "objective", None)
+    return isinstance(objective, dict) and objective.get("name") == "regression"
+
+
+def _target_function(datamodule):
+    """The exact regression target of data modules that have one (step1d), else None (interpolated data)."""
+    from flowforge.data.toy2d import Step1DDataModule, step_function
+
+    return step_function if isinstance(datamodule, Step1DDataModule) else None
+
+
 class _OnDevice:
     """Moves plotting inputs to the model's device and results back to the CPU."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
+
+    def __call__(self, x):
+        z, log_det = self.model(x.to(self.device))
+        return z.cpu(), log_det.cpu()
 
     def log_prob(self, x):
         return self.model.log_prob(x.to(self.device)).cpu()

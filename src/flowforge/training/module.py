@@ -13,6 +13,11 @@ With ``objective`` ``hybrid`` or ``classification`` (Residual Flows, Sec. 6) the
 is ``lam = 0``, where ``nll``/``bpd`` are still logged but carry no gradient).  Also logged: ``/ce`` and
 ``/acc``.
 
+With ``objective`` ``regression`` (the 1-D fitting experiments of Implicit / Monotone Flows) the flow is used as
+a function: batches are ``(y, x)`` (e.g. ``dataset=step1d``), the model maps the input ``x`` through its forward
+``z = F(x)`` and the per-example loss is the squared error ``sum_d (z_d - y_d)^2``; ``/mse`` logs the same error
+divided by the number of dimensions ``D`` (equal to the loss for 1-D data).  No likelihood is computed.
+
 Models with spectrally normalised layers get their power iteration run (without gradient) after
 every optimizer step (at most ``lipschitz_step_iters`` warm-started iterations when set, for large
 convolutional models) and to tolerance before validation and test (``train/max_sigma`` logs the
@@ -39,7 +44,7 @@ from flowforge.flows.model import Flow
 from flowforge.nn.lipschitz import update_lipschitz
 
 NONFINITE_POLICIES = ("stop", "skip")
-OBJECTIVES = ("mle", "hybrid", "classification")
+OBJECTIVES = ("mle", "hybrid", "classification", "regression")
 
 
 def resolve_lam(lam: Any, dim: int) -> float:
@@ -67,6 +72,8 @@ def parse_objective(objective: Optional[dict], dim: int) -> Optional[dict]:
         raise ConfigError(f"unknown objective '{name}'; choose objective= one of {', '.join(OBJECTIVES)}")
     if name == "mle":
         return None
+    if name == "regression":
+        return {"name": name}
     lam = resolve_lam(objective.get("lam", 0 if name == "classification" else "1/D"), dim)
     if name == "classification" and lam != 0:
         raise ConfigError(
@@ -135,7 +142,7 @@ class FlowModule(pl.LightningModule):
         self._test_noise = torch.zeros(2, dtype=torch.float64)  # [sum (a - b)^2 / 2, count]
         self.objective = parse_objective(objective, model.dim)
         self.classifier: Optional[HybridClassifier] = None
-        if self.objective is not None:
+        if self.objective is not None and self.objective["name"] != "regression":
             self.classifier = HybridClassifier(
                 model, self.objective["num_classes"], self.objective["head_channels"]
             )
@@ -168,9 +175,26 @@ class FlowModule(pl.LightningModule):
         return y
 
     def _step_metrics(self, batch: Any, x: Tensor) -> dict[str, Tensor]:
+        if self.objective is not None and self.objective["name"] == "regression":
+            return self._regression_metrics(batch)
         if self.classifier is None:
             return self.metrics(x)
         return self.metrics(x, self._batch_labels(batch))
+
+    def _regression_metrics(self, batch: Any) -> dict[str, Tensor]:
+        """objective=regression: ``z = F(x)`` for the batch's input ``x = batch[1]``; per-example
+        ``loss = sum_d (z_d - y_d)^2`` against the target ``y = batch[0]`` and ``mse = loss / D``."""
+        x = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+        if x is None or not torch.is_floating_point(x) or tuple(x.shape[1:]) != self.model.data_shape:
+            dataset = ((self.hparams.get("config") or {}).get("dataset") or {}).get("name") or "this dataset"
+            found = "no inputs" if x is None else f"a second tensor of dtype {x.dtype} and shape {tuple(x.shape)}"
+            raise ConfigError(
+                f"objective=regression needs batches (target y, input x) of real vectors of the model's shape, "
+                f"but the batches of {dataset} carry {found}; use dataset=step1d (or objective=mle)"
+            )
+        z, _ = self.model(x)
+        se = (z - batch[0]).pow(2).flatten(1).sum(1)
+        return {"loss": se, "mse": se / self.model.dim}
 
     def metrics(self, x: Tensor, y: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Per-example ``nll`` (nats) and, for images, ``bpd``; ``loss`` is the quantity minimised.
