@@ -220,3 +220,16 @@ def test_image_model_builds_with_the_paper_layout_and_round_trips():
     assert (flow.inverse(z) - x).abs().amax((1, 2, 3)).max() < 1e-5
     n_blocks = sum(isinstance(m, MonotoneBlock) for m in flow.modules())
     assert n_blocks == 3
+
+
+def test_solver_summary_reports_the_steps_solves():
+    from flowforge.flows.contractive_block import clear_solve_records, solver_summary
+
+    flow = MonotoneFlow((2,), estimator=EXACT, num_blocks=2, growth=8)
+    assert solver_summary(torch.nn.Linear(2, 2)) == {}
+    (-flow.log_prob(torch.randn(16, 2))).mean().backward()
+    s = solver_summary(flow)
+    assert set(s) == {"iters/forward", "iters/forward_backward", "failures"}
+    assert s["iters/forward"] >= 1 and s["failures"] == 0
+    clear_solve_records(flow)
+    assert solver_summary(flow) == {}  # nothing solved since the records were cleared

@@ -70,3 +70,31 @@ class ContractiveBlock(Transform):
             check_convergence(stats, f"{type(self).__name__} {kind}", solver, self.on_fail, self.hint)
 
         return record
+
+
+def solver_summary(module: nn.Module) -> dict[str, float]:
+    """Mean iterations per sample of the latest solve of each kind, averaged over the blocks in ``module``
+    (``iters/<kind>``, kinds such as ``forward``, ``inverse``, ``forward backward``), and the samples
+    that failed to converge so far, over all blocks and kinds (``failures``); ``{}`` without solves."""
+    per_kind: dict[str, list[float]] = {}
+    failures, found = 0, False
+    for m in module.modules():
+        if isinstance(m, ContractiveBlock):
+            for kind, stats in m.solves.last.items():
+                found = True
+                if stats.iterations.numel():
+                    per_kind.setdefault(kind, []).append(float(stats.iterations.float().mean()))
+            failures += sum(m.solves.failures.values())
+    if not found:
+        return {}
+    out = {f"iters/{k.replace(' ', '_')}": sum(v) / len(v) for k, v in per_kind.items()}
+    out["failures"] = float(failures)
+    return out
+
+
+def clear_solve_records(module: nn.Module) -> None:
+    """Forget the latest stats (failure counts are kept), so a summary reflects one step only."""
+    for m in module.modules():
+        if isinstance(m, ContractiveBlock):
+            m.solves.last.clear()
+

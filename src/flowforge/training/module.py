@@ -18,6 +18,11 @@ a function: batches are ``(y, x)`` (e.g. ``dataset=step1d``), the model maps the
 ``z = F(x)`` and the per-example loss is the squared error ``sum_d (z_d - y_d)^2``; ``/mse`` logs the same error
 divided by the number of dimensions ``D`` (equal to the loss for 1-D data).  No likelihood is computed.
 
+Models with implicit blocks (residual inverses, implicit and monotone flows) log
+``train/solver/iters/<kind>`` (mean solver iterations per sample of the step's ``forward``, ``inverse`` and
+adjoint ``... backward`` solves, averaged over blocks) and ``train/solver/failures`` (unconverged samples
+so far) every ``log_every_n_steps`` steps.
+
 Models with spectrally normalised layers get their power iteration run (without gradient) after
 every optimizer step (at most ``lipschitz_step_iters`` warm-started iterations when set, for large
 convolutional models) and to tolerance before validation and test (``train/max_sigma`` logs the
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowforge.errors import ConfigError, DataError
+from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.hybrid import HybridClassifier
 from flowforge.flows.model import Flow
 from flowforge.nn.lipschitz import update_lipschitz
@@ -273,12 +279,18 @@ class FlowModule(pl.LightningModule):
         self._log("test", values, x.shape[0])
 
     # ------------------------------------------------------------------ Lipschitz constraint
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        clear_solve_records(self.model)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # during training at most lipschitz_step_iters warm-started iterations per step (the subspace carries
         # over, so the estimate keeps converging across steps); before validation/test: to tolerance
         stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
         if stats:
             self.log("train/max_sigma", stats["max_sigma"], on_step=True, on_epoch=False)
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # (reading the stats syncs the device)
+            for key, value in solver_summary(self.model).items():
+                self.log(f"train/solver/{key}", value, on_step=True, on_epoch=False)
 
     def on_validation_epoch_start(self) -> None:
         update_lipschitz(self.model)
