@@ -18,8 +18,8 @@ therefore satisfies  **Lip(g) <= coeff * lip_coeff^depth**  (e.g. 0.98 * 0.98^3 
 ``K = (K_1, K_2)`` (one parameter of two scalars per layer) starts at ``(0, 0)``, i.e. eta_1 = eta_2 =
 softplus(0) + 0.1 before the rescaling and eta_1 = eta_2 = lip_coeff / sqrt(2) after it.  The paper learns K
 only from some epoch on: :func:`set_concat_weights_learnable` switches every dense layer's
-``learnable_concat`` flag; while it is False (the default) the layers use ``K.detach()``, so K gets no
-gradient (``grad`` stays None and the optimiser skips it).
+``learnable_concat`` flag; while it is False (the default) K's gradient is exactly zero (K stays in the
+graph, so DDP needs no ``find_unused_parameters``); Adam, with zero moments and K = 0, then leaves it at 0.
 
 ``linearize(x)`` returns ``(g(x), jvp)`` with ``jvp(v) = J_g(x) v``; per dense layer
 ``J_D v = [eta_1 v, eta_2 a'(L x) (W v)]``, with the normalised weights and activation derivatives computed
@@ -58,8 +58,10 @@ class DenseLayer(nn.Module):
         self.learnable_concat = False
 
     def concat_weights(self) -> Tensor:
-        """``(eta_1, eta_2)``, rescaled to 2-norm ``lip_coeff`` (K detached unless ``learnable_concat``)."""
-        k = self.concat_k if self.learnable_concat else self.concat_k.detach()
+        """``(eta_1, eta_2)``, rescaled to 2-norm ``lip_coeff`` (K gets a zero gradient unless ``learnable_concat``)."""
+        # frozen: K stays in the graph with a zero gradient (not detached), so DDP sees every parameter
+        # used on every step and needs no find_unused_parameters
+        k = self.concat_k if self.learnable_concat else self.concat_k.detach() + 0.0 * self.concat_k
         eta = F.softplus(k) + ETA_MIN
         return eta * (self.lip_coeff / torch.linalg.vector_norm(eta))
 
