@@ -14,8 +14,8 @@ solve  ``w - g(w) = sqrt(2) y``,  return  ``x = sqrt(2) w - y``  (the same w as 
 estimated with the ``estimator`` group (exact in low dimension; power series / Russian roulette with
 Hutchinson probes; the Neumann-style gradient of the odd series; backward-in-forward).  Gradients reach
 g's parameters and x through the solve by implicit differentiation (:func:`flowforge.solvers.implicit_solve`).
-Solvers: ``forward_solver`` (Anderson, tolerance 1e-6, 2000 iterations, Picard fallback, as the
-reference), ``inverse_solver`` (the same by default) and ``backward_solver`` (the adjoint).
+Solvers: ``forward_solver`` (Anderson with two iterates, i.e. one secant step per iteration, tolerance
+1e-6, 2000 iterations, Picard fallback, as the reference), ``inverse_solver`` (the same by default) and ``backward_solver`` (the adjoint).
 
 :func:`MonotoneFlow` builds the model: i-DenseNet g networks with CPila (``g=dense``) by default, in the
 architecture shared with residual flows (:mod:`flowforge.flows.contractive_stack`).
@@ -38,7 +38,7 @@ from flowforge.solvers import as_solver, implicit_solve
 from flowforge.solvers.solver import SolverSpec
 
 SQRT2 = math.sqrt(2.0)
-FORWARD_DEFAULTS = dict(method="anderson", atol=1e-6, rtol=1e-6, max_iters=2000, memory=5, fallback_iters=2000)
+FORWARD_DEFAULTS = dict(method="anderson", atol=1e-6, rtol=1e-6, max_iters=2000, memory=2, fallback_iters=2000)
 
 
 class MonotoneBlock(ContractiveBlock):
