@@ -76,3 +76,17 @@ def instantiate_model(cfg):
     from flowforge.experiment import instantiate
 
     return instantiate(cfg.model)
+
+
+def settle_contraction(g, scale=0.5):
+    """Move a contractive g off its init (random weights on every matrix / kernel), then run power
+    iteration to tolerance so Lip(g) <= its bound holds tightly (for exact-reference tests)."""
+    from flowforge.nn.lipschitz import update_lipschitz
+
+    with torch.no_grad():
+        for p in g.parameters():
+            if p.requires_grad and p.dim() > 1:
+                p.add_(scale * torch.randn_like(p))
+    update_lipschitz(g, rtol=1e-12, max_iters=5000)
+    return g
+

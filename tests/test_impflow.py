@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import settle_contraction
 from torch import nn
 
 from flowforge.estimators import LogDetEstimator
 from flowforge.flows.impflow import ImplicitBlock, ImplicitFlow
-from flowforge.nn.lipschitz import update_lipschitz
 from flowforge.nn.lipschitz_net import lipschitz_convnet, lipschitz_mlp
 from flowforge.testing import batch_jacobian_logdet
 
@@ -18,17 +18,8 @@ TIGHT = dict(atol=1e-13, rtol=1e-13, max_iters=500, fallback_iters=3000)
 TIGHT_BACKWARD = dict(atol=1e-13, rtol=1e-13, max_iters=1000)
 
 
-def settle(g, scale=0.5):
-    with torch.no_grad():
-        for p in g.parameters():
-            if p.requires_grad and p.dim() > 1:
-                p.add_(scale * torch.randn_like(p))
-    update_lipschitz(g, rtol=1e-12, max_iters=5000)
-    return g
-
-
 def mlp(d=3, act="sin"):
-    return settle(lipschitz_mlp(d, [16, 16], act=act, coeff=0.97, zero_last=False).double())
+    return settle_contraction(lipschitz_mlp(d, [16, 16], act=act, coeff=0.97, zero_last=False).double())
 
 
 def block(gx, gz, method="broyden", **kw):
@@ -136,8 +127,8 @@ def test_roulette_logdet_is_unbiased_for_the_block():
 
 def test_image_block_and_model():
     torch.manual_seed(0)
-    gx = settle(lipschitz_convnet((2, 4, 4), 8, act="sin", coeff=0.9, preact=False).double(), 0.3)
-    gz = settle(lipschitz_convnet((2, 4, 4), 8, act="sin", coeff=0.9, preact=True).double(), 0.3)
+    gx = settle_contraction(lipschitz_convnet((2, 4, 4), 8, act="sin", coeff=0.9, preact=False).double(), 0.3)
+    gz = settle_contraction(lipschitz_convnet((2, 4, 4), 8, act="sin", coeff=0.9, preact=True).double(), 0.3)
     blk = block(gx, gz)
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     z, ld = blk(x)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import settle_contraction
 from torch import nn
 
 from flowforge.errors import ConvergenceError
@@ -21,21 +22,11 @@ TIGHT = dict(atol=1e-13, rtol=1e-13, max_iters=3000)
 TIGHT_BACKWARD = dict(atol=1e-13, rtol=1e-13, max_iters=1000)
 
 
-def settle(g, scale=0.5):
-    """Random weights (off the zero init), power iteration to tolerance: Lip(g) <= the bound."""
-    with torch.no_grad():
-        for p in g.parameters():
-            if p.requires_grad and p.dim() > 1:
-                p.add_(scale * torch.randn_like(p))
-    update_lipschitz(g, rtol=1e-12, max_iters=5000)
-    return g
-
-
 def g_net(kind, d=3):
     torch.manual_seed(0)
     if kind == "dense":
-        return settle(dense_mlp(d, depth=2, growth=8, act="cpila", coeff=0.98, lip_coeff=0.98).double())
-    return settle(lipschitz_mlp(d, [16, 16], act="lipswish", coeff=0.97, zero_last=False).double())
+        return settle_contraction(dense_mlp(d, depth=2, growth=8, act="cpila", coeff=0.98, lip_coeff=0.98).double())
+    return settle_contraction(lipschitz_mlp(d, [16, 16], act="lipswish", coeff=0.97, zero_last=False).double())
 
 
 def block(g, estimator=EXACT, **kw):
@@ -195,7 +186,7 @@ def test_forward_solve_failure_is_counted_and_raised(caplog):
 
 def test_image_block_exact_logdet_and_inverse():
     torch.manual_seed(0)
-    g = settle(dense_convnet((2, 4, 4), depth=2, growth=4, act="cpila").double(), scale=0.3)
+    g = settle_contraction(dense_convnet((2, 4, 4), depth=2, growth=4, act="cpila").double(), scale=0.3)
     blk = block(g)
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     y, ld = blk(x)

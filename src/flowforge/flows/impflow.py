@@ -30,7 +30,7 @@ from flowforge.flows.contractive_stack import contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.residual import ResidualBlock
 from flowforge.nn.contractive import ContractiveNets
-from flowforge.solvers.solver import SolverSpec
+from flowforge.solvers.solver import SolverSpec, as_solver
 
 FORWARD_DEFAULTS = dict(method="broyden", atol=1e-6, rtol=1e-6, max_iters=100, memory=30, fallback_iters=1000)
 INVERSE_DEFAULTS = dict(method="broyden", atol=1e-5, rtol=1e-5, max_iters=100, memory=30, fallback_iters=1000)
@@ -51,9 +51,9 @@ class ImplicitBlock(Transform):
     ):
         super().__init__()
         self.residual_x = ResidualBlock(g_x, estimator, on_fail=on_fail, backward_solver=backward_solver,
-                                        inverse_solver=_with_defaults(inverse_solver, INVERSE_DEFAULTS))
+                                        inverse_solver=as_solver(inverse_solver, **INVERSE_DEFAULTS))
         self.residual_z = ResidualBlock(g_z, estimator, on_fail=on_fail, backward_solver=backward_solver,
-                                        inverse_solver=_with_defaults(forward_solver, FORWARD_DEFAULTS))
+                                        inverse_solver=as_solver(forward_solver, **FORWARD_DEFAULTS))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, ld_x = self.residual_x(x)
@@ -68,16 +68,6 @@ class ImplicitBlock(Transform):
         a, ld_z = self.residual_z(z)
         x, ld_x = self.residual_x.inverse_and_log_det(a)
         return x, ld_z + ld_x
-
-
-def _with_defaults(spec: SolverSpec, defaults: dict) -> dict:
-    if spec is None:
-        return dict(defaults)
-    if isinstance(spec, str):
-        return {**defaults, "method": spec}
-    if isinstance(spec, dict) or hasattr(spec, "items"):
-        return {**defaults, **{str(k): v for k, v in spec.items()}}
-    return spec
 
 
 def ImplicitFlow(
@@ -114,11 +104,8 @@ def ImplicitFlow(
                            sn=dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters))
     solvers = dict(forward_solver=forward_solver, inverse_solver=inverse_solver, backward_solver=backward_solver)
 
-    def net(kind: str, s: tuple, first: bool) -> nn.Module:
-        return nets.vector(s[0]) if kind == "vector" else nets.image(s, first) if kind == "image" else nets.fc(s[0])
-
     def make_block(kind: str, s: tuple, first: bool) -> ImplicitBlock:
-        return ImplicitBlock(net(kind, s, first), net(kind, s, first), est, on_fail=on_fail, **solvers)
+        return ImplicitBlock(nets.build(kind, s, first), nets.build(kind, s, first), est, on_fail=on_fail, **solvers)
 
     return contractive_stack(shape, make_block, num_blocks, blocks_per_scale, fc_blocks, actnorm, squeeze_first,
                              factor_out, base, num_levels, logit_alpha)

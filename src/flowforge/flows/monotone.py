@@ -126,8 +126,7 @@ def MonotoneFlow(
     solvers = dict(forward_solver=forward_solver, inverse_solver=inverse_solver, backward_solver=backward_solver)
 
     def make_block(kind: str, s: tuple, first: bool) -> MonotoneBlock:
-        net = nets.vector(s[0]) if kind == "vector" else nets.image(s, first) if kind == "image" else nets.fc(s[0])
-        return MonotoneBlock(net, est, on_fail=on_fail, **solvers)
+        return MonotoneBlock(nets.build(kind, s, first), est, on_fail=on_fail, **solvers)
 
     return contractive_stack(shape, make_block, num_blocks, blocks_per_scale, fc_blocks, actnorm, squeeze_first,
                              factor_out, base, num_levels, logit_alpha)

@@ -70,8 +70,7 @@ def ResidualFlow(
                on_fail=on_fail, inverse_solver=inverse_solver)
 
     def make_block(kind: str, s: tuple, first: bool) -> ResidualBlock:
-        net = nets.vector(s[0]) if kind == "vector" else nets.image(s, first) if kind == "image" else nets.fc(s[0])
-        return ResidualBlock(net, est, **inv)
+        return ResidualBlock(nets.build(kind, s, first), est, **inv)
 
     return contractive_stack(shape, make_block, num_blocks, blocks_per_scale, fc_blocks, actnorm, squeeze_first,
                              factor_out, base, num_levels, logit_alpha)

@@ -85,3 +85,13 @@ class ContractiveNets:
         from flowforge.nn.lipschitz_net import lipschitz_mlp
 
         return lipschitz_mlp(d, self.fc_hidden, preact=self.preact, zero_last=False, **self._lip())
+
+    def build(self, kind: str, shape: Sequence[int], first: bool = False) -> nn.Module:
+        """The g for a block of ``kind`` (``vector | image | fc``, as :func:`flowforge.flows.contractive_stack.
+        contractive_stack` names them) on inputs of ``shape``."""
+        if kind == "vector":
+            return self.vector(shape[0])
+        if kind == "image":
+            return self.image(shape, first)
+        return self.fc(shape[0])
+
