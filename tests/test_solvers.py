@@ -218,3 +218,20 @@ def test_backward_nonconvergence_is_reported():
                           Solver("picard", atol=1e-14, rtol=0, max_iters=1), records.append)
     loss_of(x, c).backward()
     assert records[0].num_failed == 4
+
+
+def test_samples_without_progress_stop_early_as_stalled(caplog):
+    """Picard on T(x) = c - x cycles between x0 and c - x0 forever (the fixed point c / 2 is never
+    approached): with patience 20 the samples stop after ~21 iterations, not at max_iters, and are
+    reported as unconverged and stalled (the float32 precision floor of a tight tolerance looks the same:
+    the residual stops improving).  Anderson solves the same linear map at once."""
+    c = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    solver = Solver("picard", atol=1e-7, rtol=0, max_iters=10000, patience=20)
+    _, stats = solver(lambda x, idx: c[idx] - x, torch.zeros(2, 2))
+    assert stats.num_failed == 2 and stats.num_stalled == 2 and stats.iterations.max() <= 25
+    with caplog.at_level(logging.WARNING, logger="flowforge"):
+        check_convergence(stats, "test solve", solver, "warn")
+    assert "without progress" in caplog.text and "precision" in caplog.text
+    x, stats = Solver("anderson", atol=1e-7, rtol=0, patience=20)(lambda x, idx: c[idx] - x, torch.zeros(2, 2))
+    assert stats.converged.all() and stats.num_stalled == 0
+    torch.testing.assert_close(x, c / 2, atol=1e-6, rtol=0)

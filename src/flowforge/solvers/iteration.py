@@ -11,7 +11,10 @@ samples have taken the same number of steps, so a method's history buffers are a
 The answer for a sample is ``T(x)`` at its converged iterate, or at the iterate with the smallest
 residual when it did not converge (the record says so).  Arithmetic runs in float32 or wider with
 autocast off: low precision stalls far from the tolerance.  A sample whose iterate becomes NaN/inf is
-stopped and reported as failed.
+stopped and reported as failed.  With ``patience > 0`` a sample whose smallest residual has not
+improved for ``patience`` iterations is stopped as well (unconverged, counted in ``stats.stalled``):
+this happens when the tolerance lies below what the floating-point precision can resolve, e.g. 1e-6 on
+iterates of size ~10 in float32 with a contraction constant near 1.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class Method(Protocol):
 
 
 def iterate(method_factory: Callable[[int, int, torch.dtype, torch.device], Method], step: Step, x0: Tensor,
-            atol: float, rtol: float, max_iters: int) -> tuple[Tensor, SolverStats]:
+            atol: float, rtol: float, max_iters: int, patience: int = 0) -> tuple[Tensor, SolverStats]:
     """Run a method from ``x0`` (shape ``(B, ...)``); returns ``(x, stats)`` with ``x`` of ``x0``'s shape
     (float32 when ``x0`` was half precision)."""
     with torch.autocast(device_type=x0.device.type, enabled=False):
@@ -54,6 +57,8 @@ def iterate(method_factory: Callable[[int, int, torch.dtype, torch.device], Meth
         iters = torch.full((b,), 1 if max_iters > 0 else 0, dtype=torch.long, device=x.device)
         converged = torch.zeros(b, dtype=torch.bool, device=x.device)
         failed = torch.zeros(b, dtype=torch.bool, device=x.device)
+        stalled = torch.zeros(b, dtype=torch.bool, device=x.device)
+        stale = torch.zeros(b, dtype=torch.long, device=x.device)
         k = 0
         while active.numel():
             xa, fa = x[active], f[active]
@@ -61,10 +66,15 @@ def iterate(method_factory: Callable[[int, int, torch.dtype, torch.device], Meth
             finite = torch.isfinite(fa).all(1) & torch.isfinite(res)
             better = finite & (res < best[active])
             out[active[better]], best[active[better]] = fa[better], res[better]
+            stale[active] = torch.where(better, 0, stale[active] + 1)
             done = finite & (res <= atol + rtol * fa.abs().amax(1))
             converged[active[done]] = True
             failed[active[~finite]] = True
             keep = ~done & finite
+            if patience > 0:
+                stuck = keep & (stale[active] > patience)
+                stalled[active[stuck]] = True
+                keep &= ~stuck
             active, xa, fa = active[keep], xa[keep], fa[keep]
             if not active.numel() or k + 1 >= max_iters:
                 break
@@ -75,4 +85,4 @@ def iterate(method_factory: Callable[[int, int, torch.dtype, torch.device], Meth
             k += 1
         converged &= ~failed
         best[failed & ~torch.isfinite(best)] = float("inf")
-    return out.reshape(b, *shape), SolverStats(iters, converged, best, max_iters, method.name)
+    return out.reshape(b, *shape), SolverStats(iters, converged, best, max_iters, method.name, stalled)

@@ -7,6 +7,7 @@ per-sample masks (see :mod:`flowforge.solvers.iteration`):
 - ``anderson``: Anderson acceleration with ``memory`` past iterates (and ``damping``);
 - ``broyden``: limited-memory Broyden with ``memory`` rank-one updates.
 
+``patience`` stops a sample whose residual has not improved for that many iterations (0: never).
 ``fallback_iters > 0`` continues the samples an accelerated method left unconverged with that many
 Picard iterations from their best iterate (the reference implementations do this).  Samples that
 still fail are never passed off as answers: :func:`check_convergence` warns with the count or raises
@@ -44,6 +45,7 @@ class Solver:
     damping: float = 1.0
     memory: int = 5
     fallback_iters: int = 0
+    patience: int = 100
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -54,7 +56,7 @@ class Solver:
                 raise ConfigError(f"solver {key} must be a number >= 0, got {v!r}")
         if self.atol == 0 and self.rtol == 0:
             raise ConfigError("solver atol and rtol are both 0: the iteration could never stop; set e.g. atol=1e-6")
-        for key, low in (("max_iters", 1), ("memory", 1), ("fallback_iters", 0)):
+        for key, low in (("max_iters", 1), ("memory", 1), ("fallback_iters", 0), ("patience", 0)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"solver {key} must be an integer >= {low}, got {v!r}")
@@ -69,14 +71,15 @@ class Solver:
         return partial(Broyden, memory=self.memory)
 
     def __call__(self, step: Step, x0: Tensor) -> tuple[Tensor, SolverStats]:
-        x, stats = iterate(self._factory(self.method), step, x0, self.atol, self.rtol, self.max_iters)
+        x, stats = iterate(self._factory(self.method), step, x0, self.atol, self.rtol, self.max_iters, self.patience)
         if self.fallback_iters and self.method != "picard" and stats.num_failed:
             idx = (~stats.converged).nonzero().squeeze(1)
 
             def sub_step(x_sub: Tensor, j: Tensor) -> Tensor:
                 return step(x_sub, idx[j])
 
-            x_fb, fb = iterate(self._factory("picard"), sub_step, x[idx], self.atol, self.rtol, self.fallback_iters)
+            x_fb, fb = iterate(self._factory("picard"), sub_step, x[idx], self.atol, self.rtol, self.fallback_iters,
+                               self.patience)
             x = x.clone()
             x[idx] = x_fb.to(x.dtype)
             stats = stats.merge(fb, idx)
@@ -119,9 +122,13 @@ def check_convergence(stats: SolverStats, what: str, solver: Solver, on_fail: st
     if not stats.num_failed:
         return
     n = stats.converged.numel()
+    stalled = f", {stats.num_stalled} of them stopped after {solver.patience} iterations without progress" \
+        if stats.num_stalled else ""
     msg = (f"{what}: {stats.num_failed} of {n} samples did not converge in {stats.max_iters} {stats.method} "
-           f"iterations (largest residual {float(stats.residual.max()):.3g}; tolerance atol={solver.atol}, "
+           f"iterations{stalled} (largest residual {float(stats.residual.max()):.3g}; tolerance atol={solver.atol}, "
            f"rtol={solver.rtol})")
+    if stats.num_stalled:
+        msg += "; the tolerance may be below what the precision resolves: loosen atol/rtol or solve in float64"
     if hint:
         msg += f"; {hint}"
     if on_fail == "raise":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -11,13 +12,19 @@ from torch import Tensor
 @dataclass
 class SolverStats:
     """Per-sample ``iterations`` (evaluations of the map) and ``converged`` flags, the final per-sample
-    residual ``max_i |T(x)_i - x_i|`` (``residual``), the iteration cap and the method's name."""
+    residual ``max_i |T(x)_i - x_i|`` (``residual``), the iteration cap, the method's name and the samples
+    stopped early for lack of progress (``stalled``, see :mod:`flowforge.solvers.iteration`)."""
 
     iterations: Tensor
     converged: Tensor
     residual: Tensor
     max_iters: int
     method: str = "picard"
+    stalled: Optional[Tensor] = None
+
+    @property
+    def num_stalled(self) -> int:
+        return 0 if self.stalled is None else int(self.stalled.sum())
 
     @property
     def num_failed(self) -> int:
@@ -41,8 +48,10 @@ class SolverStats:
         iterations[idx] += other.iterations
         converged, residual = self.converged.clone(), self.residual.clone()
         converged[idx], residual[idx] = other.converged, other.residual
+        stalled = torch.zeros_like(converged)
+        stalled[idx] = other.stalled if other.stalled is not None else False
         return SolverStats(iterations, converged, residual, self.max_iters + other.max_iters,
-                           f"{self.method}+{other.method}")
+                           f"{self.method}+{other.method}", stalled)
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> "SolverStats":
