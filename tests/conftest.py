@@ -90,3 +90,16 @@ def settle_contraction(g, scale=0.5):
     update_lipschitz(g, rtol=1e-12, max_iters=5000)
     return g
 
+
+def assert_directional_derivative(loss, p, grad, eps=1e-6, tol=1e-6):
+    """Central finite difference of ``loss()`` along a random direction of parameter ``p`` equals
+    ``<grad, direction>`` within ``tol`` (relative to ``max(1, |loss|)``); ``p`` is restored."""
+    d = torch.randn_like(p)
+    with torch.no_grad():
+        p.add_(eps * d)
+        up = float(loss())
+        p.sub_(2 * eps * d)
+        down = float(loss())
+        p.add_(eps * d)
+    assert abs((up - down) / (2 * eps) - float((grad * d).sum())) < tol * max(1.0, abs(up))
+

@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flowforge.errors import ConfigError  # noqa: E402
+from flowforge.training.visualize import save_figure  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- run files
@@ -115,7 +116,7 @@ def fit1d(run_dirs: Sequence[Path], out: Path, title: Optional[str] = None) -> s
     overview.set_xlabel("x")
     overview.set_ylabel("y")
     overview.legend(fontsize=7, loc="upper left")
-    _save(fig, out)
+    save_figure(fig, out, dpi=100)
     return markdown_table(["variant", "test MSE"], [(name, f"{mse:.4g}") for name, _, mse in data])
 
 
@@ -160,18 +161,9 @@ def toy2d(run_dirs: Sequence[Path], out: Path, panel: str = "density") -> str:
             ax.set_title(f"{ds}: {model}\ntest NLL {nll:.3f}", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
-    _save(fig, out)
+    save_figure(fig, out, dpi=100)
     rows = [[ds] + [f"{cells[(ds, m)][1]:.3f}" if (ds, m) in cells else "-" for m in models] for ds in datasets]
     return markdown_table(["dataset"] + [f"{m} test NLL (nats)" for m in models], rows)
-
-
-def _save(fig, out: Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- CLI

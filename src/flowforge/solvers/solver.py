@@ -17,7 +17,7 @@ still fail are never passed off as answers: :func:`check_convergence` warns with
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -84,9 +84,6 @@ class Solver:
             x[idx] = x_fb.to(x.dtype)
             stats = stats.merge(fb, idx)
         return x, stats
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 SolverSpec = Union[None, str, dict, Solver]

@@ -34,14 +34,6 @@ class SolverStats:
     def max_iterations(self) -> int:
         return int(self.iterations.max()) if self.iterations.numel() else 0
 
-    def summary(self) -> dict[str, float]:
-        return {
-            "iterations_mean": float(self.iterations.float().mean()) if self.iterations.numel() else 0.0,
-            "iterations_max": float(self.max_iterations),
-            "failed": float(self.num_failed),
-            "residual_max": float(self.residual.max()) if self.residual.numel() else 0.0,
-        }
-
     def merge(self, other: "SolverStats", idx: Tensor) -> "SolverStats":
         """These stats with the samples ``idx`` continued by a second run (``other``, over ``idx`` only)."""
         iterations = self.iterations.clone()
@@ -52,8 +44,3 @@ class SolverStats:
         stalled[idx] = other.stalled if other.stalled is not None else False
         return SolverStats(iterations, converged, residual, self.max_iters + other.max_iters,
                            f"{self.method}+{other.method}", stalled)
-
-    @staticmethod
-    def empty(device: torch.device | str = "cpu") -> "SolverStats":
-        z = torch.zeros(0, device=device)
-        return SolverStats(z.long(), z.bool(), z, 0)

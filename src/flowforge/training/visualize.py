@@ -35,7 +35,7 @@ def density_plot_2d(model, data: Tensor, path: Path, n_grid: int = 150, n_sample
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def density_plot_1d(model, data: Tensor, path: Path, n_grid: int = 400) -> Path:
     ax.hist(data[:, 0].numpy(), bins=100, density=True, alpha=0.5, label="data")
     ax.plot(g[:, 0].numpy(), model.log_prob(g).exp().numpy(), label="model")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 FIT_GRID = (-2.0, 2.0, 400)
@@ -83,7 +83,7 @@ def fit_plot_1d(model, x: Tensor, y: Tensor, path: Path, target_fn=None, csv_pat
     ax.set_ylabel("y")
     ax.set_title(f"grid MSE {float((pred - target).pow(2).mean()):.4g}")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_fit_csv(path: Path, x: Tensor, target: Tensor, prediction: Tensor) -> Path:
@@ -106,13 +106,14 @@ def image_grid(images: Tensor, path: Path) -> Path:
         if i < n:
             img = images[i].clamp(0, 1).permute(1, 2, 0).numpy()
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, dpi: int = 80) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
