@@ -77,6 +77,23 @@ class Flow(Transform):
         """``n`` samples ``f^{-1}(z)``, ``z ~ p_Z`` with its standard deviation scaled by ``temperature``."""
         return self.inverse(self.base.sample(n, temperature))
 
+    def rsample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` samples ``x = f^{-1}(z)``, ``z ~ p_Z``, with their log-density
+
+            log q(x) = log p_Z(z) - log |det d f^{-1}/dz|,
+
+        differentiable in the parameters along the sampling path (reparameterisation): the gradient
+        estimator of reverse-KL / variational inference.  Needs a transform whose
+        ``inverse_and_log_det`` is differentiable (closed-form or implicitly differentiated inverses).
+        """
+        z = self.base.sample(n)
+        log_q = self.base.log_prob(z)
+        x, log_det = self.transform.inverse_and_log_det(z)
+        if self.preprocess is not None:
+            x, ld = self.preprocess.inverse_and_log_det(x)
+            log_det = log_det + ld
+        return x, log_q - log_det
+
     def bits_per_dim(self, x: Tensor) -> Tensor:
         """Bits per dimension of integer-valued images ``x`` (levels 0..K-1), per sample."""
         if self.dequantizer is None:
