@@ -69,6 +69,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
         config=OmegaConf.to_container(cfg, resolve=True),
         objective=objective,
         lipschitz_step_iters=cfg.get("lipschitz_step_iters"),
+        target=getattr(datamodule, "target", None),
     )
     return datamodule, module
 

@@ -18,6 +18,21 @@ a function: batches are ``(y, x)`` (e.g. ``dataset=step1d``), the model maps the
 ``z = F(x)`` and the per-example loss is the squared error ``sum_d (z_d - y_d)^2``; ``/mse`` logs the same error
 divided by the number of dimensions ``D`` (equal to the loss for 1-D data).  No likelihood is computed.
 
+With ``objective`` ``flow_matching`` (continuous flows only) training minimises the conditional flow-matching loss
+``||v(x_t, t) - u_t||^2`` of the model's single CNF (logged as ``train/loss`` and ``train/fm``) and validation / test
+evaluate the likelihood through the ODE as under ``mle`` (plus ``/fm``), so bits/dim compare across objectives.
+
+With ``objective`` ``reverse_kl`` the model is fitted to an unnormalised density ``p~`` (``dataset=target``): each
+step draws ``n_samples`` (default: the batch size) pathwise samples ``x ~ q`` and minimises the mean of
+``log q(x) - log p~(x)`` (``KL(q || p) - log Z``); validation and test also log ``/nll`` on exact target samples
+and, from ``eval_samples`` importance samples, ``/log_z`` (``log mean w``, ``w = p~/q``), ``/log_z_se``,
+``/log_z_error`` (against the target's exact ``log Z``), ``/elbo`` and ``/ess`` (effective sample size / n).
+
+Continuous flows log ``train/nfe/forward`` and ``train/nfe/backward`` (ODE function evaluations of the step's
+forward and backward passes) every step; with RNODE weights (``model.kinetic``, ``model.jacobian``) their
+penalty ``kinetic * int ||v||^2 dt + jacobian * int ||J_v||_F^2 dt`` is added to the per-example training loss
+and logged as ``train/reg/kinetic`` and ``train/reg/jacobian`` (the unweighted integrals).
+
 Models with implicit blocks (residual inverses, implicit and monotone flows) log
 ``train/solver/iters/<kind>`` (mean solver iterations per sample of the step's ``forward``, ``inverse`` and
 adjoint ``... backward`` solves, averaged over blocks) and ``train/solver/failures`` (unconverged samples
@@ -44,59 +59,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowforge.errors import ConfigError, DataError
+from flowforge.flows.cnf import nfe_summary, reset_nfe
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.hybrid import HybridClassifier
 from flowforge.flows.model import Flow
 from flowforge.nn.lipschitz import update_lipschitz
+from flowforge.objectives.flow_matching import flow_matching_loss, single_cnf
+from flowforge.objectives.reverse_kl import importance_log_z, reverse_kl_loss
+from flowforge.training.objectives import OBJECTIVES, parse_objective, resolve_lam  # noqa: F401 (re-exported)
 
 NONFINITE_POLICIES = ("stop", "skip")
-OBJECTIVES = ("mle", "hybrid", "classification", "regression")
-
-
-def resolve_lam(lam: Any, dim: int) -> float:
-    """The likelihood weight: a number >= 0, or the string ``"1/D"`` for ``1 / dim``."""
-    if isinstance(lam, str):
-        text = lam.replace(" ", "")
-        if text.upper() == "1/D":
-            return 1.0 / dim
-        try:
-            lam = float(text)
-        except ValueError:
-            raise ConfigError(f"objective.lam must be a number >= 0 or '1/D', got '{lam}'") from None
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ConfigError(f"objective.lam must be a number >= 0 or '1/D', got {lam!r}")
-    return float(lam)
-
-
-def parse_objective(objective: Optional[dict], dim: int) -> Optional[dict]:
-    """``None`` for maximum likelihood, else ``{name, lam, num_classes, head_channels}`` checked."""
-    if objective is None:
-        return None
-    objective = dict(objective)
-    name = objective.get("name", "mle")
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective '{name}'; choose objective= one of {', '.join(OBJECTIVES)}")
-    if name == "mle":
-        return None
-    if name == "regression":
-        return {"name": name}
-    lam = resolve_lam(objective.get("lam", 0 if name == "classification" else "1/D"), dim)
-    if name == "classification" and lam != 0:
-        raise ConfigError(
-            f"objective=classification trains with lam=0, got objective.lam={objective.get('lam')}; "
-            f"use objective=hybrid objective.lam=... to weight in the likelihood"
-        )
-    num_classes = objective.get("num_classes")
-    if not _is_int(num_classes, 2):
-        raise ConfigError(f"objective.num_classes must be an integer >= 2 (e.g. 10), got {num_classes!r}")
-    head_channels = objective.get("head_channels", 256)
-    if not _is_int(head_channels, 1):
-        raise ConfigError(f"objective.head_channels must be a positive integer (e.g. 256), got {head_channels!r}")
-    return {"name": name, "lam": lam, "num_classes": int(num_classes), "head_channels": int(head_channels)}
-
-
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
@@ -112,8 +84,9 @@ class FlowModule(pl.LightningModule):
         on_nonfinite: ``stop`` (default: end the run cleanly, weights untouched, last good checkpoint
             kept) or ``skip`` (drop the batch and go on); either way the event is logged and counted.
         config: the resolved run configuration (stored in checkpoints so ``eval.py`` can rebuild the model).
-        objective: ``None`` (or ``name: mle``) for maximum likelihood, else ``{name: hybrid |
-            classification, lam, num_classes, head_channels}`` (see the module docstring).
+        objective: ``None`` (or ``name: mle``) for maximum likelihood, else the parsed options of the
+            objective (:func:`flowforge.training.objectives.parse_objective`; see the module docstring).
+        target: the unnormalised density ``objective=reverse_kl`` fits (``dataset=target`` provides it).
     """
 
     def __init__(
@@ -125,6 +98,7 @@ class FlowModule(pl.LightningModule):
         config: Optional[dict] = None,
         objective: Optional[dict] = None,
         lipschitz_step_iters: Optional[int] = None,
+        target: Optional[Any] = None,
     ):
         super().__init__()
         if lipschitz_step_iters is not None and (isinstance(lipschitz_step_iters, bool)
@@ -147,13 +121,25 @@ class FlowModule(pl.LightningModule):
         )
         self._test_noise = torch.zeros(2, dtype=torch.float64)  # [sum (a - b)^2 / 2, count]
         self.objective = parse_objective(objective, model.dim)
+        self.target = target
+        if self.objective_name == "reverse_kl" and target is None:
+            raise ConfigError(
+                "objective=reverse_kl fits a flow to an unnormalised target density, but none was given; "
+                "use dataset=target (dataset.name=mixture2d, banana or funnel)"
+            )
+        if self.objective_name == "flow_matching":
+            single_cnf(model)  # a clear error now, not at the first step
         self.classifier: Optional[HybridClassifier] = None
-        if self.objective is not None and self.objective["name"] != "regression":
+        if self.objective_name in ("hybrid", "classification"):
             self.classifier = HybridClassifier(
                 model, self.objective["num_classes"], self.objective["head_channels"]
             )
 
     # ------------------------------------------------------------------ objective
+    @property
+    def objective_name(self) -> str:
+        return "mle" if self.objective is None else self.objective["name"]
+
     def _batch_input(self, batch: Any) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         self.model.check_input(x)
@@ -180,12 +166,52 @@ class FlowModule(pl.LightningModule):
             )
         return y
 
-    def _step_metrics(self, batch: Any, x: Tensor) -> dict[str, Tensor]:
-        if self.objective is not None and self.objective["name"] == "regression":
+    def _step_metrics(self, batch: Any, x: Tensor, stage: str) -> dict[str, Tensor]:
+        name = self.objective_name
+        if name == "regression":
             return self._regression_metrics(batch)
+        if name == "reverse_kl":
+            return self._reverse_kl_metrics(x, stage)
+        if name == "flow_matching":
+            fm = flow_matching_loss(single_cnf(self.model), self._flow_matching_input(x))
+            if stage == "train":
+                return {"loss": fm, "fm": fm}
+            return {**self.metrics(x), "fm": fm}
         if self.classifier is None:
             return self.metrics(x)
         return self.metrics(x, self._batch_labels(batch))
+
+    def _flow_matching_input(self, x: Tensor) -> Tensor:
+        """The CNF's input for data ``x``: dequantised and logit-transformed for images, ``x`` for vectors."""
+        model = self.model
+        if model.is_image:
+            x, _ = model.dequantizer(x)
+        if model.preprocess is not None:
+            x, _ = model.preprocess(x)
+        return x
+
+    def _reverse_kl_metrics(self, x: Tensor, stage: str) -> dict[str, Tensor]:
+        """objective=reverse_kl: ``log q(x') - log p~(x')`` for ``n_samples`` draws ``x' ~ q``; outside
+        training also ``nll = -log q(x)`` of the batch's exact target samples."""
+        n = self.objective["n_samples"] or x.shape[0]
+        loss, _, _ = reverse_kl_loss(self.model, self.target, n)
+        values = {"loss": loss}
+        if stage != "train":
+            values["nll"] = -self.model.log_prob(x)
+        return values
+
+    def _log_importance(self, stage: str) -> None:
+        """Importance-sampling estimates of ``log Z`` and the ESS (objective=reverse_kl, validation / test)."""
+        if self.objective_name != "reverse_kl" or self.trainer.sanity_checking:
+            return
+        with torch.no_grad():
+            est = importance_log_z(self.model, self.target, self.objective["eval_samples"])
+        values = {"log_z": est["log_z"], "log_z_se": est["log_z_se"], "elbo": est["elbo"],
+                  "ess": est["ess_fraction"]}
+        if getattr(self.target, "log_z", None) is not None:
+            values["log_z_error"] = float(est["log_z"]) - float(self.target.log_z)
+        for k, v in values.items():
+            self.log(f"{stage}/{k}", float(v), sync_dist=True)
 
     def _regression_metrics(self, batch: Any) -> dict[str, Tensor]:
         """objective=regression: ``z = F(x)`` for the batch's input ``x = batch[1]``; per-example
@@ -245,12 +271,31 @@ class FlowModule(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         x = self._batch_input(batch)
-        values = self._step_metrics(batch, x)
+        values = self._step_metrics(batch, x, "train")
+        values.update(self._regularization(values["loss"]))
         loss = values["loss"].mean()
         if not torch.isfinite(loss):
             return self._handle_nonfinite(loss)
         self._log("train", values, x.shape[0])
         return loss
+
+    def _regularization(self, loss: Tensor) -> dict[str, Tensor]:
+        """RNODE: ``{"loss": loss + penalty}`` (per example) when a CNF block of the model recorded a penalty in
+        this step's forward (weights ``model.kinetic`` / ``model.jacobian``), else ``{}``; the unweighted
+        integrals are logged as ``train/reg/<term>``."""
+        penalty, terms = None, {}
+        for m in self.model.modules():
+            reg = getattr(m, "last_regularization", None)
+            if reg is None:
+                continue
+            penalty = reg if penalty is None else penalty + reg
+            for k, v in getattr(m, "last_reg_terms", {}).items():
+                terms[k] = terms.get(k, 0.0) + float(v)
+        if penalty is None:
+            return {}
+        for k, v in terms.items():
+            self.log(f"train/reg/{k}", v, on_step=True, on_epoch=False)
+        return {"loss": loss + penalty}
 
     def _handle_nonfinite(self, loss: Tensor) -> None:
         event = {"step": int(self.global_step), "loss": float(loss), "policy": self.on_nonfinite}
@@ -266,13 +311,13 @@ class FlowModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch)
-        self._log("val", self._step_metrics(batch, x), x.shape[0])
+        self._log("val", self._step_metrics(batch, x, "val"), x.shape[0])
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch)
-        values = self._step_metrics(batch, x)
+        values = self._step_metrics(batch, x, "test")
         if self.stochastic_logdet:
-            again = self._step_metrics(batch, x)
+            again = self._step_metrics(batch, x, "test")
             diff = (values["loss"] - again["loss"]).double()
             self._test_noise += torch.stack([diff.pow(2).sum().cpu() / 2, torch.tensor(float(x.shape[0]))])
             values = {k: (v + again[k]) / 2 for k, v in values.items()}
@@ -281,6 +326,10 @@ class FlowModule(pl.LightningModule):
     # ------------------------------------------------------------------ Lipschitz constraint
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         clear_solve_records(self.model)
+        reset_nfe(self.model)
+        for m in self.model.modules():
+            if getattr(m, "last_regularization", None) is not None:
+                m.last_regularization = None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # during training at most lipschitz_step_iters warm-started iterations per step (the subspace carries
@@ -288,6 +337,8 @@ class FlowModule(pl.LightningModule):
         stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
         if stats:
             self.log("train/max_sigma", stats["max_sigma"], on_step=True, on_epoch=False)
+        for key, value in nfe_summary(self.model).items():
+            self.log(f"train/{key}", float(value), on_step=True, on_epoch=False)
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # (reading the stats syncs the device)
             for key, value in solver_summary(self.model).items():
                 self.log(f"train/solver/{key}", value, on_step=True, on_epoch=False)
@@ -295,11 +346,15 @@ class FlowModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         update_lipschitz(self.model)
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_importance("val")
+
     def on_test_epoch_start(self) -> None:
         update_lipschitz(self.model)
         self._test_noise.zero_()
 
     def on_test_epoch_end(self) -> None:
+        self._log_importance("test")
         if not self.stochastic_logdet:
             return
         noise = self.trainer.strategy.reduce(self._test_noise.to(self.device), reduce_op="sum")
