@@ -14,6 +14,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from flowforge.errors import ConfigError
+
 
 class Transform(nn.Module):
     """Base class: subclasses implement :meth:`forward` and :meth:`inverse`."""
@@ -79,6 +81,21 @@ class Inverse(Transform):
 
     def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return self.transform(z)
+
+
+DIRECTIONS = ("density", "sampling")
+
+
+def oriented(layers: Iterable[Transform], direction: str, family: str) -> Compose:
+    """Stack ``layers`` as given (``density``: each layer's closed form maps data to base, so ``log p(x)`` is
+    exact and fast) or as their inverses (``sampling``: the closed form maps base to data, so samples and
+    their log-density are differentiable along the sampling path, as reverse-KL / variational inference
+    needs; Rezende & Mohamed, 2015 used planar flows this way)."""
+    if direction == "density":
+        return Compose(layers)
+    if direction == "sampling":
+        return Compose(Inverse(t) for t in reversed(list(layers)))
+    raise ConfigError(f"model.direction of {family} must be one of {DIRECTIONS}, got {direction!r}")
 
 
 def sum_except_batch(x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowforge.flows.base import Compose, Transform
+from flowforge.flows.base import Transform, oriented
 
 
 class Planar(Transform):
@@ -54,9 +54,12 @@ class Planar(Transform):
         return z - torch.tanh(a + self.b)[:, None] * u
 
 
-def planar_family(shape: Sequence[int], num_layers: int = 16, base: str = "normal", **kwargs) -> "Flow":
-    """Model config ``planar``: a stack of planar layers on vector data."""
+def planar_family(shape: Sequence[int], num_layers: int = 16, base: str = "normal",
+                  direction: str = "density", **kwargs) -> "Flow":
+    """Model config ``planar``: a stack of planar layers on vector data; ``direction=sampling`` puts the
+    closed form on the sampling side (see :func:`flowforge.flows.base.oriented`)."""
     from flowforge.flows.model import build_flow, vector_dim
 
     dim = vector_dim(shape, "planar")
-    return build_flow(shape, Compose(Planar(dim) for _ in range(num_layers)), base=base, **kwargs)
+    return build_flow(shape, oriented([Planar(dim) for _ in range(num_layers)], direction, "planar"), base=base,
+                      **kwargs)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowforge.flows.base import Compose, Transform
+from flowforge.flows.base import Transform, oriented
 
 
 class Radial(Transform):
@@ -50,9 +50,12 @@ class Radial(Transform):
         return self.x0 + (r / rz.clamp_min(1e-30))[:, None] * diff
 
 
-def radial_family(shape: Sequence[int], num_layers: int = 16, base: str = "normal", **kwargs):
-    """Model config ``radial``: a stack of radial layers on vector data."""
+def radial_family(shape: Sequence[int], num_layers: int = 16, base: str = "normal",
+                  direction: str = "density", **kwargs):
+    """Model config ``radial``: a stack of radial layers on vector data; ``direction=sampling`` puts the
+    closed form on the sampling side (see :func:`flowforge.flows.base.oriented`)."""
     from flowforge.flows.model import build_flow, vector_dim
 
     dim = vector_dim(shape, "radial")
-    return build_flow(shape, Compose(Radial(dim) for _ in range(num_layers)), base=base, **kwargs)
+    return build_flow(shape, oriented([Radial(dim) for _ in range(num_layers)], direction, "radial"), base=base,
+                      **kwargs)
