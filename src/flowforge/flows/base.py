@@ -18,7 +18,13 @@ from flowforge.errors import ConfigError
 
 
 class Transform(nn.Module):
-    """Base class: subclasses implement :meth:`forward` and :meth:`inverse`."""
+    """Base class: subclasses implement :meth:`forward` and :meth:`inverse`.
+
+    ``pathwise_inverse`` says whether ``inverse_and_log_det`` is differentiable in the parameters along the
+    sampling path (False for inverses computed without gradient, such as a bisection).
+    """
+
+    pathwise_inverse: bool = True
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -81,6 +87,16 @@ class Inverse(Transform):
 
     def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return self.transform(z)
+
+
+def samples_pathwise(t: Transform) -> bool:
+    """Whether every layer of ``t`` samples with a pathwise gradient (the inverse of an :class:`Inverse` is its
+    inner transform's forward, always differentiable)."""
+    if isinstance(t, Inverse):
+        return True
+    if isinstance(t, Compose):
+        return all(samples_pathwise(s) for s in t.transforms)
+    return bool(getattr(t, "pathwise_inverse", True))
 
 
 DIRECTIONS = ("density", "sampling")

@@ -20,6 +20,8 @@ from flowforge.flows.base import Transform, oriented
 
 
 class Planar(Transform):
+    pathwise_inverse = False  # the inverse is a bisection without gradient
+
     def __init__(self, dim: int):
         super().__init__()
         self.w = nn.Parameter(torch.randn(dim) * 0.1)

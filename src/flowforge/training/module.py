@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowforge.errors import ConfigError, DataError
+from flowforge.flows.base import samples_pathwise
 from flowforge.flows.cnf import nfe_summary, reset_nfe
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.hybrid import HybridClassifier
@@ -126,6 +127,12 @@ class FlowModule(pl.LightningModule):
             raise ConfigError(
                 "objective=reverse_kl fits a flow to an unnormalised target density, but none was given; "
                 "use dataset=target (dataset.name=mixture2d, banana or funnel)"
+            )
+        if self.objective_name == "reverse_kl" and not samples_pathwise(model.transform):
+            raise ConfigError(
+                "objective=reverse_kl needs samples that are differentiable in the parameters, but this model "
+                "inverts some layer without gradient (planar flows invert by bisection); use "
+                "model.direction=sampling for planar, or another family"
             )
         if self.objective_name == "flow_matching":
             single_cnf(model)  # a clear error now, not at the first step
