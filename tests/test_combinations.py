@@ -4,7 +4,7 @@ training/validation/test step, and the ones that cannot fail with a clear messag
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import DATASETS, MODELS, NEEDS_2D, SMALL, VECTOR_ONLY, compose, instantiate_model
+from conftest import DATASETS, MANIFOLD, MODELS, NEEDS_2D, SMALL, VECTOR_ONLY, compose, instantiate_model
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class
 
@@ -12,7 +12,7 @@ from flowforge.data.base import FlowDataModule
 from flowforge.errors import ConfigError
 from flowforge.training.module import FlowModule
 
-GENERATED = {"toy2d", "step1d", "digits"}  # the rest read files: replaced by synthetic data here
+GENERATED = {"toy2d", "step1d", "digits", "target", "vmf_sphere", "dirichlet_simplex"}  # the rest read files: replaced by synthetic data here
 
 
 class SyntheticData(FlowDataModule):
@@ -32,6 +32,8 @@ def expected_error(model, cfg):
     dim = 1
     for s in shape:
         dim *= s
+    if model in MANIFOLD and cfg.dataset.get("manifold") != MANIFOLD[model]:
+        return "models data on the"
     if model in VECTOR_ONLY and len(shape) == 3:
         return "acts on vector data"
     if model in NEEDS_2D and dim < 2:

@@ -206,6 +206,12 @@ def sample(cfg: DictConfig) -> Path:
     torch.save(x, out / "samples.pt")
     if model.is_image:
         path = visualize.image_grid(x[:64], out / "samples.png")
+    elif getattr(model, "manifold", None) is not None:
+        datamodule.setup("test")
+        data = datamodule.splits["test"].tensors[0]
+        path = visualize.manifold_figure(model, model.manifold, model.dim, data, out / "density.png")
+        if path is None:
+            path = "(no figure for a model on this manifold in this dimension; samples.pt holds the samples)"
     elif model.dim == 2:
         datamodule.setup("test")
         path = visualize.density_plot_2d(model, datamodule.splits["test"].tensors[0], out / "density.png")

@@ -61,3 +61,66 @@ def exact_lipschitz(layer) -> float:
     if w.dim() == 4 and w.shape[-1] > 1:
         return exact_lipschitz_conv(w, layer.input_size, layer.padding, layer.stride)
     return exact_lipschitz_linear(w)
+
+
+# ----------------------------------------------------------------------------- manifold volume ratios
+def sphere_tangent_basis(x: Tensor) -> Tensor:
+    """An orthonormal basis ``E_x`` (d x (d-1)) of the tangent space ``x^perp`` of the unit sphere at ``x``
+    (a single point): the last d-1 columns of a complete QR factorisation of ``x``."""
+    q, _ = torch.linalg.qr(x.reshape(-1, 1), mode="complete")
+    return q[:, 1:]
+
+
+def simplex_tangent_basis(n: int, dtype=torch.float64, device=None) -> Tensor:
+    """An orthonormal basis (n x (n-1)) of the simplex's tangent space ``{v : sum v = 0}``."""
+    ones = torch.ones(n, 1, dtype=dtype, device=device)
+    q, _ = torch.linalg.qr(ones, mode="complete")
+    return q[:, 1:]
+
+
+def _map_output(fn):
+    def out(v: Tensor) -> Tensor:
+        y = fn(v)
+        return y[0] if isinstance(y, tuple) else y
+    return out
+
+
+def sphere_volume_ratio(f, x: Tensor, method: str = "gram") -> Tensor:
+    """Brute-force differential volume ratio ``dvol(f(x)) / dvol(x)`` of a map of the unit sphere, per sample.
+
+    ``J`` is the ambient autograd Jacobian of ``f`` (a batched map, or a transform returning ``(z, log_det)``)
+    at each ``x``; ``method="gram"`` gives ``sqrt(det((J E_x)^T (J E_x)))`` (the product of the singular values
+    of ``J E_x``) and ``method="sandwich"``
+    ``|det(E_{f(x)}^T J E_x)|`` (equal when ``f`` maps the sphere into itself).
+    """
+    fn = _map_output(f)
+    jac = jacobian_matrix(fn, x)
+    z = fn(x)
+    out = []
+    for j, xi, zi in zip(jac, x, z):
+        je = j @ sphere_tangent_basis(xi)
+        if method == "gram":  # sqrt(det(G)) as the product of singular values (no squared condition number)
+            out.append(torch.linalg.svdvals(je).prod())
+        elif method == "sandwich":
+            out.append(torch.linalg.det(sphere_tangent_basis(zi).T @ je).abs())
+        else:
+            raise ValueError(f"method must be 'gram' or 'sandwich', got {method!r}")
+    return torch.stack(out)
+
+
+def simplex_volume_ratio(f, p: Tensor, method: str = "gram") -> Tensor:
+    """Brute-force differential volume ratio of a map of the probability simplex, per sample: as
+    :func:`sphere_volume_ratio` with the constant tangent space ``{v : sum v = 0}`` on both sides."""
+    fn = _map_output(f)
+    jac = jacobian_matrix(fn, p)
+    e = simplex_tangent_basis(p.shape[1], p.dtype, p.device)
+    out = []
+    for j in jac:
+        je = j @ e
+        if method == "gram":  # sqrt(det(G)) as the product of singular values (no squared condition number)
+            out.append(torch.linalg.svdvals(je).prod())
+        elif method == "sandwich":
+            out.append(torch.linalg.det(e.T @ je).abs())
+        else:
+            raise ValueError(f"method must be 'gram' or 'sandwich', got {method!r}")
+    return torch.stack(out)

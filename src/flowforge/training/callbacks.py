@@ -13,7 +13,9 @@ from flowforge.training import visualize
 
 class SampleFigures(pl.Callback):
     """After every ``every_n_epochs``-th validation (and at the end of training) draw a figure of the
-    model: a 2-D density plot, a 1-D density, or a grid of sampled images at ``temperature``.
+    model: a 2-D density plot, a 1-D density, or a grid of sampled images at ``temperature``; models on a
+    manifold (``model.manifold``) get :func:`flowforge.training.visualize.manifold_figure` (S^2 in an
+    equal-area projection, S^1 over the angle, the 3-simplex as a ternary plot; none in other dimensions).
 
     With ``objective=regression`` the figure is the fit instead: the target curve and the model's ``F(x)`` on a
     dense grid of ``[-2, 2]`` (:func:`flowforge.training.visualize.fit_plot_1d`), and ``<dirpath>/fit.csv``
@@ -58,6 +60,11 @@ class SampleFigures(pl.Callback):
                                           target_fn=_target_function(dm), csv_path=self.dirpath / "fit.csv")
                 elif model.is_image:
                     visualize.image_grid(model.sample(self.num_images, self.temperature).cpu(), path)
+                elif getattr(model, "manifold", None) is not None:
+                    # manifold models: S^2 / S^1 / ternary figures, never the Euclidean density plots
+                    if visualize.manifold_figure(_OnDevice(model, pl_module.device), model.manifold, model.dim,
+                                                 data, path) is None:
+                        return None
                 elif model.dim == 2:
                     visualize.density_plot_2d(_OnDevice(model, pl_module.device), data, path)
                 elif model.dim == 1:

@@ -1,5 +1,7 @@
 """Figures: 2-D density plots (model density next to samples), 1-D densities, 1-D regression fits
-(target curve and the model's F(x) on a grid, also written as CSV), image grids (PNG)."""
+(target curve and the model's F(x) on a grid, also written as CSV), image grids (PNG), and manifold
+plots: S^2 in the equal-area Mollweide projection (longitude ``atan2(x_2, x_1)``, latitude ``asin(x_3)``),
+S^1 as densities over the angle, the 3-simplex as a ternary plot (``(p_2 + p_3 / 2, p_3 sqrt(3) / 2)``)."""
 
 from __future__ import annotations
 
@@ -117,3 +119,99 @@ def save_figure(fig, path: Path, dpi: int = 80) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- manifolds
+def _lon_lat(x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x = x.double()
+    lon = torch.atan2(x[:, 1], x[:, 0])
+    lat = torch.asin((x[:, 2] / x.norm(dim=1)).clamp(-1, 1))
+    return lon.numpy(), lat.numpy()
+
+
+@torch.no_grad()
+def sphere_plot(model, data: Tensor, path: Path, n_lon: int = 120, n_lat: int = 60, n_samples: int = 2000) -> Path:
+    """Data on S^2, the model density on a longitude/latitude grid and model samples, each in the
+    equal-area Mollweide projection."""
+    lon = torch.linspace(-math.pi, math.pi, n_lon + 1)
+    lat = torch.linspace(-math.pi / 2, math.pi / 2, n_lat + 1)
+    lon_c, lat_c = 0.5 * (lon[1:] + lon[:-1]), 0.5 * (lat[1:] + lat[:-1])
+    la, lo = torch.meshgrid(lat_c, lon_c, indexing="ij")
+    grid = torch.stack([la.cos() * lo.cos(), la.cos() * lo.sin(), la.sin()], -1).reshape(-1, 3)
+    density = model.log_prob(grid).exp().reshape(n_lat, n_lon).float()
+    samples = model.sample(n_samples)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), subplot_kw={"projection": "mollweide"})
+    for ax, pts, title in ((axes[0], data, "data"), (axes[2], samples, "model samples")):
+        lon_p, lat_p = _lon_lat(pts)
+        ax.scatter(lon_p, lat_p, s=1, alpha=0.3)
+        ax.set_title(title)
+    axes[1].pcolormesh(lon.numpy(), lat.numpy(), density.numpy(), shading="flat")
+    axes[1].set_title("model density")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.set_xticklabels([])
+        ax.set_yticklabels([])
+    return save_figure(fig, path)
+
+
+@torch.no_grad()
+def circle_plot(model, data: Tensor, path: Path, n_grid: int = 400, n_samples: int = 2000) -> Path:
+    """S^1: histograms of the data's and the samples' angles next to the model density over the angle
+    (all per unit arc length)."""
+    theta = torch.linspace(-math.pi, math.pi, n_grid)
+    grid = torch.stack([theta.cos(), theta.sin()], 1)
+    density = model.log_prob(grid).exp().float()
+    samples = model.sample(n_samples)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pts, label in ((data, "data"), (samples, "model samples")):
+        pts = pts.double()
+        ax.hist(torch.atan2(pts[:, 1], pts[:, 0]).numpy(), bins=100, range=(-math.pi, math.pi), density=True,
+                alpha=0.4, label=label)
+    ax.plot(theta.numpy(), density.numpy(), label="model density")
+    ax.set_xlabel("angle")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def _ternary(p: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    p = p.double()
+    p = p / p.sum(1, keepdim=True)
+    return (p[:, 1] + 0.5 * p[:, 2]).numpy(), (p[:, 2] * math.sqrt(3) / 2).numpy()
+
+
+@torch.no_grad()
+def ternary_plot(model, data: Tensor, path: Path, n_grid: int = 80, n_samples: int = 2000) -> Path:
+    """The 3-simplex as a triangle: data, the model density on a barycentric grid, model samples."""
+    import matplotlib.tri as mtri
+
+    steps = torch.arange(1, n_grid, dtype=torch.float64) / n_grid
+    a, b = torch.meshgrid(steps, steps, indexing="ij")
+    keep = (a + b) < 1 - 0.5 / n_grid
+    grid = torch.stack([a[keep], b[keep], 1 - a[keep] - b[keep]], 1).float()
+    density = model.log_prob(grid).exp().float().numpy()
+    samples = model.sample(n_samples)
+    gx, gy = _ternary(grid)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, pts, title in ((axes[0], data, "data"), (axes[2], samples, "model samples")):
+        px, py = _ternary(pts)
+        ax.scatter(px, py, s=1, alpha=0.3)
+        ax.set_title(title)
+    axes[1].tricontourf(mtri.Triangulation(gx, gy), density, levels=30)
+    axes[1].set_title("model density")
+    for ax in axes:
+        ax.plot([0, 1, 0.5, 0], [0, 0, math.sqrt(3) / 2, 0], "k-", lw=0.8)
+        ax.set_aspect("equal")
+        ax.axis("off")
+    return save_figure(fig, path)
+
+
+def manifold_figure(model, manifold: str, dim: int, data: Tensor, path: Path):
+    """The figure for a model on ``manifold`` in R^dim: S^2 -> :func:`sphere_plot`, S^1 -> :func:`circle_plot`,
+    3-simplex -> :func:`ternary_plot`; None (no figure) for other dimensions."""
+    if manifold == "sphere" and dim == 3:
+        return sphere_plot(model, data, path)
+    if manifold == "sphere" and dim == 2:
+        return circle_plot(model, data, path)
+    if manifold == "simplex" and dim == 3:
+        return ternary_plot(model, data, path)
+    return None

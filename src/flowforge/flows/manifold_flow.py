@@ -1,0 +1,185 @@
+"""Flow models on manifolds: stacks of spherical or simplex transforms over a manifold base distribution.
+
+For data ``x`` on a manifold M (the unit sphere S^{d-1} or the probability simplex) and a bijection
+``f: M -> M`` built from :mod:`flowforge.flows.sphere` or :mod:`flowforge.flows.simplex` layers,
+
+    log p(x) = log p_Z(f(x)) + log R_f(x),      R_f(x) = dvol_M(f(x)) / dvol_M(x),
+
+a density w.r.t. the manifold's surface measure (``R`` multiplies along a chain like a Jacobian
+determinant, so :class:`~flowforge.flows.base.Compose` sums the log-ratios).  :class:`ManifoldFlow` is the
+:class:`~flowforge.flows.model.Flow` that checks a batch lies on M (``| ||x|| - 1 | <= tol`` on the sphere,
+``p_i > 0`` and ``|sum p - 1| <= tol`` on the simplex, ``tol = 1e-4`` so float32 data pass) and then
+projects it exactly onto M (``x / ||x||``, ``p / sum p``: the identity on M with the identity as its
+tangent-space derivative, so the log-ratios are unchanged).
+
+``model=sphere`` builds :func:`SphereFlow`; ``model=simplex`` builds :func:`SimplexFlow`.  Both refuse
+(:class:`~flowforge.errors.ConfigError`) a dataset that is not on their manifold (``dataset.manifold``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.errors import ConfigError, DataError
+from flowforge.flows.base import Compose, Transform
+from flowforge.flows.manifold_distributions import Dirichlet, UniformSphere, VonMisesFisher
+from flowforge.flows.model import Flow
+from flowforge.flows.simplex import Calibration, GeneralizedCalibration
+from flowforge.flows.sphere import NormalizedAffine, NormalizedLinear, NormalizedTranslation
+
+SPHERE_KINDS = {"translation": NormalizedTranslation, "linear": NormalizedLinear, "affine": NormalizedAffine}
+SPHERE_BASES = ("vmf", "uniform")
+SIMPLEX_KINDS = {"calibration": Calibration, "generalized": GeneralizedCalibration}
+SIMPLEX_BASES = ("dirichlet",)
+_DATASETS = {"sphere": "vmf_sphere", "simplex": "dirichlet_simplex"}
+_WHERE = {"sphere": "the unit sphere", "simplex": "the probability simplex"}
+
+
+def check_on_manifold(x: Tensor, manifold: str, tol: float = 1e-4, what: str = "the batch") -> None:
+    """Raise :class:`DataError` unless every row of ``x`` lies on ``manifold`` within ``tol``."""
+    if manifold == "sphere":
+        dev = (x.norm(dim=1) - 1).abs()
+        bad = ~(dev <= tol)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise DataError(
+                f"{what} has {int(bad.sum())} points off the unit sphere (first: example {i} with norm "
+                f"{float(x[i].norm()):.6g}; tolerance {tol:g}); normalise each point to unit length, x / ||x||"
+            )
+    elif manifold == "simplex":
+        nonpos = ~(x > 0).all(1)
+        if nonpos.any():
+            i = int(nonpos.nonzero()[0])
+            raise DataError(
+                f"{what} has {int(nonpos.sum())} points with non-positive entries (first: example {i}, "
+                f"min {float(x[i].min()):.6g}); simplex points need p_i > 0: drop them or smooth, e.g. "
+                f"(p + eps) / (1 + n eps)"
+            )
+        dev = (x.sum(1) - 1).abs()
+        bad = ~(dev <= tol)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise DataError(
+                f"{what} has {int(bad.sum())} points whose entries do not sum to 1 (first: example {i} with sum "
+                f"{float(x[i].sum()):.6g}; tolerance {tol:g}); normalise each point, p / sum(p)"
+            )
+    else:
+        raise ConfigError(f"unknown manifold '{manifold}'; choose 'sphere' or 'simplex'")
+
+
+def project(x: Tensor, manifold: str) -> Tensor:
+    """``x / ||x||`` (sphere) or ``p / sum p`` (simplex)."""
+    if manifold == "sphere":
+        return x / x.norm(dim=1, keepdim=True)
+    return x / x.sum(1, keepdim=True)
+
+
+class ManifoldFlow(Flow):
+    """A :class:`Flow` whose data and base live on ``manifold`` (``"sphere"`` or ``"simplex"``)."""
+
+    def __init__(self, transform: Transform, base: nn.Module, data_shape: Sequence[int], manifold: str,
+                 tol: float = 1e-4):
+        super().__init__(transform, base, data_shape)
+        self.manifold = manifold
+        self.tol = tol
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_on_manifold(x, self.manifold, self.tol)
+        return self.transform(project(x, self.manifold))
+
+
+def _check_manifold(model: str, expected: str, manifold: Optional[str]) -> None:
+    if manifold != expected:
+        got = "a dataset without manifold: " + expected if manifold is None else f"a dataset with manifold: {manifold}"
+        raise ConfigError(
+            f"model={model} models data on {_WHERE[expected]}; use dataset={_DATASETS[expected]} (got {got})"
+        )
+
+
+def _manifold_dim(model: str, shape: Sequence[int], minimum: int = 2) -> int:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 1 or shape[0] < minimum:
+        raise ConfigError(
+            f"model={model} needs vector data of shape [d] with d >= {minimum} (points in R^d), got shape {list(shape)}"
+        )
+    return shape[0]
+
+
+def _check_layers(num_layers: int, model: str, minimum: int = 1) -> int:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < minimum:
+        raise ConfigError(f"model.num_layers of model={model} must be an integer >= {minimum}, got {num_layers!r}")
+    return num_layers
+
+
+@torch.no_grad()
+def _jitter(layer: nn.Module, scale: float) -> None:
+    """Move the layer's parameters off the identity by ``scale * N(0, 1)`` (breaks the symmetry of a stack)."""
+    if scale:
+        for p in layer.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def SphereFlow(
+    shape: Sequence[int],
+    num_layers: int = 4,
+    kind: str = "affine",
+    base: str = "vmf",
+    manifold: Optional[str] = None,
+    kappa: float = 1.0,
+    learn_base: bool = True,
+    init_scale: float = 0.1,
+) -> ManifoldFlow:
+    """``model=sphere``: ``num_layers`` normalised ``kind`` (translation | linear | affine) layers on S^{d-1},
+    ``d = shape[0]``, over a ``base`` (vmf: learned vMF starting at ``kappa``; uniform) distribution.
+    Layers start at ``identity + init_scale * noise``."""
+    _check_manifold("sphere", "sphere", manifold)
+    d = _manifold_dim("sphere", shape)
+    _check_layers(num_layers, "sphere")
+    if kind not in SPHERE_KINDS:
+        raise ConfigError(f"unknown sphere flow kind '{kind}'; set model.kind to one of {', '.join(SPHERE_KINDS)}")
+    if base not in SPHERE_BASES:
+        raise ConfigError(f"unknown sphere base '{base}'; set model.base to one of {', '.join(SPHERE_BASES)}")
+    layers = []
+    for _ in range(num_layers):
+        layer = SPHERE_KINDS[kind](d)
+        _jitter(layer, init_scale)
+        layers.append(layer)
+    dist = VonMisesFisher(d, kappa=kappa, learn=learn_base) if base == "vmf" else UniformSphere(d)
+    return ManifoldFlow(Compose(layers), dist, (d,), "sphere")
+
+
+def SimplexFlow(
+    shape: Sequence[int],
+    num_layers: int = 1,
+    kind: str = "calibration",
+    base: str = "dirichlet",
+    manifold: Optional[str] = None,
+    concentration: Union[float, Sequence[float]] = 1.0,
+    learn_base: bool = True,
+    init_scale: float = 0.1,
+) -> ManifoldFlow:
+    """``model=simplex``: ``num_layers`` ``kind`` (calibration | generalized) transforms on the simplex in
+    R^n, ``n = shape[0]``, over a learned Dirichlet base starting at ``concentration``.  Each family is a
+    group under composition, so one layer is as expressive as a stack (more layers only reparametrise)."""
+    _check_manifold("simplex", "simplex", manifold)
+    n = _manifold_dim("simplex", shape)
+    _check_layers(num_layers, "simplex")
+    if kind not in SIMPLEX_KINDS:
+        raise ConfigError(f"unknown simplex flow kind '{kind}'; set model.kind to one of {', '.join(SIMPLEX_KINDS)}")
+    if base not in SIMPLEX_BASES:
+        raise ConfigError(f"unknown simplex base '{base}'; set model.base to one of {', '.join(SIMPLEX_BASES)}")
+    layers = []
+    for _ in range(num_layers):
+        layer = SIMPLEX_KINDS[kind](n)
+        _jitter(layer, init_scale)
+        layers.append(layer)
+    return ManifoldFlow(Compose(layers), Dirichlet(n, concentration, learn=learn_base), (n,), "simplex")
+
+
+__all__ = [
+    "ManifoldFlow", "SphereFlow", "SimplexFlow", "check_on_manifold", "project",
+    "SPHERE_KINDS", "SIMPLEX_KINDS",
+]
