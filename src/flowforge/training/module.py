@@ -65,9 +65,9 @@ from flowforge.flows.contractive_block import clear_solve_records, solver_summar
 from flowforge.flows.hybrid import HybridClassifier
 from flowforge.flows.model import Flow
 from flowforge.nn.lipschitz import update_lipschitz
-from flowforge.objectives.flow_matching import flow_matching_loss, single_cnf
+from flowforge.objectives.flow_matching import flow_matching_flow_loss, single_cnf
 from flowforge.objectives.reverse_kl import importance_log_z, reverse_kl_loss
-from flowforge.training.objectives import OBJECTIVES, parse_objective, resolve_lam  # noqa: F401 (re-exported)
+from flowforge.training.objectives import parse_objective
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -180,22 +180,13 @@ class FlowModule(pl.LightningModule):
         if name == "reverse_kl":
             return self._reverse_kl_metrics(x, stage)
         if name == "flow_matching":
-            fm = flow_matching_loss(single_cnf(self.model), self._flow_matching_input(x))
+            fm = flow_matching_flow_loss(self.model, self.model.dequantizer(x)[0] if self.model.is_image else x)
             if stage == "train":
                 return {"loss": fm, "fm": fm}
             return {**self.metrics(x), "fm": fm}
         if self.classifier is None:
             return self.metrics(x)
         return self.metrics(x, self._batch_labels(batch))
-
-    def _flow_matching_input(self, x: Tensor) -> Tensor:
-        """The CNF's input for data ``x``: dequantised and logit-transformed for images, ``x`` for vectors."""
-        model = self.model
-        if model.is_image:
-            x, _ = model.dequantizer(x)
-        if model.preprocess is not None:
-            x, _ = model.preprocess(x)
-        return x
 
     def _reverse_kl_metrics(self, x: Tensor, stage: str) -> dict[str, Tensor]:
         """objective=reverse_kl: ``log q(x') - log p~(x')`` for ``n_samples`` draws ``x' ~ q``; outside
