@@ -40,6 +40,10 @@ SMALL = {
                 "model.fc_blocks=1", "model.fc_hidden=[8]"],
     "monotone": ["model.num_blocks=2", "model.depth=2", "model.growth=4", "model.fc_g=mlp", "model.fc_hidden=[8]",
                  "model.blocks_per_scale=[1]", "model.fc_blocks=1"],
+    "cnf": ["model.num_blocks=2", "model.hidden=[8]", "model.channels=4", "model.kernels=[3,3]",
+            "model.num_scales=2", "model.blocks_per_scale=1", "model.method=rk4", "model.step_size=0.5"],
+    "sphere": ["model.num_layers=2"],
+    "simplex": [],
 }
 # models whose log-det is estimated: exact-reference tests select estimator=exact and tight inverses
 # tight solves, adjoints included (the brute-force Jacobian differentiates through them)
@@ -50,9 +54,12 @@ EXACT_OVERRIDES = {
     "iresnet": ["estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"],
     "impflow": ["estimator=exact", *_TIGHT_SOLVES],
     "monotone": ["estimator=exact", *_TIGHT_SOLVES],
+    "cnf": ["estimator=exact", "model.method=dopri5", "model.step_size=null", "model.atol=1e-10", "model.rtol=1e-10",
+            "model.adjoint=false"],
 }
 ESTIMATED = set(EXACT_OVERRIDES)
 VECTOR_ONLY = {"planar", "radial"}
+MANIFOLD = {"sphere": "sphere", "simplex": "simplex"}  # model -> the dataset.manifold it needs
 NEEDS_2D = {"nice", "realnvp", "glow", "nsf"}
 
 

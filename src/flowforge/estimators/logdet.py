@@ -73,7 +73,7 @@ class LogDetEstimator:
         eval_exact_max_dim: int = 2,
     ):
         if name not in ESTIMATORS:
-            raise ConfigError(f"unknown log-det estimator '{name}'; choose one of {ESTIMATORS}")
+            raise ConfigError("estimator=hutchinson is the CNF trace estimator; residual flows take exact, power_series or roulette" if name == "hutchinson" else f"unknown log-det estimator '{name}'; choose one of {ESTIMATORS}")
         if probe not in PROBES:
             raise ConfigError(f"unknown Hutchinson probe '{probe}'; choose one of {PROBES}")
         for key, val, low in (("n_terms", n_terms, 1), ("n_exact_terms", n_exact_terms, 0),
