@@ -173,7 +173,7 @@ class FlowModule(pl.LightningModule):
             )
         return y
 
-    def _step_metrics(self, batch: Any, x: Tensor, stage: str) -> dict[str, Tensor]:
+    def _step_metrics(self, batch: Any, x: Tensor, stage: str = "train") -> dict[str, Tensor]:
         name = self.objective_name
         if name == "regression":
             return self._regression_metrics(batch)
