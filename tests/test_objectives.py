@@ -94,3 +94,24 @@ def test_rnode_penalty_joins_the_loss_and_nfe_is_logged(tmp_path):
     assert reg["train/loss_step"] == pytest.approx(expected, abs=1e-4)
     for m in (plain, reg):
         assert m["train/nfe/forward"] >= 6 and m["train/nfe/backward"] >= 6  # dopri5: >= 1 step of 6 stages
+
+
+@pytest.mark.parametrize("name", ["flow_matching_toy", "reverse_kl_mixture", "sphere_vmf", "ffjord_toy"])
+def test_cpu_experiments_run(name, tmp_path):
+    """The CPU recipes of the README run end to end (one batch of each stage) and report their metrics."""
+    m = train(tmp_path, f"experiment={name}", "+trainer.fast_dev_run=true", "+dataset.limit=64",
+              "dataset.batch_size=32", "trainer.enable_progress_bar=false", "~callbacks.progress_bar")
+    assert math.isfinite(m["test/loss"])
+    if name == "reverse_kl_mixture":
+        assert math.isfinite(m["test/log_z"]) and 0 < m["test/ess"] <= 1
+
+
+@pytest.mark.parametrize("name", ["ffjord_mnist", "ffjord_cifar10"])
+def test_ffjord_image_recipes_build(name):
+    """The paper-size FFJORD recipes compose and build their multiscale model (not trained here)."""
+    from conftest import instantiate_model
+
+    cfg = compose([f"experiment={name}"])
+    flow = instantiate_model(cfg)
+    assert flow.data_shape == tuple(cfg.dataset.shape)
+    assert sum(1 for m in flow.modules() if type(m).__name__ == "CNF") >= 2 * cfg.model.num_scales - 1
