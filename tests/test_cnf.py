@@ -122,6 +122,30 @@ def test_adjoint_gradients_equal_backprop(trace):
         torch.testing.assert_close(g_adjoint, g_direct, atol=1e-6, rtol=1e-6)
 
 
+def test_adjoint_seminorm_saves_backward_evaluations_not_accuracy():
+    """The seminorm adjoint (default) takes fewer backward function evaluations than the full mixed norm at the
+    same tolerance (measured 20 vs 26 at 1e-6), and both match direct backpropagation through a 1e-12 solve to
+    1e-4 of the largest gradient (measured: 2e-5 seminorm, 3e-6 full norm: the seminorm trades some accuracy of
+    the parameter gradients, below the noise of a minibatch gradient, for the evaluations)."""
+    torch.manual_seed(0)
+    runs = {}
+    for name, opts in (("direct", dict(adjoint=False)), ("semi", dict(adjoint=True)),
+                       ("full", dict(adjoint=True, adjoint_seminorm=False))):
+        tol = 1e-12 if name == "direct" else 1e-6
+        cnf = mlp_cnf(trace="exact", t1=1.0, atol=tol, rtol=tol, **opts)
+        if runs:
+            cnf.load_state_dict(runs["direct"][0].state_dict())
+        x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+        z, log_det = cnf(x)
+        (0.5 * z.pow(2).sum() - log_det.sum()).backward()
+        runs[name] = (cnf, [p.grad.clone() for p in cnf.parameters()], cnf.nfe["backward"])
+    assert runs["semi"][2] < runs["full"][2]
+    for name in ("semi", "full"):
+        scale = max(float(ref.abs().max()) for ref in runs["direct"][1])
+        for g, ref in zip(runs[name][1], runs["direct"][1]):
+            torch.testing.assert_close(g, ref, atol=1e-4 * scale, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- Hutchinson
 def _within(samples: torch.Tensor, target: float, k: float = 3.0) -> bool:
     se = float(samples.std()) / math.sqrt(samples.numel())

@@ -95,6 +95,7 @@ def FFJORD(
     adjoint: bool = True,
     adjoint_atol: Optional[float] = None,
     adjoint_rtol: Optional[float] = None,
+    adjoint_seminorm: bool = True,
     t1: float = 1.0,
     train_t1: bool = True,
     kinetic: float = 0.0,
@@ -116,7 +117,7 @@ def FFJORD(
     opts.setdefault("eval_exact_max_dim", int(eval_exact_max_dim))
     solver = dict(
         method=method, atol=atol, rtol=rtol, step_size=step_size, adjoint=adjoint, adjoint_atol=adjoint_atol,
-        adjoint_rtol=adjoint_rtol, t1=t1, train_t1=train_t1, kinetic=kinetic, jacobian=jacobian,
+        adjoint_rtol=adjoint_rtol, adjoint_seminorm=adjoint_seminorm, t1=t1, train_t1=train_t1, kinetic=kinetic, jacobian=jacobian,
         eval_trace=eval_trace, max_num_steps=max_num_steps, **opts,
     )
     if int(augment_dim) != augment_dim or augment_dim < 0:
