@@ -101,7 +101,7 @@ def check_estimator(cfg: DictConfig, model: torch.nn.Module) -> None:
     if name not in ("exact", "auto") and not any(hasattr(m, "logdet_estimator") for m in model.modules()):
         target = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
         raise ConfigError(
-            f"estimator={name} applies to flows whose log-det is estimated (model=resflow, iresnet, impflow, monotone); "
+            f"estimator={name} applies to flows whose log-det is estimated (model=resflow, iresnet, impflow, monotone, cnf); "
             f"{target} has a closed-form log-det: use estimator=exact"
         )
 

@@ -2,11 +2,14 @@
 
 from flowforge.flows.actnorm import ActNorm
 from flowforge.flows.base import Compose, Inverse, Transform
+from flowforge.flows.cnf import CNF
 from flowforge.flows.coupling import Coupling
 from flowforge.flows.distributions import DiagonalGaussian, StandardNormal
+from flowforge.flows.ffjord import FFJORD
 from flowforge.flows.glow import Glow
 from flowforge.flows.invconv import InvertibleLinearLU
 from flowforge.flows.maf import IAF, MAF
+from flowforge.flows.manifold_flow import SimplexFlow, SphereFlow
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.nice import NICE
 from flowforge.flows.nsf import NSF
@@ -15,7 +18,7 @@ from flowforge.flows.radial import Radial, radial_family
 from flowforge.flows.realnvp import RealNVP
 
 __all__ = [
-    "ActNorm", "Compose", "Coupling", "DiagonalGaussian", "Flow", "Glow", "IAF", "InvertibleLinearLU",
-    "Inverse", "MAF", "NICE", "NSF", "Planar", "Radial", "RealNVP", "StandardNormal", "Transform",
-    "build_flow", "planar_family", "radial_family",
+    "ActNorm", "CNF", "Compose", "Coupling", "DiagonalGaussian", "FFJORD", "Flow", "Glow", "IAF",
+    "InvertibleLinearLU", "Inverse", "MAF", "NICE", "NSF", "Planar", "Radial", "RealNVP", "SimplexFlow",
+    "SphereFlow", "StandardNormal", "Transform", "build_flow", "planar_family", "radial_family",
 ]
