@@ -126,6 +126,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, module = build(cfg)
+    if cfg.get("ckpt_path") and cfg.get("train", True):  # resuming: a clear error for a missing or foreign checkpoint
+        load_weights(module, cfg.ckpt_path, model_name(cfg))
     trainer = make_trainer(cfg)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("train", True):
@@ -176,13 +178,35 @@ def load_checkpoint(ckpt_path: str, map_location: str = "cpu") -> tuple[DictConf
     return OmegaConf.create(config), ckpt
 
 
+def model_name(cfg: DictConfig) -> str:
+    return str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def load_weights(module: FlowModule, ckpt_path: str, this_model: str, ckpt: Optional[dict] = None) -> None:
+    """Load a checkpoint's weights into ``module``; a ConfigError when they belong to another model."""
+    if ckpt is None:
+        run_cfg, ckpt = load_checkpoint(ckpt_path)
+    else:
+        run_cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    try:
+        module.load_state_dict(ckpt.get("state_dict", {}))
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} was written by model {model_name(run_cfg)}, but this run builds model "
+            f"{this_model}, and the weights do not match ({detail}); "
+            "use the same model config as the run that wrote the checkpoint, or drop ckpt_path"
+        ) from None
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test metrics of a checkpoint (its EMA weights when EMA was on) on the test split."""
     run_cfg, ckpt = load_checkpoint(cfg.ckpt_path)
     if cfg.get("data_dir"):
         run_cfg.dataset.data_dir = cfg.data_dir
     datamodule, module = build(run_cfg)
-    module.load_state_dict(ckpt["state_dict"])
+    load_weights(module, cfg.ckpt_path, model_name(run_cfg), ckpt)
     trainer = pl.Trainer(accelerator=cfg.get("accelerator", "cpu"), devices=1, logger=False, enable_checkpointing=False)
     trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -197,7 +221,7 @@ def sample(cfg: DictConfig) -> Path:
 
     run_cfg, ckpt = load_checkpoint(cfg.ckpt_path)
     datamodule, module = build(run_cfg)
-    module.load_state_dict(ckpt["state_dict"])
+    load_weights(module, cfg.ckpt_path, model_name(run_cfg), ckpt)
     model = module.model.eval()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,8 @@ class _MAFDataModule(FlowDataModule):
             raise DataError(
                 f"dataset '{self.label}': {path} holds an array of shape {data.shape}; expected {expected}"
             )
+        if len(data) == 0:
+            raise DataError(f"dataset '{self.label}': {path} holds no rows (the file is empty); extract it again. {_HOW_TO_GET}")
         return data.astype(np.float64, copy=False)
 
 

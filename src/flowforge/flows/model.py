@@ -69,6 +69,7 @@ class Flow(Transform):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` per sample in nats (x continuous, in [0, 1] for images)."""
+        self.check_input(x)
         z, log_det = self(x)
         return self.base.log_prob(z) + log_det
 

@@ -150,6 +150,11 @@ class FlowModule(pl.LightningModule):
     def _batch_input(self, batch: Any) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         self.model.check_input(x)
+        if not torch.is_floating_point(x):
+            raise DataError(
+                f"batch at step {self.global_step} has dtype {x.dtype}, but flows take real-valued inputs of a floating "
+                f"dtype (image pixels as integer-valued floats); convert the data with .float() in the data module"
+            )
         if not torch.isfinite(x).all():
             raise DataError(
                 f"batch at step {self.global_step} contains {int((~torch.isfinite(x)).sum())} NaN/inf values; "
@@ -165,6 +170,11 @@ class FlowModule(pl.LightningModule):
                 f"none; use a labelled dataset such as dataset=digits, mnist or cifar10 (or objective=mle)"
             )
         y = batch[1]
+        if torch.is_floating_point(y) or torch.is_complex(y):
+            raise DataError(
+                f"labels must be integer class indices, got dtype {y.dtype}; store them as int64 (torch.long) "
+                f"in the data module"
+            )
         n = self.objective["num_classes"]
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n):
             raise ConfigError(
