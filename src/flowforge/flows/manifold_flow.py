@@ -122,6 +122,24 @@ def _jitter(layer: nn.Module, scale: float) -> None:
             p.add_(scale * torch.randn_like(p))
 
 
+def _layer_stack(manifold: str, shape: Sequence[int], data_manifold: Optional[str], num_layers: int, kind: str,
+                 kinds: dict, base: str, bases: tuple, init_scale: float) -> tuple[int, Compose]:
+    """Check a manifold model's options and build its ``num_layers`` jittered ``kind`` layers."""
+    _check_manifold(manifold, manifold, data_manifold)
+    dim = _manifold_dim(manifold, shape)
+    _check_layers(num_layers, manifold)
+    if kind not in kinds:
+        raise ConfigError(f"unknown {manifold} flow kind '{kind}'; set model.kind to one of {', '.join(kinds)}")
+    if base not in bases:
+        raise ConfigError(f"unknown {manifold} base '{base}'; set model.base to one of {', '.join(bases)}")
+    layers = []
+    for _ in range(num_layers):
+        layer = kinds[kind](dim)
+        _jitter(layer, init_scale)
+        layers.append(layer)
+    return dim, Compose(layers)
+
+
 def SphereFlow(
     shape: Sequence[int],
     num_layers: int = 4,
@@ -135,20 +153,9 @@ def SphereFlow(
     """``model=sphere``: ``num_layers`` normalised ``kind`` (translation | linear | affine) layers on S^{d-1},
     ``d = shape[0]``, over a ``base`` (vmf: learned vMF starting at ``kappa``; uniform) distribution.
     Layers start at ``identity + init_scale * noise``."""
-    _check_manifold("sphere", "sphere", manifold)
-    d = _manifold_dim("sphere", shape)
-    _check_layers(num_layers, "sphere")
-    if kind not in SPHERE_KINDS:
-        raise ConfigError(f"unknown sphere flow kind '{kind}'; set model.kind to one of {', '.join(SPHERE_KINDS)}")
-    if base not in SPHERE_BASES:
-        raise ConfigError(f"unknown sphere base '{base}'; set model.base to one of {', '.join(SPHERE_BASES)}")
-    layers = []
-    for _ in range(num_layers):
-        layer = SPHERE_KINDS[kind](d)
-        _jitter(layer, init_scale)
-        layers.append(layer)
+    d, layers = _layer_stack("sphere", shape, manifold, num_layers, kind, SPHERE_KINDS, base, SPHERE_BASES, init_scale)
     dist = VonMisesFisher(d, kappa=kappa, learn=learn_base) if base == "vmf" else UniformSphere(d)
-    return ManifoldFlow(Compose(layers), dist, (d,), "sphere")
+    return ManifoldFlow(layers, dist, (d,), "sphere")
 
 
 def SimplexFlow(
@@ -164,19 +171,9 @@ def SimplexFlow(
     """``model=simplex``: ``num_layers`` ``kind`` (calibration | generalized) transforms on the simplex in
     R^n, ``n = shape[0]``, over a learned Dirichlet base starting at ``concentration``.  Each family is a
     group under composition, so one layer is as expressive as a stack (more layers only reparametrise)."""
-    _check_manifold("simplex", "simplex", manifold)
-    n = _manifold_dim("simplex", shape)
-    _check_layers(num_layers, "simplex")
-    if kind not in SIMPLEX_KINDS:
-        raise ConfigError(f"unknown simplex flow kind '{kind}'; set model.kind to one of {', '.join(SIMPLEX_KINDS)}")
-    if base not in SIMPLEX_BASES:
-        raise ConfigError(f"unknown simplex base '{base}'; set model.base to one of {', '.join(SIMPLEX_BASES)}")
-    layers = []
-    for _ in range(num_layers):
-        layer = SIMPLEX_KINDS[kind](n)
-        _jitter(layer, init_scale)
-        layers.append(layer)
-    return ManifoldFlow(Compose(layers), Dirichlet(n, concentration, learn=learn_base), (n,), "simplex")
+    n, layers = _layer_stack("simplex", shape, manifold, num_layers, kind, SIMPLEX_KINDS, base, SIMPLEX_BASES,
+                             init_scale)
+    return ManifoldFlow(layers, Dirichlet(n, concentration, learn=learn_base), (n,), "simplex")
 
 
 __all__ = [
