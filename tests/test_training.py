@@ -146,3 +146,33 @@ def test_gradient_accumulation_and_bf16_mixed_run(tmp_path):
     assert math.isfinite(metrics["test/nll"])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5  # 10 batches / 2
+
+
+def _poison_gradient_at(monkeypatch, step):
+    """At training step ``step`` the gradient of the model's first weight becomes NaN (the loss stays finite)."""
+    original = FlowModule.on_train_start
+
+    def on_train_start(self):
+        original(self)
+        name, p = next((n, q) for n, q in self.named_parameters() if n.endswith("weight"))
+        p.register_hook(lambda g: g * float("nan") if self.global_step == step else g)
+    monkeypatch.setattr(FlowModule, "on_train_start", on_train_start)
+
+
+def test_nan_gradient_stops_with_the_step_and_the_layer(tmp_path, monkeypatch):
+    """A NaN gradient under a finite loss: the update is dropped (every checkpoint stays finite) and the run
+    stops naming the step and the parameter."""
+    _poison_gradient_at(monkeypatch, 3)
+    with pytest.raises(NonFiniteLossError, match=r"gradients of 1 parameter tensors became NaN/inf at step 3 \(first: "
+                                                 r"model\.\S+weight\)"):
+        experiment.train(compose([*FAST, f"paths.output_dir={tmp_path}", "trainer.max_epochs=3"]))
+    for c in (tmp_path / "checkpoints").glob("*.ckpt"):
+        state = torch.load(c, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_nan_gradient_skip_policy_drops_only_that_update(tmp_path, monkeypatch):
+    _poison_gradient_at(monkeypatch, 3)
+    metrics = run(tmp_path, "on_nonfinite=skip", "trainer.max_epochs=1")
+    assert math.isfinite(metrics["test/nll"])
+    assert metrics["train/nonfinite_gradients"] == 1.0

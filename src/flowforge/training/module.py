@@ -57,6 +57,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import get_total_norm
 
 from flowforge.errors import ConfigError, DataError
 from flowforge.flows.base import samples_pathwise
@@ -316,6 +317,32 @@ class FlowModule(pl.LightningModule):
             )
             self.trainer.should_stop = True
         return None  # Lightning skips backward and the optimizer step
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A finite loss can still give NaN/inf gradients (an overflow in a backward pass, an adjoint solve that
+        blew up): drop the whole update, record the step and the first parameter affected, and apply the
+        ``on_nonfinite`` policy (``stop``: end the run with the weights untouched; ``skip``: go on).  Not under
+        ``16-mixed``, whose gradient scaler skips such steps by design."""
+        if "16-mixed" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
+            return
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        # one fused max|g| over all gradients (NaN and inf propagate, finite values cannot overflow), one sync
+        if not named or bool(torch.isfinite(get_total_norm([g for _, g in named], norm_type=float("inf")))):
+            return
+        bad = [n for n, g in named if not bool(torch.isfinite(g).all())]
+        for group in optimizer.param_groups:
+            for q in group["params"]:
+                q.grad = None  # the optimizer skips parameters without gradient: no update at all
+        step = int(self.global_step)
+        self.nonfinite_events.append({"step": step, "gradient": bad[0], "count": len(bad), "policy": self.on_nonfinite})
+        self.log("train/nonfinite_gradients", float(sum("gradient" in e for e in self.nonfinite_events)), on_step=True)
+        if self.on_nonfinite == "stop":
+            self.stop_reason = (
+                f"the gradients of {len(bad)} parameter tensors became NaN/inf at step {step} (first: {bad[0]}) "
+                f"with a finite loss; the update was dropped and the run stopped, so the weights and the last "
+                f"checkpoint are the last good ones (on_nonfinite=skip drops such steps and goes on)"
+            )
+            self.trainer.should_stop = True
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch)
