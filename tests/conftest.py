@@ -110,3 +110,20 @@ def assert_directional_derivative(loss, p, grad, eps=1e-6, tol=1e-6):
         p.add_(eps * d)
     assert abs((up - down) / (2 * eps) - float((grad * d).sum())) < tol * max(1.0, abs(up))
 
+
+
+def fast_dev_run(flow, datamodule, tmp_path):
+    """One training, validation and test batch of ``flow`` on ``datamodule`` (no logger, no checkpoints);
+    returns the trainer and the module."""
+    import pytorch_lightning as pl
+
+    from flowforge.training.module import FlowModule
+
+    trainer = pl.Trainer(
+        fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    module = FlowModule(flow)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return trainer, module

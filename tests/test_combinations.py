@@ -2,15 +2,14 @@
 training/validation/test step, and the ones that cannot fail with a clear message."""
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import DATASETS, MANIFOLD, MODELS, NEEDS_2D, SMALL, VECTOR_ONLY, compose, instantiate_model
+from conftest import (DATASETS, MANIFOLD, MODELS, NEEDS_2D, SMALL, VECTOR_ONLY, compose, fast_dev_run,
+                      instantiate_model)
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class
 
 from flowforge.data.base import FlowDataModule
 from flowforge.errors import ConfigError
-from flowforge.training.module import FlowModule
 
 GENERATED = {"toy2d", "step1d", "digits", "target", "vmf_sphere", "dirichlet_simplex"}  # the rest read files: replaced by synthetic data here
 
@@ -61,13 +60,7 @@ def test_model_dataset_combination(model, dataset, tmp_path):
     else:
         d = cfg.dataset
         dm = SyntheticData(shape=d.shape, num_levels=d.num_levels, logit_alpha=d.logit_alpha, batch_size=2)
-    trainer = pl.Trainer(
-        fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
-    module = FlowModule(flow)
-    trainer.fit(module, datamodule=dm)
-    trainer.test(module, datamodule=dm, verbose=False)
+    trainer, _ = fast_dev_run(flow, dm, tmp_path)
     assert torch.isfinite(trainer.callback_metrics["test/loss"])
 
 

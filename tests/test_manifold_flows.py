@@ -7,9 +7,8 @@ import math
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import compose, instantiate_model
+from conftest import compose, fast_dev_run, instantiate_model
 
 from flowforge.data.sphere import DirichletMixtureDataModule, VMFMixtureDataModule
 from flowforge.errors import ConfigError, DataError
@@ -28,7 +27,6 @@ from flowforge.flows.simplex import Calibration, GeneralizedCalibration
 from flowforge.flows.sphere import NormalizedAffine, NormalizedLinear, NormalizedTranslation
 from flowforge.testing import simplex_volume_ratio, sphere_volume_ratio
 from flowforge.training.callbacks import SampleFigures
-from flowforge.training.module import FlowModule
 from flowforge.training.visualize import manifold_figure
 
 ATOL = 1e-6
@@ -93,6 +91,17 @@ def test_sphere_log_ratio_matches_tangent_jacobian(kind, d):
     assert (log_det - log_det.mean()).abs().max() > 1e-3  # non-trivial parameters: the ratio varies
 
 
+def assert_inverts(layer, x, z, log_det, volume_ratio):
+    """``z = layer(x)`` inverts to ``x`` (1e-10) through ``inverse`` and ``inverse_and_log_det``, whose log-ratio
+    is minus the forward one and matches the brute-force ``volume_ratio`` of the inverse map at ``z``."""
+    x_back, inv_log_det = layer.inverse_and_log_det(z)
+    torch.testing.assert_close(x_back, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(layer.inverse(z), x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(inv_log_det, -log_det, atol=1e-10, rtol=0)
+    ref = volume_ratio(lambda v: layer.inverse(v), z).log()
+    torch.testing.assert_close(inv_log_det, ref, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("d", [2, 3, 5])
 @pytest.mark.parametrize("kind", list(SPHERE_LAYERS))
 def test_sphere_layer_stays_on_sphere_and_inverts_exactly(kind, d):
@@ -100,13 +109,7 @@ def test_sphere_layer_stays_on_sphere_and_inverts_exactly(kind, d):
     x = sphere_points(8, d)
     z, log_det = layer(x)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(8, dtype=torch.float64), atol=1e-12, rtol=0)
-    x_back, inv_log_det = layer.inverse_and_log_det(z)
-    torch.testing.assert_close(x_back, x, atol=1e-10, rtol=0)
-    torch.testing.assert_close(layer.inverse(z), x, atol=1e-10, rtol=0)
-    torch.testing.assert_close(inv_log_det, -log_det, atol=1e-10, rtol=0)
-    # the inverse's own closed-form ratio also matches its brute-force Jacobian
-    ref = sphere_volume_ratio(lambda v: layer.inverse(v), z).log()
-    torch.testing.assert_close(inv_log_det, ref, atol=ATOL, rtol=0)
+    assert_inverts(layer, x, z, log_det, sphere_volume_ratio)
 
 
 def test_sphere_composition_chains_ratios_and_inverts():
@@ -217,12 +220,7 @@ def test_simplex_layer_stays_on_simplex_and_inverts_exactly(kind, n):
     q, log_det = layer(p)
     assert (q > 0).all()
     torch.testing.assert_close(q.sum(1), torch.ones(8, dtype=torch.float64), atol=1e-12, rtol=0)
-    p_back, inv_log_det = layer.inverse_and_log_det(q)
-    torch.testing.assert_close(p_back, p, atol=1e-10, rtol=0)
-    torch.testing.assert_close(layer.inverse(q), p, atol=1e-10, rtol=0)
-    torch.testing.assert_close(inv_log_det, -log_det, atol=1e-10, rtol=0)
-    ref = simplex_volume_ratio(lambda v: layer.inverse(v), q).log()
-    torch.testing.assert_close(inv_log_det, ref, atol=ATOL, rtol=0)
+    assert_inverts(layer, p, q, log_det, simplex_volume_ratio)
 
 
 def test_simplex_composition():
@@ -502,13 +500,7 @@ def test_train_config_runs_and_draws_the_figure(model, dataset, extra, tmp_path)
     flow = instantiate_model(cfg)
     assert not flow.is_image
     dm = hydra.utils.instantiate(cfg.dataset, n_train=32, n_val=16, n_test=16)
-    trainer = pl.Trainer(
-        fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
-    module = FlowModule(flow)
-    trainer.fit(module, datamodule=dm)
-    trainer.test(module, datamodule=dm, verbose=False)
+    trainer, module = fast_dev_run(flow, dm, tmp_path)
     assert torch.isfinite(trainer.callback_metrics["test/loss"])
     path = SampleFigures(str(tmp_path / "figures")).draw(trainer, module, "test")
     assert path is not None and path.exists() and path.stat().st_size > 1000

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from conftest import assert_directional_derivative
 
 from flowforge.errors import ConfigError, ConvergenceError
 from flowforge.solvers import Solver, as_solver, check_convergence, implicit_solve
@@ -191,16 +192,8 @@ def test_implicit_gradient_matches_finite_differences():
         return loss_of(x, c)
 
     gw, gc = torch.autograd.grad(loss(), [w, c])
-    eps = 1e-6
     for p, g in ((w, gw), (c, gc)):
-        d = torch.randn_like(p)
-        with torch.no_grad():
-            p.add_(eps * d)
-            up = float(loss())
-            p.sub_(2 * eps * d)
-            down = float(loss())
-            p.add_(eps * d)
-        assert abs((up - down) / (2 * eps) - float((g * d).sum())) < 1e-6 * max(1.0, abs(up))
+        assert_directional_derivative(loss, p, g)
 
 
 def test_implicit_solve_without_grad_builds_no_graph():

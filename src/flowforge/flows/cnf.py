@@ -426,6 +426,14 @@ def reset_nfe(model: nn.Module) -> None:
         m.reset_nfe()
 
 
+def clear_step_records(model: nn.Module) -> None:
+    """Before a training step: zero the evaluation counters and forget the last RNODE penalty of every CNF block,
+    so the step's summary and penalty come from that step only."""
+    for m in cnf_blocks(model):
+        m.reset_nfe()
+        m.last_regularization, m.last_reg_terms = None, {}
+
+
 def nfe_summary(model: nn.Module) -> dict[str, int]:
     """``{"nfe/forward": n, "nfe/backward": n}`` summed over the CNF blocks since their last reset ({} without
     CNF blocks).  Backward counts the evaluations of adjoint solves (0 with direct backpropagation)."""

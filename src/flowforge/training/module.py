@@ -61,7 +61,7 @@ from torch.nn.utils import get_total_norm
 
 from flowforge.errors import ConfigError, DataError
 from flowforge.flows.base import samples_pathwise
-from flowforge.flows.cnf import nfe_summary, reset_nfe
+from flowforge.flows.cnf import clear_step_records, cnf_blocks, cnf_regularization, nfe_summary
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.hybrid import HybridClassifier
 from flowforge.flows.model import Flow
@@ -292,16 +292,13 @@ class FlowModule(pl.LightningModule):
         """RNODE: ``{"loss": loss + penalty}`` (per example) when a CNF block of the model recorded a penalty in
         this step's forward (weights ``model.kinetic`` / ``model.jacobian``), else ``{}``; the unweighted
         integrals are logged as ``train/reg/<term>``."""
-        penalty, terms = None, {}
-        for m in self.model.modules():
-            reg = getattr(m, "last_regularization", None)
-            if reg is None:
-                continue
-            penalty = reg if penalty is None else penalty + reg
-            for k, v in getattr(m, "last_reg_terms", {}).items():
-                terms[k] = terms.get(k, 0.0) + float(v)
+        penalty = cnf_regularization(self.model)
         if penalty is None:
             return {}
+        terms: dict[str, float] = {}
+        for block in cnf_blocks(self.model):
+            for k, v in block.last_reg_terms.items():
+                terms[k] = terms.get(k, 0.0) + float(v)
         for k, v in terms.items():
             self.log(f"train/reg/{k}", v, on_step=True, on_epoch=False)
         return {"loss": loss + penalty}
@@ -361,10 +358,7 @@ class FlowModule(pl.LightningModule):
     # ------------------------------------------------------------------ Lipschitz constraint
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         clear_solve_records(self.model)
-        reset_nfe(self.model)
-        for m in self.model.modules():
-            if getattr(m, "last_regularization", None) is not None:
-                m.last_regularization = None
+        clear_step_records(self.model)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # during training at most lipschitz_step_iters warm-started iterations per step (the subspace carries
