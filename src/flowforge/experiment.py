@@ -17,10 +17,14 @@ import hydra.errors
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
+from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.training.callbacks import SampleFigures
+from flowforge.training.checkpoint_io import AtomicCheckpointIO
+from flowforge.training.faults import FaultInjection
+from flowforge.training.resume import ExactResume
 from flowforge.training.module import FlowModule
 
 log = logging.getLogger("flowforge")
@@ -35,8 +39,23 @@ def _wandb_mode() -> str:
     return "offline"
 
 
+def _run_id() -> str:
+    """Name of a run's folder: ``slurm-<job id>`` inside a SLURM batch job (``<array job>_<task>`` for arrays), so
+    a requeued job finds its own checkpoints again; otherwise the start time."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_JOB_NAME") not in (None, "bash", "interactive"):
+        if env.get("SLURM_ARRAY_JOB_ID"):
+            return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    from datetime import datetime
+
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 if not OmegaConf.has_resolver("wandb_mode"):
     OmegaConf.register_new_resolver("wandb_mode", _wandb_mode)
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -66,6 +85,10 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
         optimizer=hydra.utils.instantiate(cfg.optim.optimizer),
         warmup_steps=cfg.optim.warmup_steps,
         on_nonfinite=cfg.on_nonfinite,
+        on_solver_failure=cfg.get("on_solver_failure", "warn"),
+        on_power_iteration_failure=cfg.get("on_power_iteration_failure", "warn"),
+        fault_lr_factor=cfg.get("fault_lr_factor", 0.5),
+        max_fault_events=cfg.get("max_fault_events", 20),
         config=OmegaConf.to_container(cfg, resolve=True),
         objective=objective,
         lipschitz_step_iters=cfg.get("lipschitz_step_iters"),
@@ -114,10 +137,37 @@ def _instantiate_group(node: Optional[DictConfig]) -> list:
 
 def make_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar") is False:  # the bar's callback would make Lightning refuse the option
+        callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
+    if cfg.get("faults"):
+        callbacks.append(FaultInjection(**OmegaConf.to_container(cfg.faults, resolve=True)))
     loggers = _instantiate_group(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    precision, accelerator = str(cfg.trainer.get("precision")), str(cfg.trainer.get("accelerator", "auto"))
+    if precision in ("16-mixed", "16", "16-true") and (accelerator == "cpu" or
+                                                        (accelerator == "auto" and not torch.cuda.is_available())):
+        raise ConfigError(
+            f"trainer.precision={precision} (float16) needs a GPU, but this run trains on the CPU, where Lightning "
+            "would silently switch to bfloat16; use trainer.precision=bf16-mixed on the CPU (or 32)"
+        )
+    overrides.setdefault("plugins", [AtomicCheckpointIO()])
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+    """``ckpt_path`` as a file: a path is checked to exist; ``last`` is the newest ``last*.ckpt`` or SLURM
+    ``hpc_ckpt_<n>.ckpt`` of this run's folder (None when there is none yet: a fresh start, so the same command
+    can start and resume a job); null stays null."""
+    value = cfg.get("ckpt_path")
+    if value is None or value != "last":
+        return value
+    out = Path(cfg.paths.output_dir)
+    found = [p for p in (out / "checkpoints").glob("last*.ckpt")] + list(out.glob("hpc_ckpt_*.ckpt"))
+    if not found:
+        log.info("ckpt_path=last: no checkpoint in %s yet; starting from scratch", out)
+        return None
+    return str(max(found, key=lambda p: p.stat().st_mtime_ns))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -126,15 +176,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, module = build(cfg)
-    if cfg.get("ckpt_path") and cfg.get("train", True):  # resuming: a clear error for a missing or foreign checkpoint
-        load_weights(module, cfg.ckpt_path, model_name(cfg))
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path and cfg.get("train", True):  # resuming: a clear error for a missing or foreign checkpoint
+        load_weights(module, ckpt_path, model_name(cfg))
     trainer = make_trainer(cfg)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            saved = [cb.saved_on_signal for cb in trainer.callbacks if isinstance(cb, ExactResume) and cb.saved_on_signal]
+            where = f"saved {saved[0]}; resume with ckpt_path={saved[0]}" if saved else \
+                f"resume from the newest checkpoint in {out_dir / 'checkpoints'} (ckpt_path=last)"
+            print(f"stopped by SIGTERM at step {trainer.global_step}: {where}", flush=True)
+            raise SystemExit(143) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if module.stop_reason:
-        raise NonFiniteLossError(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}")
+        raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}")
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})

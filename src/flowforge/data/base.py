@@ -8,6 +8,7 @@ Batches are tuples ``(x,)`` or ``(x, y)``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,23 +16,27 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from flowforge.data.sampler import ResumableSampler
 from flowforge.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 
 
-class HorizontalFlip(Dataset):
-    """Wraps an image dataset and flips each image left-right with probability 1/2."""
+class Mirrored(Dataset):
+    """An image dataset and its mirror images: index ``i < n`` is example ``i`` as stored, ``i + n`` the same
+    example flipped left-right.  :class:`flowforge.data.sampler.ResumableSampler` (``mirrored=True``) picks one
+    of the two per example and epoch, which gives random flips that are reproducible and resumable."""
 
     def __init__(self, base: Dataset):
         self.base = base
+        self.n = len(base)
 
     def __len__(self) -> int:
-        return len(self.base)
+        return 2 * self.n
 
     def __getitem__(self, i):
-        item = self.base[i]
-        if torch.rand(()) < 0.5:
+        item = self.base[i % self.n]
+        if i >= self.n:
             item = (item[0].flip(-1),) + tuple(item[1:])
         return item
 
@@ -151,20 +156,35 @@ class FlowDataModule(pl.LightningDataModule):
         return x
 
     def _loader(self, split: str, train: bool) -> DataLoader:
+        """Training: a :class:`ResumableSampler` (an order fixed by ``seed`` and the epoch, sharded over DDP
+        ranks, resumable mid-epoch; flips through :class:`Mirrored`); evaluation: the stored order."""
         if not self.splits:
             self.setup()
         data = self.splits[split]
-        if train and self.flip:
-            data = HorizontalFlip(data)
         bs = self.batch_size if train else self.eval_batch_size
+        sampler = None
+        if train:
+            trainer = getattr(self, "trainer", None)
+            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = ResumableSampler(len(data), replicas, rank, shuffle=True, seed=self.order_seed,
+                                       mirrored=self.flip)
+            if self.flip:
+                data = Mirrored(data)
         return DataLoader(
             data,
             batch_size=bs,
-            shuffle=train,
-            drop_last=train and len(data) > bs,
+            sampler=sampler,
+            drop_last=train and len(self.splits[split]) // (sampler.num_replicas if sampler else 1) > bs,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.order_seed),
         )
+
+    @property
+    def order_seed(self) -> int:
+        """Seed of the training order: the run's seed (``seed_everything`` exports it as ``PL_GLOBAL_SEED``)
+        mixed with the split seed ``seed``, so a new run seed gives a new order but the same splits."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0)) * 7919 + self.seed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -225,6 +225,8 @@ class LipschitzLayer(nn.Module):
 
     #: width of the subspace iterated by :meth:`_block_iterate` (1 = plain power iteration)
     power_block = 4
+    #: whether the latest power iteration met its stopping test (False: it stopped at ``max_iters``)
+    power_converged = True
 
     def _run(self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float,
              first: bool) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -264,6 +266,7 @@ class LipschitzLayer(nn.Module):
         sigma = torch.zeros((), dtype=w.dtype, device=w.device)
         y = self._batch_op(basis, w)
         iters = 0
+        self.power_converged = False
         for iters in range(1, max_iters + 1):
             # refresh the subspace with the current weight first, so that the stopping test never compares
             # two Ritz vectors of a stale subspace (which would stop below a newly dominant direction)
@@ -283,10 +286,12 @@ class LipschitzLayer(nn.Module):
                     "weight contains NaN/inf values (lower the learning rate or check the loss)"
                 )
             if s <= _TINY:  # zero weight: keep the unit vectors we had
+                self.power_converged = True
                 return u, v, sigma, iters
             v_prev = v_new
             u_new = (top @ yf) / sigma
             if s * m <= atol + rtol * s:
+                self.power_converged = True
                 break
         u_out, v_out = u_new.reshape(u.shape), v_new.reshape(v.shape)
         self.__dict__["_subspace"] = ((self.v.data_ptr(), self.v._version + 1), basis.detach())
@@ -297,6 +302,7 @@ class LipschitzLayer(nn.Module):
         """Apply ``step(u, v, w) -> (u, v, sigma)`` until ``sigma * ||dv|| / ||v|| <= atol + rtol * sigma``."""
         iters = 0
         sigma = torch.zeros((), dtype=w.dtype, device=w.device)
+        self.power_converged = False
         for iters in range(1, max_iters + 1):
             u_old, v_old = u, v
             u, v, sigma = step(u, v, w)
@@ -309,8 +315,10 @@ class LipschitzLayer(nn.Module):
                 )
             if s <= _TINY:  # zero weight (or u orthogonal to its range): keep the unit vectors we had
                 u, v = u_old, v_old
+                self.power_converged = True
                 break
             if s * moved <= atol + rtol * s:
+                self.power_converged = True
                 break
         return u, v, sigma, iters
 
@@ -568,6 +576,7 @@ def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optio
         v_prev = v_old / torch.linalg.vector_norm(v_old, dim=1, keepdim=True).clamp_min(_TINY)
         y = op(basis)
         iters = 0
+        done = torch.zeros(g, dtype=torch.bool, device=w.device)
         for iters in range(1, max_iters + 1):
             z = adj(y).reshape(g, k, -1)
             basis = torch.linalg.qr(z.transpose(1, 2))[0].transpose(1, 2).reshape(g, k, *vshape)
@@ -587,7 +596,8 @@ def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optio
                     "contains NaN/inf values (lower the learning rate or check the loss)"
                 )
             v_prev = v_new
-            if bool(((sigma * moved <= atol + rtol * sigma) | (sigma <= _TINY)).all()):
+            done = (sigma * moved <= atol + rtol * sigma) | (sigma <= _TINY)
+            if bool(done.all()):
                 break
         u_new = torch.einsum("gk,gkn->gn", top, yf) / sigma.clamp_min(_TINY)[:, None]
     for i, layer in enumerate(layers):
@@ -596,6 +606,7 @@ def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optio
             layer.v.copy_(v_new[i].reshape(layer.v.shape))
             layer.sigma.copy_(sigma[i])
         layer.initialized.fill_(1.0)
+        layer.power_converged = bool(done[i])
         layer.__dict__["_subspace"] = ((layer.v.data_ptr(), layer.v._version), basis[i])
     return iters
 
@@ -607,11 +618,13 @@ def update_lipschitz(module: nn.Module, max_iters: Optional[int] = None, rtol: O
     Spectral-norm layers of the same geometry are iterated together (one batched product or grouped
     convolution per iteration for the whole group); the others one by one.
     Returns ``{"max_sigma": largest raw-weight norm estimate (before normalisation), "power_iterations": most
-    iterations any layer needed, "num_layers": n}``, or ``{}`` when ``module`` has no such layer.
+    iterations any layer needed, "num_layers": n, "unconverged": names of the layers whose iteration stopped at its
+    cap before meeting its tolerance}``, or ``{}`` when ``module`` has no such layer.
     """
     layers = lipschitz_layers(module)
     if not layers:
         return {}
+    names = {id(m): name for name, m in module.named_modules()}
     groups: dict = {}
     iters = []
     for layer in layers:
@@ -629,6 +642,7 @@ def update_lipschitz(module: nn.Module, max_iters: Optional[int] = None, rtol: O
         "max_sigma": max(float(layer.sigma) for layer in layers),
         "power_iterations": int(max(iters)),
         "num_layers": len(layers),
+        "unconverged": [names[id(layer)] for layer in layers if not layer.power_converged],
     }
 
 

@@ -49,6 +49,7 @@ the pair (the reported ``test/loss`` is that mean).
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Any, Callable, Optional
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import get_total_norm
 
-from flowforge.errors import ConfigError, DataError
+from flowforge.errors import ConfigError, ConvergenceError, DataError, NonFiniteLossError
 from flowforge.flows.base import samples_pathwise
 from flowforge.flows.cnf import clear_step_records, cnf_blocks, cnf_regularization, nfe_summary
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
@@ -68,9 +69,14 @@ from flowforge.flows.model import Flow
 from flowforge.nn.lipschitz import update_lipschitz
 from flowforge.objectives.flow_matching import flow_matching_flow_loss, single_cnf
 from flowforge.objectives.reverse_kl import importance_log_z, reverse_kl_loss
+from flowforge.training.faults import locate_nonfinite
 from flowforge.training.objectives import parse_objective
 
-NONFINITE_POLICIES = ("stop", "skip")
+log = logging.getLogger("flowforge")
+
+NONFINITE_POLICIES = ("stop", "skip", "reduce_lr")
+SOLVER_POLICIES = ("warn", "stop", "skip", "reduce_lr")
+POWER_POLICIES = ("warn", "stop", "reduce_lr")
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
@@ -101,14 +107,30 @@ class FlowModule(pl.LightningModule):
         objective: Optional[dict] = None,
         lipschitz_step_iters: Optional[int] = None,
         target: Optional[Any] = None,
+        on_solver_failure: str = "warn",
+        on_power_iteration_failure: str = "warn",
+        fault_lr_factor: float = 0.5,
+        max_fault_events: int = 20,
     ):
         super().__init__()
         if lipschitz_step_iters is not None and (isinstance(lipschitz_step_iters, bool)
                                                  or not isinstance(lipschitz_step_iters, int) or lipschitz_step_iters < 1):
             raise ConfigError(f"lipschitz_step_iters must be null or a positive integer, got {lipschitz_step_iters!r}")
         self.lipschitz_step_iters = lipschitz_step_iters
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got '{on_nonfinite}'")
+        for key, value, allowed in (("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
+                                    ("on_solver_failure", on_solver_failure, SOLVER_POLICIES),
+                                    ("on_power_iteration_failure", on_power_iteration_failure, POWER_POLICIES)):
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got '{value}'")
+        if isinstance(fault_lr_factor, bool) or not isinstance(fault_lr_factor, (int, float)) \
+                or not 0 < fault_lr_factor < 1:
+            raise ConfigError(f"fault_lr_factor must be a number in (0, 1), got {fault_lr_factor!r}")
+        if isinstance(max_fault_events, bool) or not isinstance(max_fault_events, int) or max_fault_events < 1:
+            raise ConfigError(f"max_fault_events must be a positive integer, got {max_fault_events!r}")
+        self.policies = {"nonfinite": on_nonfinite, "solver": on_solver_failure,
+                         "power_iteration": on_power_iteration_failure}
+        self.fault_lr_factor = float(fault_lr_factor)
+        self.max_fault_events = max_fault_events
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.model = model
@@ -116,8 +138,13 @@ class FlowModule(pl.LightningModule):
         self.warmup_steps = warmup_steps
         self.on_nonfinite = on_nonfinite
         self.save_hyperparameters({"config": config or {}})
-        self.nonfinite_events: list[dict] = []
+        self.fault_events: list[dict] = []
         self.stop_reason: Optional[str] = None
+        self.stop_error: type = NonFiniteLossError
+        self._save_on_stop = False
+        self._drop_step = False
+        self._step_rng: Optional[Tensor] = None
+        self._lipschitz_stats: dict = {}
         self.stochastic_logdet = any(
             getattr(getattr(m, "logdet_estimator", None), "stochastic", False) for m in model.modules()
         )
@@ -148,7 +175,7 @@ class FlowModule(pl.LightningModule):
     def objective_name(self) -> str:
         return "mle" if self.objective is None else self.objective["name"]
 
-    def _batch_input(self, batch: Any) -> Tensor:
+    def _batch_input(self, batch: Any, stage: str = "train") -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         self.model.check_input(x)
         if not torch.is_floating_point(x):
@@ -156,10 +183,9 @@ class FlowModule(pl.LightningModule):
                 f"batch at step {self.global_step} has dtype {x.dtype}, but flows take real-valued inputs of a floating "
                 f"dtype (image pixels as integer-valued floats); convert the data with .float() in the data module"
             )
-        if not torch.isfinite(x).all():
+        if stage != "train" and not torch.isfinite(x).all():
             raise DataError(
-                f"batch at step {self.global_step} contains {int((~torch.isfinite(x)).sum())} NaN/inf values; "
-                f"check the dataset files or the augmentation"
+                f"{stage} batch contains {int((~torch.isfinite(x)).sum())} NaN/inf values; check the dataset files"
             )
         return x
 
@@ -280,11 +306,16 @@ class FlowModule(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         x = self._batch_input(batch)
+        if not torch.isfinite(x).all():
+            self._fault("nonfinite", f"the training batch contains {int((~torch.isfinite(x)).sum())} NaN/inf values",
+                        "the data (check the dataset files or the augmentation)")
+            return None  # Lightning skips backward and the optimizer step
         values = self._step_metrics(batch, x, "train")
         values.update(self._regularization(values["loss"]))
         loss = values["loss"].mean()
         if not torch.isfinite(loss):
-            return self._handle_nonfinite(loss)
+            self._fault("nonfinite", f"the training loss became {float(loss)}", self._locate_loss_fault(batch, x))
+            return None
         self._log("train", values, x.shape[0])
         return loss
 
@@ -303,50 +334,119 @@ class FlowModule(pl.LightningModule):
             self.log(f"train/reg/{k}", v, on_step=True, on_epoch=False)
         return {"loss": loss + penalty}
 
-    def _handle_nonfinite(self, loss: Tensor) -> None:
-        event = {"step": int(self.global_step), "loss": float(loss), "policy": self.on_nonfinite}
-        self.nonfinite_events.append(event)
-        self.log("train/nonfinite_losses", float(len(self.nonfinite_events)), on_step=True)
-        if self.on_nonfinite == "stop":
+    # ------------------------------------------------------------------ faults
+    @property
+    def nonfinite_events(self) -> list[dict]:
+        return [e for e in self.fault_events if e["kind"] == "nonfinite"]
+
+    def _fault(self, kind: str, what: str, where: Optional[str]) -> None:
+        """Record a fault of ``kind`` (nonfinite, solver, power_iteration) found at this step and apply its policy:
+        ``stop`` (end the run; the weights are the last good ones and are saved as ``last.ckpt``), ``skip``
+        (drop this step's update), ``reduce_lr`` (drop it and multiply the learning rates by
+        ``fault_lr_factor``) or ``warn`` (only report).  More than ``max_fault_events`` faults stop the run."""
+        policy = self.policies[kind]
+        step = int(self.global_step)
+        event = {"step": step, "kind": kind, "what": what, "where": where, "policy": policy}
+        self.fault_events.append(event)
+        count = sum(e["kind"] == kind for e in self.fault_events)
+        self.log(f"train/faults/{kind}", float(count), on_step=True, on_epoch=False)
+        message = f"{what} at step {step}" + (f" in {where}" if where else "")
+        if policy in ("skip", "reduce_lr", "stop"):
+            self._drop_step = True
+        if policy == "reduce_lr":
+            lrs = self._scale_learning_rates(self.fault_lr_factor)
+            message += f"; update dropped, learning rate now {lrs}"
+        elif policy == "skip":
+            message += "; update dropped"
+        if policy != "stop" and len(self.fault_events) > self.max_fault_events:
+            policy = "stop"
+            message += f"; that is fault number {len(self.fault_events)} (max_fault_events={self.max_fault_events})"
+        log.warning("%s (%s policy: %s)", message, kind, policy)
+        if policy == "stop" and self.stop_reason is None:
+            self.stop_error = NonFiniteLossError if kind == "nonfinite" else ConvergenceError
             self.stop_reason = (
-                f"the training loss became {float(loss)} at step {event['step']}; the run stopped before "
-                f"applying that update, so the weights and the last checkpoint are the last good ones"
+                f"{message}; the run stopped with the weights of the last good step, saved as last.ckpt (policy "
+                f"on_{'nonfinite' if kind == 'nonfinite' else kind + '_failure'}=stop; skip or reduce_lr go on)"
             )
-            self.trainer.should_stop = True
-        return None  # Lightning skips backward and the optimizer step
+            self._save_on_stop = True
+            if self._trainer is not None:
+                self.trainer.should_stop = True
+
+    def _scale_learning_rates(self, factor: float) -> list[float]:
+        """Multiply every optimizer group's learning rate, and the base rates its scheduler scales, by ``factor``
+        (the scheduler's state, checkpointed with it, keeps the reduction)."""
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if hasattr(sched, "base_lrs"):
+                sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        lrs = []
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] *= factor
+                lrs.append(float(group["lr"]))
+        return lrs
+
+    def _locate_loss_fault(self, batch: Any, x: Tensor) -> Optional[str]:
+        """Replay the step's forward pass from the random state it started with and name the first module whose
+        output was NaN/inf from finite inputs."""
+        if self._step_rng is None:
+            return None
+        current = torch.random.get_rng_state()
+        torch.random.set_rng_state(self._step_rng)
+        try:
+            where = locate_nonfinite(self, lambda: self._step_metrics(batch, x, "train"))
+        finally:
+            torch.random.set_rng_state(current)
+        return where
+
+    def _step_solver_failures(self) -> list[str]:
+        """Blocks whose solves of this step (forward, inverse, adjoint) left samples unconverged."""
+        names = []
+        for name, m in self.named_modules():
+            solves = getattr(m, "solves", None)
+            if solves is not None and hasattr(solves, "last"):
+                bad = [kind for kind, stats in solves.last.items() if stats.num_failed]
+                if bad:
+                    names.append(f"{name} ({', '.join(bad)})")
+        return names
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A finite loss can still give NaN/inf gradients (an overflow in a backward pass, an adjoint solve that
-        blew up): drop the whole update, record the step and the first parameter affected, and apply the
-        ``on_nonfinite`` policy (``stop``: end the run with the weights untouched; ``skip``: go on).  Not under
-        ``16-mixed``, whose gradient scaler skips such steps by design."""
-        if "16-mixed" in str(self.trainer.precision) and "bf16" not in str(self.trainer.precision):
-            return
-        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        # one fused max|g| over all gradients (NaN and inf propagate, finite values cannot overflow), one sync
-        if not named or bool(torch.isfinite(get_total_norm([g for _, g in named], norm_type=float("inf")))):
-            return
-        bad = [n for n, g in named if not bool(torch.isfinite(g).all())]
-        for group in optimizer.param_groups:
-            for q in group["params"]:
-                q.grad = None  # the optimizer skips parameters without gradient: no update at all
-        step = int(self.global_step)
-        self.nonfinite_events.append({"step": step, "gradient": bad[0], "count": len(bad), "policy": self.on_nonfinite})
-        self.log("train/nonfinite_gradients", float(sum("gradient" in e for e in self.nonfinite_events)), on_step=True)
-        if self.on_nonfinite == "stop":
-            self.stop_reason = (
-                f"the gradients of {len(bad)} parameter tensors became NaN/inf at step {step} (first: {bad[0]}) "
-                f"with a finite loss; the update was dropped and the run stopped, so the weights and the last "
-                f"checkpoint are the last good ones (on_nonfinite=skip drops such steps and goes on)"
-            )
-            self.trainer.should_stop = True
+        """After backward, before the update: NaN/inf gradients under a finite loss (an overflow in a backward pass,
+        an adjoint solve that blew up; not checked under ``16-mixed``, whose gradient scaler skips such steps by
+        design) and solves of this step that did not converge are faults; a dropped step clears every gradient, so
+        the optimizer leaves the weights as they were."""
+        if "16-mixed" not in str(self.trainer.precision) or "bf16" in str(self.trainer.precision):
+            named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+            # one fused max|g| over all gradients (NaN and inf propagate, finite values cannot overflow), one sync
+            if named and not bool(torch.isfinite(get_total_norm([g for _, g in named], norm_type=float("inf")))):
+                bad = [n for n, g in named if not bool(torch.isfinite(g).all())]
+                self._fault("nonfinite", f"the gradients of {len(bad)} parameter tensors became NaN/inf with a "
+                            f"finite loss", f"{bad[0]} (first)")
+        failed = self._step_solver_failures()
+        if failed:
+            self._fault("solver", "a fixed-point solve did not converge", ", ".join(failed))
+        if self._drop_step:
+            for group in optimizer.param_groups:
+                for q in group["params"]:
+                    q.grad = None  # the optimizer skips parameters without gradient: no update at all
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The update, then the power iteration of spectrally normalised layers on the new weights (so every
+        checkpoint holds ``u, v, sigma`` consistent with its weights): at most ``lipschitz_step_iters``
+        warm-started iterations when set (the subspace carries over, so the estimate keeps converging across
+        steps), else to tolerance, where a layer stopped by its iteration cap is a ``power_iteration`` fault."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._lipschitz_stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
+        if self._lipschitz_stats.get("unconverged") and self.lipschitz_step_iters is None:
+            self._fault("power_iteration", "power iteration stopped at its iteration cap before its tolerance",
+                        ", ".join(f"model.{n}" for n in self._lipschitz_stats["unconverged"]))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x = self._batch_input(batch)
+        x = self._batch_input(batch, "val")
         self._log("val", self._step_metrics(batch, x, "val"), x.shape[0])
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        x = self._batch_input(batch)
+        x = self._batch_input(batch, "test")
         values = self._step_metrics(batch, x, "test")
         if self.stochastic_logdet:
             again = self._step_metrics(batch, x, "test")
@@ -359,11 +459,16 @@ class FlowModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         clear_solve_records(self.model)
         clear_step_records(self.model)
+        self._drop_step = False
+        self._step_rng = torch.random.get_rng_state()  # to replay the step when its loss is not finite
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # during training at most lipschitz_step_iters warm-started iterations per step (the subspace carries
-        # over, so the estimate keeps converging across steps); before validation/test: to tolerance
-        stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
+        if self._save_on_stop:
+            self._save_on_stop = False
+            dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            if dirs:
+                self.trainer.save_checkpoint(f"{dirs[0]}/last.ckpt")
+        stats, self._lipschitz_stats = self._lipschitz_stats, {}
         if stats:
             self.log("train/max_sigma", stats["max_sigma"], on_step=True, on_epoch=False)
         for key, value in nfe_summary(self.model).items():
@@ -373,7 +478,11 @@ class FlowModule(pl.LightningModule):
                 self.log(f"train/solver/{key}", value, on_step=True, on_epoch=False)
 
     def on_validation_epoch_start(self) -> None:
-        update_lipschitz(self.model)
+        stats = update_lipschitz(self.model)
+        if stats.get("unconverged") and not self.trainer.sanity_checking:
+            log.warning("power iteration before validation at step %d stopped at its cap before its tolerance in %s; "
+                        "the Lipschitz bound of those layers may be exceeded (raise model.sn_max_iters)",
+                        self.global_step, ", ".join(f"model.{n}" for n in stats["unconverged"]))
 
     def on_validation_epoch_end(self) -> None:
         self._log_importance("val")
@@ -390,6 +499,27 @@ class FlowModule(pl.LightningModule):
         var_sum, n = float(noise[0]), float(noise[1])
         if n > 0:
             self.log("test/loss_std", math.sqrt(var_sum) / (n * math.sqrt(2)), sync_dist=False)
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Also store the power-iteration subspaces of the spectrally normalised layers (kept outside the state
+        dict, see :meth:`flowforge.nn.lipschitz.LipschitzLayer._block_iterate`) that are valid for their current
+        ``v``, so a resumed run warm-starts exactly as the uninterrupted one would."""
+        subspaces = {}
+        for name, layer in self.named_modules():
+            cache = layer.__dict__.get("_subspace") if hasattr(layer, "power_iteration") else None
+            if cache is not None and cache[0] == (layer.v.data_ptr(), layer.v._version):
+                subspaces[name] = cache[1].detach().cpu()
+        checkpoint["lipschitz_subspaces"] = subspaces
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_subspaces = checkpoint.get("lipschitz_subspaces") or {}
+
+    def on_train_start(self) -> None:
+        pending, self._pending_subspaces = getattr(self, "_pending_subspaces", {}), {}
+        for name, basis in pending.items():  # after every load (the EMA callback reloads the raw weights last)
+            layer = self.get_submodule(name)
+            layer.__dict__["_subspace"] = ((layer.v.data_ptr(), layer.v._version), basis.to(layer.v.device))
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameters())

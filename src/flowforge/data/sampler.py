@@ -1,0 +1,55 @@
+"""The training sampler: an order that is a pure function of (seed, epoch), resumable mid-epoch.
+
+Epoch ``e`` visits the examples in the order ``randperm(n)`` drawn from a generator seeded with
+``seed + e`` (``torch.utils.data.DistributedSampler``'s rule, so under DDP each of the ``R`` ranks takes
+every ``R``-th index of the same permutation).  Nothing is drawn from the global random state, so the order
+does not depend on what else consumed random numbers before the epoch began, and
+:meth:`ResumableSampler.resume_at` can skip exactly the examples a checkpointed run had already used in its
+interrupted epoch.
+
+With ``mirrored=True`` the dataset holds each example twice, ``i`` (as stored) and ``i + n`` (its mirror
+image, see :class:`flowforge.data.base.Mirrored`), and the sampler picks one of the two for every example
+in every epoch with probability 1/2 from a second generator seeded by ``(seed, e)``: random horizontal flips
+that are reproducible and survive a restart and multi-process loading.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DistributedSampler
+
+_MIRROR_STREAM = 0x5F3759DF  # separates the flip draws from the permutation draws
+
+
+class ResumableSampler(DistributedSampler):
+    """Args:
+        num_examples: ``n``, the number of distinct examples (half the dataset's length when mirrored).
+        num_replicas / rank: DDP world size and this process's rank (1 / 0 without DDP).
+        shuffle: permute each epoch (False: ``0, 1, ..., n - 1``).
+        seed: the order's seed.
+        mirrored: also choose a random side (see module docstring).
+    """
+
+    def __init__(self, num_examples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, mirrored: bool = False):
+        super().__init__(range(num_examples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.num_examples = num_examples
+        self.mirrored = mirrored
+        self._resume: Optional[tuple[int, int]] = None
+
+    def resume_at(self, epoch: int, num_used: int) -> None:
+        """Make the next iteration over epoch ``epoch`` skip its first ``num_used`` indices (of this rank)."""
+        self._resume = (int(epoch), int(num_used))
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self.mirrored:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + _MIRROR_STREAM)
+            side = torch.randint(0, 2, (self.num_examples,), generator=g).tolist()
+            indices = [i + self.num_examples * side[i] for i in indices]
+        resume, self._resume = self._resume, None
+        if resume is not None and resume[0] == self.epoch:
+            indices = indices[resume[1]:]
+        return iter(indices)

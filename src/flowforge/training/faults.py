@@ -1,0 +1,213 @@
+"""Faults during training: where they come from, and a way to cause them on purpose.
+
+:func:`locate_nonfinite` replays a computation with a hook on every submodule (``forward`` and, for flow
+transforms, ``inverse``) and names the first module whose inputs were finite but whose output was not:
+the layer where a NaN/inf was born.
+
+:class:`FaultInjection` (``+faults.<kind>=<step>`` on the command line, see ``conf/train.yaml``) causes
+one fault of each configured kind at a given optimizer step, so that the detection, the report and the
+configured policy (``on_nonfinite``, ``on_solver_failure``, ``on_power_iteration_failure``) can be
+tested end to end, and so that a cluster setup's kill / pre-emption handling can be rehearsed:
+
+- ``signal`` / ``signal_at_step``: send ``SIGTERM``, ``SIGKILL`` or ``SIGUSR1`` to this process;
+- ``nan_batch``: the batch gets a NaN;
+- ``nan_output`` (with ``layer``): that module's output becomes NaN (a NaN loss located at ``layer``);
+- ``nan_grad`` (with ``parameter``): that parameter's gradient becomes NaN under a finite loss;
+- ``solver_failure`` (with ``layer``): that block's solvers get one iteration and an unreachable tolerance;
+- ``power_iteration_failure`` (with ``layer``): that spectrally normalised layer (the first of its group when
+  same-shape layers are iterated together) gets one power iteration and an unreachable tolerance;
+- ``exploding_inverse`` (with ``layer``): that transform's inverse returns inf (as a divergent inverse does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal as signal_module
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from flowforge.errors import ConfigError
+from flowforge.flows.base import Transform
+from flowforge.solvers.solver import Solver
+
+SIGNALS = ("SIGTERM", "SIGKILL", "SIGUSR1", "SIGINT")
+KINDS = ("nan_batch", "nan_output", "nan_grad", "solver_failure", "power_iteration_failure", "exploding_inverse")
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _finite(obj: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(obj) if t.is_floating_point())
+
+
+def locate_nonfinite(root: nn.Module, run: Callable[[], Any], prefix: str = "") -> Optional[str]:
+    """Run ``run()`` (without gradient) watching every submodule of ``root``; return ``"<name> (<Type>)"`` of the
+    first module to finish a ``forward`` or ``inverse`` with finite inputs and a NaN/inf output, or None when
+    no module did (the fault did not recur, or arose outside any module)."""
+    found: list[str] = []
+    names = {id(m): (prefix + name) or "<root>" for name, m in root.named_modules()}
+
+    def note(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not found and _finite(inputs) and not _finite(output):
+            found.append(f"{names[id(module)]} ({type(module).__name__})")
+
+    with ExitStack() as stack:
+        for m in root.modules():
+            handle = m.register_forward_hook(note)
+            stack.callback(handle.remove)
+            if isinstance(m, Transform):
+                for method in ("inverse", "inverse_and_log_det"):
+                    stack.enter_context(_watched(m, method, note))
+        with torch.no_grad():
+            try:
+                run()
+            except Exception:  # noqa: BLE001 - the replay only looks for the origin; its own errors do not matter
+                pass
+    return found[0] if found else None
+
+
+@contextmanager
+def _watched(module: nn.Module, method: str, note: Callable) -> Iterator[None]:
+    original = getattr(module, method)
+
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        note(module, args, out)
+        return out
+
+    had = method in module.__dict__
+    module.__dict__[method] = wrapper
+    try:
+        yield
+    finally:
+        if had:
+            module.__dict__[method] = original
+        else:
+            module.__dict__.pop(method, None)
+
+
+def nonfinite_samples_error(flow: nn.Module, n: int, temperature: float = 1.0) -> Optional[str]:
+    """None when ``flow.sample(n)`` is finite; else a message naming the layer whose inverse produced NaN/inf
+    (replayed from the same random state)."""
+    state = torch.random.get_rng_state()
+    x = flow.sample(n, temperature)
+    if bool(torch.isfinite(x).all()):
+        return None
+    torch.random.set_rng_state(state)
+    where = locate_nonfinite(flow, lambda: flow.sample(n, temperature))
+    return (f"sampling produced {int((~torch.isfinite(x)).sum())} NaN/inf values"
+            + (f", first in the inverse of {where}" if where else ""))
+
+
+class FaultInjection(pl.Callback):
+    """Causes the configured faults (module docstring).  Steps count optimizer steps (``trainer.global_step``
+    when the batch starts); ``layer`` / ``parameter`` are names in the LightningModule (e.g.
+    ``model.transform.layers.2``, as faults are reported)."""
+
+    def __init__(self, signal: Optional[str] = None, signal_at_step: Optional[int] = None,
+                 layer: Optional[str] = None, parameter: Optional[str] = None, **at_step: Optional[int]):
+        unknown = sorted(set(at_step) - set(KINDS))
+        if unknown:
+            raise ConfigError(f"unknown fault kind(s) {unknown}; choose from {list(KINDS)} (or signal/signal_at_step)")
+        if (signal is None) != (signal_at_step is None):
+            raise ConfigError("faults.signal and faults.signal_at_step go together, e.g. faults.signal=SIGKILL "
+                              "faults.signal_at_step=7")
+        if signal is not None and signal not in SIGNALS:
+            raise ConfigError(f"faults.signal must be one of {SIGNALS}, got {signal!r}")
+        needs = {"nan_output": layer, "solver_failure": layer, "power_iteration_failure": layer,
+                 "exploding_inverse": layer, "nan_grad": parameter}
+        for kind, step in at_step.items():
+            if step is not None and needs.get(kind, "ok") is None:
+                what = "parameter" if kind == "nan_grad" else "layer"
+                raise ConfigError(f"faults.{kind} needs faults.{what}: the name of the {what} to break")
+        self.signal, self.signal_at_step = signal, signal_at_step
+        self.layer, self.parameter = layer, parameter
+        self.at_step = {k: v for k, v in at_step.items() if v is not None}
+        self._undo: list[Callable[[], None]] = []
+        self.injected: list[tuple[str, int]] = []
+
+    def _module(self, pl_module: pl.LightningModule) -> nn.Module:
+        try:
+            return pl_module.get_submodule(self.layer)
+        except AttributeError:
+            raise ConfigError(f"faults.layer={self.layer!r} is not a module of this model") from None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.signal is not None and step == self.signal_at_step:
+            self.injected.append((self.signal, step))
+            os.kill(os.getpid(), getattr(signal_module, self.signal))
+        due = [k for k, s in self.at_step.items() if s == step]
+        for kind in due:
+            self.injected.append((kind, step))
+            getattr(self, f"_inject_{kind}")(pl_module, batch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    # ------------------------------------------------------------------ one method per kind
+    def _inject_nan_batch(self, pl_module, batch) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x.view(-1)[0] = float("nan")
+
+    def _inject_nan_output(self, pl_module, batch) -> None:
+        def hook(module, args, output):
+            t = output[0] if isinstance(output, tuple) else output
+            return (t * float("nan"), *output[1:]) if isinstance(output, tuple) else t * float("nan")
+
+        self._undo.append(self._module(pl_module).register_forward_hook(hook).remove)
+
+    def _inject_nan_grad(self, pl_module, batch) -> None:
+        try:
+            p = pl_module.get_parameter(self.parameter)
+        except AttributeError:
+            raise ConfigError(f"faults.parameter={self.parameter!r} is not a parameter of this model") from None
+        self._undo.append(p.register_hook(lambda g: g * float("nan")).remove)
+
+    def _inject_solver_failure(self, pl_module, batch) -> None:
+        module = self._module(pl_module)
+        solvers = {k: v for k, v in vars(module).items() if isinstance(v, Solver)}
+        if not solvers:
+            raise ConfigError(f"faults.layer={self.layer!r} has no iterative solver (choose an implicit block)")
+        for k, v in solvers.items():
+            setattr(module, k, dataclasses.replace(v, max_iters=1, fallback_iters=0, atol=1e-300, rtol=0.0))
+            self._undo.append(lambda k=k, v=v: setattr(module, k, v))
+
+    def _inject_power_iteration_failure(self, pl_module, batch) -> None:
+        module = self._module(pl_module)
+        if not hasattr(module, "power_iteration"):
+            raise ConfigError(f"faults.layer={self.layer!r} is not a spectrally normalised layer")
+        saved = (module.max_iters, module.rtol, module.atol)
+        module.max_iters, module.rtol, module.atol = 1, 0.0, 0.0  # (layers iterated as a group use the first's)
+
+        def undo():
+            module.max_iters, module.rtol, module.atol = saved
+
+        self._undo.append(undo)
+
+    def _inject_exploding_inverse(self, pl_module, batch) -> None:
+        module = self._module(pl_module)
+        original = module.inverse
+
+        def inverse(z, *args, **kwargs):
+            return original(z, *args, **kwargs) * float("inf")
+
+        module.__dict__["inverse"] = inverse
+        self._undo.append(lambda: module.__dict__.pop("inverse", None))

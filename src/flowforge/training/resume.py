@@ -1,0 +1,164 @@
+"""Exact resume: a run restarted from a checkpoint continues as if it had never stopped.
+
+Lightning's checkpoint already holds the weights and buffers (spectral-norm ``u, v, sigma``, ActNorm's
+``initialized`` flag), the optimizer, the LR scheduler, the loop counters and the EMA weights.  What it
+leaves out is made exact here by construction rather than by saving mutable state:
+
+- Random numbers.  Before every training batch the Python, NumPy and torch (all devices) generators are
+  seeded with ``hash(seed, "train", batch index over the whole run, rank)``; before every validation and
+  test epoch with ``hash(seed, stage, optimizer step, rank)``.  Dequantisation noise, the roulette
+  truncation draws and the Hutchinson probes (all drawn from torch's global generator inside the step) are
+  therefore a function of the position in the run, the same in an uninterrupted and in a resumed run.
+  The seed itself is stored in the checkpoint, so ``seed: null`` runs resume exactly too.
+- The data position.  The training order is a function of (seed, epoch)
+  (:class:`flowforge.data.sampler.ResumableSampler`); the checkpoint records the epoch and the number of
+  batches already used in it, and on resume the sampler skips exactly those.
+- Signals.  SIGTERM (a scheduler's kill, ``kill <pid>``): Lightning stops at the end of the current batch
+  and this callback writes ``<checkpoints>/last.ckpt`` there (skipped, with a message, when the signal
+  arrives during validation, where the EMA weights are swapped in), then the process exits with code 143.
+  SLURM pre-emption: Lightning's ``SLURMEnvironment`` (auto-requeue, SIGUSR1 by default) saves
+  ``hpc_ckpt_<n>.ckpt`` and calls ``scontrol requeue``; this callback defers Lightning's handler to the end
+  of the batch in progress, so the state saved is never that of a half-finished step.  The requeued job
+  resumes from it through Lightning (``ckpt_path=None`` on SLURM picks the newest ``hpc_ckpt``).
+  SIGKILL cannot be caught: the run resumes from the newest periodic checkpoint.
+
+All checkpoint writes are atomic (:mod:`flowforge.training.checkpoint_io`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from flowforge.data.sampler import ResumableSampler
+from flowforge.training.checkpoint_io import remove_partial_files
+
+log = logging.getLogger("flowforge")
+
+
+def stream_seed(seed: int, *key: Any) -> int:
+    """A 63-bit seed for the random stream named by ``(seed, *key)`` (BLAKE2b of their text)."""
+    text = "/".join(str(k) for k in (seed, *key)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (every device's) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ExactResume(pl.Callback):
+    """See the module docstring.  Args: ``dirpath``: the checkpoint folder (``last.ckpt`` on SIGTERM);
+    ``seed``: the run's seed (None: one is drawn and stored in the checkpoints)."""
+
+    def __init__(self, dirpath: str, seed: Optional[int] = None):
+        self.dirpath = Path(dirpath)
+        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._position: Optional[tuple[int, int]] = None  # (epoch, batches used) from a loaded checkpoint
+        self._requeue: Optional[tuple[Any, int]] = None  # (Lightning's handler, signal) waiting for a batch end
+        self._handler: Any = None
+        self._trainer: Optional[pl.Trainer] = None
+        self.saved_on_signal: Optional[Path] = None
+
+    @property
+    def state_key(self) -> str:
+        return "ExactResume"
+
+    # ------------------------------------------------------------------ checkpoint state
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if stage == "fit" and trainer.is_global_zero:
+            for p in remove_partial_files(self.dirpath) + remove_partial_files(trainer.default_root_dir):
+                log.warning("removed %s, left by a checkpoint save that was interrupted", p)
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        if trainer is None:
+            return {"seed": self.seed}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"seed": self.seed, "epoch": int(trainer.current_epoch), "batches": int(progress.ready)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = int(state_dict["seed"])
+        if "epoch" in state_dict:
+            self._position = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    # ------------------------------------------------------------------ data position and signals
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        position, self._position = self._position, None
+        if position is not None and position[1] > 0:
+            loader = trainer.train_dataloader
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, ResumableSampler):
+                sampler.resume_at(position[0], position[1] * loader.batch_size)
+            else:
+                log.warning(
+                    "resuming inside epoch %d after %d batches, but the training loader's sampler (%s) cannot skip "
+                    "the examples already used: this epoch starts over from its first batch (use a "
+                    "flowforge.data.FlowDataModule, whose ResumableSampler restores the position)",
+                    position[0], position[1], type(sampler).__name__,
+                )
+        self._defer_requeue_signal(trainer)
+
+    def _defer_requeue_signal(self, trainer: pl.Trainer) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue) or env.requeue_signal is None:
+            return
+        signum = env.requeue_signal
+        handler = signal.getsignal(signum)
+        if not callable(handler) or getattr(handler, "__self__", None) is self:
+            return
+
+        def defer(sig, frame):
+            self._requeue = (handler, sig)
+            log.info("received signal %s: saving a checkpoint and requeueing at the end of this batch", sig)
+
+        try:
+            signal.signal(signum, defer)
+        except ValueError:  # not the main thread
+            return
+        self._handler = defer
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        seed_all(stream_seed(self.seed, "train", trainer.fit_loop.total_batch_idx, trainer.global_rank))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._requeue is not None:
+            handler, sig = self._requeue
+            self._requeue = None
+            handler(sig, None)  # Lightning's SLURM handler: hpc checkpoint + scontrol requeue
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = "sanity" if trainer.sanity_checking else "val"
+        seed_all(stream_seed(self.seed, stage, trainer.global_step, trainer.global_rank))
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seed_all(stream_seed(self.seed, "test", trainer.global_step, trainer.global_rank))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        if trainer.sanity_checking or trainer.validating:
+            log.warning(
+                "SIGTERM arrived during validation: no checkpoint written at the signal; resume from the newest "
+                "periodic checkpoint in %s", self.dirpath,
+            )
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self.saved_on_signal = path
+        log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
