@@ -190,6 +190,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 f"resume from the newest checkpoint in {out_dir / 'checkpoints'} (ckpt_path=last)"
             print(f"stopped by SIGTERM at step {trainer.global_step}: {where}", flush=True)
             raise SystemExit(143) from None
+        if ckpt_path and not any(getattr(cb, "trained", True) for cb in trainer.callbacks if isinstance(cb, ExactResume)):
+            # resuming a run that had already finished: Lightning skips the fit loop and its hooks, so the
+            # weights for testing are taken from the checkpoint (its EMA average when EMA was on)
+            load_weights(module, ckpt_path, model_name(cfg))
+        _retire_hpc_checkpoints(Path(trainer.default_root_dir), out_dir / "checkpoints")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if module.stop_reason:
         raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}")
@@ -200,6 +205,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         flow = module.model
         _report(out_dir, metrics, trainer, flow.dequantizer.name if flow.is_image else None)
     return metrics
+
+
+def _retire_hpc_checkpoints(root: Path, checkpoints: Path) -> None:
+    """After a completed fit, move SLURM's ``hpc_ckpt_<n>.ckpt`` into the checkpoint folder as
+    ``preempted-hpc_ckpt_<n>.ckpt``: under SLURM Lightning would otherwise load the stale pre-emption state for
+    ``trainer.test`` (and for a rerun of the job) instead of the trained weights."""
+    for p in sorted(root.glob("hpc_ckpt_*.ckpt")):
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        os.replace(p, checkpoints / f"preempted-{p.name}")
 
 
 def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer, dequantization: Optional[str] = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +10,9 @@ import pytorch_lightning as pl
 import torch
 
 from flowforge.training import visualize
+from flowforge.training.faults import nonfinite_samples_error
+
+log = logging.getLogger("flowforge")
 
 
 class SampleFigures(pl.Callback):
@@ -47,32 +51,50 @@ class SampleFigures(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            path = self.dirpath / f"{tag}.png"
-            data = self._data(trainer)
-            with torch.autocast(device_type=pl_module.device.type, enabled=False):
-                if _is_regression(pl_module):
-                    if model.dim != 1:
-                        return None  # the fit figure plots 1-D functions only
-                    dm = trainer.datamodule
-                    split = dm.splits.get("test") or dm.splits.get("val")
-                    y, x = split.tensors[0][:5000].float(), split.tensors[1][:5000].float()
-                    visualize.fit_plot_1d(_OnDevice(model, pl_module.device), x, y, path,
-                                          target_fn=_target_function(dm), csv_path=self.dirpath / "fit.csv")
-                elif model.is_image:
-                    visualize.image_grid(model.sample(self.num_images, self.temperature).cpu(), path)
-                elif getattr(model, "manifold", None) is not None:
-                    # manifold models: S^2 / S^1 / ternary figures, never the Euclidean density plots
-                    if visualize.manifold_figure(_OnDevice(model, pl_module.device), model.manifold, model.dim,
-                                                 data, path) is None:
-                        return None
-                elif model.dim == 2:
-                    visualize.density_plot_2d(_OnDevice(model, pl_module.device), data, path)
-                elif model.dim == 1:
-                    visualize.density_plot_1d(_OnDevice(model, pl_module.device), data, path)
-                else:
-                    return None
+            return self._draw(trainer, pl_module, model, tag)
+        except (FloatingPointError, ValueError, RuntimeError) as e:  # numerical failures: reported, run goes on
+            try:
+                where = nonfinite_samples_error(model, 256, self.temperature)
+            except (FloatingPointError, ValueError, RuntimeError):
+                where = None
+            message = f"figure {tag} skipped at step {trainer.global_step}: {where or e}"
+            log.warning(message)
+            events = getattr(pl_module, "fault_events", None)
+            if events is not None:
+                events.append({"step": int(trainer.global_step), "kind": "sampling", "what": message,
+                               "where": where, "policy": "warn"})
+            return None
         finally:
             model.train(was_training)
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str) -> Optional[Path]:
+        path = self.dirpath / f"{tag}.png"
+        data = self._data(trainer)
+        with torch.autocast(device_type=pl_module.device.type, enabled=False):
+            if _is_regression(pl_module):
+                if model.dim != 1:
+                    return None  # the fit figure plots 1-D functions only
+                dm = trainer.datamodule
+                split = dm.splits.get("test") or dm.splits.get("val")
+                y, x = split.tensors[0][:5000].float(), split.tensors[1][:5000].float()
+                visualize.fit_plot_1d(_OnDevice(model, pl_module.device), x, y, path,
+                                      target_fn=_target_function(dm), csv_path=self.dirpath / "fit.csv")
+            elif model.is_image:
+                images = model.sample(self.num_images, self.temperature).cpu()
+                if not torch.isfinite(images).all():
+                    raise FloatingPointError("sampled images contain NaN/inf")
+                visualize.image_grid(images, path)
+            elif getattr(model, "manifold", None) is not None:
+                # manifold models: S^2 / S^1 / ternary figures, never the Euclidean density plots
+                if visualize.manifold_figure(_OnDevice(model, pl_module.device), model.manifold, model.dim,
+                                             data, path) is None:
+                    return None
+            elif model.dim == 2:
+                visualize.density_plot_2d(_OnDevice(model, pl_module.device), data, path)
+            elif model.dim == 1:
+                visualize.density_plot_1d(_OnDevice(model, pl_module.device), data, path)
+            else:
+                return None
         self.last_path = path
         for logger in trainer.loggers:
             _log_image(logger, f"samples/{tag.split('_')[0]}", path, trainer.global_step)

@@ -314,7 +314,7 @@ class FlowModule(pl.LightningModule):
         values.update(self._regularization(values["loss"]))
         loss = values["loss"].mean()
         if not torch.isfinite(loss):
-            self._fault("nonfinite", f"the training loss became {float(loss)}", self._locate_loss_fault(batch, x))
+            self._fault("nonfinite", f"the training loss became {float(loss.detach())}", self._locate_loss_fault(batch, x))
             return None
         self._log("train", values, x.shape[0])
         return loss

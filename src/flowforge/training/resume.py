@@ -14,8 +14,9 @@ leaves out is made exact here by construction rather than by saving mutable stat
   (:class:`flowforge.data.sampler.ResumableSampler`); the checkpoint records the epoch and the number of
   batches already used in it, and on resume the sampler skips exactly those.
 - Signals.  SIGTERM (a scheduler's kill, ``kill <pid>``): Lightning stops at the end of the current batch
-  and this callback writes ``<checkpoints>/last.ckpt`` there (skipped, with a message, when the signal
-  arrives during validation, where the EMA weights are swapped in), then the process exits with code 143.
+  and this callback writes ``<checkpoints>/last.ckpt`` there, then the process exits with code 143.  When the
+  signal arrives during validation or the epoch-end hooks it writes nothing: the checkpoint saved at the end
+  of that validation (same step) is the one to resume from.
   SLURM pre-emption: Lightning's ``SLURMEnvironment`` (auto-requeue, SIGUSR1 by default) saves
   ``hpc_ckpt_<n>.ckpt`` and calls ``scontrol requeue``; this callback defers Lightning's handler to the end
   of the batch in progress, so the state saved is never that of a half-finished step.  The requeued job
@@ -71,6 +72,7 @@ class ExactResume(pl.Callback):
         self._handler: Any = None
         self._trainer: Optional[pl.Trainer] = None
         self.saved_on_signal: Optional[Path] = None
+        self.trained = False  # whether the fit loop ran (it is skipped when resuming a finished run)
 
     @property
     def state_key(self) -> str:
@@ -97,6 +99,7 @@ class ExactResume(pl.Callback):
 
     # ------------------------------------------------------------------ data position and signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trained = True
         position, self._position = self._position, None
         if position is not None and position[1] > 0:
             loader = trainer.train_dataloader
@@ -137,6 +140,8 @@ class ExactResume(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if trainer.received_sigterm and self.saved_on_signal is None:
+            self._save_on_signal(trainer)  # at the batch boundary; Lightning stops after this batch
         if self._requeue is not None:
             handler, sig = self._requeue
             self._requeue = None
@@ -149,16 +154,25 @@ class ExactResume(pl.Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seed_all(stream_seed(self.seed, "test", trainer.global_step, trainer.global_rank))
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
-            return
-        if trainer.sanity_checking or trainer.validating:
-            log.warning(
-                "SIGTERM arrived during validation: no checkpoint written at the signal; resume from the newest "
-                "periodic checkpoint in %s", self.dirpath,
-            )
-            return
+    def _save_on_signal(self, trainer: pl.Trainer) -> None:
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         self.saved_on_signal = path
         log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """SIGTERM that arrived after this batch's ``on_train_batch_end``: save here when the state is that of a
+        batch boundary inside an epoch.  At an epoch's end (after validation and the epoch-end hooks) Lightning's
+        loop counters cannot be restored from that point; the checkpoint saved at the end of validation of the
+        same step is then the exact one."""
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or self.saved_on_signal:
+            return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        inside_epoch = epoch_loop.batch_progress.current.ready < trainer.num_training_batches
+        if trainer.sanity_checking or trainer.validating or not inside_epoch:
+            log.warning(
+                "SIGTERM arrived during validation or at an epoch's end: resume from the newest checkpoint in %s "
+                "(ckpt_path=last)", self.dirpath,
+            )
+            return
+        self._save_on_signal(trainer)
