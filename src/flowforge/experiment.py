@@ -25,7 +25,7 @@ from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
 from flowforge.training.faults import FaultInjection
 from flowforge.training.resume import ExactResume
-from flowforge.training.module import FlowModule
+from flowforge.training.module import FlowModule, TrainingStopped
 
 log = logging.getLogger("flowforge")
 
@@ -136,6 +136,10 @@ def _instantiate_group(node: Optional[DictConfig]) -> list:
 
 
 def make_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
+    every = cfg.get("checkpoint_every_n_steps", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"checkpoint_every_n_steps must be a positive integer, got {every!r} (last.ckpt is rewritten "
+                          "that often; e.g. 200)")
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.trainer.get("enable_progress_bar") is False:  # the bar's callback would make Lightning refuse the option
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
@@ -184,6 +188,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except TrainingStopped:
+            raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}") from None
         except SIGTERMException:
             saved = [cb.saved_on_signal for cb in trainer.callbacks if isinstance(cb, ExactResume) and cb.saved_on_signal]
             where = f"saved {saved[0]}; resume with ckpt_path={saved[0]}" if saved else \

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from flowforge.training import visualize
-from flowforge.training.faults import nonfinite_samples_error
+from flowforge.training.faults import nonfinite_samples
 
 log = logging.getLogger("flowforge")
 
@@ -54,10 +54,13 @@ class SampleFigures(pl.Callback):
             return self._draw(trainer, pl_module, model, tag)
         except (FloatingPointError, ValueError, RuntimeError) as e:  # numerical failures: reported, run goes on
             try:
-                where = nonfinite_samples_error(model, 256, self.temperature)
+                found = nonfinite_samples(model, 256, self.temperature)
             except (FloatingPointError, ValueError, RuntimeError):
-                where = None
-            message = f"figure {tag} skipped at step {trainer.global_step}: {where or e}"
+                found = None
+            where = found[1] if found else None
+            cause = (f"sampling produced {found[0]} NaN/inf values" + (f", first in the inverse of {where}" if where
+                                                                        else "")) if found else str(e)
+            message = f"figure {tag} skipped at step {trainer.global_step}: {cause}"
             log.warning(message)
             events = getattr(pl_module, "fault_events", None)
             if events is not None:
@@ -69,6 +72,8 @@ class SampleFigures(pl.Callback):
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str) -> Optional[Path]:
         path = self.dirpath / f"{tag}.png"
+        if not model.is_image and not _is_regression(pl_module) and nonfinite_samples(model, 256, self.temperature):
+            raise FloatingPointError("samples contain NaN/inf")  # density plots would draw them without complaint
         data = self._data(trainer)
         with torch.autocast(device_type=pl_module.device.type, enabled=False):
             if _is_regression(pl_module):

@@ -100,17 +100,17 @@ def _watched(module: nn.Module, method: str, note: Callable) -> Iterator[None]:
             module.__dict__.pop(method, None)
 
 
-def nonfinite_samples_error(flow: nn.Module, n: int, temperature: float = 1.0) -> Optional[str]:
-    """None when ``flow.sample(n)`` is finite; else a message naming the layer whose inverse produced NaN/inf
-    (replayed from the same random state)."""
+def nonfinite_samples(flow: nn.Module, n: int, temperature: float = 1.0,
+                      prefix: str = "model.") -> Optional[tuple[int, Optional[str]]]:
+    """None when ``flow.sample(n)`` is finite; else ``(number of NaN/inf values, the module whose inverse produced
+    them first or None)``, replayed from the same random state; module names get ``prefix`` (the flow's name in
+    the LightningModule, as training faults are reported)."""
     state = torch.random.get_rng_state()
     x = flow.sample(n, temperature)
     if bool(torch.isfinite(x).all()):
         return None
     torch.random.set_rng_state(state)
-    where = locate_nonfinite(flow, lambda: flow.sample(n, temperature))
-    return (f"sampling produced {int((~torch.isfinite(x)).sum())} NaN/inf values"
-            + (f", first in the inverse of {where}" if where else ""))
+    return int((~torch.isfinite(x)).sum()), locate_nonfinite(flow, lambda: flow.sample(n, temperature), prefix)
 
 
 class FaultInjection(pl.Callback):
@@ -134,17 +134,41 @@ class FaultInjection(pl.Callback):
             if step is not None and needs.get(kind, "ok") is None:
                 what = "parameter" if kind == "nan_grad" else "layer"
                 raise ConfigError(f"faults.{kind} needs faults.{what}: the name of the {what} to break")
+        for kind, step in [("signal_at_step", signal_at_step), *at_step.items()]:
+            if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+                raise ConfigError(f"faults.{kind} must be an optimizer step (an integer >= 0), got {step!r}")
         self.signal, self.signal_at_step = signal, signal_at_step
         self.layer, self.parameter = layer, parameter
         self.at_step = {k: v for k, v in at_step.items() if v is not None}
         self._undo: list[Callable[[], None]] = []
         self.injected: list[tuple[str, int]] = []
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the targets now, not when their step comes."""
+        if self.layer is not None:
+            module = self._module(pl_module)
+            checks = {"solver_failure": (lambda m: any(isinstance(v, Solver) for v in vars(m).values()),
+                                         "has no iterative solver (choose an implicit block)"),
+                      "power_iteration_failure": (lambda m: hasattr(m, "power_iteration"),
+                                                  "is not a spectrally normalised layer"),
+                      "exploding_inverse": (lambda m: isinstance(m, Transform), "is not a flow transform (no inverse)")}
+            for kind, (ok, problem) in checks.items():
+                if kind in self.at_step and not ok(module):
+                    raise ConfigError(f"faults.layer={self.layer!r} {problem}, but faults.{kind} needs one")
+        if self.parameter is not None:
+            self._parameter(pl_module)
+
     def _module(self, pl_module: pl.LightningModule) -> nn.Module:
         try:
             return pl_module.get_submodule(self.layer)
         except AttributeError:
             raise ConfigError(f"faults.layer={self.layer!r} is not a module of this model") from None
+
+    def _parameter(self, pl_module: pl.LightningModule) -> nn.Parameter:
+        try:
+            return pl_module.get_parameter(self.parameter)
+        except AttributeError:
+            raise ConfigError(f"faults.parameter={self.parameter!r} is not a parameter of this model") from None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -175,25 +199,16 @@ class FaultInjection(pl.Callback):
         self._undo.append(self._module(pl_module).register_forward_hook(hook).remove)
 
     def _inject_nan_grad(self, pl_module, batch) -> None:
-        try:
-            p = pl_module.get_parameter(self.parameter)
-        except AttributeError:
-            raise ConfigError(f"faults.parameter={self.parameter!r} is not a parameter of this model") from None
-        self._undo.append(p.register_hook(lambda g: g * float("nan")).remove)
+        self._undo.append(self._parameter(pl_module).register_hook(lambda g: g * float("nan")).remove)
 
     def _inject_solver_failure(self, pl_module, batch) -> None:
         module = self._module(pl_module)
-        solvers = {k: v for k, v in vars(module).items() if isinstance(v, Solver)}
-        if not solvers:
-            raise ConfigError(f"faults.layer={self.layer!r} has no iterative solver (choose an implicit block)")
-        for k, v in solvers.items():
+        for k, v in {k: v for k, v in vars(module).items() if isinstance(v, Solver)}.items():
             setattr(module, k, dataclasses.replace(v, max_iters=1, fallback_iters=0, atol=1e-300, rtol=0.0))
             self._undo.append(lambda k=k, v=v: setattr(module, k, v))
 
     def _inject_power_iteration_failure(self, pl_module, batch) -> None:
         module = self._module(pl_module)
-        if not hasattr(module, "power_iteration"):
-            raise ConfigError(f"faults.layer={self.layer!r} is not a spectrally normalised layer")
         saved = (module.max_iters, module.rtol, module.atol)
         module.max_iters, module.rtol, module.atol = 1, 0.0, 0.0  # (layers iterated as a group use the first's)
 
@@ -204,10 +219,15 @@ class FaultInjection(pl.Callback):
 
     def _inject_exploding_inverse(self, pl_module, batch) -> None:
         module = self._module(pl_module)
-        original = module.inverse
+        inverse, inverse_and_log_det = module.inverse, module.inverse_and_log_det
 
-        def inverse(z, *args, **kwargs):
-            return original(z, *args, **kwargs) * float("inf")
+        def exploding(z, *args, **kwargs):
+            return inverse(z, *args, **kwargs) * float("inf")
 
-        module.__dict__["inverse"] = inverse
-        self._undo.append(lambda: module.__dict__.pop("inverse", None))
+        def exploding_with_log_det(z, *args, **kwargs):
+            x, log_det = inverse_and_log_det(z, *args, **kwargs)
+            return x * float("inf"), log_det
+
+        module.__dict__["inverse"] = exploding
+        module.__dict__["inverse_and_log_det"] = exploding_with_log_det  # the path pathwise sampling takes
+        self._undo.append(lambda: [module.__dict__.pop(k, None) for k in ("inverse", "inverse_and_log_det")])

@@ -75,6 +75,12 @@ from flowforge.training.objectives import parse_objective
 log = logging.getLogger("flowforge")
 
 NONFINITE_POLICIES = ("stop", "skip", "reduce_lr")
+
+
+class TrainingStopped(Exception):
+    """Raised at the end of a batch to end a fit under the ``stop`` fault policy (``experiment.train`` turns it
+    into the fault's own error)."""
+
 SOLVER_POLICIES = ("warn", "stop", "skip", "reduce_lr")
 POWER_POLICIES = ("warn", "stop", "reduce_lr")
 
@@ -339,38 +345,45 @@ class FlowModule(pl.LightningModule):
     def nonfinite_events(self) -> list[dict]:
         return [e for e in self.fault_events if e["kind"] == "nonfinite"]
 
-    def _fault(self, kind: str, what: str, where: Optional[str]) -> None:
+    def _fault(self, kind: str, what: str, where: Optional[str], droppable: bool = True) -> None:
         """Record a fault of ``kind`` (nonfinite, solver, power_iteration) found at this step and apply its policy:
-        ``stop`` (end the run; the weights are the last good ones and are saved as ``last.ckpt``), ``skip``
-        (drop this step's update), ``reduce_lr`` (drop it and multiply the learning rates by
-        ``fault_lr_factor``) or ``warn`` (only report).  More than ``max_fault_events`` faults stop the run."""
-        policy = self.policies[kind]
+        ``stop`` (end the run after this batch; ``last.ckpt`` is written there), ``skip`` (drop this step's
+        update), ``reduce_lr`` (drop it and multiply the learning rates by ``fault_lr_factor``) or ``warn`` (only
+        report).  ``droppable=False`` for faults found after the update was applied (power iteration): nothing is
+        dropped then.  More than ``max_fault_events`` faults stop the run whatever the policy."""
+        configured = self.policies[kind]
+        policy = configured
         step = int(self.global_step)
+        n = len(self.fault_events) + 1
+        escalated = policy != "stop" and n > self.max_fault_events
+        if escalated:
+            policy = "stop"
         event = {"step": step, "kind": kind, "what": what, "where": where, "policy": policy}
         self.fault_events.append(event)
         count = sum(e["kind"] == kind for e in self.fault_events)
         self.log(f"train/faults/{kind}", float(count), on_step=True, on_epoch=False)
         message = f"{what} at step {step}" + (f" in {where}" if where else "")
-        if policy in ("skip", "reduce_lr", "stop"):
+        dropped = droppable and policy in ("skip", "reduce_lr", "stop")
+        if dropped:
             self._drop_step = True
-        if policy == "reduce_lr":
+        if configured == "reduce_lr" and not escalated:
             lrs = self._scale_learning_rates(self.fault_lr_factor)
-            message += f"; update dropped, learning rate now {lrs}"
-        elif policy == "skip":
+            message += f"; {'update dropped, ' if dropped else ''}learning rate now {lrs}"
+        elif dropped and policy == "skip":
             message += "; update dropped"
-        if policy != "stop" and len(self.fault_events) > self.max_fault_events:
-            policy = "stop"
-            message += f"; that is fault number {len(self.fault_events)} (max_fault_events={self.max_fault_events})"
-        log.warning("%s (%s policy: %s)", message, kind, policy)
+        key = "on_nonfinite" if kind == "nonfinite" else f"on_{kind}_failure"
+        log.warning("%s (%s=%s%s)", message, key, configured,
+                    f", stopping: fault number {n} > max_fault_events" if escalated else "")
         if policy == "stop" and self.stop_reason is None:
             self.stop_error = NonFiniteLossError if kind == "nonfinite" else ConvergenceError
+            cause = (f"that is fault number {n} (max_fault_events={self.max_fault_events})" if escalated
+                     else f"policy {key}=stop")
+            state = ("the update of that step was dropped" if dropped else "the update of that step was applied")
             self.stop_reason = (
-                f"{message}; the run stopped with the weights of the last good step, saved as last.ckpt (policy "
-                f"on_{'nonfinite' if kind == 'nonfinite' else kind + '_failure'}=stop; skip or reduce_lr go on)"
+                f"{message}; the run stopped ({cause}); {state} and last.ckpt holds the weights after that batch, "
+                f"so a resume continues with the next batch"
             )
             self._save_on_stop = True
-            if self._trainer is not None:
-                self.trainer.should_stop = True
 
     def _scale_learning_rates(self, factor: float) -> list[float]:
         """Multiply every optimizer group's learning rate, and the base rates its scheduler scales, by ``factor``
@@ -439,7 +452,7 @@ class FlowModule(pl.LightningModule):
         self._lipschitz_stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
         if self._lipschitz_stats.get("unconverged") and self.lipschitz_step_iters is None:
             self._fault("power_iteration", "power iteration stopped at its iteration cap before its tolerance",
-                        ", ".join(f"model.{n}" for n in self._lipschitz_stats["unconverged"]))
+                        ", ".join(f"model.{n}" for n in self._lipschitz_stats["unconverged"]), droppable=False)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch, "val")
@@ -464,10 +477,13 @@ class FlowModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._save_on_stop:
+            # at this batch boundary, and before Lightning's end-of-run validation could overwrite last.ckpt with an
+            # end-of-epoch state (which would make a resume skip the rest of the epoch): save, then end the fit
             self._save_on_stop = False
             dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
             if dirs:
                 self.trainer.save_checkpoint(f"{dirs[0]}/last.ckpt")
+            raise TrainingStopped(self.stop_reason)
         stats, self._lipschitz_stats = self._lipschitz_stats, {}
         if stats:
             self.log("train/max_sigma", stats["max_sigma"], on_step=True, on_epoch=False)

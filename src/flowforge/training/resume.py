@@ -32,6 +32,7 @@ import hashlib
 import logging
 import random
 import signal
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,6 +42,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from flowforge.data.base import FlowDataModule
 from flowforge.data.sampler import ResumableSampler
 from flowforge.training.checkpoint_io import remove_partial_files
 
@@ -81,6 +83,10 @@ class ExactResume(pl.Callback):
     # ------------------------------------------------------------------ checkpoint state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if isinstance(getattr(trainer, "datamodule", None), FlowDataModule):
+            # Lightning warns that a mid-epoch resume is unreliable unless the loader has a state_dict; the
+            # ResumableSampler restores the position instead (on_train_start)
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         if stage == "fit" and trainer.is_global_zero:
             for p in remove_partial_files(self.dirpath) + remove_partial_files(trainer.default_root_dir):
                 log.warning("removed %s, left by a checkpoint save that was interrupted", p)
