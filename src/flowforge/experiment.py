@@ -16,11 +16,12 @@ import hydra
 import hydra.errors
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
+from flowforge.smoke import shrink
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
 from flowforge.training.faults import FaultInjection
@@ -176,6 +177,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) the configured model; returns the final metrics."""
+    if cfg.get("smoke"):
+        shrink(cfg)
+    _record_overrides(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
@@ -207,10 +211,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    metrics["epochs_run"] = float(trainer.current_epoch)
+    metrics["global_step"] = float(trainer.global_step)
     if trainer.is_global_zero:
         flow = module.model
         _report(out_dir, metrics, trainer, flow.dequantizer.name if flow.is_image else None)
     return metrics
+
+
+def _record_overrides(cfg: DictConfig) -> None:
+    """Store the run's command-line overrides (Hydra's ``overrides.task``) as ``cfg.overrides``, so the saved config,
+    the checkpoint and the W&B run all say which point of a sweep this run is (``flowforge.report`` matches
+    table cells on them)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("overrides") is not None or not HydraConfig.initialized():
+        return
+    with open_dict(cfg):
+        cfg.overrides = list(HydraConfig.get().overrides.task)
 
 
 def _retire_hpc_checkpoints(root: Path, checkpoints: Path) -> None:
