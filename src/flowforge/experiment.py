@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.smoke import shrink
+from flowforge.wandb_mode import wandb_mode
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
 from flowforge.training.faults import FaultInjection
@@ -29,15 +30,6 @@ from flowforge.training.resume import ExactResume
 from flowforge.training.module import FlowModule, TrainingStopped
 
 log = logging.getLogger("flowforge")
-
-
-def _wandb_mode() -> str:
-    """W&B mode: ``$WANDB_MODE`` if set, else online when an API key is configured, else offline."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists() and "api.wandb.ai" in (Path.home() / ".netrc").read_text():
-        return "online"
-    return "offline"
 
 
 def _run_id() -> str:
@@ -53,8 +45,23 @@ def _run_id() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def _slurm_tasks(devices: Any) -> int:
+    """SLURM tasks per node for ``trainer.devices``: Lightning's DDP under SLURM runs one task per device."""
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    raise ConfigError(f"hydra/launcher=slurm needs trainer.devices as the number of GPUs per node (a positive "
+                      f"integer), got {devices!r}; e.g. trainer.devices=4")
+
+
+def _slurm_gpus(accelerator: str, devices: Any) -> Optional[int]:
+    return None if str(accelerator) == "cpu" else _slurm_tasks(devices)
+
+
+if not OmegaConf.has_resolver("slurm_tasks"):
+    OmegaConf.register_new_resolver("slurm_tasks", _slurm_tasks)
+    OmegaConf.register_new_resolver("slurm_gpus", _slurm_gpus)
 if not OmegaConf.has_resolver("wandb_mode"):
-    OmegaConf.register_new_resolver("wandb_mode", _wandb_mode)
+    OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
 if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
 

@@ -3,7 +3,8 @@
 :func:`shrink` rewrites a composed run configuration in place: the model keeps its family, data shape and
 options but gets a tiny width and depth (:data:`SIZES`, by model class); training runs one epoch of at most
 ``train_batches`` batches of ``batch_size`` on the CPU in float32, validation and test one batch; the data
-module keeps at most ``limit`` examples per split.  Everything else (the estimator, the objective, the
+module keeps at most ``limit`` examples per split, and image hold-outs shrink to what
+``python -m flowforge.data.fake`` writes (:data:`DATA_SIZES`; checksums are not verified).  Everything else (the estimator, the objective, the
 dequantisation, the callbacks, the sweep's table metadata) is left alone, so a smoke run exercises the same
 code path as the real one.  Sweep files document their smoke command; ``python -m flowforge.data.fake DIR``
 writes tiny files in every dataset's real format for sweeps over file-backed datasets.
@@ -36,6 +37,15 @@ SIZES: dict[str, dict] = {
 }
 
 
+#: tiny evaluation hold-outs per data module class (the smoke files of ``flowforge.data.fake`` have 16 val and
+#: test images; checksums of the official files cannot match them)
+DATA_SIZES: dict[str, dict] = {
+    "CIFAR10DataModule": {"val_size": 16, "verify_checksums": False},
+    "ImageNetDownsampledDataModule": {"val_size": 16},
+    "CelebAHQDataModule": {"num_images": 10, "num_val": 2, "num_test": 2},
+}
+
+
 def shrink(cfg: DictConfig, limit: int = 32, batch_size: int = 16, train_batches: int = 2) -> DictConfig:
     """Make ``cfg`` a smoke run (see the module docstring); returns it."""
     with open_dict(cfg):
@@ -55,6 +65,7 @@ def shrink(cfg: DictConfig, limit: int = 32, batch_size: int = 16, train_batches
         trainer.limit_train_batches, trainer.limit_val_batches, trainer.limit_test_batches = train_batches, 1, 1
         trainer.num_sanity_val_steps = 0
         data = cfg.dataset
+        data.update(DATA_SIZES.get(str(data.get("_target_", "")).rsplit(".", 1)[-1], {}))
         data.limit = min(int(data.get("limit") or limit), limit)
         data.batch_size = min(int(data.batch_size), batch_size)
         if data.get("eval_batch_size") is not None:

@@ -74,7 +74,7 @@ class SampleFigures(pl.Callback):
         path = self.dirpath / f"{tag}.png"
         if not model.is_image and not _is_regression(pl_module) and nonfinite_samples(model, 256, self.temperature):
             raise FloatingPointError("samples contain NaN/inf")  # density plots would draw them without complaint
-        data = self._data(trainer)
+        data = None if model.is_image else self._data(trainer)  # (image splits need not be tensor datasets)
         with torch.autocast(device_type=pl_module.device.type, enabled=False):
             if _is_regression(pl_module):
                 if model.dim != 1:
