@@ -24,7 +24,8 @@ def sh(*args, timeout=600):
 @pytest.fixture(scope="module")
 def multirun(tmp_path_factory):
     sweep = tmp_path_factory.mktemp("sweep")
-    code, out = sh("train.py", "-m", "model=realnvp,maf", "logger=many", *QUICK, f"hydra.sweep.dir={sweep}")
+    code, out = sh("train.py", "-m", "model=realnvp,maf", "logger=many", "logger.wandb.log_model=true", *QUICK,
+                   f"hydra.sweep.dir={sweep}")
     assert code == 0, out[-4000:]
     return sweep, out
 
@@ -52,6 +53,8 @@ def test_wandb_offline_records_config_and_metrics(multirun):
     for key in (b"test/nll", b"val/loss", b"train/loss_step", b"samples/test"):
         assert key in record, key
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))  # the density plots
+    # logger.wandb.log_model=true: the checkpoints go up as a model artifact (queued offline, sent by wandb sync)
+    assert b"model-" in record and b"last.ckpt" in record
 
 
 def test_eval_and_sample_from_checkpoint(multirun, tmp_path):

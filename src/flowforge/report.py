@@ -66,8 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from flowforge.wandb_mode import wandb_mode as _wandb_mode
 from flowforge.errors import FlowforgeError
+from flowforge.wandb_mode import wandb_mode as _wandb_mode
 
 #: columns of report.csv and of the logged wandb.Table
 CSV_COLUMNS = [
