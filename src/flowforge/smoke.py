@@ -72,6 +72,9 @@ def shrink(cfg: DictConfig, limit: int = 32, batch_size: int = 16, train_batches
             data.eval_batch_size = min(int(data.eval_batch_size), batch_size)
         if "num_workers" in data:
             data.num_workers = 0
+        figures = (cfg.get("callbacks") or {}).get("sample_figures")
+        if figures is not None and "num_images" in figures:
+            figures.num_images = 4
         if cfg.get("objective") is not None and cfg.objective.get("eval_samples"):
             cfg.objective.eval_samples = min(int(cfg.objective.eval_samples), 256)
     return cfg
