@@ -413,15 +413,18 @@ class FlowModule(pl.LightningModule):
         return where
 
     def _step_solver_failures(self) -> list[str]:
-        """Blocks whose solves of this step (forward, inverse, adjoint) left samples unconverged."""
-        names = []
-        for name, m in self.named_modules():
-            solves = getattr(m, "solves", None)
-            if solves is not None and hasattr(solves, "last"):
-                bad = [kind for kind, stats in solves.last.items() if stats.num_failed]
-                if bad:
-                    names.append(f"{name} ({', '.join(bad)})")
-        return names
+        """Blocks whose solves of this step (forward, inverse, adjoint) left samples unconverged (one device sync
+        for all of them)."""
+        records = [(name, kind, stats) for name, m in self.named_modules()
+                   if hasattr(getattr(m, "solves", None), "last") for kind, stats in m.solves.last.items()]
+        if not records:
+            return []
+        failed = torch.stack([(~stats.converged).any() for _, _, stats in records]).tolist()
+        by_block: dict[str, list[str]] = {}
+        for (name, kind, _), bad in zip(records, failed):
+            if bad:
+                by_block.setdefault(name, []).append(kind)
+        return [f"{name} ({', '.join(kinds)})" for name, kinds in by_block.items()]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """After backward, before the update: NaN/inf gradients under a finite loss (an overflow in a backward pass,
