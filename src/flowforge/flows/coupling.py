@@ -10,7 +10,7 @@ Masks: alternating for vectors, checkerboard or channel halves for images.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,68 +44,98 @@ def channel_mask(shape: Sequence[int], parity: int) -> Tensor:
 
 
 class VectorConditioner(nn.Module):
-    """MLP: masked vector ``(B, D)`` -> parameters ``(B, D, P)``."""
+    """MLP: the kept coordinates ``(B, D_in)`` -> parameters of the transformed ones ``(B, D_out, P)``."""
 
-    def __init__(self, dim: int, num_params: int, hidden: Sequence[int], act: str = "relu"):
+    def __init__(self, in_features: int, out_features: int, num_params: int, hidden: Sequence[int], act: str = "relu"):
         super().__init__()
-        self.dim, self.num_params = dim, num_params
-        self.net = MLP(dim, hidden, dim * num_params, act=act)
+        self.out_features, self.num_params = out_features, num_params
+        self.net = MLP(in_features, hidden, out_features * num_params, act=act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).view(x.shape[0], self.dim, self.num_params)
+        return self.net(x).view(x.shape[0], self.out_features, self.num_params)
 
 
 class ImageConditioner(nn.Module):
-    """ConvNet: masked image ``(B, C, H, W)`` -> parameters ``(B, C, H, W, P)``."""
+    """ConvNet: ``(B, C_in, H, W)`` -> parameters ``(B, C_out, H, W, P)``."""
 
-    def __init__(self, channels: int, num_params: int, hidden: int, act: str = "relu"):
+    def __init__(self, in_channels: int, out_channels: int, num_params: int, hidden: int, act: str = "relu"):
         super().__init__()
-        self.num_params = num_params
-        self.net = ConvNet(channels, hidden, channels * num_params, act=act)
+        self.out_channels, self.num_params = out_channels, num_params
+        self.net = ConvNet(in_channels, hidden, out_channels * num_params, act=act)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        return self.net(x).view(b, c, self.num_params, h, w).permute(0, 1, 3, 4, 2)
+        b, _, h, w = x.shape
+        return self.net(x).view(b, self.out_channels, self.num_params, h, w).permute(0, 1, 3, 4, 2)
+
+
+Index = Union[slice, Tensor]
+
+
+def _index(positions: Tensor) -> Index:
+    """A slice when ``positions`` is an arithmetic progression (a view, no gather), else the positions."""
+    n = positions.numel()
+    start = int(positions[0])
+    step = int(positions[1] - positions[0]) if n > 1 else 1
+    if step > 0 and torch.equal(positions, torch.arange(start, start + step * n, step)):
+        return slice(start, start + step * (n - 1) + 1, step)
+    return positions
+
+
+def _count(index: Index, n: int) -> int:
+    return len(range(n)[index]) if isinstance(index, slice) else index.numel()
+
+
+def feature_split(mask: Tensor) -> Optional[tuple[Index, Index]]:
+    """``(kept, transformed)`` indices along the feature axis (the first axis of ``mask``) when the mask
+    is constant over the remaining axes (vector masks, channel masks); ``None`` otherwise (checkerboard)."""
+    rows = mask.reshape(mask.shape[0], -1)
+    if not bool((rows == rows[:, :1]).all()):
+        return None
+    keep = rows[:, 0]
+    if bool(keep.all()) or not bool(keep.any()):
+        raise ConfigError(f"a coupling mask must keep some and transform some features, got {keep.tolist()}")
+    return _index(keep.nonzero().squeeze(1)), _index((~keep).nonzero().squeeze(1))
 
 
 class Coupling(Transform):
+    """A coupling layer.  For masks that split the feature axis (vectors, channel halves) the conditioner
+    reads only the kept features and returns parameters for the transformed ones only; for checkerboard
+    masks it reads the masked input and returns parameters for every position."""
+
     def __init__(self, mask: Tensor, conditioner: nn.Module, elementwise):
         super().__init__()
         self.register_buffer("mask", mask.bool())
         self.conditioner = conditioner
         self.elementwise = elementwise
-        # Derived from ``mask`` per (device, dtype).  Deliberately not buffers: EMA / weight averaging
-        # (AveragedModel with use_buffers) would average them, and an averaged index buffer truncates.
-        self._free_cache: dict = {}
+        self.split = feature_split(self.mask)
+        # Index tensors per device for masks that are not arithmetic progressions.  Deliberately not
+        # buffers: EMA / weight averaging (AveragedModel with use_buffers) would average them.
+        self._index_cache: dict = {}
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._free_cache = {}
         super()._load_from_state_dict(*args, **kwargs)
+        self.split = feature_split(self.mask)
+        self._index_cache = {}
 
-    def _free(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Indices and float mask of the transformed (mask == 0) coordinates of a vector coupling."""
-        key = (like.device, like.dtype)
-        if key not in self._free_cache:
-            free = ~self.mask.to(like.device)
-            self._free_cache[key] = (free.nonzero().squeeze(1), free.to(like.dtype))
-        return self._free_cache[key]
-
-    def _params(self, x: Tensor) -> Tensor:
-        return self.conditioner(x * self.mask)
+    def _on(self, index: Index, like: Tensor) -> Index:
+        if isinstance(index, slice):
+            return index
+        key = (index is self.split[0], like.device)
+        if key not in self._index_cache:
+            self._index_cache[key] = index.to(like.device)
+        return self._index_cache[key]
 
     def _couple(self, x: Tensor, fn) -> tuple[Tensor, Tensor]:
-        p = self._params(x)
-        if x.dim() != 2:
-            y, ladj = fn(x, p)
+        if self.split is None:
+            y, ladj = fn(x, self.conditioner(x * self.mask))
             return torch.where(self.mask, x, y), sum_except_batch(ladj.masked_fill(self.mask, 0.0))
-        idx, free = self._free(x)
-        if self.elementwise.num_params > 2:
-            # Expensive elementwise maps (splines): run them on the transformed coordinates only instead of
-            # on all D and discarding half (for affine maps the two index ops cost more than they save).
-            y, ladj = fn(x.index_select(1, idx), p.index_select(1, idx))
-            return x.index_copy(1, idx, y), ladj.sum(1)
-        y, ladj = fn(x, p)
-        return torch.where(self.mask, x, y), ladj @ free  # masked row sum in one op (vs masked_fill + sum)
+        keep, free = (self._on(i, x) for i in self.split)
+        y, ladj = fn(x[:, free], self.conditioner(x[:, keep]))
+        if isinstance(free, slice):
+            out = torch.slice_scatter(x, y, 1, free.start, free.stop, free.step)
+        else:
+            out = x.index_copy(1, free, y)
+        return out, sum_except_batch(ladj)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._couple(x, self.elementwise.forward)
@@ -123,12 +153,14 @@ def make_coupling(mask: Tensor, elementwise, hidden, act: str = "relu") -> Coupl
     ``hidden`` is a list of widths for vectors, or one channel count for images.
     """
     P = elementwise.num_params
+    if mask.dim() == 1 and mask.numel() < 2:
+        raise ConfigError("coupling flows need at least 2 dimensions; this dataset has 1")
+    split = feature_split(mask)
+    n_in, n_out = (mask.shape[0], mask.shape[0]) if split is None else (_count(i, mask.shape[0]) for i in split)
     if mask.dim() == 1:
-        if mask.numel() < 2:
-            raise ConfigError("coupling flows need at least 2 dimensions; this dataset has 1")
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
-        cond = VectorConditioner(mask.numel(), P, widths, act)
+        cond = VectorConditioner(n_in, n_out, P, widths, act)
     else:
         width = hidden if isinstance(hidden, int) else int(list(hidden)[0])
-        cond = ImageConditioner(mask.shape[0], P, width, act)
+        cond = ImageConditioner(n_in, n_out, P, width, act)
     return Coupling(mask, cond, elementwise)
