@@ -37,7 +37,7 @@ FAST = [
     "dataset.batch_size=100", "dataset.eval_batch_size=200", "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false", "callbacks.sample_figures.every_n_epochs=100",
 ]  # 6 optimizer steps per epoch
-REALNVP = ["model=realnvp", *SMALL["realnvp"]]
+REALNVP = ["model=realnvp", *SMALL["realnvp"], "model.actnorm=true"]  # ActNorm on: the layer paths below count it
 MONOTONE = ["model=monotone", *SMALL["monotone"]]
 RESFLOW = ["model=resflow", *SMALL["resflow"]]
 REVERSE_KL = ["dataset=target", "objective=reverse_kl", "objective.eval_samples=512"]

@@ -50,6 +50,10 @@ CASES = {
     "actnorm_vector": (lambda: ActNorm((3,)), vec),
     "actnorm_image": (lambda: ActNorm((2, 4, 4)), img),
     "lu_linear": (lambda: InvertibleLinearLU((3,)), vec),
+    "lu_linear_identity_start": (lambda: InvertibleLinearLU((3,), "identity"), vec),
+    "lu_linear_permutation_start": (lambda: InvertibleLinearLU((4,), "permutation"), lambda: vec(4)),
+    "coupling_irregular_mask": (lambda: make_coupling(torch.tensor([True, False, False, True, True]), Affine(), [8]),
+                                lambda: vec(5)),
     "lu_1x1_conv": (lambda: InvertibleLinearLU((2, 4, 4)), img),
     "maf_affine": (lambda: MaskedAutoregressive(4, Affine(), [16, 16], order=[2, 0, 3, 1]), lambda: vec(4)),
     "maf_spline": (lambda: MaskedAutoregressive(3, RationalQuadraticSpline(5, 3.0), [16]), lambda: 2 * vec()),
@@ -151,3 +155,59 @@ def test_planar_keeps_invertibility_constraint():
         p.w.copy_(torch.tensor([1.0, 0.0]))
         p.u.copy_(torch.tensor([-5.0, 0.0]))  # w.u = -5 would be non-invertible without u_hat
     assert float(p.u_hat() @ p.w) > -1
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "permutation", "identity"])
+def test_lu_initial_weight(init):
+    w = InvertibleLinearLU((6,), init).weight().detach()
+    torch.testing.assert_close(w @ w.T, torch.eye(6), atol=1e-5, rtol=0)  # all three start orthogonal
+    if init != "orthogonal":
+        assert set(w.unique().tolist()) == {0.0, 1.0}  # a permutation matrix
+    if init == "identity":
+        torch.testing.assert_close(w, torch.eye(6))
+
+
+def test_lu_unknown_init_is_a_config_error():
+    from flowforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown LU initialisation 'rotation'; choose one of orthogonal"):
+        InvertibleLinearLU((3,), "rotation")
+
+
+@pytest.mark.parametrize(
+    "mask,kept,transformed",
+    [(alternating_mask(7, 0), 4, 3), (alternating_mask(64, 1), 32, 32), (channel_mask((4, 2, 2), 1), 2, 2)],
+)
+def test_coupling_conditioner_reads_kept_and_emits_transformed_features_only(mask, kept, transformed):
+    spline = RationalQuadraticSpline(4, 3.0)
+    c = make_coupling(mask, spline, [16] if mask.dim() == 1 else 8)
+    layers = [m for m in c.conditioner.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    first, last = layers[0], layers[-1]
+    n_in = first.in_features if isinstance(first, torch.nn.Linear) else first.in_channels
+    n_out = last.out_features if isinstance(last, torch.nn.Linear) else last.out_channels
+    assert (n_in, n_out) == (kept, transformed * spline.num_params)
+
+
+def test_checkerboard_coupling_conditioner_sees_the_whole_masked_image():
+    c = make_coupling(checkerboard_mask((2, 4, 4), 0), Affine(), 8)
+    assert c.split is None
+    assert (c.conditioner.net[0].in_channels, c.conditioner.net[-1].out_channels) == (2, 4)
+
+
+def test_coupling_mask_that_keeps_everything_is_a_config_error():
+    from flowforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must keep some and transform some features"):
+        make_coupling(torch.ones(4, dtype=torch.bool), Affine(), [8])
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_base_log_prob_matches_torch_distributions(learn):
+    from flowforge.flows.distributions import DiagonalGaussian, StandardNormal
+
+    base = (DiagonalGaussian((3, 2)) if learn else StandardNormal((3, 2))).double()
+    if learn:
+        perturb(base, 1.0)
+    z = torch.randn(7, 3, 2, dtype=torch.float64)
+    ref = torch.distributions.Normal(base.loc, base.log_scale.exp()).log_prob(z).sum((1, 2))
+    torch.testing.assert_close(base.log_prob(z), ref, atol=1e-12, rtol=0)

@@ -1,6 +1,8 @@
 """The coupling-flow skeletons shared by NICE, RealNVP, Glow and coupling neural spline flows.
 
-A *step* is ``[ActNorm] -> [invertible 1x1 / LU linear] -> coupling``.
+A *step* is ``[ActNorm] -> [invertible 1x1 / LU linear] -> coupling``; by default ActNorm is used
+on images only and the LU map starts at a random rotation on images and at the identity on vectors
+(:func:`vector_defaults`).
 - Vectors: ``num_steps`` steps with alternating masks.
 - Images, ``layout="realnvp"``: each scale is ``num_steps`` checkerboard steps, a squeeze and
   ``num_steps`` channel-mask steps, then half the channels are factored out; the last scale is
@@ -11,7 +13,7 @@ A *step* is ``[ActNorm] -> [invertible 1x1 / LU linear] -> coupling``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from flowforge.errors import ConfigError
 from flowforge.flows.actnorm import ActNorm
@@ -21,6 +23,15 @@ from flowforge.flows.invconv import InvertibleLinearLU
 from flowforge.flows.multiscale import Squeeze, check_squeezable, multiscale
 
 
+def vector_defaults(shape: Sequence[int], actnorm: Optional[bool], lu_init: Optional[str]) -> tuple[bool, str]:
+    """Fill in ``None`` choices by the kind of data.  Images: ActNorm and a random-rotation LU start, as
+    Glow.  Vectors: no ActNorm and an identity LU start, so that a fresh stack is the bare coupling stack;
+    on flattened 8x8 digits (64-D) a rotation start left a neural spline flow 25 nats behind the bare
+    couplings after 500 steps, and ActNorm trained 1-3 nats worse there and on the 2-D checkerboard."""
+    image = len(tuple(shape)) > 1
+    return (image if actnorm is None else actnorm), (("orthogonal" if image else "identity") if lu_init is None else lu_init)
+
+
 def coupling_stack(
     shape: Sequence[int],
     elementwise,
@@ -28,19 +39,21 @@ def coupling_stack(
     hidden: Sequence[int] = (64, 64),
     channels: int = 64,
     num_scales: int = 2,
-    actnorm: bool = True,
+    actnorm: Optional[bool] = None,
     lu: bool = False,
     layout: str = "realnvp",
     act: str = "relu",
+    lu_init: Optional[str] = None,
 ) -> Transform:
     shape = tuple(shape)
+    actnorm, lu_init = vector_defaults(shape, actnorm, lu_init)
     if num_steps < 1:
         raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
 
     def step(s: tuple, mask, width) -> list:
         layers = [ActNorm(s)] if actnorm else []
         if lu:
-            layers.append(InvertibleLinearLU(s))
+            layers.append(InvertibleLinearLU(s, lu_init))
         return layers + [make_coupling(mask, elementwise, width, act)]
 
     if len(shape) == 1:

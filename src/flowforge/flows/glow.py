@@ -1,6 +1,7 @@
 """Glow (Kingma & Dhariwal, 2018): steps of ActNorm -> invertible 1x1 convolution (LU form) ->
 affine coupling with ``exp(s) = sigmoid(h + 2)``; for images each scale starts with a squeeze and
-ends with a factor-out.  On vectors the 1x1 convolution is a full LU-parametrised linear map."""
+ends with a factor-out.  On vectors the 1x1 convolution is a full LU-parametrised linear map, started
+at the identity (``lu_init``; images start from a random rotation as in the paper)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ def Glow(
     hidden: Sequence[int] = (64, 64),
     channels: int = 64,
     num_scales: int = 2,
+    lu_init: Optional[str] = None,
     base: str = "normal",
     num_levels: Optional[int] = None,
     logit_alpha: Optional[float] = None,
 ) -> Flow:
     stack = coupling_stack(
-        shape, Affine("sigmoid"), num_steps, hidden, channels, num_scales, actnorm=True, lu=True, layout="glow"
+        shape, Affine("sigmoid"), num_steps, hidden, channels, num_scales, actnorm=True, lu=True, layout="glow",
+        lu_init=lu_init,
     )
     return build_flow(shape, stack, base, num_levels, logit_alpha)

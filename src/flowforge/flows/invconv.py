@@ -13,19 +13,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowforge.errors import ConfigError
 from flowforge.flows.base import Transform
 
 
+INITS = ("orthogonal", "permutation", "identity")
+
+
+def initial_weight(c: int, init: str) -> Tensor:
+    """The starting matrix: a random rotation (Glow), a random permutation, or the identity."""
+    if init == "orthogonal":
+        return torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
+    if init == "permutation":
+        return torch.eye(c, dtype=torch.float64)[torch.randperm(c)]
+    if init == "identity":
+        return torch.eye(c, dtype=torch.float64)
+    raise ConfigError(f"unknown LU initialisation '{init}'; choose one of {', '.join(INITS)}")
+
+
 class InvertibleLinearLU(Transform):
-    def __init__(self, shape: Sequence[int]):
+    """``init`` picks the starting ``W``: ``orthogonal`` (a random rotation, as Glow initialises its 1x1
+    convolutions), ``permutation`` (a random permutation of the features) or ``identity``."""
+
+    def __init__(self, shape: Sequence[int], init: str = "orthogonal"):
         super().__init__()
         shape = tuple(shape)
         c = shape[0]
         self.spatial = 1
         for s in shape[1:]:
             self.spatial *= s
-        w0 = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))[0]
-        p, lower, upper = torch.linalg.lu(w0)
+        p, lower, upper = torch.linalg.lu(initial_weight(c, init))
         diag = torch.diagonal(upper)
         self.register_buffer("perm", p.float())
         self.register_buffer("sign_s", torch.sign(diag).float())

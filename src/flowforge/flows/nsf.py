@@ -1,6 +1,8 @@
-"""Neural spline flows (Durkan et al., 2019): rational-quadratic spline couplings (with ActNorm and an
-LU-parametrised linear map between them, Glow layout for images) or, with ``autoregressive``, MADE
-layers driving the spline (RQ-NSF (AR)).  See :mod:`flowforge.flows.spline` for the spline itself."""
+"""Neural spline flows (Durkan et al., 2019): rational-quadratic spline couplings with an LU-parametrised
+linear map before each (and ActNorm on images; Glow layout for images) or, with ``autoregressive``, MADE
+layers driving the spline (RQ-NSF (AR)).  ``actnorm`` and ``lu_init`` left at ``None`` take the
+defaults of :func:`flowforge.flows.architectures.vector_defaults`.  See :mod:`flowforge.flows.spline`
+for the spline itself."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ def NSF(
     bins: int = 8,
     bound: float = 5.0,
     autoregressive: bool = False,
+    actnorm: Optional[bool] = None,
+    lu_init: Optional[str] = None,
     base: str = "normal",
     num_levels: Optional[int] = None,
     logit_alpha: Optional[float] = None,
@@ -31,5 +35,7 @@ def NSF(
     if autoregressive:
         stack = autoregressive_layers(shape, spline, num_steps, hidden, inverse=False)
     else:
-        stack = coupling_stack(shape, spline(), num_steps, hidden, channels, num_scales, actnorm=True, lu=True, layout="glow")
+        stack = coupling_stack(
+            shape, spline(), num_steps, hidden, channels, num_scales, actnorm, lu=True, layout="glow", lu_init=lu_init
+        )
     return build_flow(shape, stack, base, num_levels, logit_alpha)

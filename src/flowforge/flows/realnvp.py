@@ -1,6 +1,7 @@
 """RealNVP (Dinh et al., 2017): affine couplings ``z_2 = x_2 exp(s(x_1)) + t(x_1)`` with
 ``log |det| = sum s(x_1)``; checkerboard and channel masks in a multiscale architecture for images,
-alternating masks for vectors.  ActNorm replaces the paper's batch normalisation."""
+alternating masks for vectors.  ActNorm replaces the paper's batch normalisation; left at ``None`` it is
+used on images only (:func:`flowforge.flows.architectures.vector_defaults`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def RealNVP(
     hidden: Sequence[int] = (64, 64),
     channels: int = 64,
     num_scales: int = 2,
-    actnorm: bool = True,
+    actnorm: Optional[bool] = None,
     scale: str = "tanh",
     base: str = "normal",
     num_levels: Optional[int] = None,
