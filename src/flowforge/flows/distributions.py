@@ -32,8 +32,9 @@ class DiagonalGaussian(nn.Module):
 
     def log_prob(self, z: Tensor) -> Tensor:
         eps = (z - self.loc) * torch.exp(-self.log_scale)
-        total = -0.5 * eps.pow(2) - self.log_scale
-        return total.reshape(z.shape[0], -1).sum(1) - 0.5 * self.dim * math.log(2 * math.pi)
+        # the constant terms are summed on the parameters, not broadcast over the batch
+        const = self.log_scale.sum() + 0.5 * self.dim * math.log(2 * math.pi)
+        return -0.5 * eps.square().reshape(z.shape[0], -1).sum(1) - const
 
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         eps = torch.randn((n, *self.shape), device=self.loc.device, dtype=self.loc.dtype)
@@ -45,6 +46,9 @@ class StandardNormal(DiagonalGaussian):
 
     def __init__(self, shape: Sequence[int]):
         super().__init__(shape, learn=False)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return -0.5 * z.square().reshape(z.shape[0], -1).sum(1) - 0.5 * self.dim * math.log(2 * math.pi)
 
 
 def make_base(name: str, shape: Sequence[int]) -> DiagonalGaussian:

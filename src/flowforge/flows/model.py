@@ -57,9 +57,9 @@ class Flow(Transform):
             )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        log_det = x.new_zeros(x.shape[0])
-        if self.preprocess is not None:
-            x, log_det = self.preprocess(x)
+        if self.preprocess is None:
+            return self.transform(x)
+        x, log_det = self.preprocess(x)
         z, ld = self.transform(x)
         return z, log_det + ld
 

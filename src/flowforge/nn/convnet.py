@@ -19,8 +19,8 @@ class ConvNet(nn.Sequential):
             nn.init.zeros_(last.bias)
         super().__init__(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
-            activation(act),
+            activation(act, inplace=True),
             nn.Conv2d(hidden, hidden, 1),
-            activation(act),
+            activation(act, inplace=True),
             last,
         )

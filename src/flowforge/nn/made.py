@@ -52,7 +52,7 @@ class MADE(nn.Module):
         top = max(features - 1, 1)
         for h in hidden:
             deg = torch.arange(h) % top + 1
-            layers += [MaskedLinear(deg[:, None] >= prev[None, :]), activation(act)]
+            layers += [MaskedLinear(deg[:, None] >= prev[None, :]), activation(act, inplace=True)]
             prev = deg
         deg_out = degrees_in.repeat_interleave(num_params)
         last = MaskedLinear(deg_out[:, None] > prev[None, :])

@@ -11,12 +11,21 @@ from flowforge.errors import ConfigError
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 
 
-def activation(name: str) -> nn.Module:
-    """Build an activation module by name (relu, elu, tanh, silu, leaky_relu)."""
+# Activations whose backward reads only their output, so they may overwrite their input.
+_INPLACE_SAFE = ("relu", "elu", "leaky_relu")
+
+
+def activation(name: str, inplace: bool = False) -> nn.Module:
+    """Build an activation module by name (relu, elu, tanh, silu, leaky_relu).
+
+    ``inplace`` overwrites the input where the activation's backward allows it (relu, elu, leaky_relu),
+    saving one allocation of the layer's output; use it only on a fresh tensor nothing else reads,
+    such as the output of the linear layer just before."""
     try:
-        return _ACTIVATIONS[name]()
+        cls = _ACTIVATIONS[name]
     except KeyError:
         raise ConfigError(f"unknown activation '{name}'; choose one of {sorted(_ACTIVATIONS)}") from None
+    return cls(inplace=True) if inplace and name in _INPLACE_SAFE else cls()
 
 
 class MLP(nn.Sequential):
@@ -34,7 +43,7 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), activation(act)]
+            layers += [nn.Linear(width, h), activation(act, inplace=True)]
             width = h
         last = nn.Linear(width, out_features)
         if zero_last:
