@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.smoke import shrink
+from flowforge.trust import check_stored_targets, load_torch_file
 from flowforge.wandb_mode import wandb_mode
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
@@ -198,7 +199,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("train", True):
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except TrainingStopped:
             raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}") from None
         except SIGTERMException:
@@ -272,13 +273,23 @@ def load_checkpoint(ckpt_path: str, map_location: str = "cpu") -> tuple[DictConf
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass the path of a .ckpt file written by train.py")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = load_torch_file(path, map_location)
+    except FlowforgeError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
         raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint ({e})") from e
-    config = ckpt.get("hyper_parameters", {}).get("config")
+    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if not config:
         raise ConfigError(f"{ckpt_path} holds no flowforge run configuration; was it written by train.py?")
     return OmegaConf.create(config), ckpt
+
+
+def load_stored_run(ckpt_path: str) -> tuple[DictConfig, dict]:
+    """:func:`load_checkpoint` for eval / sample: the stored configuration is untrusted, so its ``_target_`` entries
+    are vetted (:func:`flowforge.trust.check_stored_targets`) before anything is built from it."""
+    run_cfg, ckpt = load_checkpoint(ckpt_path)
+    check_stored_targets(run_cfg, f"ckpt_path={ckpt_path}")
+    return run_cfg, ckpt
 
 
 def model_name(cfg: DictConfig) -> str:
@@ -305,7 +316,7 @@ def load_weights(module: FlowModule, ckpt_path: str, this_model: str, ckpt: Opti
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test metrics of a checkpoint (its EMA weights when EMA was on) on the test split."""
-    run_cfg, ckpt = load_checkpoint(cfg.ckpt_path)
+    run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
     if cfg.get("data_dir"):
         run_cfg.dataset.data_dir = cfg.data_dir
     datamodule, module = build(run_cfg)
@@ -322,7 +333,7 @@ def sample(cfg: DictConfig) -> Path:
     """Draw samples from a checkpoint: an image grid or a density plot, plus the raw tensor."""
     from flowforge.training import visualize
 
-    run_cfg, ckpt = load_checkpoint(cfg.ckpt_path)
+    run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
     datamodule, module = build(run_cfg)
     load_weights(module, cfg.ckpt_path, model_name(run_cfg), ckpt)
     model = module.model.eval()

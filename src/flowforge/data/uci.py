@@ -47,6 +47,7 @@ import torch
 
 from flowforge.data.base import FlowDataModule, require_file
 from flowforge.errors import ConfigError, DataError
+from flowforge.trust import PANDAS_FRAME_GLOBALS, safe_unpickle
 
 _MAF_SEED = 42
 _HOW_TO_GET = (
@@ -197,17 +198,23 @@ class GASDataModule(_MAFDataModule):
             f"{_HOW_TO_GET} (Also accepted: {folder}/ethylene_CO.npy or ethylene_CO.csv with the columns "
             "Time, Meth, Eth and the 16 sensors.)",
         )
+        convert = (f"Save it as {folder}/ethylene_CO.npy where pandas is available: "
+                   "numpy.save('ethylene_CO.npy', pandas.read_pickle('ethylene_CO.pickle').to_numpy())")
         try:
-            import pandas
+            import pandas  # noqa: F401 - the frame's classes come from it
         except ImportError as err:
             raise DataError(
                 f"dataset '{self.label}': {path} is a pandas pickle and pandas is not installed: "
                 f"pip install pandas, or save it as {folder}/ethylene_CO.npy where pandas is available"
             ) from err
         try:
-            frame = pandas.read_pickle(path)
+            # parsed without running code: only a DataFrame's and numpy's reconstruction globals are resolved
+            frame = safe_unpickle(path, self.label, f"Use the file from the MAF archive or a converted copy. {convert}",
+                                  allowed=PANDAS_FRAME_GLOBALS)
             data = frame.drop(columns=["Time", "Meth", "Eth"]).to_numpy(dtype=np.float64)
-        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, OSError) as err:
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, OSError, TypeError) as err:
+            if isinstance(err, DataError):
+                raise
             raise _corrupt(self.label, path, err) from err
         if data.ndim != 2 or data.shape[1] != self.sensors:
             raise DataError(
