@@ -268,6 +268,46 @@ def resume_missing_ckpt(tmp_path):
     _train(f"ckpt_path={tmp_path}/nope.ckpt")(tmp_path)
 
 
+def sample_with(*overrides):
+    """sample.py on a real checkpoint with ``overrides``."""
+
+    def run(tmp_path):
+        ckpt = _save_ckpt(tmp_path, [], "run")
+        experiment.sample(compose([f"ckpt_path={ckpt}", f"output_dir={tmp_path}/s", *overrides], config_name="sample"))
+
+    return run
+
+
+def power_with_nan(tmp_path):
+    data = np.random.default_rng(0).normal(size=(100, 8))
+    data[3, 2] = np.nan
+    _power(tmp_path, data)
+    _setup("dataset=power", "paths.data_dir={tmp}")(tmp_path)
+
+
+def power_symlink_loop(tmp_path):
+    (tmp_path / "power").mkdir()
+    os.symlink(tmp_path / "power" / "data.npy", tmp_path / "power" / "data.npy")
+    _setup("dataset=power", "paths.data_dir={tmp}")(tmp_path)
+
+
+def power_dangling_symlink(tmp_path):
+    (tmp_path / "power").mkdir()
+    os.symlink(tmp_path / "elsewhere.npy", tmp_path / "power" / "data.npy")
+    _setup("dataset=power", "paths.data_dir={tmp}")(tmp_path)
+
+
+def eval_ckpt_is_directory(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    experiment.evaluate(compose([f"ckpt_path={tmp_path}/run"], config_name="eval"))
+
+
+def eval_ckpt_symlink_loop(tmp_path):
+    os.symlink(tmp_path / "loop.ckpt", tmp_path / "loop.ckpt")
+    experiment.evaluate(compose([f"ckpt_path={tmp_path}/loop.ckpt"], config_name="eval"))
+
+
 # --------------------------------------------------------------------------- the table
 
 RESFLOW = ["model=resflow", *SMALL["resflow"]]
@@ -418,6 +458,42 @@ CASES = [
     ("train-resume-missing-ckpt", resume_missing_ckpt, ConfigError, r"nope\.ckpt does not exist"),
     ("train-resume-from-other-model", resume_from_other_model, ConfigError,
      r"maf\.ckpt was written by model MAF, but this run builds model RealNVP, and the weights do not match.*use the same model config"),
+    # optimizer, trainer, data-size and layer-width values that passed silently or crashed
+    ("lr-zero", ["optim.optimizer.lr=0"], ConfigError,
+     r"optim\.optimizer\.lr must be a finite number > 0, got 0 \(0 would train nothing.*e\.g\. optim\.optimizer\.lr=1e-3"),
+    ("lr-inf", ["optim.optimizer.lr=inf"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got inf"),
+    ("lr-nan", ["optim.optimizer.lr=nan"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got nan"),
+    ("lr-negative", ["optim.optimizer.lr=-0.1"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got -0\.1"),
+    ("lr-string", ["optim.optimizer.lr=fast"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got 'fast'"),
+    ("gradient-clip-negative", ["trainer.gradient_clip_val=-1"], ConfigError,
+     r"trainer\.gradient_clip_val must be null \(no clipping\) or a finite number >= 0, got -1; e\.g\. trainer\.gradient_clip_val=1\.0"),
+    ("accumulate-grad-batches-0", ["trainer.accumulate_grad_batches=0"], ConfigError,
+     r"trainer\.accumulate_grad_batches must be a positive integer, got 0; e\.g\. trainer\.accumulate_grad_batches=1"),
+    ("warmup-string", ["optim.warmup_steps=abc"], ConfigError,
+     r"optim\.warmup_steps must be >= 0, got 'abc' \(an integer\); e\.g\. optim\.warmup_steps=1000"),
+    ("n-train-negative", ["dataset.n_train=-5"], ConfigError,
+     r"dataset\.n_train must be a positive integer, got -5; e\.g\. dataset\.n_train=2000"),
+    ("coupling-hidden-0", ["model.hidden=[0]"], ConfigError,
+     r"model\.hidden must be a list of positive layer widths, got \[0\]; e\.g\. model\.hidden=\[64,64\]"),
+    ("sample-num-samples-string", sample_with("num_samples=abc"), ConfigError,
+     r"num_samples must be a positive integer, got 'abc'; e\.g\. num_samples=64"),
+    ("sample-num-samples-float", sample_with("num_samples=2.5"), ConfigError,
+     r"num_samples must be a positive integer, got 2\.5; e\.g\. num_samples=64"),
+    ("sample-temperature-inf", sample_with("temperature=inf"), ConfigError,
+     r"temperature must be a finite number > 0, got inf; e\.g\. temperature=0\.7"),
+    ("sample-temperature-nan", sample_with("temperature=nan"), ConfigError,
+     r"temperature must be a finite number > 0, got nan; e\.g\. temperature=0\.7"),
+    ("uci-nan-values", power_with_nan, DataError,
+     r"power/data\.npy holds 1 NaN/inf values \(first at row \d+, column \d+: nan\); the file is damaged.*Extract it again"),
+    ("data-file-symlink-loop", power_symlink_loop, DataError,
+     r"expected file \S*/power/data\.npy cannot be read: \S*/power/data\.npy is a symbolic link loop; replace the link"),
+    ("data-file-dangling-symlink", power_dangling_symlink, DataError,
+     r"power/data\.npy is a symbolic link to \S*elsewhere\.npy, which does not exist; fix or replace the link"),
+    ("eval-ckpt-is-directory", eval_ckpt_is_directory, ConfigError,
+     r"ckpt_path=\S*/run is a directory \(it holds checkpoints/last\.ckpt\); pass the path of a \.ckpt file.*"
+     r"e\.g\. ckpt_path=\S*/run/checkpoints/last\.ckpt"),
+    ("eval-ckpt-symlink-loop", eval_ckpt_symlink_loop, ConfigError,
+     r"ckpt_path=\S*/loop\.ckpt cannot be read: \S*/loop\.ckpt is a symbolic link loop"),
     # precision
     ("precision-16-mixed-roulette-on-cpu", _train(*RESFLOW, "estimator=roulette", "trainer.precision=16-mixed"),
      ConfigError, r"trainer\.precision=16-mixed \(float16\) needs a GPU.*use trainer\.precision=bf16-mixed"),
@@ -450,5 +526,5 @@ def test_bad_input_gives_clear_error(trigger, error, pattern, tmp_path):
 
 
 def test_table_counts_cases():
-    assert len(CASES) >= 70
+    assert len(CASES) >= 117
     assert len(set(IDS)) == len(IDS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -16,17 +17,20 @@ import hydra
 import hydra.errors
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from flowforge.errors import ConfigError, FlowforgeError
+from flowforge.checks import check_run_config, positive_finite, positive_int
+from flowforge.data.base import broken_link
+from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.smoke import shrink
 from flowforge.trust import check_stored_targets, load_torch_file
 from flowforge.wandb_mode import wandb_mode
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
-from flowforge.training.faults import FaultInjection
+from flowforge.training.faults import FaultInjection, locate_nonfinite, nonfinite_samples, nonfinite_tensors
 from flowforge.training.resume import ExactResume
 from flowforge.training.module import FlowModule, TrainingStopped
 
@@ -80,6 +84,7 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     """Instantiate the data module and the LightningModule (with its flow) from a composed config."""
+    check_run_config(cfg)
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
     apply_dequantization(cfg, model)
@@ -219,6 +224,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    check_finite_result(metrics, module, datamodule, f"the run in {out_dir}")
     metrics["epochs_run"] = float(trainer.current_epoch)
     metrics["global_step"] = float(trainer.global_step)
     if trainer.is_global_zero:
@@ -270,7 +276,15 @@ def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer, dequa
 def load_checkpoint(ckpt_path: str, map_location: str = "cpu") -> tuple[DictConfig, dict]:
     """The run configuration stored in a flowforge checkpoint, and the checkpoint itself."""
     path = Path(ckpt_path)
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise ConfigError(f"ckpt_path={ckpt_path} is a directory{hint}; pass the path of a .ckpt file written by "
+                          f"train.py, e.g. ckpt_path={path / 'checkpoints' / 'last.ckpt'}")
     if not path.is_file():
+        link = broken_link(path)
+        if link:
+            raise ConfigError(f"ckpt_path={ckpt_path} cannot be read: {link}")
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass the path of a .ckpt file written by train.py")
     try:
         ckpt = load_torch_file(path, map_location)
@@ -324,8 +338,42 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = pl.Trainer(accelerator=cfg.get("accelerator", "cpu"), devices=1, logger=False, enable_checkpointing=False)
     trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    check_finite_result(metrics, module, datamodule, f"the checkpoint {cfg.ckpt_path}")
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def check_finite_result(metrics: dict[str, float], module: FlowModule, datamodule: pl.LightningDataModule,
+                        what: str) -> None:
+    """A validation or test metric that is NaN/inf is a failed result, never a finished one: raise a
+    :class:`NonFiniteLossError` naming the metrics and the first non-finite layer on a test batch."""
+    bad = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/")) and not math.isfinite(v)}
+    if not bad:
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+    raise NonFiniteLossError(
+        f"{what} gives non-finite results ({shown}); first non-finite layer: {first_nonfinite_layer(module, datamodule)}. "
+        "The weights are unusable: lower optim.optimizer.lr (or set trainer.gradient_clip_val) and train again, or "
+        "evaluate an earlier checkpoint"
+    )
+
+
+def first_nonfinite_layer(module: FlowModule, datamodule: pl.LightningDataModule) -> str:
+    """The first parameter or buffer holding NaN/inf, else the first module with finite inputs and a non-finite
+    output on the first test batch (replayed with hooks)."""
+    bad = nonfinite_tensors(module)
+    if bad:
+        return f"{bad[0]} (holds NaN/inf)"
+    try:
+        datamodule.setup("test")
+        batch = next(iter(datamodule.test_dataloader()))
+        device = next(module.parameters()).device
+        batch = move_data_to_device(batch, device)
+        x = module._batch_input(batch, "test")
+    except (FlowforgeError, StopIteration, RuntimeError) as e:
+        return f"unknown (the test batch could not be replayed: {e})"
+    where = locate_nonfinite(module, lambda: module._step_metrics(batch, x, "test"))
+    return where or "none found on the first test batch (the NaN/inf arose in the reduction over the test set)"
 
 
 @torch.no_grad()
@@ -336,11 +384,25 @@ def sample(cfg: DictConfig) -> Path:
     run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
     datamodule, module = build(run_cfg)
     load_weights(module, cfg.ckpt_path, model_name(run_cfg), ckpt)
+    num_samples = positive_int("num_samples", cfg.num_samples, "64")
+    temperature = positive_finite("temperature", cfg.temperature, "0.7")
     model = module.model.eval()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    x = model.sample(cfg.num_samples, cfg.temperature)
+    state = torch.random.get_rng_state()
+    x = model.sample(num_samples, temperature)
+    if not bool(torch.isfinite(x).all()):
+        torch.random.set_rng_state(state)
+        found = nonfinite_samples(model, num_samples, temperature)
+        count, where = found if found else (int((~torch.isfinite(x)).sum()), None)
+        bad = nonfinite_tensors(module)
+        where = f"{bad[0]} (holds NaN/inf)" if bad else where
+        raise NonFiniteLossError(
+            f"sampling from {cfg.ckpt_path} at temperature={temperature} produced {count} NaN/inf values (first "
+            f"non-finite layer: {where or 'none found'}); nothing was written. The checkpoint's weights are unusable "
+            "or the temperature too high: try temperature=0.7, or an earlier checkpoint"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     torch.save(x, out / "samples.pt")
     if model.is_image:
         path = visualize.image_grid(x[:64], out / "samples.png")

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import get_total_norm
 
+from flowforge.checks import nonnegative_int
 from flowforge.errors import ConfigError, ConvergenceError, DataError, NonFiniteLossError
 from flowforge.flows.base import samples_pathwise
 from flowforge.flows.cnf import clear_step_records, cnf_blocks, cnf_regularization, nfe_summary
@@ -69,7 +70,7 @@ from flowforge.flows.model import Flow
 from flowforge.nn.lipschitz import update_lipschitz
 from flowforge.objectives.flow_matching import flow_matching_flow_loss, single_cnf
 from flowforge.objectives.reverse_kl import importance_log_z, reverse_kl_loss
-from flowforge.training.faults import locate_nonfinite
+from flowforge.training.faults import locate_nonfinite, nonfinite_tensors
 from flowforge.training.objectives import parse_objective
 
 log = logging.getLogger("flowforge")
@@ -137,8 +138,7 @@ class FlowModule(pl.LightningModule):
                          "power_iteration": on_power_iteration_failure}
         self.fault_lr_factor = float(fault_lr_factor)
         self.max_fault_events = max_fault_events
-        if warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        nonnegative_int("warmup_steps", warmup_steps, "1000")
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.warmup_steps = warmup_steps
@@ -379,11 +379,66 @@ class FlowModule(pl.LightningModule):
             cause = (f"that is fault number {n} (max_fault_events={self.max_fault_events})" if escalated
                      else f"policy {key}=stop")
             state = ("the update of that step was dropped" if dropped else "the update of that step was applied")
-            self.stop_reason = (
-                f"{message}; the run stopped ({cause}); {state} and last.ckpt holds the weights after that batch, "
-                f"so a resume continues with the next batch"
-            )
+            self.stop_reason = f"{message}; the run stopped ({cause}); {state}"
             self._save_on_stop = True
+
+    def _save_at_stop(self, batch: Any) -> None:
+        """Write ``last.ckpt`` at a stop, unless the weights are themselves unusable (NaN/inf, or a non-finite loss
+        on this batch once any injected fault is undone): a checkpoint saved by a stop always evaluates finite."""
+        dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        problem = self._unusable_weights(batch)
+        if problem is not None:
+            self.stop_reason += (
+                f"; {problem}, so no checkpoint was written at the stop (the newest earlier checkpoint may hold them "
+                f"too: evaluate it before resuming); lower optim.optimizer.lr or trainer.gradient_clip_val and train "
+                f"again"
+            )
+        elif dirs:
+            self.trainer.save_checkpoint(f"{dirs[0]}/last.ckpt")
+            self.stop_reason += " and last.ckpt holds the weights after that batch, so a resume continues with the next batch"
+
+    def _unusable_weights(self, batch: Any) -> Optional[str]:
+        """Why the current weights cannot be used (NaN/inf entries, or a non-finite loss on ``batch`` replayed from
+        the step's random state), or None when they evaluate finite."""
+        bad = nonfinite_tensors(self)
+        if bad:
+            return f"the weights hold NaN/inf values ({bad[0]} first)"
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not bool(torch.isfinite(x).all()):
+            return None  # (the fault was in the data: nothing to evaluate the weights on)
+        current = torch.random.get_rng_state()
+        if self._step_rng is not None:
+            torch.random.set_rng_state(self._step_rng)
+        try:
+            with torch.no_grad():
+                loss = self._step_metrics(batch, x, "train")["loss"].mean()
+        except (FloatingPointError, ArithmeticError, RuntimeError) as e:
+            return f"the weights fail to evaluate the batch ({type(e).__name__}: {str(e)[:200]})"
+        finally:
+            torch.random.set_rng_state(current)
+        if bool(torch.isfinite(loss)):
+            return None
+        return f"the weights themselves give a {float(loss)} loss (first non-finite in {self._locate_loss_fault(batch, x)})"
+
+    def _check_weights_finite(self) -> None:
+        """After an update: weights that became NaN/inf cannot be repaired by any policy; the run stops here, before
+        a periodic checkpoint could save them."""
+        params = [p for p in self.parameters()]
+        if not params or bool(torch.isfinite(get_total_norm(params, norm_type=float("inf")))):
+            return
+        bad = nonfinite_tensors(self)
+        lrs = [float(g["lr"]) for opt in self.trainer.optimizers for g in opt.param_groups]
+        self.fault_events.append({"step": int(self.global_step), "kind": "nonfinite", "policy": "stop",
+                                  "what": "the weights became NaN/inf in the update", "where": bad[0] if bad else None})
+        self.stop_error = NonFiniteLossError
+        self.stop_reason = (
+            f"the weights of {len(bad)} parameter tensors became NaN/inf in the update of step {int(self.global_step)} "
+            f"in {bad[0] if bad else '?'} (first) with learning rate {lrs}; no policy can undo an applied update, so "
+            f"the run stopped before any checkpoint could save them (the newest checkpoint holds earlier weights); "
+            f"lower optim.optimizer.lr or set trainer.gradient_clip_val"
+        )
+        log.warning(self.stop_reason)
+        raise TrainingStopped(self.stop_reason)
 
     def _scale_learning_rates(self, factor: float) -> list[float]:
         """Multiply every optimizer group's learning rate, and the base rates its scheduler scales, by ``factor``
@@ -452,6 +507,7 @@ class FlowModule(pl.LightningModule):
         warm-started iterations when set (the subspace carries over, so the estimate keeps converging across
         steps), else to tolerance, where a layer stopped by its iteration cap is a ``power_iteration`` fault."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._check_weights_finite()
         self._lipschitz_stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
         if self._lipschitz_stats.get("unconverged") and self.lipschitz_step_iters is None:
             self._fault("power_iteration", "power iteration stopped at its iteration cap before its tolerance",
@@ -483,9 +539,7 @@ class FlowModule(pl.LightningModule):
             # at this batch boundary, and before Lightning's end-of-run validation could overwrite last.ckpt with an
             # end-of-epoch state (which would make a resume skip the rest of the epoch): save, then end the fit
             self._save_on_stop = False
-            dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-            if dirs:
-                self.trainer.save_checkpoint(f"{dirs[0]}/last.ckpt")
+            self._save_at_stop(batch)
             raise TrainingStopped(self.stop_reason)
         stats, self._lipschitz_stats = self._lipschitz_stats, {}
         if stats:
