@@ -566,3 +566,40 @@ def test_training_from_a_batch_of_one_gives_a_sane_likelihood(tmp_path, train):
     metrics, _ = train(tmp_path, *REALNVP, "dataset.batch_size=1", "trainer.num_sanity_val_steps=0",
                        "trainer.max_steps=30", "~callbacks.ema")
     assert metrics["test/nll"] < 100
+
+
+# ----------------------------------------------------------------------------- 11. capped power iteration
+def _exact_normalized_norms(module):
+    from flowforge.nn.lipschitz import lipschitz_layers
+
+    return [float(torch.linalg.matrix_norm(layer.normalized_weight().detach().double(), ord=2))
+            for layer in lipschitz_layers(module.model) if layer.weight.dim() == 2]
+
+
+@pytest.fixture
+def stale_capped_iteration(monkeypatch):
+    """The capped per-step power iteration (``lipschitz_step_iters``) leaves the estimates where they were, as a cap
+    that cannot keep up with large updates does."""
+    import flowforge.training.module as module_mod
+
+    full = module_mod.update_lipschitz
+    monkeypatch.setattr(module_mod, "update_lipschitz",
+                        lambda model, max_iters=None, rtol=None: {} if max_iters is not None else full(model, rtol=rtol))
+
+
+LIP_CAP = [*RESFLOW, "lipschitz_step_iters=1", "lipschitz_check_every=3", "optim.optimizer.lr=0.05",
+           "optim.warmup_steps=0", "~callbacks.ema"]
+
+
+def test_capped_power_iteration_breach_is_found_and_handled(tmp_path, train, stale_capped_iteration):
+    metrics, module = train(tmp_path, *LIP_CAP, "on_power_iteration_failure=warn", "test=false")
+    events = [e for e in module.fault_events if e["kind"] == "power_iteration"]
+    assert re.match(r"the Lipschitz bound was exceeded in 2 of 4 layers \(worst: true norm 0\.9\d+ > coeff 0\.9; "
+                    r"lipschitz_step_iters=1 iterations per step did not keep up", events[0]["what"])
+    assert events[0]["where"].startswith("model.transform.")
+    assert max(_exact_normalized_norms(module)) <= 0.9 * (1 + 1e-3)  # the bound holds again at the end
+
+
+def test_capped_power_iteration_breach_stops_under_stop(tmp_path, train, stale_capped_iteration):
+    train(tmp_path, *LIP_CAP, "on_power_iteration_failure=stop", error=ConvergenceError,
+          match=r"the Lipschitz bound was exceeded .* at step 2 in model\.transform\..*on_power_iteration_failure=stop")

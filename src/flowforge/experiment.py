@@ -106,6 +106,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
         config=OmegaConf.to_container(cfg, resolve=True),
         objective=objective,
         lipschitz_step_iters=cfg.get("lipschitz_step_iters"),
+        lipschitz_check_every=cfg.get("lipschitz_check_every", 1000),
+        checkpoint_every=cfg.get("checkpoint_every_n_steps"),
         target=getattr(datamodule, "target", None),
     )
     return datamodule, module

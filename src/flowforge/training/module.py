@@ -60,14 +60,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import get_total_norm
 
-from flowforge.checks import nonnegative_int
+from flowforge.checks import nonnegative_int, positive_int
 from flowforge.errors import ConfigError, ConvergenceError, DataError, NonFiniteLossError
 from flowforge.flows.base import samples_pathwise
 from flowforge.flows.cnf import clear_step_records, cnf_blocks, cnf_regularization, nfe_summary
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.hybrid import HybridClassifier
 from flowforge.flows.model import Flow
-from flowforge.nn.lipschitz import update_lipschitz
+from flowforge.nn.lipschitz import lipschitz_layers, update_lipschitz
 from flowforge.objectives.flow_matching import flow_matching_flow_loss, single_cnf
 from flowforge.objectives.reverse_kl import importance_log_z, reverse_kl_loss
 from flowforge.training.faults import locate_nonfinite, nonfinite_tensors
@@ -118,12 +118,16 @@ class FlowModule(pl.LightningModule):
         on_power_iteration_failure: str = "warn",
         fault_lr_factor: float = 0.5,
         max_fault_events: int = 20,
+        lipschitz_check_every: int = 1000,
+        checkpoint_every: Optional[int] = None,
     ):
         super().__init__()
         if lipschitz_step_iters is not None and (isinstance(lipschitz_step_iters, bool)
                                                  or not isinstance(lipschitz_step_iters, int) or lipschitz_step_iters < 1):
             raise ConfigError(f"lipschitz_step_iters must be null or a positive integer, got {lipschitz_step_iters!r}")
         self.lipschitz_step_iters = lipschitz_step_iters
+        self.lipschitz_check_every = positive_int("lipschitz_check_every", lipschitz_check_every, "1000")
+        self.checkpoint_every = checkpoint_every
         for key, value, allowed in (("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
                                     ("on_solver_failure", on_solver_failure, SOLVER_POLICIES),
                                     ("on_power_iteration_failure", on_power_iteration_failure, POWER_POLICIES)):
@@ -512,6 +516,39 @@ class FlowModule(pl.LightningModule):
         if self._lipschitz_stats.get("unconverged") and self.lipschitz_step_iters is None:
             self._fault("power_iteration", "power iteration stopped at its iteration cap before its tolerance",
                         ", ".join(f"model.{n}" for n in self._lipschitz_stats["unconverged"]), droppable=False)
+        if self.lipschitz_step_iters is not None and self._lipschitz_check_due():
+            self._check_lipschitz_guarantee()
+
+    def _lipschitz_check_due(self) -> bool:
+        """Every ``lipschitz_check_every`` optimizer steps, and at the steps whose end writes the periodic
+        checkpoint (deterministic points, so an interrupted and resumed run checks at the same steps)."""
+        done = int(self.global_step) + 1  # (inside the hook global_step still counts the steps before this one)
+        return done % self.lipschitz_check_every == 0 or bool(self.checkpoint_every and done % self.checkpoint_every == 0)
+
+    def _check_lipschitz_guarantee(self, tolerance: float = 1e-3) -> None:
+        """With ``lipschitz_step_iters`` the per-step power iteration is capped, and the norm estimates it leaves can
+        lag behind the weights. Run it to tolerance and compare: a layer whose normalised weight had a true norm above
+        ``coeff`` (so its residual block may not have been invertible) is a ``power_iteration`` fault, handled by
+        ``on_power_iteration_failure``; the estimates are then exact again either way."""
+        wanted = {id(layer) for layer in lipschitz_layers(self.model)}
+        layers = [(name, layer) for name, layer in self.model.named_modules() if id(layer) in wanted]
+        with torch.no_grad():
+            estimates = {name: float(layer.sigma_hat()) for name, layer in layers}
+        update_lipschitz(self.model)
+        breaches = []
+        for name, layer in layers:
+            true_norm = float(layer.sigma) / max(1.0, estimates[name] / layer.coeff)
+            if true_norm > layer.coeff * (1 + tolerance):
+                breaches.append((name, true_norm, layer.coeff))
+        if breaches:
+            worst = max(breaches, key=lambda b: b[1] / b[2])
+            self._fault(
+                "power_iteration",
+                f"the Lipschitz bound was exceeded in {len(breaches)} of {len(layers)} layers (worst: true norm "
+                f"{worst[1]:.4f} > coeff {worst[2]}; lipschitz_step_iters={self.lipschitz_step_iters} iterations per "
+                f"step did not keep up, raise it); the norms are exact again after a power iteration to tolerance",
+                ", ".join(f"model.{b[0]}" for b in breaches), droppable=False,
+            )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch, "val")
