@@ -308,6 +308,23 @@ def eval_ckpt_symlink_loop(tmp_path):
     experiment.evaluate(compose([f"ckpt_path={tmp_path}/loop.ckpt"], config_name="eval"))
 
 
+def _write_lock(folder, pid, host=None, command="python train.py (other)", slurm_job=None):
+    """A run-directory lock as a run with ``pid`` on ``host`` (default: this one) leaves it."""
+    import json
+    import socket
+
+    from flowforge.training.run_lock import LOCK_NAME
+
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = {"pid": pid, "host": host or socket.gethostname(), "command": command, "slurm_job": slurm_job}
+    (folder / LOCK_NAME).write_text(json.dumps(holder))
+
+
+def run_dir_in_use(tmp_path):
+    _write_lock(tmp_path / "run", os.getppid(), command="python train.py model=glow")  # a live process
+    _train()(tmp_path)
+
+
 # --------------------------------------------------------------------------- the table
 
 RESFLOW = ["model=resflow", *SMALL["resflow"]]
@@ -494,6 +511,12 @@ CASES = [
      r"e\.g\. ckpt_path=\S*/run/checkpoints/last\.ckpt"),
     ("eval-ckpt-symlink-loop", eval_ckpt_symlink_loop, ConfigError,
      r"ckpt_path=\S*/loop\.ckpt cannot be read: \S*/loop\.ckpt is a symbolic link loop"),
+    ("lipschitz-check-every-0", [*RESFLOW, "lipschitz_check_every=0"], ConfigError,
+     r"lipschitz_check_every must be a positive integer, got 0; e\.g\. lipschitz_check_every=1000"),
+    # one run per folder
+    ("run-dir-in-use", run_dir_in_use, ConfigError,
+     r"the run directory \S*/run is in use by another run: pid \d+ on \S+ \(python train\.py model=glow\).*"
+     r"Use another run directory \(hydra\.run\.dir=\.\.\.\)"),
     # precision
     ("precision-16-mixed-roulette-on-cpu", _train(*RESFLOW, "estimator=roulette", "trainer.precision=16-mixed"),
      ConfigError, r"trainer\.precision=16-mixed \(float16\) needs a GPU.*use trainer\.precision=bf16-mixed"),

@@ -32,6 +32,7 @@ from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
 from flowforge.training.faults import FaultInjection, locate_nonfinite, nonfinite_samples, nonfinite_tensors
 from flowforge.training.resume import ExactResume
+from flowforge.training.run_lock import run_lock
 from flowforge.training.module import FlowModule, TrainingStopped
 
 log = logging.getLogger("flowforge")
@@ -191,10 +192,16 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (and test) the configured model; returns the final metrics."""
+    """Fit (and test) the configured model, holding the lock of its run directory
+    (:mod:`flowforge.training.run_lock`: one run per folder); returns the final metrics."""
     if cfg.get("smoke"):
         shrink(cfg)
     _record_overrides(cfg)
+    with run_lock(Path(cfg.paths.output_dir)):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
