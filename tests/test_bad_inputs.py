@@ -325,6 +325,17 @@ def run_dir_in_use(tmp_path):
     _train()(tmp_path)
 
 
+def resume_with(*changes):
+    """Resume the QUICK_TRAIN run from its own checkpoint with ``changes``."""
+
+    def run(tmp_path):
+        same = [o for o in _fill(QUICK_TRAIN, tmp_path) if not o.startswith(("paths.", "dataset."))]
+        ckpt = _save_ckpt(tmp_path, same, "first")
+        _train(f"ckpt_path={ckpt}", *changes)(tmp_path)
+
+    return run
+
+
 # --------------------------------------------------------------------------- the table
 
 RESFLOW = ["model=resflow", *SMALL["resflow"]]
@@ -517,6 +528,20 @@ CASES = [
     ("run-dir-in-use", run_dir_in_use, ConfigError,
      r"the run directory \S*/run is in use by another run: pid \d+ on \S+ \(python train\.py model=glow\).*"
      r"Use another run directory \(hydra\.run\.dir=\.\.\.\)"),
+    # resuming with settings that would silently change the experiment
+    ("resume-other-batch-size", resume_with("dataset.batch_size=4"), ConfigError,
+     r"resuming from \S*first\.ckpt would silently change the experiment: 1 setting\(s\) differ from the run that "
+     r"wrote it \(dataset\.batch_size: 8 -> 4\)\. Resume with the original values; or start a new run"),
+    ("resume-other-n-train", resume_with("dataset.n_train=32"), ConfigError, r"\(dataset\.n_train: 16 -> 32\)"),
+    ("resume-other-dataset", resume_with("dataset.name=moons"), ConfigError,
+     r"\(dataset\.name: 'checkerboard' -> 'moons'\)"),
+    ("resume-other-seed", resume_with("seed=5"), ConfigError,
+     r"\(seed: 0 -> 5\).*seed, dataset\.\* and model\.\* cannot change on resume"),
+    ("resume-other-lr", resume_with("optim.optimizer.lr=0.01"), ConfigError,
+     r"\(optim\.optimizer\.lr: 0\.001 -> 0\.01\).*e\.g\. resume_overrides=\[optim\.optimizer\.lr\]"),
+    ("resume-overrides-seed", resume_with("seed=5", "resume_overrides=[seed]"), ConfigError,
+     r"resume_overrides=\['seed'\] names \['seed'\], but the seed, the data \(dataset\.\*\) and the architecture "
+     r"\(model\.\*\) cannot change on resume"),
     # precision
     ("precision-16-mixed-roulette-on-cpu", _train(*RESFLOW, "estimator=roulette", "trainer.precision=16-mixed"),
      ConfigError, r"trainer\.precision=16-mixed \(float16\) needs a GPU.*use trainer\.precision=bf16-mixed"),
@@ -549,5 +574,5 @@ def test_bad_input_gives_clear_error(trigger, error, pattern, tmp_path):
 
 
 def test_table_counts_cases():
-    assert len(CASES) >= 117
+    assert len(CASES) >= 125
     assert len(set(IDS)) == len(IDS)

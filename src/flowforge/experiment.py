@@ -31,7 +31,7 @@ from flowforge.wandb_mode import wandb_mode
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
 from flowforge.training.faults import FaultInjection, locate_nonfinite, nonfinite_samples, nonfinite_tensors
-from flowforge.training.resume import ExactResume
+from flowforge.training.resume import ExactResume, check_resume_config
 from flowforge.training.run_lock import run_lock
 from flowforge.training.module import FlowModule, TrainingStopped
 
@@ -208,7 +208,11 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module = build(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path and cfg.get("train", True):  # resuming: a clear error for a missing or foreign checkpoint
-        load_weights(module, ckpt_path, model_name(cfg))
+        stored, ckpt = load_checkpoint(ckpt_path)
+        load_weights(module, ckpt_path, model_name(cfg), ckpt)
+        module.resume_changes = check_resume_config(
+            OmegaConf.to_container(stored), OmegaConf.to_container(cfg, resolve=True), ckpt_path,
+            list(cfg.get("resume_overrides") or []))
     trainer = make_trainer(cfg)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("train", True):

@@ -149,6 +149,7 @@ class FlowModule(pl.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.save_hyperparameters({"config": config or {}})
         self.fault_events: list[dict] = []
+        self.resume_changes: dict[str, Any] = {}  # settings changed on resume (resume_overrides), applied at the start
         self.stop_reason: Optional[str] = None
         self.stop_error: type = NonFiniteLossError
         self._save_on_stop = False
@@ -625,7 +626,28 @@ class FlowModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_subspaces = checkpoint.get("lipschitz_subspaces") or {}
 
+    def _apply_resume_changes(self) -> None:
+        """Optimizer settings changed on resume (``resume_overrides``): Lightning has just restored the old ones with
+        the optimizer state, so set the new ones in every parameter group (a learning rate also as the scheduler's
+        base rate, the warm-up factor applied)."""
+        for key, value in self.resume_changes.items():
+            if not key.startswith("optim.optimizer.") or key.count(".") != 2:
+                continue
+            name = key.rsplit(".", 1)[1]
+            for opt in self.trainer.optimizers:
+                for group in opt.param_groups:
+                    if name in group:
+                        group[name] = tuple(value) if isinstance(group[name], tuple) else value
+            if name == "lr":
+                for config in self.trainer.lr_scheduler_configs:
+                    sched = config.scheduler
+                    sched.base_lrs = [float(value)] * len(sched.base_lrs)
+                    for group, fn in zip(sched.optimizer.param_groups, getattr(sched, "lr_lambdas", [])):
+                        group["lr"] = float(value) * fn(sched.last_epoch)
+            log.warning("resume: %s = %r applied to the optimizer", key, value)
+
     def on_train_start(self) -> None:
+        self._apply_resume_changes()
         pending, self._pending_subspaces = getattr(self, "_pending_subspaces", {}), {}
         for name, basis in pending.items():  # after every load (the EMA callback reloads the raw weights last)
             layer = self.get_submodule(name)
