@@ -235,7 +235,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if module.stop_reason:
         raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}")
     if cfg.get("test", True):
-        trainer.test(module, datamodule=datamodule)
+        _final_test(trainer, module, datamodule, out_dir)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     check_finite_result(metrics, module, datamodule, f"the run in {out_dir}")
     metrics["epochs_run"] = float(trainer.current_epoch)
@@ -244,6 +244,18 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         flow = module.model
         _report(out_dir, metrics, trainer, flow.dequantizer.name if flow.is_image else None)
     return metrics
+
+
+def _final_test(trainer: pl.Trainer, module: FlowModule, datamodule: pl.LightningDataModule, out_dir: Path) -> None:
+    """``trainer.test``; SIGTERM during it (Lightning's SIGTERMException is a SystemExit without a code, which would
+    end the program with status 0 and no metrics.json) ends the run with status 143 and the way to finish it."""
+    try:
+        trainer.test(module, datamodule=datamodule)
+    except SIGTERMException:
+        print(f"stopped by SIGTERM during the final test (training had finished at step {trainer.global_step}); no "
+              f"metrics.json was written. Test the trained weights by resuming with ckpt_path=last and "
+              f"hydra.run.dir={out_dir} (the resume only tests), or with eval.py", flush=True)
+        raise SystemExit(143) from None
 
 
 def _record_overrides(cfg: DictConfig) -> None:
