@@ -488,13 +488,17 @@ CASES = [
      r"maf\.ckpt was written by model MAF, but this run builds model RealNVP, and the weights do not match.*use the same model config"),
     # optimizer, trainer, data-size and layer-width values that passed silently or crashed
     ("lr-zero", ["optim.optimizer.lr=0"], ConfigError,
-     r"optim\.optimizer\.lr must be a finite number > 0, got 0 \(0 would train nothing.*e\.g\. optim\.optimizer\.lr=1e-3"),
+     r"optim\.optimizer\.lr must be a finite number > 0, got 0 \(0 would train nothing.*"
+     r"e\.g\. optim\.optimizer\.lr=1e-3"),
     ("lr-inf", ["optim.optimizer.lr=inf"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got inf"),
     ("lr-nan", ["optim.optimizer.lr=nan"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got nan"),
-    ("lr-negative", ["optim.optimizer.lr=-0.1"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got -0\.1"),
-    ("lr-string", ["optim.optimizer.lr=fast"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got 'fast'"),
+    ("lr-negative", ["optim.optimizer.lr=-0.1"], ConfigError,
+     r"optim\.optimizer\.lr must be a finite number > 0, got -0\.1"),
+    ("lr-string", ["optim.optimizer.lr=fast"], ConfigError,
+     r"optim\.optimizer\.lr must be a finite number > 0, got 'fast'"),
     ("gradient-clip-negative", ["trainer.gradient_clip_val=-1"], ConfigError,
-     r"trainer\.gradient_clip_val must be null \(no clipping\) or a finite number >= 0, got -1; e\.g\. trainer\.gradient_clip_val=1\.0"),
+     r"trainer\.gradient_clip_val must be null \(no clipping\) or a finite number >= 0, got -1; "
+     r"e\.g\. trainer\.gradient_clip_val=1\.0"),
     ("accumulate-grad-batches-0", ["trainer.accumulate_grad_batches=0"], ConfigError,
      r"trainer\.accumulate_grad_batches must be a positive integer, got 0; e\.g\. trainer\.accumulate_grad_batches=1"),
     ("warmup-string", ["optim.warmup_steps=abc"], ConfigError,
@@ -512,9 +516,11 @@ CASES = [
     ("sample-temperature-nan", sample_with("temperature=nan"), ConfigError,
      r"temperature must be a finite number > 0, got nan; e\.g\. temperature=0\.7"),
     ("uci-nan-values", power_with_nan, DataError,
-     r"power/data\.npy holds 1 NaN/inf values \(first at row \d+, column \d+: nan\); the file is damaged.*Extract it again"),
+     r"power/data\.npy holds 1 NaN/inf values \(first at row \d+, column \d+: nan\); the file is damaged.*"
+     r"Extract it again"),
     ("data-file-symlink-loop", power_symlink_loop, DataError,
-     r"expected file \S*/power/data\.npy cannot be read: \S*/power/data\.npy is a symbolic link loop; replace the link"),
+     r"expected file \S*/power/data\.npy cannot be read: \S*/power/data\.npy is a symbolic link loop; "
+     r"replace the link"),
     ("data-file-dangling-symlink", power_dangling_symlink, DataError,
      r"power/data\.npy is a symbolic link to \S*elsewhere\.npy, which does not exist; fix or replace the link"),
     ("eval-ckpt-is-directory", eval_ckpt_is_directory, ConfigError,

@@ -377,7 +377,8 @@ def check_finite_result(metrics: dict[str, float], module: FlowModule, datamodul
         return
     shown = ", ".join(f"{k}={v}" for k, v in bad.items())
     raise NonFiniteLossError(
-        f"{what} gives non-finite results ({shown}); first non-finite layer: {first_nonfinite_layer(module, datamodule)}. "
+        f"{what} gives non-finite results ({shown}); first non-finite layer: "
+        f"{first_nonfinite_layer(module, datamodule)}. "
         "The weights are unusable: lower optim.optimizer.lr (or set trainer.gradient_clip_val) and train again, or "
         "evaluate an earlier checkpoint"
     )

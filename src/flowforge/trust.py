@@ -165,8 +165,9 @@ def safe_unpickle(path: Path, dataset: str, fix: str, allowed: frozenset = NUMPY
             return _RestrictedUnpickler(f, allowed, encoding=encoding).load()
         except pickle.UnpicklingError as err:
             if str(err).startswith("forbidden global"):
+                name = str(err)[len("forbidden global "):]
                 raise DataError(
-                    f"dataset '{dataset}': refused to read {path}: it asks to load {str(err)[len('forbidden global '):]}, "
+                    f"dataset '{dataset}': refused to read {path}: it asks to load {name}, "
                     f"which is not part of the data format (a crafted file could run code this way). {fix}"
                 ) from None
             raise

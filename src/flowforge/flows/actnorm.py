@@ -4,7 +4,8 @@
 batch sets ``b = -mean`` and ``s = -1/2 log(max(var, min_var))`` so the output has zero mean and unit
 variance per channel.  A first batch with fewer than ``MIN_INIT_VALUES`` (8) values per channel cannot estimate a
 scale (one example has variance 0, which would give scales of ``1/sqrt(min_var)``): then only ``b`` is set, the
-scales start at 1, and a warning says so.  Under ``torch.distributed`` the statistics are averaged over all ranks, so every
+scales start at 1, and a warning says so.
+Under ``torch.distributed`` the statistics are averaged over all ranks, so every
 rank starts from the same parameters.  Whether the init happened is kept in the ``initialized`` buffer
 (saved in checkpoints; a float so that weight averaging can copy it).
 """

@@ -400,7 +400,8 @@ class FlowModule(pl.LightningModule):
             )
         elif dirs:
             self.trainer.save_checkpoint(f"{dirs[0]}/last.ckpt")
-            self.stop_reason += " and last.ckpt holds the weights after that batch, so a resume continues with the next batch"
+            self.stop_reason += (" and last.ckpt holds the weights after that batch, so a resume continues with the "
+                                 "next batch")
 
     def _unusable_weights(self, batch: Any) -> Optional[str]:
         """Why the current weights cannot be used (NaN/inf entries, or a non-finite loss on ``batch`` replayed from
@@ -423,7 +424,8 @@ class FlowModule(pl.LightningModule):
             torch.random.set_rng_state(current)
         if bool(torch.isfinite(loss)):
             return None
-        return f"the weights themselves give a {float(loss)} loss (first non-finite in {self._locate_loss_fault(batch, x)})"
+        where = self._locate_loss_fault(batch, x)
+        return f"the weights themselves give a {float(loss)} loss (first non-finite in {where})"
 
     def _check_weights_finite(self) -> None:
         """After an update: weights that became NaN/inf cannot be repaired by any policy; the run stops here, before
@@ -524,7 +526,8 @@ class FlowModule(pl.LightningModule):
         """Every ``lipschitz_check_every`` optimizer steps, and at the steps whose end writes the periodic
         checkpoint (deterministic points, so an interrupted and resumed run checks at the same steps)."""
         done = int(self.global_step) + 1  # (inside the hook global_step still counts the steps before this one)
-        return done % self.lipschitz_check_every == 0 or bool(self.checkpoint_every and done % self.checkpoint_every == 0)
+        at_checkpoint = bool(self.checkpoint_every and done % self.checkpoint_every == 0)
+        return done % self.lipschitz_check_every == 0 or at_checkpoint
 
     def _check_lipschitz_guarantee(self, tolerance: float = 1e-3) -> None:
         """With ``lipschitz_step_iters`` the per-step power iteration is capped, and the norm estimates it leaves can

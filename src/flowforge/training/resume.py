@@ -227,9 +227,9 @@ def check_resume_config(stored: dict, new: dict, ckpt_path: str, allowed: list[s
     unknown = [k for k in allowed if _under(k, FIXED_ON_RESUME)]
     if unknown:
         raise ConfigError(
-            f"resume_overrides={list(allowed)} names {unknown}, but the seed, the data (dataset.*) and the architecture "
-            f"(model.*) cannot change on resume: the checkpoint's random streams, data position and weights belong to "
-            f"them. Start a new run instead (no ckpt_path, another hydra.run.dir)"
+            f"resume_overrides={list(allowed)} names {unknown}, but the seed, the data (dataset.*) and the "
+            f"architecture (model.*) cannot change on resume: the checkpoint's random streams, data position and "
+            f"weights belong to them. Start a new run instead (no ckpt_path, another hydra.run.dir)"
         )
     differences = config_differences(stored, new)
     refused = [d for d in differences if not _under(d[0], allowed)]
