@@ -268,6 +268,74 @@ def resume_missing_ckpt(tmp_path):
     _train(f"ckpt_path={tmp_path}/nope.ckpt")(tmp_path)
 
 
+def sample_with(*overrides):
+    """sample.py on a real checkpoint with ``overrides``."""
+
+    def run(tmp_path):
+        ckpt = _save_ckpt(tmp_path, [], "run")
+        experiment.sample(compose([f"ckpt_path={ckpt}", f"output_dir={tmp_path}/s", *overrides], config_name="sample"))
+
+    return run
+
+
+def power_with_nan(tmp_path):
+    data = np.random.default_rng(0).normal(size=(100, 8))
+    data[3, 2] = np.nan
+    _power(tmp_path, data)
+    _setup("dataset=power", "paths.data_dir={tmp}")(tmp_path)
+
+
+def power_symlink_loop(tmp_path):
+    (tmp_path / "power").mkdir()
+    os.symlink(tmp_path / "power" / "data.npy", tmp_path / "power" / "data.npy")
+    _setup("dataset=power", "paths.data_dir={tmp}")(tmp_path)
+
+
+def power_dangling_symlink(tmp_path):
+    (tmp_path / "power").mkdir()
+    os.symlink(tmp_path / "elsewhere.npy", tmp_path / "power" / "data.npy")
+    _setup("dataset=power", "paths.data_dir={tmp}")(tmp_path)
+
+
+def eval_ckpt_is_directory(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    experiment.evaluate(compose([f"ckpt_path={tmp_path}/run"], config_name="eval"))
+
+
+def eval_ckpt_symlink_loop(tmp_path):
+    os.symlink(tmp_path / "loop.ckpt", tmp_path / "loop.ckpt")
+    experiment.evaluate(compose([f"ckpt_path={tmp_path}/loop.ckpt"], config_name="eval"))
+
+
+def _write_lock(folder, pid, host=None, command="python train.py (other)", slurm_job=None):
+    """A run-directory lock as a run with ``pid`` on ``host`` (default: this one) leaves it."""
+    import json
+    import socket
+
+    from flowforge.training.run_lock import LOCK_NAME
+
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = {"pid": pid, "host": host or socket.gethostname(), "command": command, "slurm_job": slurm_job}
+    (folder / LOCK_NAME).write_text(json.dumps(holder))
+
+
+def run_dir_in_use(tmp_path):
+    _write_lock(tmp_path / "run", os.getppid(), command="python train.py model=glow")  # a live process
+    _train()(tmp_path)
+
+
+def resume_with(*changes):
+    """Resume the QUICK_TRAIN run from its own checkpoint with ``changes``."""
+
+    def run(tmp_path):
+        same = [o for o in _fill(QUICK_TRAIN, tmp_path) if not o.startswith(("paths.", "dataset."))]
+        ckpt = _save_ckpt(tmp_path, same, "first")
+        _train(f"ckpt_path={ckpt}", *changes)(tmp_path)
+
+    return run
+
+
 # --------------------------------------------------------------------------- the table
 
 RESFLOW = ["model=resflow", *SMALL["resflow"]]
@@ -418,6 +486,68 @@ CASES = [
     ("train-resume-missing-ckpt", resume_missing_ckpt, ConfigError, r"nope\.ckpt does not exist"),
     ("train-resume-from-other-model", resume_from_other_model, ConfigError,
      r"maf\.ckpt was written by model MAF, but this run builds model RealNVP, and the weights do not match.*use the same model config"),
+    # optimizer, trainer, data-size and layer-width values that passed silently or crashed
+    ("lr-zero", ["optim.optimizer.lr=0"], ConfigError,
+     r"optim\.optimizer\.lr must be a finite number > 0, got 0 \(0 would train nothing.*"
+     r"e\.g\. optim\.optimizer\.lr=1e-3"),
+    ("lr-inf", ["optim.optimizer.lr=inf"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got inf"),
+    ("lr-nan", ["optim.optimizer.lr=nan"], ConfigError, r"optim\.optimizer\.lr must be a finite number > 0, got nan"),
+    ("lr-negative", ["optim.optimizer.lr=-0.1"], ConfigError,
+     r"optim\.optimizer\.lr must be a finite number > 0, got -0\.1"),
+    ("lr-string", ["optim.optimizer.lr=fast"], ConfigError,
+     r"optim\.optimizer\.lr must be a finite number > 0, got 'fast'"),
+    ("gradient-clip-negative", ["trainer.gradient_clip_val=-1"], ConfigError,
+     r"trainer\.gradient_clip_val must be null \(no clipping\) or a finite number >= 0, got -1; "
+     r"e\.g\. trainer\.gradient_clip_val=1\.0"),
+    ("accumulate-grad-batches-0", ["trainer.accumulate_grad_batches=0"], ConfigError,
+     r"trainer\.accumulate_grad_batches must be a positive integer, got 0; e\.g\. trainer\.accumulate_grad_batches=1"),
+    ("warmup-string", ["optim.warmup_steps=abc"], ConfigError,
+     r"optim\.warmup_steps must be >= 0, got 'abc' \(an integer\); e\.g\. optim\.warmup_steps=1000"),
+    ("n-train-negative", ["dataset.n_train=-5"], ConfigError,
+     r"dataset\.n_train must be a positive integer, got -5; e\.g\. dataset\.n_train=2000"),
+    ("coupling-hidden-0", ["model.hidden=[0]"], ConfigError,
+     r"model\.hidden must be a list of positive layer widths, got \[0\]; e\.g\. model\.hidden=\[64,64\]"),
+    ("sample-num-samples-string", sample_with("num_samples=abc"), ConfigError,
+     r"num_samples must be a positive integer, got 'abc'; e\.g\. num_samples=64"),
+    ("sample-num-samples-float", sample_with("num_samples=2.5"), ConfigError,
+     r"num_samples must be a positive integer, got 2\.5; e\.g\. num_samples=64"),
+    ("sample-temperature-inf", sample_with("temperature=inf"), ConfigError,
+     r"temperature must be a finite number > 0, got inf; e\.g\. temperature=0\.7"),
+    ("sample-temperature-nan", sample_with("temperature=nan"), ConfigError,
+     r"temperature must be a finite number > 0, got nan; e\.g\. temperature=0\.7"),
+    ("uci-nan-values", power_with_nan, DataError,
+     r"power/data\.npy holds 1 NaN/inf values \(first at row \d+, column \d+: nan\); the file is damaged.*"
+     r"Extract it again"),
+    ("data-file-symlink-loop", power_symlink_loop, DataError,
+     r"expected file \S*/power/data\.npy cannot be read: \S*/power/data\.npy is a symbolic link loop; "
+     r"replace the link"),
+    ("data-file-dangling-symlink", power_dangling_symlink, DataError,
+     r"power/data\.npy is a symbolic link to \S*elsewhere\.npy, which does not exist; fix or replace the link"),
+    ("eval-ckpt-is-directory", eval_ckpt_is_directory, ConfigError,
+     r"ckpt_path=\S*/run is a directory \(it holds checkpoints/last\.ckpt\); pass the path of a \.ckpt file.*"
+     r"e\.g\. ckpt_path=\S*/run/checkpoints/last\.ckpt"),
+    ("eval-ckpt-symlink-loop", eval_ckpt_symlink_loop, ConfigError,
+     r"ckpt_path=\S*/loop\.ckpt cannot be read: \S*/loop\.ckpt is a symbolic link loop"),
+    ("lipschitz-check-every-0", [*RESFLOW, "lipschitz_check_every=0"], ConfigError,
+     r"lipschitz_check_every must be a positive integer, got 0; e\.g\. lipschitz_check_every=1000"),
+    # one run per folder
+    ("run-dir-in-use", run_dir_in_use, ConfigError,
+     r"the run directory \S*/run is in use by another run: pid \d+ on \S+ \(python train\.py model=glow\).*"
+     r"Use another run directory \(hydra\.run\.dir=\.\.\.\)"),
+    # resuming with settings that would silently change the experiment
+    ("resume-other-batch-size", resume_with("dataset.batch_size=4"), ConfigError,
+     r"resuming from \S*first\.ckpt would silently change the experiment: 1 setting\(s\) differ from the run that "
+     r"wrote it \(dataset\.batch_size: 8 -> 4\)\. Resume with the original values; or start a new run"),
+    ("resume-other-n-train", resume_with("dataset.n_train=32"), ConfigError, r"\(dataset\.n_train: 16 -> 32\)"),
+    ("resume-other-dataset", resume_with("dataset.name=moons"), ConfigError,
+     r"\(dataset\.name: 'checkerboard' -> 'moons'\)"),
+    ("resume-other-seed", resume_with("seed=5"), ConfigError,
+     r"\(seed: 0 -> 5\).*seed, dataset\.\* and model\.\* cannot change on resume"),
+    ("resume-other-lr", resume_with("optim.optimizer.lr=0.01"), ConfigError,
+     r"\(optim\.optimizer\.lr: 0\.001 -> 0\.01\).*e\.g\. resume_overrides=\[optim\.optimizer\.lr\]"),
+    ("resume-overrides-seed", resume_with("seed=5", "resume_overrides=[seed]"), ConfigError,
+     r"resume_overrides=\['seed'\] names \['seed'\], but the seed, the data \(dataset\.\*\) and the architecture "
+     r"\(model\.\*\) cannot change on resume"),
     # precision
     ("precision-16-mixed-roulette-on-cpu", _train(*RESFLOW, "estimator=roulette", "trainer.precision=16-mixed"),
      ConfigError, r"trainer\.precision=16-mixed \(float16\) needs a GPU.*use trainer\.precision=bf16-mixed"),
@@ -450,5 +580,5 @@ def test_bad_input_gives_clear_error(trigger, error, pattern, tmp_path):
 
 
 def test_table_counts_cases():
-    assert len(CASES) >= 70
+    assert len(CASES) >= 125
     assert len(set(IDS)) == len(IDS)

@@ -468,3 +468,140 @@ def test_bad_fault_configs_are_clear_config_errors(tmp_path, overrides, match):
     cfg = compose([*FAST, *REALNVP, *overrides, f"paths.output_dir={tmp_path}", "test=false"])
     with pytest.raises(ConfigError, match=match):
         experiment.train(cfg)
+
+
+# ----------------------------------------------------------------------------- 10. nothing ends "fine" with NaN
+def _no_checkpoints(out):
+    return not list((out / "checkpoints").glob("*.ckpt"))
+
+
+def test_unusable_weights_stop_without_saving_them(tmp_path, train):
+    """lr=1e6: the first update ruins the weights; the stop saves no checkpoint that evaluates to NaN."""
+    err, module = train(tmp_path, *REALNVP, "optim.optimizer.lr=1e6", error=NonFiniteLossError,
+                        match=r"the training loss became nan at step 1 in model\.transform.*the weights themselves "
+                              r"give a nan loss .*no checkpoint was written at the stop.*lower optim\.optimizer\.lr")
+    assert _no_checkpoints(tmp_path) and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("policy", ["skip", "reduce_lr"])
+def test_a_run_with_nan_results_fails_naming_the_layer(tmp_path, train, policy):
+    """Under skip / reduce_lr the run reaches its end with ruined weights: its NaN test result is an error naming
+    the first non-finite layer, and no metrics.json claims a finished run."""
+    train(tmp_path, *REALNVP, "optim.optimizer.lr=1e6", f"on_nonfinite={policy}", error=NonFiniteLossError,
+          match=r"gives non-finite results \(test/loss=nan.*first non-finite layer: model\.transform\.transforms\.\d+ "
+                r"\(\w+\).*lower optim\.optimizer\.lr")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_weights_that_become_nan_in_an_update_stop_before_any_save(tmp_path, train, monkeypatch):
+    step = torch.optim.Adam.step
+    calls = []
+
+    def corrupting_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == K + 1:  # the update of step K
+            with torch.no_grad():
+                self.param_groups[0]["params"][3].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", corrupting_step)
+    err, module = train(tmp_path, *REALNVP, "on_nonfinite=skip", "checkpoint_every_n_steps=1",
+                        error=NonFiniteLossError,
+                        match=rf"the weights of 1 parameter tensors became NaN/inf in the update of step {K} in "
+                              r"model\.\S+ \(first\).*no policy can undo an applied update")
+    assert module.fault_events[-1]["kind"] == "nonfinite" and module.fault_events[-1]["policy"] == "stop"
+    assert last_ckpt(tmp_path)["global_step"] == K  # the periodic save of step K never happened
+    assert_checkpoints_finite(tmp_path)
+
+
+@pytest.fixture
+def nan_ckpt(tmp_path):
+    """A real checkpoint whose coupling weights hold a NaN."""
+    from test_bad_inputs import _save_ckpt
+
+    path = _save_ckpt(tmp_path, REALNVP, "nan")
+    data = torch.load(path, weights_only=True)
+    key = next(k for k in data["state_dict"] if k.startswith("model.transform.transforms.1.") and k.endswith("weight"))
+    data["state_dict"][key].view(-1)[0] = float("nan")
+    torch.save(data, path)
+    return path, key
+
+
+def test_eval_of_nan_weights_fails_naming_the_parameter(nan_ckpt):
+    path, key = nan_ckpt
+    with pytest.raises(NonFiniteLossError, match=rf"gives non-finite results \(test/loss=nan.*first non-finite layer: "
+                                                 rf"{re.escape(key)} \(holds NaN/inf\)"):
+        experiment.evaluate(compose([f"ckpt_path={path}"], config_name="eval"))
+
+
+def test_sample_of_nan_weights_fails_and_writes_nothing(nan_ckpt, tmp_path):
+    path, key = nan_ckpt
+    out = tmp_path / "samples"
+    with pytest.raises(NonFiniteLossError, match=rf"produced \d+ NaN/inf values \(first non-finite layer: "
+                                                 rf"{re.escape(key)} \(holds NaN/inf\)\); nothing was written"):
+        experiment.sample(compose([f"ckpt_path={path}", f"output_dir={out}"], config_name="sample"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_actnorm_init_on_a_tiny_batch_keeps_unit_scales(batch, caplog):
+    from flowforge.flows.actnorm import ActNorm
+
+    layer = ActNorm((2,))
+    x = torch.randn(batch, 2) * 3 + 1
+    layer(x)
+    assert torch.equal(layer.log_scale, torch.zeros_like(layer.log_scale))  # not -1/2 log(min_var) = 4.6
+    assert torch.allclose(layer.loc, -x.mean(0))
+    assert f"got a first batch of {batch} example(s) ({batch} values per channel), too few to estimate a scale" \
+        in caplog.text
+    big = ActNorm((2,))
+    big(torch.randn(64, 2) * 3)
+    assert float(big.log_scale.abs().min()) > 0.5  # ~ -log 3: estimated from the data
+
+
+def test_training_from_a_batch_of_one_gives_a_sane_likelihood(tmp_path, train):
+    """(No sanity validation, so ActNorm initialises on the first training batch: a scale of 100 from it gave a test
+    NLL of 4e7 after these 30 steps.)"""
+    metrics, _ = train(tmp_path, *REALNVP, "dataset.batch_size=1", "trainer.num_sanity_val_steps=0",
+                       "trainer.max_steps=30", "~callbacks.ema")
+    assert metrics["test/nll"] < 100
+
+
+# ----------------------------------------------------------------------------- 11. capped power iteration
+def _exact_normalized_norms(module):
+    from flowforge.nn.lipschitz import lipschitz_layers
+
+    return [float(torch.linalg.matrix_norm(layer.normalized_weight().detach().double(), ord=2))
+            for layer in lipschitz_layers(module.model) if layer.weight.dim() == 2]
+
+
+@pytest.fixture
+def stale_capped_iteration(monkeypatch):
+    """The capped per-step power iteration (``lipschitz_step_iters``) leaves the estimates where they were, as a cap
+    that cannot keep up with large updates does."""
+    import flowforge.training.module as module_mod
+
+    full = module_mod.update_lipschitz
+    def capped_does_nothing(model, max_iters=None, rtol=None):
+        return {} if max_iters is not None else full(model, rtol=rtol)
+
+    monkeypatch.setattr(module_mod, "update_lipschitz", capped_does_nothing)
+
+
+LIP_CAP = [*RESFLOW, "lipschitz_step_iters=1", "lipschitz_check_every=3", "optim.optimizer.lr=0.05",
+           "optim.warmup_steps=0", "~callbacks.ema"]
+
+
+def test_capped_power_iteration_breach_is_found_and_handled(tmp_path, train, stale_capped_iteration):
+    metrics, module = train(tmp_path, *LIP_CAP, "on_power_iteration_failure=warn", "test=false")
+    events = [e for e in module.fault_events if e["kind"] == "power_iteration"]
+    assert re.match(r"the Lipschitz bound was exceeded in 2 of 4 layers \(worst: true norm 0\.9\d+ > coeff 0\.9; "
+                    r"lipschitz_step_iters=1 iterations per step did not keep up", events[0]["what"])
+    assert events[0]["where"].startswith("model.transform.")
+    assert max(_exact_normalized_norms(module)) <= 0.9 * (1 + 1e-3)  # the bound holds again at the end
+
+
+def test_capped_power_iteration_breach_stops_under_stop(tmp_path, train, stale_capped_iteration):
+    train(tmp_path, *LIP_CAP, "on_power_iteration_failure=stop", error=ConvergenceError,
+          match=r"the Lipschitz bound was exceeded .* at step 2 in model\.transform\..*on_power_iteration_failure=stop")

@@ -295,3 +295,36 @@ def test_ddp_ranks_split_each_epoch_without_overlap():
     parts = [list(s) for s in ranks]
     assert len(parts[0]) == len(parts[1]) == 52  # padded to equal length, as DistributedSampler does
     assert set(parts[0]) | set(parts[1]) == set(range(103))
+
+
+def test_sigterm_during_the_final_test_exits_143_with_the_way_on(tmp_path, monkeypatch, capsys):
+    """Lightning's SIGTERMException is a SystemExit without a code: uncaught, the program ended with status 0,
+    no metrics.json and no message."""
+    import pytorch_lightning as pl
+    from conftest import compose
+
+    from flowforge import experiment
+
+    class TermDuringTest(pl.Callback):
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 0:  # (Lightning raises at the next batch)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    make_trainer = experiment.make_trainer
+
+    def with_signal(cfg, **kwargs):
+        trainer = make_trainer(cfg, **kwargs)
+        trainer.callbacks.append(TermDuringTest())
+        return trainer
+
+    monkeypatch.setattr(experiment, "make_trainer", with_signal)
+    cfg = compose(["trainer.enable_progress_bar=false", "logger=csv", "trainer.max_epochs=1", "dataset.n_train=200",
+                   "dataset.n_val=100", "dataset.n_test=300", "dataset.batch_size=50", "dataset.eval_batch_size=100",
+                   "model.num_steps=2",
+                   "model.hidden=[8]", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as info:
+        experiment.main(experiment.train, cfg)
+    assert info.value.code == 143
+    assert "stopped by SIGTERM during the final test (training had finished at step 4)" in capsys.readouterr().out
+    assert not (tmp_path / "metrics.json").exists()
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -176,3 +176,19 @@ def test_nan_gradient_skip_policy_drops_only_that_update(tmp_path, monkeypatch):
     metrics = run(tmp_path, "on_nonfinite=skip", "trainer.max_epochs=1")
     assert math.isfinite(metrics["test/nll"])
     assert metrics["train/faults/nonfinite"] == 1.0
+
+
+def test_resume_override_of_the_learning_rate_is_applied_and_logged(tmp_path, caplog):
+    """Without resume_overrides a changed lr is refused (tests/test_bad_inputs.py); with it, the new lr replaces the one
+    Lightning restores with the optimizer state (and the warm-up scheduler's base rate), and the change is logged."""
+    run(tmp_path / "a", "trainer.max_epochs=1")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    run(tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={last}", "optim.optimizer.lr=0.0005",
+        "resume_overrides=[optim.optimizer.lr]")
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 20
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0005
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [0.0005]
+    assert ckpt["hyper_parameters"]["config"]["optim"]["optimizer"]["lr"] == 0.0005
+    assert "resume: optim.optimizer.lr changed from 0.001 to 0.0005 (resume_overrides)" in caplog.text
+    assert "resume: optim.optimizer.lr = 0.0005 applied to the optimizer" in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -16,17 +17,22 @@ import hydra
 import hydra.errors
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from flowforge.errors import ConfigError, FlowforgeError
+from flowforge.checks import check_run_config, positive_finite, positive_int
+from flowforge.data.base import broken_link
+from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.smoke import shrink
+from flowforge.trust import check_stored_targets, load_torch_file
 from flowforge.wandb_mode import wandb_mode
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
-from flowforge.training.faults import FaultInjection
-from flowforge.training.resume import ExactResume
+from flowforge.training.faults import FaultInjection, locate_nonfinite, nonfinite_samples, nonfinite_tensors
+from flowforge.training.resume import ExactResume, check_resume_config
+from flowforge.training.run_lock import run_lock
 from flowforge.training.module import FlowModule, TrainingStopped
 
 log = logging.getLogger("flowforge")
@@ -79,6 +85,7 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     """Instantiate the data module and the LightningModule (with its flow) from a composed config."""
+    check_run_config(cfg)
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
     apply_dequantization(cfg, model)
@@ -100,6 +107,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
         config=OmegaConf.to_container(cfg, resolve=True),
         objective=objective,
         lipschitz_step_iters=cfg.get("lipschitz_step_iters"),
+        lipschitz_check_every=cfg.get("lipschitz_check_every", 1000),
+        checkpoint_every=cfg.get("checkpoint_every_n_steps"),
         target=getattr(datamodule, "target", None),
     )
     return datamodule, module
@@ -183,22 +192,32 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (and test) the configured model; returns the final metrics."""
+    """Fit (and test) the configured model, holding the lock of its run directory
+    (:mod:`flowforge.training.run_lock`: one run per folder); returns the final metrics."""
     if cfg.get("smoke"):
         shrink(cfg)
     _record_overrides(cfg)
+    with run_lock(Path(cfg.paths.output_dir)):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, module = build(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path and cfg.get("train", True):  # resuming: a clear error for a missing or foreign checkpoint
-        load_weights(module, ckpt_path, model_name(cfg))
+        stored, ckpt = load_checkpoint(ckpt_path)
+        load_weights(module, ckpt_path, model_name(cfg), ckpt)
+        module.resume_changes = check_resume_config(
+            OmegaConf.to_container(stored), OmegaConf.to_container(cfg, resolve=True), ckpt_path,
+            list(cfg.get("resume_overrides") or []))
     trainer = make_trainer(cfg)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("train", True):
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except TrainingStopped:
             raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}") from None
         except SIGTERMException:
@@ -216,14 +235,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if module.stop_reason:
         raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}")
     if cfg.get("test", True):
-        trainer.test(module, datamodule=datamodule)
+        _final_test(trainer, module, datamodule, out_dir)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    check_finite_result(metrics, module, datamodule, f"the run in {out_dir}")
     metrics["epochs_run"] = float(trainer.current_epoch)
     metrics["global_step"] = float(trainer.global_step)
     if trainer.is_global_zero:
         flow = module.model
         _report(out_dir, metrics, trainer, flow.dequantizer.name if flow.is_image else None)
     return metrics
+
+
+def _final_test(trainer: pl.Trainer, module: FlowModule, datamodule: pl.LightningDataModule, out_dir: Path) -> None:
+    """``trainer.test``; SIGTERM during it (Lightning's SIGTERMException is a SystemExit without a code, which would
+    end the program with status 0 and no metrics.json) ends the run with status 143 and the way to finish it."""
+    try:
+        trainer.test(module, datamodule=datamodule)
+    except SIGTERMException:
+        print(f"stopped by SIGTERM during the final test (training had finished at step {trainer.global_step}); no "
+              f"metrics.json was written. Test the trained weights by resuming with ckpt_path=last and "
+              f"hydra.run.dir={out_dir} (the resume only tests), or with eval.py", flush=True)
+        raise SystemExit(143) from None
 
 
 def _record_overrides(cfg: DictConfig) -> None:
@@ -269,16 +301,34 @@ def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer, dequa
 def load_checkpoint(ckpt_path: str, map_location: str = "cpu") -> tuple[DictConfig, dict]:
     """The run configuration stored in a flowforge checkpoint, and the checkpoint itself."""
     path = Path(ckpt_path)
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise ConfigError(f"ckpt_path={ckpt_path} is a directory{hint}; pass the path of a .ckpt file written by "
+                          f"train.py, e.g. ckpt_path={path / 'checkpoints' / 'last.ckpt'}")
     if not path.is_file():
+        link = broken_link(path)
+        if link:
+            raise ConfigError(f"ckpt_path={ckpt_path} cannot be read: {link}")
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass the path of a .ckpt file written by train.py")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = load_torch_file(path, map_location)
+    except FlowforgeError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
         raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint ({e})") from e
-    config = ckpt.get("hyper_parameters", {}).get("config")
+    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if not config:
         raise ConfigError(f"{ckpt_path} holds no flowforge run configuration; was it written by train.py?")
     return OmegaConf.create(config), ckpt
+
+
+def load_stored_run(ckpt_path: str) -> tuple[DictConfig, dict]:
+    """:func:`load_checkpoint` for eval / sample: the stored configuration is untrusted, so its ``_target_`` entries
+    are vetted (:func:`flowforge.trust.check_stored_targets`) before anything is built from it."""
+    run_cfg, ckpt = load_checkpoint(ckpt_path)
+    check_stored_targets(run_cfg, f"ckpt_path={ckpt_path}")
+    return run_cfg, ckpt
 
 
 def model_name(cfg: DictConfig) -> str:
@@ -305,7 +355,7 @@ def load_weights(module: FlowModule, ckpt_path: str, this_model: str, ckpt: Opti
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test metrics of a checkpoint (its EMA weights when EMA was on) on the test split."""
-    run_cfg, ckpt = load_checkpoint(cfg.ckpt_path)
+    run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
     if cfg.get("data_dir"):
         run_cfg.dataset.data_dir = cfg.data_dir
     datamodule, module = build(run_cfg)
@@ -313,8 +363,43 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = pl.Trainer(accelerator=cfg.get("accelerator", "cpu"), devices=1, logger=False, enable_checkpointing=False)
     trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    check_finite_result(metrics, module, datamodule, f"the checkpoint {cfg.ckpt_path}")
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def check_finite_result(metrics: dict[str, float], module: FlowModule, datamodule: pl.LightningDataModule,
+                        what: str) -> None:
+    """A validation or test metric that is NaN/inf is a failed result, never a finished one: raise a
+    :class:`NonFiniteLossError` naming the metrics and the first non-finite layer on a test batch."""
+    bad = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/")) and not math.isfinite(v)}
+    if not bad:
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+    raise NonFiniteLossError(
+        f"{what} gives non-finite results ({shown}); first non-finite layer: "
+        f"{first_nonfinite_layer(module, datamodule)}. "
+        "The weights are unusable: lower optim.optimizer.lr (or set trainer.gradient_clip_val) and train again, or "
+        "evaluate an earlier checkpoint"
+    )
+
+
+def first_nonfinite_layer(module: FlowModule, datamodule: pl.LightningDataModule) -> str:
+    """The first parameter or buffer holding NaN/inf, else the first module with finite inputs and a non-finite
+    output on the first test batch (replayed with hooks)."""
+    bad = nonfinite_tensors(module)
+    if bad:
+        return f"{bad[0]} (holds NaN/inf)"
+    try:
+        datamodule.setup("test")
+        batch = next(iter(datamodule.test_dataloader()))
+        device = next(module.parameters()).device
+        batch = move_data_to_device(batch, device)
+        x = module._batch_input(batch, "test")
+    except (FlowforgeError, StopIteration, RuntimeError) as e:
+        return f"unknown (the test batch could not be replayed: {e})"
+    where = locate_nonfinite(module, lambda: module._step_metrics(batch, x, "test"))
+    return where or "none found on the first test batch (the NaN/inf arose in the reduction over the test set)"
 
 
 @torch.no_grad()
@@ -322,14 +407,28 @@ def sample(cfg: DictConfig) -> Path:
     """Draw samples from a checkpoint: an image grid or a density plot, plus the raw tensor."""
     from flowforge.training import visualize
 
-    run_cfg, ckpt = load_checkpoint(cfg.ckpt_path)
+    run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
     datamodule, module = build(run_cfg)
     load_weights(module, cfg.ckpt_path, model_name(run_cfg), ckpt)
+    num_samples = positive_int("num_samples", cfg.num_samples, "64")
+    temperature = positive_finite("temperature", cfg.temperature, "0.7")
     model = module.model.eval()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    x = model.sample(cfg.num_samples, cfg.temperature)
+    state = torch.random.get_rng_state()
+    x = model.sample(num_samples, temperature)
+    if not bool(torch.isfinite(x).all()):
+        torch.random.set_rng_state(state)
+        found = nonfinite_samples(model, num_samples, temperature)
+        count, where = found if found else (int((~torch.isfinite(x)).sum()), None)
+        bad = nonfinite_tensors(module)
+        where = f"{bad[0]} (holds NaN/inf)" if bad else where
+        raise NonFiniteLossError(
+            f"sampling from {cfg.ckpt_path} at temperature={temperature} produced {count} NaN/inf values (first "
+            f"non-finite layer: {where or 'none found'}); nothing was written. The checkpoint's weights are unusable "
+            "or the temperature too high: try temperature=0.7, or an earlier checkpoint"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     torch.save(x, out / "samples.pt")
     if model.is_image:
         path = visualize.image_grid(x[:64], out / "samples.png")

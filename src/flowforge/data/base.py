@@ -8,6 +8,7 @@ Batches are tuples ``(x,)`` or ``(x, y)``.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -207,7 +208,27 @@ def require_file(path: Path, dataset: str, how_to_get: str) -> Path:
     """Raise a :class:`DataError` naming ``path`` and how to obtain it, unless it exists."""
     path = Path(path)
     if not path.exists():
+        link = broken_link(path)
+        if link:
+            raise DataError(f"dataset '{dataset}': expected file {path} cannot be read: {link}. {how_to_get}")
         raise DataError(
             f"dataset '{dataset}': expected file {path} does not exist. {how_to_get}"
         )
     return path
+
+
+def broken_link(path: Path) -> Optional[str]:
+    """When ``path`` does not resolve because it or a folder above it is a broken symbolic link: which one and why
+    (a loop or a missing target); None otherwise (it simply does not exist)."""
+    for p in (path, *path.parents):
+        if not os.path.islink(p) or p.exists():
+            continue
+        try:
+            p.resolve(strict=True)
+        except RuntimeError:  # (how Python < 3.13 reports a loop)
+            return f"{p} is a symbolic link loop; replace the link with the file or folder, or a link to it"
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{p} is a symbolic link loop; replace the link with the file or folder, or a link to it"
+            return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist; fix or replace the link"
+    return None

@@ -29,6 +29,7 @@ from torchvision.datasets.utils import check_integrity
 
 from flowforge.data.base import FlowDataModule, require_file
 from flowforge.errors import ConfigError, DataError
+from flowforge.trust import safe_unpickle
 
 # What a torchvision dataset raises on a file it cannot parse (or, with download=True, cannot fetch).
 _TORCHVISION_READ_ERRORS = (
@@ -37,6 +38,7 @@ _TORCHVISION_READ_ERRORS = (
     ValueError,
     TypeError,
     IndexError,
+    KeyError,
     EOFError,
     OSError,
     pickle.UnpicklingError,
@@ -122,6 +124,8 @@ class _TorchvisionDataModule(_ImageFileDataModule):
         files = self.split_files(train)
         try:
             dataset = self.dataset_cls(root=str(self.data_dir), train=train, download=self.download)
+        except DataError:
+            raise
         except _TORCHVISION_READ_ERRORS as err:
             cause = " (if the download failed, check the network)" if self.download else ""
             fix = f"Delete them and fetch them again{cause}. {self.how_to_get}, {_DOWNLOAD_HINT}."
@@ -177,11 +181,28 @@ class MNISTDataModule(_TorchvisionDataModule):
 
 
 class _CIFAR10Files(torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader without its MD5 check (:class:`CIFAR10DataModule` checks itself)."""
+    """torchvision's CIFAR-10 reader that parses the batch files with :func:`flowforge.trust.safe_unpickle`
+    (numpy arrays and lists only: a crafted batch file cannot run code) and without torchvision's own MD5 check
+    (:class:`CIFAR10DataModule` checks each file before it is parsed)."""
 
     train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
     test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
     meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+
+    def __init__(self, root: str, train: bool = True, download: bool = False):
+        torchvision.datasets.VisionDataset.__init__(self, root)
+        self.train = train
+        if download:
+            torchvision.datasets.CIFAR10(root, train=train, download=True)  # fetches the MD5-checked archive
+        folder = Path(root) / self.base_folder
+        data, labels = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            entry = safe_unpickle(folder / name, "cifar10", "Delete it and extract the official "
+                                  "cifar-10-python.tar.gz again")
+            data.append(np.asarray(entry["data"], dtype=np.uint8))
+            labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = [int(label) for label in labels]
 
 
 class CIFAR10DataModule(_TorchvisionDataModule):
@@ -218,18 +239,21 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
 
     def read(self, train: bool):
-        x, y = super().read(train)
-        if self.verify_checksums:
-            reference = torchvision.datasets.CIFAR10
-            md5s = dict(reference.train_list + reference.test_list)
-            md5s[reference.meta["filename"]] = reference.meta["md5"]
-            for path in self.split_files(train):
-                if not check_integrity(path, md5s[path.name]):
-                    raise DataError(
-                        f"dataset '{self.label}': {path} is corrupt or truncated (its MD5 differs from "
-                        f"the official file). Delete it and fetch it again: {self.how_to_get}."
-                    )
-        return x, y
+        """Check each file's MD5 against the official one before any file is parsed, then read them."""
+        if self.verify_checksums and not self.download:  # (a download is checked by torchvision, below)
+            self.verify(train)
+        return super().read(train)
+
+    def verify(self, train: bool) -> None:
+        reference = torchvision.datasets.CIFAR10
+        md5s = dict(reference.train_list + reference.test_list)
+        md5s[reference.meta["filename"]] = reference.meta["md5"]
+        for path in self.split_files(train):
+            if not check_integrity(path, md5s[path.name]):
+                raise DataError(
+                    f"dataset '{self.label}': {path} is corrupt or truncated (its MD5 differs from "
+                    f"the official file). Delete it and fetch it again: {self.how_to_get}."
+                )
 
 
 # --------------------------------------------------------------------------- per-item datasets

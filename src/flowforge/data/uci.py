@@ -41,14 +41,17 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from flowforge.data.base import FlowDataModule, require_file
 from flowforge.errors import ConfigError, DataError
+from flowforge.trust import PANDAS_FRAME_GLOBALS, safe_unpickle
 
 _MAF_SEED = 42
+_POWER_DROPPED = (1, 3)  # global reactive power, global intensity
 _HOW_TO_GET = (
     "Download data.tar.gz of the MAF paper from https://zenodo.org/record/1161203 and extract it so "
     "that dataset.data_dir holds power/, gas/, hepmass/, miniboone/ and BSDS300/."
@@ -60,6 +63,19 @@ def _corrupt(dataset: str, path: Path, err: BaseException) -> DataError:
         f"dataset '{dataset}': could not read {path}: the file is corrupt or truncated "
         f"({type(err).__name__}: {err}). Extract it again. {_HOW_TO_GET}"
     )
+
+
+def _check_finite(dataset: str, path: Path, data: np.ndarray, ignored: Sequence[int] = ()) -> None:
+    """A table with NaN/inf entries in the columns used (all but ``ignored``) is refused before any statistics are
+    taken (they would call the column constant)."""
+    bad = ~np.isfinite(data)
+    bad[:, list(ignored)] = False
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(
+            f"dataset '{dataset}': {path} holds {int(bad.sum())} NaN/inf values (first at row {row}, column {col}: "
+            f"{data[row, col]}); the file is damaged or not the expected one. Extract it again. {_HOW_TO_GET}"
+        )
 
 
 def _tail(data: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +147,9 @@ class _MAFDataModule(FlowDataModule):
     def path(self, relative: str) -> Path:
         return require_file(self.data_dir / relative, self.label, _HOW_TO_GET)
 
-    def table(self, path: Path, columns: int | None = None) -> np.ndarray:
-        """A 2-D float64 table from an ``.npy`` or a comma-separated ``.csv`` (optional header line) file."""
+    def table(self, path: Path, columns: int | None = None, ignored: Sequence[int] = ()) -> np.ndarray:
+        """A 2-D float64 table from an ``.npy`` or a comma-separated ``.csv`` (optional header line) file; the
+        columns not ``ignored`` (dropped by the preprocessing) must be finite."""
         try:
             if path.suffix == ".npy":
                 data = np.load(path, allow_pickle=False)
@@ -149,18 +166,20 @@ class _MAFDataModule(FlowDataModule):
             )
         if len(data) == 0:
             raise DataError(f"dataset '{self.label}': {path} holds no rows (the file is empty); extract it again. {_HOW_TO_GET}")
-        return data.astype(np.float64, copy=False)
+        data = data.astype(np.float64, copy=False)
+        _check_finite(self.label, path, data, ignored)
+        return data
 
 
 class POWERDataModule(_MAFDataModule):
     """UCI household electric power consumption, MAF version ``data_dir/power/data.npy`` (N, 8); 6 dims."""
 
     def prepare(self):
-        data = self.table(self.path("power/data.npy"), columns=8)
+        data = self.table(self.path("power/data.npy"), columns=8, ignored=_POWER_DROPPED)
         rng = np.random.RandomState(_MAF_SEED)
         rng.shuffle(data)
         n = len(data)
-        data = np.delete(data, [1, 3], axis=1)  # global reactive power, global intensity
+        data = np.delete(data, _POWER_DROPPED, axis=1)
         voltage = 0.01 * rng.rand(n, 1)
         active_power = 0.001 * rng.rand(n, 1)
         sub_metering = rng.rand(n, 3)
@@ -190,24 +209,30 @@ class GASDataModule(_MAFDataModule):
         folder = self.data_dir / "gas"
         for name in ("ethylene_CO.npy", "ethylene_CO.csv"):
             if (folder / name).exists():
-                return self.table(folder / name, columns=3 + self.sensors)[:, 3:]
+                return self.table(folder / name, columns=3 + self.sensors, ignored=(0, 1, 2))[:, 3:]
         path = require_file(
             folder / "ethylene_CO.pickle",
             self.label,
             f"{_HOW_TO_GET} (Also accepted: {folder}/ethylene_CO.npy or ethylene_CO.csv with the columns "
             "Time, Meth, Eth and the 16 sensors.)",
         )
+        convert = (f"Save it as {folder}/ethylene_CO.npy where pandas is available: "
+                   "numpy.save('ethylene_CO.npy', pandas.read_pickle('ethylene_CO.pickle').to_numpy())")
         try:
-            import pandas
+            import pandas  # noqa: F401 - the frame's classes come from it
         except ImportError as err:
             raise DataError(
                 f"dataset '{self.label}': {path} is a pandas pickle and pandas is not installed: "
                 f"pip install pandas, or save it as {folder}/ethylene_CO.npy where pandas is available"
             ) from err
         try:
-            frame = pandas.read_pickle(path)
+            # parsed without running code: only a DataFrame's and numpy's reconstruction globals are resolved
+            frame = safe_unpickle(path, self.label, f"Use the file from the MAF archive or a converted copy. {convert}",
+                                  allowed=PANDAS_FRAME_GLOBALS)
             data = frame.drop(columns=["Time", "Meth", "Eth"]).to_numpy(dtype=np.float64)
-        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, OSError) as err:
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, OSError, TypeError) as err:
+            if isinstance(err, DataError):
+                raise
             raise _corrupt(self.label, path, err) from err
         if data.ndim != 2 or data.shape[1] != self.sensors:
             raise DataError(

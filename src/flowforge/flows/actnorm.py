@@ -2,13 +2,17 @@
 
 ``z = (x + b) * exp(s)`` per channel, ``log |det| = (H W) sum_c s_c``.  With ``data_init`` the first
 batch sets ``b = -mean`` and ``s = -1/2 log(max(var, min_var))`` so the output has zero mean and unit
-variance per channel.  Under ``torch.distributed`` the statistics are averaged over all ranks, so every
+variance per channel.  A first batch with fewer than ``MIN_INIT_VALUES`` (8) values per channel cannot estimate a
+scale (one example has variance 0, which would give scales of ``1/sqrt(min_var)``): then only ``b`` is set, the
+scales start at 1, and a warning says so.
+Under ``torch.distributed`` the statistics are averaged over all ranks, so every
 rank starts from the same parameters.  Whether the init happened is kept in the ``initialized`` buffer
 (saved in checkpoints; a float so that weight averaging can copy it).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
@@ -16,6 +20,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from flowforge.flows.base import Transform
+
+log = logging.getLogger("flowforge")
+
+#: fewest values per channel (batch x spatial positions, over all ranks) from which the init estimates a scale
+MIN_INIT_VALUES = 8
+
+
+def _warn_small_init(batch: int, n: int) -> None:
+    log.warning(
+        "ActNorm's data-dependent initialisation got a first batch of %d example(s) (%d values per channel), too few "
+        "to estimate a scale (at least %d are needed: one example has variance 0, which would set scales of 100): "
+        "the scales start at 1 and only the shift is taken from the data; use a larger dataset.batch_size (e.g. 64)",
+        batch, n, MIN_INIT_VALUES,
+    )
 
 
 class ActNorm(Transform):
@@ -35,13 +53,19 @@ class ActNorm(Transform):
     def _init(self, x: Tensor) -> None:
         dims = [0] + list(range(2, x.dim()))
         stats = torch.stack([x.mean(dims), x.pow(2).mean(dims)])
+        world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
-            stats /= dist.get_world_size()
+            world = dist.get_world_size()
+            stats /= world
         mean, sq = stats
-        var = (sq - mean.pow(2)).clamp_min(self.min_var)
         self.loc.copy_((-mean).view_as(self.loc))
-        self.log_scale.copy_((-0.5 * torch.log(var)).view_as(self.log_scale))
+        n = x.shape[0] * self.spatial * world
+        if n >= MIN_INIT_VALUES:
+            var = (sq - mean.pow(2)).clamp_min(self.min_var)
+            self.log_scale.copy_((-0.5 * torch.log(var)).view_as(self.log_scale))
+        else:
+            _warn_small_init(x.shape[0], n)
         self.initialized.fill_(1.0)
 
     def _log_det(self) -> Tensor:

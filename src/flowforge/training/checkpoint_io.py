@@ -65,7 +65,17 @@ def remove_partial_files(folder: os.PathLike | str) -> list[Path]:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O plugin that saves with :func:`atomic_torch_save` (local paths; remote URLs
-    fall back to Lightning's transaction)."""
+    fall back to Lightning's transaction) and loads with ``weights_only=True`` whatever the caller asks: every
+    resume Lightning performs (``trainer.fit(ckpt_path=...)``, SLURM's ``hpc_ckpt``) reads tensors and plain data
+    only, never objects that run code."""
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location or (lambda storage, loc: storage),
+                                           weights_only=True)
+        from flowforge.trust import load_torch_file
+
+        return load_torch_file(Path(path), map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or "://" in str(path):

@@ -54,6 +54,12 @@ def _finite(obj: Any) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in _tensors(obj) if t.is_floating_point())
 
 
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers that hold NaN/inf values."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def locate_nonfinite(root: nn.Module, run: Callable[[], Any], prefix: str = "") -> Optional[str]:
     """Run ``run()`` (without gradient) watching every submodule of ``root``; return ``"<name> (<Type>)"`` of the
     first module to finish a ``forward`` or ``inverse`` with finite inputs and a NaN/inf output, or None when

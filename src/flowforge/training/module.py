@@ -60,16 +60,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import get_total_norm
 
+from flowforge.checks import nonnegative_int, positive_int
 from flowforge.errors import ConfigError, ConvergenceError, DataError, NonFiniteLossError
 from flowforge.flows.base import samples_pathwise
 from flowforge.flows.cnf import clear_step_records, cnf_blocks, cnf_regularization, nfe_summary
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.hybrid import HybridClassifier
 from flowforge.flows.model import Flow
-from flowforge.nn.lipschitz import update_lipschitz
+from flowforge.nn.lipschitz import lipschitz_layers, update_lipschitz
 from flowforge.objectives.flow_matching import flow_matching_flow_loss, single_cnf
 from flowforge.objectives.reverse_kl import importance_log_z, reverse_kl_loss
-from flowforge.training.faults import locate_nonfinite
+from flowforge.training.faults import locate_nonfinite, nonfinite_tensors
 from flowforge.training.objectives import parse_objective
 
 log = logging.getLogger("flowforge")
@@ -117,12 +118,16 @@ class FlowModule(pl.LightningModule):
         on_power_iteration_failure: str = "warn",
         fault_lr_factor: float = 0.5,
         max_fault_events: int = 20,
+        lipschitz_check_every: int = 1000,
+        checkpoint_every: Optional[int] = None,
     ):
         super().__init__()
         if lipschitz_step_iters is not None and (isinstance(lipschitz_step_iters, bool)
                                                  or not isinstance(lipschitz_step_iters, int) or lipschitz_step_iters < 1):
             raise ConfigError(f"lipschitz_step_iters must be null or a positive integer, got {lipschitz_step_iters!r}")
         self.lipschitz_step_iters = lipschitz_step_iters
+        self.lipschitz_check_every = positive_int("lipschitz_check_every", lipschitz_check_every, "1000")
+        self.checkpoint_every = checkpoint_every
         for key, value, allowed in (("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
                                     ("on_solver_failure", on_solver_failure, SOLVER_POLICIES),
                                     ("on_power_iteration_failure", on_power_iteration_failure, POWER_POLICIES)):
@@ -137,14 +142,14 @@ class FlowModule(pl.LightningModule):
                          "power_iteration": on_power_iteration_failure}
         self.fault_lr_factor = float(fault_lr_factor)
         self.max_fault_events = max_fault_events
-        if warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        nonnegative_int("warmup_steps", warmup_steps, "1000")
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.warmup_steps = warmup_steps
         self.on_nonfinite = on_nonfinite
         self.save_hyperparameters({"config": config or {}})
         self.fault_events: list[dict] = []
+        self.resume_changes: dict[str, Any] = {}  # settings changed on resume (resume_overrides), applied at the start
         self.stop_reason: Optional[str] = None
         self.stop_error: type = NonFiniteLossError
         self._save_on_stop = False
@@ -379,11 +384,68 @@ class FlowModule(pl.LightningModule):
             cause = (f"that is fault number {n} (max_fault_events={self.max_fault_events})" if escalated
                      else f"policy {key}=stop")
             state = ("the update of that step was dropped" if dropped else "the update of that step was applied")
-            self.stop_reason = (
-                f"{message}; the run stopped ({cause}); {state} and last.ckpt holds the weights after that batch, "
-                f"so a resume continues with the next batch"
-            )
+            self.stop_reason = f"{message}; the run stopped ({cause}); {state}"
             self._save_on_stop = True
+
+    def _save_at_stop(self, batch: Any) -> None:
+        """Write ``last.ckpt`` at a stop, unless the weights are themselves unusable (NaN/inf, or a non-finite loss
+        on this batch once any injected fault is undone): a checkpoint saved by a stop always evaluates finite."""
+        dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        problem = self._unusable_weights(batch)
+        if problem is not None:
+            self.stop_reason += (
+                f"; {problem}, so no checkpoint was written at the stop (the newest earlier checkpoint may hold them "
+                f"too: evaluate it before resuming); lower optim.optimizer.lr or trainer.gradient_clip_val and train "
+                f"again"
+            )
+        elif dirs:
+            self.trainer.save_checkpoint(f"{dirs[0]}/last.ckpt")
+            self.stop_reason += (" and last.ckpt holds the weights after that batch, so a resume continues with the "
+                                 "next batch")
+
+    def _unusable_weights(self, batch: Any) -> Optional[str]:
+        """Why the current weights cannot be used (NaN/inf entries, or a non-finite loss on ``batch`` replayed from
+        the step's random state), or None when they evaluate finite."""
+        bad = nonfinite_tensors(self)
+        if bad:
+            return f"the weights hold NaN/inf values ({bad[0]} first)"
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not bool(torch.isfinite(x).all()):
+            return None  # (the fault was in the data: nothing to evaluate the weights on)
+        current = torch.random.get_rng_state()
+        if self._step_rng is not None:
+            torch.random.set_rng_state(self._step_rng)
+        try:
+            with torch.no_grad():
+                loss = self._step_metrics(batch, x, "train")["loss"].mean()
+        except (FloatingPointError, ArithmeticError, RuntimeError) as e:
+            return f"the weights fail to evaluate the batch ({type(e).__name__}: {str(e)[:200]})"
+        finally:
+            torch.random.set_rng_state(current)
+        if bool(torch.isfinite(loss)):
+            return None
+        where = self._locate_loss_fault(batch, x)
+        return f"the weights themselves give a {float(loss)} loss (first non-finite in {where})"
+
+    def _check_weights_finite(self) -> None:
+        """After an update: weights that became NaN/inf cannot be repaired by any policy; the run stops here, before
+        a periodic checkpoint could save them."""
+        params = [p for p in self.parameters()]
+        if not params or bool(torch.isfinite(get_total_norm(params, norm_type=float("inf")))):
+            return
+        bad = nonfinite_tensors(self)
+        lrs = [float(g["lr"]) for opt in self.trainer.optimizers for g in opt.param_groups]
+        self.fault_events.append({"step": int(self.global_step), "kind": "nonfinite", "policy": "stop",
+                                  "what": "the weights became NaN/inf in the update", "where": bad[0] if bad else None})
+        self.stop_error = NonFiniteLossError
+        self.stop_reason = (
+            f"the weights of {len(bad)} parameter tensors became NaN/inf in the update of step {int(self.global_step)} "
+            f"in {bad[0] if bad else '?'} (first) with learning rate {lrs}; no policy can undo an applied update, so "
+            f"the run stopped before any checkpoint could save them (the newest checkpoint holds earlier weights); "
+            f"lower optim.optimizer.lr or set trainer.gradient_clip_val"
+        )
+        log.warning(self.stop_reason)
+        raise TrainingStopped(self.stop_reason)
 
     def _scale_learning_rates(self, factor: float) -> list[float]:
         """Multiply every optimizer group's learning rate, and the base rates its scheduler scales, by ``factor``
@@ -452,10 +514,45 @@ class FlowModule(pl.LightningModule):
         warm-started iterations when set (the subspace carries over, so the estimate keeps converging across
         steps), else to tolerance, where a layer stopped by its iteration cap is a ``power_iteration`` fault."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._check_weights_finite()
         self._lipschitz_stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
         if self._lipschitz_stats.get("unconverged") and self.lipschitz_step_iters is None:
             self._fault("power_iteration", "power iteration stopped at its iteration cap before its tolerance",
                         ", ".join(f"model.{n}" for n in self._lipschitz_stats["unconverged"]), droppable=False)
+        if self.lipschitz_step_iters is not None and self._lipschitz_check_due():
+            self._check_lipschitz_guarantee()
+
+    def _lipschitz_check_due(self) -> bool:
+        """Every ``lipschitz_check_every`` optimizer steps, and at the steps whose end writes the periodic
+        checkpoint (deterministic points, so an interrupted and resumed run checks at the same steps)."""
+        done = int(self.global_step) + 1  # (inside the hook global_step still counts the steps before this one)
+        at_checkpoint = bool(self.checkpoint_every and done % self.checkpoint_every == 0)
+        return done % self.lipschitz_check_every == 0 or at_checkpoint
+
+    def _check_lipschitz_guarantee(self, tolerance: float = 1e-3) -> None:
+        """With ``lipschitz_step_iters`` the per-step power iteration is capped, and the norm estimates it leaves can
+        lag behind the weights. Run it to tolerance and compare: a layer whose normalised weight had a true norm above
+        ``coeff`` (so its residual block may not have been invertible) is a ``power_iteration`` fault, handled by
+        ``on_power_iteration_failure``; the estimates are then exact again either way."""
+        wanted = {id(layer) for layer in lipschitz_layers(self.model)}
+        layers = [(name, layer) for name, layer in self.model.named_modules() if id(layer) in wanted]
+        with torch.no_grad():
+            estimates = {name: float(layer.sigma_hat()) for name, layer in layers}
+        update_lipschitz(self.model)
+        breaches = []
+        for name, layer in layers:
+            true_norm = float(layer.sigma) / max(1.0, estimates[name] / layer.coeff)
+            if true_norm > layer.coeff * (1 + tolerance):
+                breaches.append((name, true_norm, layer.coeff))
+        if breaches:
+            worst = max(breaches, key=lambda b: b[1] / b[2])
+            self._fault(
+                "power_iteration",
+                f"the Lipschitz bound was exceeded in {len(breaches)} of {len(layers)} layers (worst: true norm "
+                f"{worst[1]:.4f} > coeff {worst[2]}; lipschitz_step_iters={self.lipschitz_step_iters} iterations per "
+                f"step did not keep up, raise it); the norms are exact again after a power iteration to tolerance",
+                ", ".join(f"model.{b[0]}" for b in breaches), droppable=False,
+            )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._batch_input(batch, "val")
@@ -483,9 +580,7 @@ class FlowModule(pl.LightningModule):
             # at this batch boundary, and before Lightning's end-of-run validation could overwrite last.ckpt with an
             # end-of-epoch state (which would make a resume skip the rest of the epoch): save, then end the fit
             self._save_on_stop = False
-            dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-            if dirs:
-                self.trainer.save_checkpoint(f"{dirs[0]}/last.ckpt")
+            self._save_at_stop(batch)
             raise TrainingStopped(self.stop_reason)
         stats, self._lipschitz_stats = self._lipschitz_stats, {}
         if stats:
@@ -534,7 +629,28 @@ class FlowModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_subspaces = checkpoint.get("lipschitz_subspaces") or {}
 
+    def _apply_resume_changes(self) -> None:
+        """Optimizer settings changed on resume (``resume_overrides``): Lightning has just restored the old ones with
+        the optimizer state, so set the new ones in every parameter group (a learning rate also as the scheduler's
+        base rate, the warm-up factor applied)."""
+        for key, value in self.resume_changes.items():
+            if not key.startswith("optim.optimizer.") or key.count(".") != 2:
+                continue
+            name = key.rsplit(".", 1)[1]
+            for opt in self.trainer.optimizers:
+                for group in opt.param_groups:
+                    if name in group:
+                        group[name] = tuple(value) if isinstance(group[name], tuple) else value
+            if name == "lr":
+                for config in self.trainer.lr_scheduler_configs:
+                    sched = config.scheduler
+                    sched.base_lrs = [float(value)] * len(sched.base_lrs)
+                    for group, fn in zip(sched.optimizer.param_groups, getattr(sched, "lr_lambdas", [])):
+                        group["lr"] = float(value) * fn(sched.last_epoch)
+            log.warning("resume: %s = %r applied to the optimizer", key, value)
+
     def on_train_start(self) -> None:
+        self._apply_resume_changes()
         pending, self._pending_subspaces = getattr(self, "_pending_subspaces", {}), {}
         for name, basis in pending.items():  # after every load (the EMA callback reloads the raw weights last)
             layer = self.get_submodule(name)

@@ -43,6 +43,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from flowforge.data.base import FlowDataModule
+from flowforge.errors import ConfigError
 from flowforge.data.sampler import ResumableSampler
 from flowforge.training.checkpoint_io import remove_partial_files
 
@@ -182,3 +183,65 @@ class ExactResume(pl.Callback):
             )
             return
         self._save_on_signal(trainer)
+
+
+# ---------------------------------------------------------------------------------------------- config guard
+#: settings that a resume may change freely: where things go, what is logged and shown, how long to train (to
+#: extend a run), fault policies and fault injection; every other difference would change the experiment
+FREE_ON_RESUME = (
+    "paths", "ckpt_path", "overrides", "tags", "task_name", "logger", "faults", "train", "test", "resume_overrides",
+    "optimized_metric", "trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary", "trainer.log_every_n_steps", "callbacks.progress_bar", "callbacks.sample_figures",
+    "callbacks.lr_monitor", "callbacks.model_checkpoint", "callbacks.last_checkpoint", "checkpoint_every_n_steps",
+    "on_nonfinite", "on_solver_failure", "on_power_iteration_failure", "fault_lr_factor", "max_fault_events",
+    "dataset.data_dir", "dataset.num_workers", "trainer.default_root_dir", "callbacks.exact_resume.dirpath",
+)
+#: settings no resume may change, even on request: the random streams, the data and the architecture
+FIXED_ON_RESUME = ("seed", "dataset", "model")
+_ABSENT = "<absent>"
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def _under(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def config_differences(stored: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, stored value, new value)`` for every setting outside :data:`FREE_ON_RESUME` that differs."""
+    a, b = _flatten(stored), _flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if not _under(k, FREE_ON_RESUME))
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def check_resume_config(stored: dict, new: dict, ckpt_path: str, allowed: list[str]) -> dict[str, Any]:
+    """Refuse a resume whose configuration differs from the checkpoint's run in a setting that breaks exactness,
+    unless the key is listed in ``allowed`` (``resume_overrides``); returns the accepted changes ``{key: new}``."""
+    unknown = [k for k in allowed if _under(k, FIXED_ON_RESUME)]
+    if unknown:
+        raise ConfigError(
+            f"resume_overrides={list(allowed)} names {unknown}, but the seed, the data (dataset.*) and the "
+            f"architecture (model.*) cannot change on resume: the checkpoint's random streams, data position and "
+            f"weights belong to them. Start a new run instead (no ckpt_path, another hydra.run.dir)"
+        )
+    differences = config_differences(stored, new)
+    refused = [d for d in differences if not _under(d[0], allowed)]
+    if refused:
+        shown = "; ".join(f"{k}: {old!r} -> {value!r}" for k, old, value in refused)
+        example = next((k for k, _, _ in refused if not _under(k, FIXED_ON_RESUME)), "optim.optimizer.lr")
+        raise ConfigError(
+            f"resuming from {ckpt_path} would silently change the experiment: {len(refused)} setting(s) differ from "
+            f"the run that wrote it ({shown}). Resume with the original values; or start a new run (no ckpt_path, "
+            f"another hydra.run.dir); or, for a deliberate change of a training setting, list it in resume_overrides, "
+            f"e.g. resume_overrides=[{example}] (seed, dataset.* and model.* cannot change on resume)"
+        )
+    for key, old, value in differences:
+        log.warning("resume: %s changed from %r to %r (resume_overrides)", key, old, value)
+    return {key: value for key, _, value in differences}
