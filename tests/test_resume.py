@@ -133,6 +133,24 @@ def test_killed_run_resumes_bit_exactly(tmp_path, reference, config, sig, step):
     assert max(devs.values()) == 0.0, devs
 
 
+def test_kill_right_after_the_final_step_resumes_bit_exactly(tmp_path, reference):
+    """With a periodic save due at the final step (every 3 steps, 18 in all), SIGKILL once that step's
+    step-end hooks have run.  A save there would precede the closing validation: Lightning would resume it as a
+    finished fit, skip that validation and write last.ckpt after the EMA copy, losing the raw weights.  The
+    periodic save leaves an epoch's last batch to the epoch-end save, so the run resumes from step 15."""
+    run = tmp_path / "run"
+    every = "checkpoint_every_n_steps=3"
+    code, out = train(run, "resflow", every, "+faults.signal=SIGKILL", f"+faults.signal_after_step={STEPS}")
+    assert code == -signal.SIGKILL, out[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 15
+    code, out = train(run, "resflow", every, "ckpt_path=last")
+    assert code == 0, out[-3000:]
+    devs = compare_runs(reference("resflow"), run)
+    assert max(devs.values()) == 0.0, {k: v for k, v in devs.items() if v}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "val/loss" in metrics, metrics  # the closing validation ran
+
+
 def test_kill_at_a_random_time_resumes_bit_exactly(tmp_path, reference):
     """SIGKILL from outside at a random moment (possibly during a checkpoint write, possibly before the first
     checkpoint); ``ckpt_path=last`` resumes from whatever complete checkpoint exists, or starts afresh."""

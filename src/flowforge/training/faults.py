@@ -9,7 +9,10 @@ one fault of each configured kind at a given optimizer step, so that the detecti
 configured policy (``on_nonfinite``, ``on_solver_failure``, ``on_power_iteration_failure``) can be
 tested end to end, and so that a cluster setup's kill / pre-emption handling can be rehearsed:
 
-- ``signal`` / ``signal_at_step``: send ``SIGTERM``, ``SIGKILL`` or ``SIGUSR1`` to this process;
+- ``signal`` / ``signal_at_step``: send ``SIGTERM``, ``SIGKILL`` or ``SIGUSR1`` to this process as that step
+  starts; ``signal_after_step`` instead sends it once that many steps are done and every step-end hook has run
+  (the periodic checkpoint of that step included): at the next validation start or training-epoch end, e.g.
+  right after the final step's save;
 - ``nan_batch``: the batch gets a NaN;
 - ``nan_output`` (with ``layer``): that module's output becomes NaN (a NaN loss located at ``layer``);
 - ``nan_grad`` (with ``parameter``): that parameter's gradient becomes NaN under a finite loss;
@@ -125,13 +128,16 @@ class FaultInjection(pl.Callback):
     ``model.transform.layers.2``, as faults are reported)."""
 
     def __init__(self, signal: Optional[str] = None, signal_at_step: Optional[int] = None,
-                 layer: Optional[str] = None, parameter: Optional[str] = None, **at_step: Optional[int]):
+                 layer: Optional[str] = None, parameter: Optional[str] = None,
+                 signal_after_step: Optional[int] = None, **at_step: Optional[int]):
         unknown = sorted(set(at_step) - set(KINDS))
         if unknown:
             raise ConfigError(f"unknown fault kind(s) {unknown}; choose from {list(KINDS)} (or signal/signal_at_step)")
-        if (signal is None) != (signal_at_step is None):
-            raise ConfigError("faults.signal and faults.signal_at_step go together, e.g. faults.signal=SIGKILL "
-                              "faults.signal_at_step=7")
+        if (signal is None) != (signal_at_step is None and signal_after_step is None) or (
+            signal_at_step is not None and signal_after_step is not None
+        ):
+            raise ConfigError("faults.signal goes with one of faults.signal_at_step and faults.signal_after_step, "
+                              "e.g. faults.signal=SIGKILL faults.signal_at_step=7")
         if signal is not None and signal not in SIGNALS:
             raise ConfigError(f"faults.signal must be one of {SIGNALS}, got {signal!r}")
         needs = {"nan_output": layer, "solver_failure": layer, "power_iteration_failure": layer,
@@ -140,10 +146,11 @@ class FaultInjection(pl.Callback):
             if step is not None and needs.get(kind, "ok") is None:
                 what = "parameter" if kind == "nan_grad" else "layer"
                 raise ConfigError(f"faults.{kind} needs faults.{what}: the name of the {what} to break")
-        for kind, step in [("signal_at_step", signal_at_step), *at_step.items()]:
+        for kind, step in [("signal_at_step", signal_at_step), ("signal_after_step", signal_after_step),
+                           *at_step.items()]:
             if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
                 raise ConfigError(f"faults.{kind} must be an optimizer step (an integer >= 0), got {step!r}")
-        self.signal, self.signal_at_step = signal, signal_at_step
+        self.signal, self.signal_at_step, self.signal_after_step = signal, signal_at_step, signal_after_step
         self.layer, self.parameter = layer, parameter
         self.at_step = {k: v for k, v in at_step.items() if v is not None}
         self._undo: list[Callable[[], None]] = []
@@ -191,6 +198,21 @@ class FaultInjection(pl.Callback):
                            batch_idx: int) -> None:
         while self._undo:
             self._undo.pop()()
+
+    def _signal_after_step(self, trainer: pl.Trainer) -> None:
+        """``signal_after_step``: checkpoint callbacks run last at a batch end, so the signal waits for the
+        first hook after it."""
+        step = self.signal_after_step
+        if step is not None and trainer.global_step >= step and (self.signal, step) not in self.injected:
+            self.injected.append((self.signal, step))
+            os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._signal_after_step(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._signal_after_step(trainer)
 
     # ------------------------------------------------------------------ one method per kind
     def _inject_nan_batch(self, pl_module, batch) -> None:
