@@ -81,8 +81,12 @@ def test_fit1d_configs_hold_the_paper_settings(name):
     assert cfg.optim.optimizer.lr == 0.01 and cfg.model.coeff == 0.99 and cfg.trainer.max_steps == 15000
     assert cfg.trainer.max_epochs == -1  # else max_epochs (4 steps each) would end the run early
     expected = {"fit1d_resflow": ("ResidualFlow", 2, False), "fit1d_resflow_actnorm": ("ResidualFlow", 2, True),
-                "fit1d_impflow": ("ImplicitFlow", 1, False), "fit1d_monotone": ("MonotoneFlow", 2, False)}[name]
+                "fit1d_impflow": ("ImplicitFlow", 1, True), "fit1d_monotone": ("MonotoneFlow", 2, True)}[name]
     assert (cfg.model._target_.rsplit(".", 1)[1], cfg.model.num_blocks, cfg.model.actnorm) == expected
+    assert cfg.model.act == "crelu" and cfg.optim.optimizer.weight_decay == 0  # mlvlab/MonotoneFlows' commands
+    if cfg.model.get("g") == "dense":
+        assert (cfg.model.depth, cfg.model.growth, cfg.model.lip_coeff) == (4, 128, 0.99)
+        assert cfg.callbacks.concat_schedule.start_epoch == 0
 
 
 def test_fit1d_models_have_comparable_capacity():
@@ -90,7 +94,7 @@ def test_fit1d_models_have_comparable_capacity():
     for name in FIT1D:
         model = experiment.instantiate(compose([f"experiment={name}"]).model)
         counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert counts["fit1d_resflow"] == counts["fit1d_monotone"]  # same 2 g networks
+    assert counts["fit1d_resflow_actnorm"] == counts["fit1d_monotone"]  # same 2 g networks, both with ActNorm
     assert max(counts.values()) <= 1.05 * min(counts.values()), counts
 
 
@@ -102,6 +106,7 @@ def test_toy_configs(name, target, act):
     assert (cfg.model.num_blocks, cfg.model.depth, cfg.model.growth) == (10, 3, 16)
     assert cfg.estimator.name == "exact" and cfg.dataset.batch_size == 500 and cfg.trainer.max_steps == 50000
     assert cfg.optim.optimizer.lr == 1e-3 and cfg.dataset.name == "moons"
+    assert cfg.model.coeff == 0.9 and cfg.callbacks.concat_schedule.start_epoch == 625  # train_toy.py, README
 
 
 # ---------------------------------------------------------------------------------------------- runs

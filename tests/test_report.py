@@ -36,13 +36,14 @@ BPD_TABLE = {
     "claim": "Glow beats Real NVP on both datasets.",
     "cells": [  # deliberately not in display order
         {"match": {"experiment": "glow_cifar10"}, "row": "Glow", "column": "CIFAR-10", "published": 3.35,
-         "status": "confirmed", "source": "Kingma & Dhariwal 2018, Table 2", "recipe": {"epochs": 1800}},
+         "status": "paper", "source": "Kingma & Dhariwal 2018, Table 2", "quote": "Table 2, row Glow, CIFAR-10: 3.35",
+         "recipe": {"epochs": 1800}},
         {"match": {"experiment": "realnvp_mnist"}, "row": "Real NVP", "column": "MNIST", "published": 1.06,
-         "status": "to verify", "source": "Papamakarios et al. 2017", "recipe": {"epochs": 100, "batch_size": 64}},
+         "status": "to-verify", "source": "Papamakarios et al. 2017", "recipe": {"epochs": 100, "batch_size": 64}},
         {"match": {"experiment": "realnvp_cifar10"}, "row": "Real NVP", "column": "CIFAR-10", "published": 3.49,
-         "status": "confirmed", "source": "Dinh et al. 2017, Table 1", "recipe": {"steps": 500000}},
+         "status": "two-copies", "source": "Dinh et al. 2017, Table 1", "recipe": {"steps": 500000}},
         {"match": {"experiment": "glow_mnist"}, "row": "Glow", "column": "MNIST", "published": 1.05,
-         "status": "confirmed", "source": "Kingma & Dhariwal 2018, Table 2", "recipe": {"epochs": 100}},
+         "status": "two-copies", "source": "Kingma & Dhariwal 2018, Table 2", "recipe": {"epochs": 100}},
     ],
 }
 LL_TABLE = {
@@ -56,13 +57,14 @@ LL_TABLE = {
     "claim": None,
     "cells": [
         {"match": {"experiment": "maf_tabular", "dataset": "power"}, "row": "MAF", "column": "POWER",
-         "published": 0.24, "status": "confirmed", "source": "Papamakarios et al. 2017, Table 1",
+         "published": 0.24, "status": "paper", "source": "Papamakarios et al. 2017, Table 1",
+         "quote": "Table 1, row MAF, POWER: 0.24",
          "recipe": {"steps": 400000}},
         {"match": {"experiment": "maf_tabular", "dataset": "gas"}, "row": "MAF", "column": "GAS",
-         "published": 10.08, "status": "confirmed", "source": "Papamakarios et al. 2017, Table 1",
+         "published": 10.08, "status": "two-copies", "source": "Papamakarios et al. 2017, Table 1",
          "recipe": {"steps": 400000}},
         {"match": {"experiment": "nsf_tabular", "dataset": "power"}, "row": "NSF", "column": "POWER",
-         "published": 0.66, "status": "to verify", "source": "Durkan et al. 2019", "recipe": {"steps": 400000}},
+         "published": 0.66, "status": "to-verify", "source": "Durkan et al. 2019", "recipe": {"steps": 400000}},
         {"match": {"experiment": "nsf_tabular", "dataset": "gas"}, "row": "NSF", "column": "GAS",
          "published": None, "status": "none", "source": "", "recipe": {"steps": 400000}},
     ],
@@ -98,11 +100,11 @@ Reproduced: test/bpd (bits/dim, lower is better), from 7 runs.
 
 | Row | Column | Published | Reproduced | Trained (run/recipe) | Δ | Status |
 |---|---|---|---|---|---|---|
-| Real NVP | MNIST | 1.06 (to verify) | 1.071 ± 0.002 | 100/100 epochs | +0.011 | done |
-| Real NVP | CIFAR-10 | 3.49 | — | 4700/500000 steps | — | incomplete |
-| Glow | MNIST | 1.05 | 1.055 ± 0.004 (n=2) | 100/100 epochs | +0.005 | done |
-| Glow | CIFAR-10 | 3.35 | 5.812 | 1/1800 epochs | — | smoke |
-| Glow | CIFAR-10 | 3.35 | — | ?/1800 epochs | — | incomplete: checkpoint unreadable |
+| Real NVP | MNIST | 1.06 (to-verify) | 1.071 ± 0.002 | 100/100 epochs | +0.011 | done |
+| Real NVP | CIFAR-10 | 3.49 (two-copies) | — | 4700/500000 steps | — | incomplete |
+| Glow | MNIST | 1.05 (two-copies) | 1.055 ± 0.004 (n=2) | 100/100 epochs | +0.005 | done |
+| Glow | CIFAR-10 | 3.35 (paper) | 5.812 | 1/1800 epochs | — | smoke |
+| Glow | CIFAR-10 | 3.35 (paper) | — | ?/1800 epochs | — | incomplete: checkpoint unreadable |
 | extra | `experiment=nice_mnist` | — | 1.300 | 100/100 epochs | — | extra |
 
 Claim: Glow beats Real NVP on both datasets.
@@ -112,7 +114,10 @@ Claim: Glow beats Real NVP on both datasets.
 - smoke: run with smoke=true (tiny model and data, flowforge.smoke); its numbers are not comparable with the published ones.
 - incomplete: the run has not written its final metrics (no metrics.json / W&B run not finished); Trained shows how far it got.
 - extra: a run of this sweep whose overrides match no cell of the table.
-- (to verify): the published number has not been checked against the paper yet.
+- (paper): read in the paper's own text (the quote below gives the table row and where it is).
+- (two-copies): two independent secondary copies agree; not read in the paper itself.
+- (to-verify): one copy or none: check against the paper before quoting.
+- Glow / CIFAR-10, quoted: "Table 2, row Glow, CIFAR-10: 3.35"
 
 ## Toy Table 2: test log-likelihood (nats)
 
@@ -120,27 +125,30 @@ Reproduced: -test/nll (nats, higher is better), from 3 runs.
 
 | Row | Column | Published | Reproduced | Trained (run/recipe) | Δ | Status |
 |---|---|---|---|---|---|---|
-| MAF | POWER | 0.24 | 0.25 ± 0.01 | 400000/400000 steps | +0.01 | done |
-| MAF | GAS | 10.08 | — | ?/400000 steps | — | incomplete: no checkpoint |
-| NSF | POWER | 0.66 (to verify) | — | —/400000 steps | — | not run |
+| MAF | POWER | 0.24 (paper) | 0.25 ± 0.01 | 400000/400000 steps | +0.01 | done |
+| MAF | GAS | 10.08 (two-copies) | — | ?/400000 steps | — | incomplete: no checkpoint |
+| NSF | POWER | 0.66 (to-verify) | — | —/400000 steps | — | not run |
 | NSF | GAS | — | 12.87 | 400000/400000 steps | — | done |
 
 - ± after a single run: the estimator's standard deviation of the test-set mean (test/loss_std).
 - incomplete: the run has not written its final metrics (no metrics.json / W&B run not finished); Trained shows how far it got.
-- (to verify): the published number has not been checked against the paper yet.
+- (paper): read in the paper's own text (the quote below gives the table row and where it is).
+- (two-copies): two independent secondary copies agree; not read in the paper itself.
+- (to-verify): one copy or none: check against the paper before quoting.
+- MAF / POWER, quoted: "Table 1, row MAF, POWER: 0.24"
 """
 
 EXPECTED_CSV = """\
 table,row,column,status,published,published_status,source,reproduced,std,runs,spread,progress,target,progress_unit,difference,unit,overrides,run_ids,note
-Toy Table 1: test bits/dim,Real NVP,MNIST,done,1.06,to verify,Papamakarios et al. 2017,1.0712,0.0021,1,,100,100,epochs,0.0112,bits/dim,experiment=realnvp_mnist,0,
-Toy Table 1: test bits/dim,Real NVP,CIFAR-10,incomplete,3.49,confirmed,"Dinh et al. 2017, Table 1",,,1,,4700,500000,steps,,bits/dim,experiment=realnvp_cifar10,1,
-Toy Table 1: test bits/dim,Glow,MNIST,done,1.05,confirmed,"Kingma & Dhariwal 2018, Table 2",1.055,,2,0.004243,100,100,epochs,0.005,bits/dim,experiment=glow_mnist,2;3,
-Toy Table 1: test bits/dim,Glow,CIFAR-10,smoke,3.35,confirmed,"Kingma & Dhariwal 2018, Table 2",5.8123,,1,,1,1800,epochs,,bits/dim,experiment=glow_cifar10,4,smoke=true: not comparable
-Toy Table 1: test bits/dim,Glow,CIFAR-10,incomplete,3.35,confirmed,"Kingma & Dhariwal 2018, Table 2",,,1,,,1800,epochs,,bits/dim,experiment=glow_cifar10,5,checkpoint unreadable
+Toy Table 1: test bits/dim,Real NVP,MNIST,done,1.06,to-verify,Papamakarios et al. 2017,1.0712,0.0021,1,,100,100,epochs,0.0112,bits/dim,experiment=realnvp_mnist,0,
+Toy Table 1: test bits/dim,Real NVP,CIFAR-10,incomplete,3.49,two-copies,"Dinh et al. 2017, Table 1",,,1,,4700,500000,steps,,bits/dim,experiment=realnvp_cifar10,1,
+Toy Table 1: test bits/dim,Glow,MNIST,done,1.05,two-copies,"Kingma & Dhariwal 2018, Table 2",1.055,,2,0.004243,100,100,epochs,0.005,bits/dim,experiment=glow_mnist,2;3,
+Toy Table 1: test bits/dim,Glow,CIFAR-10,smoke,3.35,paper,"Kingma & Dhariwal 2018, Table 2",5.8123,,1,,1,1800,epochs,,bits/dim,experiment=glow_cifar10,4,smoke=true: not comparable
+Toy Table 1: test bits/dim,Glow,CIFAR-10,incomplete,3.35,paper,"Kingma & Dhariwal 2018, Table 2",,,1,,,1800,epochs,,bits/dim,experiment=glow_cifar10,5,checkpoint unreadable
 Toy Table 1: test bits/dim,extra,,extra,,,,1.3,,1,,100,100,epochs,,bits/dim,experiment=nice_mnist,10,
-Toy Table 2: test log-likelihood (nats),MAF,POWER,done,0.24,confirmed,"Papamakarios et al. 2017, Table 1",0.2513,0.0123,1,,400000,400000,steps,0.0113,nats,dataset=power experiment=maf_tabular,ll/0,
-Toy Table 2: test log-likelihood (nats),MAF,GAS,incomplete,10.08,confirmed,"Papamakarios et al. 2017, Table 1",,,1,,,400000,steps,,nats,dataset=gas experiment=maf_tabular,ll/2,no checkpoint
-Toy Table 2: test log-likelihood (nats),NSF,POWER,not run,0.66,to verify,Durkan et al. 2019,,,0,,,400000,steps,,nats,dataset=power experiment=nsf_tabular,,
+Toy Table 2: test log-likelihood (nats),MAF,POWER,done,0.24,paper,"Papamakarios et al. 2017, Table 1",0.2513,0.0123,1,,400000,400000,steps,0.0113,nats,dataset=power experiment=maf_tabular,ll/0,
+Toy Table 2: test log-likelihood (nats),MAF,GAS,incomplete,10.08,two-copies,"Papamakarios et al. 2017, Table 1",,,1,,,400000,steps,,nats,dataset=gas experiment=maf_tabular,ll/2,no checkpoint
+Toy Table 2: test log-likelihood (nats),NSF,POWER,not run,0.66,to-verify,Durkan et al. 2019,,,0,,,400000,steps,,nats,dataset=power experiment=nsf_tabular,,
 Toy Table 2: test log-likelihood (nats),NSF,GAS,done,,none,,12.871,,1,,400000,400000,steps,,nats,dataset=gas experiment=nsf_tabular,ll/1,
 """
 
@@ -266,9 +274,10 @@ def test_std_of_bits_per_dim_converted_to_nats():
 
 
 def test_most_specific_cell_wins_and_booleans_match_as_hydra_writes_them():
-    cells = [{"match": {"experiment": "a"}, "row": "r", "column": "plain", "recipe": {"epochs": 2}},
+    cells = [{"match": {"experiment": "a"}, "row": "r", "column": "plain", "status": "none",
+              "recipe": {"epochs": 2}},
              {"match": {"experiment": "a", "model.act": "cpila", "model.monotone": True}, "row": "r",
-              "column": "cpila", "recipe": {"epochs": 2}}]
+              "column": "cpila", "status": "none", "recipe": {"epochs": 2}}]
     table = {"name": "t", "metric": "test/loss", "unit": "nats", "rows": ["r"], "columns": ["plain", "cpila"],
              "cells": cells}
     runs = [report.Run("0", {"table": table, "overrides": ["experiment=a", "model.act=cpila", "model.monotone=true"]},
@@ -329,6 +338,27 @@ def test_errors_for_bad_table_block_and_wandb_path(tmp_path):
         report.build_tables(report.collect_multirun(tmp_path))
     with pytest.raises(SystemExit, match="expected wandb:<entity>/<project>"):
         report.collect("wandb:justone", api=FakeApi())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"status": "confirmed"}, "'confirmed' is not one of paper, two-copies, to-verify, none"),
+    ({"status": "to verify"}, "is not one of"),
+    ({"quote": None}, "status paper needs a `quote:`"),
+    ({"quote": " "}, "status paper needs a `quote:`"),
+    ({"status": "none"}, "status none with a published number"),
+    ({"status": "two-copies", "published": None, "quote": None}, "status two-copies without a published number"),
+])
+def test_provenance_rule_refuses_unbacked_cells(sweep, change, message):
+    """Nothing is 'confirmed': a cell's status is paper (with a quote of the paper), two-copies, to-verify or none,
+    and the report refuses a table that says otherwise, naming the cell."""
+    config_path = sweep / "4" / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    cell = next(c for c in config["table"]["cells"] if c["status"] == "paper")
+    cell.update(change)
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=message) as e:
+        report.build_tables(report.collect_multirun(sweep))
+    assert "'Glow' / 'CIFAR-10'" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

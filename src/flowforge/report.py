@@ -20,9 +20,15 @@ Every run of a sweep started from a ``sweeps/`` file carries the file's ``table`
           row: Residual Flow
           column: CIFAR-10
           published: 3.28                        # or null
-          status: confirmed                      # confirmed | to verify | none (of the published number)
+          status: two-copies                     # what backs the published number: see PROVENANCE
           source: "Chen et al. 2019, Table 1"
+          quote: "..."                           # required for status paper: the table row and where it is
           recipe: {epochs: 1000, batch_size: 64} # or steps: instead of epochs
+
+A cell's ``status`` says what backs its published number (:data:`PROVENANCE`): ``paper`` (read in the paper's
+own text; the cell then carries a ``quote`` of the table row and where it is), ``two-copies``, ``to-verify`` or
+``none``.  A table with another status (e.g. ``confirmed``) or a ``paper`` cell without a quote is refused
+(:func:`provenance_problem`); the Markdown prints the status beside every published number.
 
 A run belongs to the cell whose ``match`` items are all among its overrides (``cfg.overrides``, else
 ``.hydra/overrides.yaml``; a leading ``+``/``++`` of an override's key is ignored); when several cells match,
@@ -77,6 +83,13 @@ CSV_COLUMNS = [
 #: Markdown columns
 MD_COLUMNS = ["Row", "Column", "Published", "Reproduced", "Trained (run/recipe)", "Δ", "Status"]
 DASH = "—"
+#: a cell's ``status``: what backs its published number
+PROVENANCE = {
+    "paper": "read in the paper's own text (the quote below gives the table row and where it is)",
+    "two-copies": "two independent secondary copies agree; not read in the paper itself",
+    "to-verify": "one copy or none: check against the paper before quoting",
+    "none": "no published number (a figure, or a value the paper does not print)",
+}
 _SKIP_DIRS = {"wandb", "checkpoints", "csv", "figures", "tensorboard", "__pycache__", ".git"}
 
 
@@ -393,6 +406,30 @@ def _check_spec(spec: dict, run: Run, source: str) -> None:
         if not isinstance(cell, dict) or not isinstance(cell.get("match"), dict) or not cell.get("match"):
             raise ReportError(f"cell {i} of table {spec['name']!r} (run {run.id} in {source}) has no `match` mapping "
                               "of overrides; give every cell e.g. match: {experiment: <name>}")
+        problem = provenance_problem(cell)
+        if problem:
+            raise ReportError(f"cell {cell.get('row')!r} / {cell.get('column')!r} of table {spec['name']!r} (run "
+                              f"{run.id} in {source}): {problem}; fix the sweep file's cell and rerun, or edit "
+                              "the run's .hydra/config.yaml")
+
+
+def provenance_problem(cell: dict) -> Optional[str]:
+    """What is wrong with a cell's provenance (``status``, ``published``, ``quote``), or None: the status is one of
+    :data:`PROVENANCE`, a ``paper`` cell quotes the paper (a non-empty ``quote``), a ``none`` cell has no number
+    and ``paper`` / ``two-copies`` cells have one."""
+    status, published, quote = cell.get("status"), cell.get("published"), cell.get("quote")
+    if status not in PROVENANCE:
+        return (f"status {status!r} is not one of {', '.join(PROVENANCE)} (nothing is 'confirmed' without a quote "
+                "of the paper: status paper with quote:, else two-copies, to-verify or none)")
+    if status == "paper" and not (isinstance(quote, str) and quote.strip()):
+        return "status paper needs a `quote:` of the paper's table row and where it is"
+    if quote is not None and not (isinstance(quote, str) and quote.strip()):
+        return "`quote:` must be a non-empty string"
+    if status == "none" and published is not None:
+        return f"status none with a published number ({published}); say what backs it"
+    if status in ("paper", "two-copies") and published is None:
+        return f"status {status} without a published number"
+    return None
 
 
 def _ordered_cells(spec: dict) -> list[dict]:
@@ -551,8 +588,8 @@ def _md_escape(text: str) -> str:
 
 def _md_row(row: dict, decimals: int) -> list[str]:
     published = _published(row["published"])
-    if row["published"] is not None and row["published_status"] == "to verify":
-        published += " (to verify)"
+    if row["published_status"] and (row["published"] is not None or row["published_status"] != "none"):
+        published += f" ({row['published_status']})"
     reproduced = _num(row["reproduced"], decimals)
     if row["reproduced"] is not None:
         if row["runs"] > 1:
@@ -608,8 +645,11 @@ def render_markdown(tables: Sequence[Table]) -> str:
                          "finished); Trained shows how far it got.")
         if "extra" in statuses:
             notes.append("extra: a run of this sweep whose overrides match no cell of the table.")
-        if any(r["published_status"] == "to verify" for r in table.rows if r["published"] is not None):
-            notes.append("(to verify): the published number has not been checked against the paper yet.")
+        shown = {r["published_status"] for r in table.rows if r["published_status"]} - {"none"}
+        notes += [f"({status}): {PROVENANCE[status]}." for status in PROVENANCE if status in shown]
+        notes += [f"{c['row']} / {c['column']}, quoted: \"{c['quote']}\"" for c in _ordered_cells(spec)
+                  if c.get("status") == "paper" and any(r["row"] == c.get("row") and r["column"] == c.get("column")
+                                                        for r in table.rows)]
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
         parts.append("\n".join(lines) + "\n")

@@ -97,6 +97,21 @@ class CLipSwish(nn.Module):
         return y, lambda v: torch.cat([v * d1, -v * d2], dim=1) / self.scale
 
 
+class CReLU(nn.Module):
+    """Concatenated ReLU along dim 1: ``[relu(x), relu(-x)]`` (``C -> 2C``), 1-Lipschitz in the 2-norm (for each
+    input at most one of the two outputs moves by more than zero, by at most ``|dx|``). Piecewise linear: its
+    second derivative is zero, so it suits exact log-dets and regression (Monotone Flows' 1-D fits)."""
+
+    channel_multiplier = 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([torch.relu(x), torch.relu(-x)], dim=1)
+
+    def linearize(self, x: Tensor) -> tuple[Tensor, Jvp]:
+        pos, neg = (x > 0).to(x.dtype), (x < 0).to(x.dtype)
+        return self(x), lambda v: torch.cat([v * pos, -v * neg], dim=1)
+
+
 class MaxMin(nn.Module):
     """Sorts channel pairs ``(x[:, :C/2], x[:, C/2:])`` into ``(max, min)``."""
 
@@ -215,6 +230,7 @@ LIPSCHITZ_ACTIVATIONS = {
     "clipswish": CLipSwish,
     "pila": Pila,
     "cpila": CPila,
+    "crelu": CReLU,
     "maxmin": MaxMin,
     "elu": ELU,
     "softplus": Softplus,
