@@ -443,6 +443,8 @@ def test_sample_figures_of_a_2d_flow_with_an_exploded_inverse_are_reported(tmp_p
 # ----------------------------------------------------------------------------- 9. bad configs
 @pytest.mark.parametrize("overrides,match", [
     (["+faults.signal_at_step=3"], r"faults.signal and faults.signal_at_step go together"),
+    (["+faults.signal=SIGKILL", "+faults.signal_at_step=3", "+faults.signal_after_step=4"], r"not both steps"),
+    (["+faults.signal=SIGKILL", "+faults.signal_after_step=-1"], r"faults.signal_after_step must be an optimizer step"),
     (["+faults.signal=SIGHUP", "+faults.signal_at_step=3"], r"faults.signal must be one of .*got 'SIGHUP'"),
     ([f"+faults.nan_grad={K}"], r"faults.nan_grad needs faults.parameter"),
     ([f"+faults.exploding_inverse={K}"], r"faults.exploding_inverse needs faults.layer"),

@@ -136,8 +136,9 @@ class FaultInjection(pl.Callback):
         if (signal is None) != (signal_at_step is None and signal_after_step is None) or (
             signal_at_step is not None and signal_after_step is not None
         ):
-            raise ConfigError("faults.signal goes with one of faults.signal_at_step and faults.signal_after_step, "
-                              "e.g. faults.signal=SIGKILL faults.signal_at_step=7")
+            raise ConfigError("faults.signal and faults.signal_at_step go together (or faults.signal and "
+                              "faults.signal_after_step, not both steps), e.g. faults.signal=SIGKILL "
+                              "faults.signal_at_step=7")
         if signal is not None and signal not in SIGNALS:
             raise ConfigError(f"faults.signal must be one of {SIGNALS}, got {signal!r}")
         needs = {"nan_output": layer, "solver_failure": layer, "power_iteration_failure": layer,
