@@ -347,7 +347,7 @@ def run_log_prob(entries, points: Tensor, rounds: int, clock) -> None:
     for e in entries:
         e.model.eval()
         e.evaluate(points[:1000])  # warm-up
-    timed_rounds(entries, "log_prob", lambda e: e.evaluate(points), rounds, 1, 1, clock)
+    timed_rounds(entries, "log_prob", lambda e: e.evaluate(points), rounds, 3, 1, clock)
     for e in entries:
         e.model.train()
 
@@ -385,7 +385,7 @@ def report(entries: list[Entry], args, wall: float) -> str:
         f"- step = -log_prob(x).mean() + backward + Adam at batch {' and '.join(map(str, args.batch))}; "
         f"warm-up {args.warmup} steps; {args.rounds} round-robin rounds x {args.steps} steps (switching model "
         f"every {args.block} step(s)); log_prob = no-grad log_prob of {args.logprob_points:,} points in eval "
-        f"mode, {args.rounds} rounds; median ms (IQR in the second table)",
+        f"mode, {args.rounds} rounds x 3 calls; median ms (IQR in the second table)",
         f"- sizes: RealNVP {REALNVP_STEPS} couplings, MAF {MAF_LAYERS} MADE layers, NSF {NSF_STEPS} spline "
         f"layers x {NSF_BINS} bins (bound {NSF_BOUND:g}), Glow {GLOW_STEPS} steps; hidden {HIDDEN} everywhere",
         "",
