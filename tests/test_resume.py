@@ -107,10 +107,13 @@ def reference(tmp_path_factory):
     return get
 
 
-# kill steps drawn once from a fixed seed: mid-epoch, at an epoch boundary, right after a periodic checkpoint
+# kill steps drawn once from a fixed seed: mid-epoch, at an epoch boundary, right after a periodic checkpoint;
+# step 13 resumes from the end of epoch 2, where an extra (sanity) validation on resume changed the EMA weights'
+# power-iteration state and so the result (resumed fits skip the sanity validation)
 _rng = random.Random(7)
 KILLS = [("resflow", "SIGKILL", _rng.randrange(5, 17)), ("resflow", "SIGTERM", _rng.randrange(1, 17)),
-         ("resflow", "SIGKILL", 6), ("glow", "SIGKILL", _rng.randrange(5, 17)), ("glow", "SIGTERM", 12)]
+         ("resflow", "SIGKILL", 6), ("resflow", "SIGKILL", 13), ("glow", "SIGKILL", _rng.randrange(5, 17)),
+         ("glow", "SIGTERM", 12)]
 
 
 @pytest.mark.parametrize("config,sig,step", KILLS, ids=[f"{c}-{s}-step{k}" for c, s, k in KILLS])

@@ -213,7 +213,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         module.resume_changes = check_resume_config(
             OmegaConf.to_container(stored), OmegaConf.to_container(cfg, resolve=True), ckpt_path,
             list(cfg.get("resume_overrides") or []))
-    trainer = make_trainer(cfg)
+    # A resumed fit skips the sanity validation: the run it continues did it at its start, and an extra
+    # validation is not free of side effects (it can refine the power-iteration state of the EMA weights),
+    # so it would make the resumed run differ from the uninterrupted one.
+    trainer = make_trainer(cfg, **({"num_sanity_val_steps": 0} if ckpt_path and cfg.get("train", True) else {}))
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("train", True):
         try:
