@@ -272,6 +272,56 @@ def test_no_unbacked_provenance_words(path):
     assert not hits, hits
 
 
+def sweep_recipes() -> list[str]:
+    """The conf/experiment recipes the sweeps run: the grids' ``experiment`` values and the cells' matches."""
+    names = set()
+    for path in SWEEPS:
+        spec = load(path)
+        grid_names = spec["hydra"]["sweeper"]["params"].get("experiment")
+        names |= set(str(grid_names).split(",")) if grid_names else set()
+        names |= {c["match"]["experiment"] for c in spec["table"]["cells"] if "experiment" in c["match"]}
+    return sorted(names)
+
+
+# a recipe holds no quotes (a published number is backed by a sweep cell's quote), so it claims no check
+CHECK_WORDS = re.compile(r"\b(confirmed|verified)\b", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", sweep_recipes())
+def test_sweep_recipes_state_reference_and_departures(name):
+    """Every recipe a sweep runs says what it follows (``reference.paper``: the paper and section or table, and
+    how far it was read; optionally ``reference.code``: repository, file and the command or default it copies)
+    and lists every key that knowingly differs in ``departures`` (key and reason, each key a real config key of
+    the composed run). Its comments and blocks use no `confirmed` / `verified`: those words need a quote."""
+    path = ROOT / "conf" / "experiment" / f"{name}.yaml"
+    text = path.read_text()
+    spec = yaml.safe_load(text)
+    reference = spec.get("reference")
+    assert isinstance(reference, dict), f"{name}: no reference mapping"
+    assert set(reference) <= {"paper", "code"}, set(reference)
+    assert isinstance(reference.get("paper"), str) and reference["paper"].strip(), name
+    code = reference.get("code")
+    assert code is None or (isinstance(code, dict) and isinstance(code.get("repo"), str) and "/" in code["repo"]), code
+    departures = spec.get("departures")
+    assert isinstance(departures, list), f"{name}: no departures list ([] when it follows its reference in every key)"
+    cfg = composed([f"experiment={name}"])
+    for entry in departures:
+        assert isinstance(entry, dict) and set(entry) == {"key", "reason"}, entry
+        assert isinstance(entry["key"], str) and entry["key"], entry
+        assert isinstance(entry["reason"], str) and entry["reason"].strip(), entry
+        node = cfg
+        for part in entry["key"].split("."):
+            assert part in node, (name, entry["key"], "not a key of the composed run")
+            node = node[part]
+    keys = [entry["key"] for entry in departures]
+    assert len(set(keys)) == len(keys), f"{name}: a key listed twice"
+    # the composed run carries the recipe's own blocks (not a parent recipe's code or departures)
+    assert cfg.departures == departures or (not departures and not cfg.departures)
+    assert cfg.reference.get("code") == (dict(code) if code else None)
+    hits = [line for line in text.splitlines() if CHECK_WORDS.search(line)]
+    assert not hits, hits
+
+
 def test_match_values_are_written_as_hydra_records_them():
     """A number or a fraction in a grid is recorded by Hydra in its own spelling; the hybrid table's
     lambda column relies on 0, 1/D and 1 surviving verbatim."""
