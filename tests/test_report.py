@@ -451,6 +451,8 @@ def test_claims_held_not_held_not_run(sweep):
     ([{"better": "Glow", "than": "Real NVP", "columns": ["MNIST", "SVHN"]}],
      r"claim 0: columns 'SVHN' are not among the table's columns \(MNIST, CIFAR-10\)"),
     ([{"better": "Glow", "than": "Real NVP"}], r"columns: None is neither `all` nor a non-empty list"),
+    ([{"better": "Glow", "than": "Real NVP", "columns": "all"}],  # (the Glow / MNIST cell removed below)
+     r"row 'Glow' has no cell in column 'MNIST', so the claim could never be settled"),
     ([{"better": "Glow", "than": "Real NVP", "columns": "all", "lower_is_better": True}],
      r"unknown key\(s\) lower_is_better \(allowed: better, than, columns, or_equal\)"),
     ([{"better": "Glow", "than": "Real NVP", "columns": "all", "or_equal": "yes"}], r"or_equal: 'yes' is not true"),
@@ -459,6 +461,8 @@ def test_bad_claims_refused_with_the_reason(sweep, claims, message):
     config_path = sweep / "4" / ".hydra" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
     config["table"]["claims"] = claims
+    if "no cell in column" in message:
+        config["table"]["cells"] = [c for c in config["table"]["cells"] if (c["row"], c["column"]) != ("Glow", "MNIST")]
     config_path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=message) as e:
         report.build_tables(report.collect_multirun(sweep))

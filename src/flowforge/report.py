@@ -453,8 +453,9 @@ CLAIM_KEYS = ("better", "than", "columns", "or_equal")
 _CLAIM_FORM = "{better: <row>, than: <row>, columns: all | [<column>, ...], or_equal: false}"
 
 
-def _claim_problem(claim: Any, rows: Sequence[str], columns: Sequence[str]) -> Optional[str]:
-    """What is wrong with one item of ``claims``, or None."""
+def _claim_problem(claim: Any, rows: Sequence[str], columns: Sequence[str],
+                   places: set[tuple[Any, Any]]) -> Optional[str]:
+    """What is wrong with one item of ``claims`` (``places``: the table's (row, column) cells), or None."""
     if not isinstance(claim, dict):
         return f"{claim!r} is not a mapping {_CLAIM_FORM}"
     unknown = sorted(set(claim) - set(CLAIM_KEYS))
@@ -473,6 +474,10 @@ def _claim_problem(claim: Any, rows: Sequence[str], columns: Sequence[str]) -> O
         if bad:
             return (f"columns {', '.join(map(repr, bad))} are not among the table's columns "
                     f"({', '.join(map(str, columns))})")
+    for column in columns if chosen == "all" else chosen:
+        lacking = [row for row in (claim["better"], claim["than"]) if (row, column) not in places]
+        if lacking:
+            return f"row {lacking[0]!r} has no cell in column {column!r}, so the claim could never be settled"
     if not isinstance(claim.get("or_equal", False), bool):
         return f"or_equal: {claim['or_equal']!r} is not true or false"
     return None
@@ -490,8 +495,9 @@ def claims_problem(spec: dict) -> Optional[str]:
     if spec.get("better") not in ("lower", "higher"):
         return f"`claims` need the table's `better: lower` or `better: higher` (it is {spec.get('better')!r})"
     rows, columns = list(spec.get("rows") or []), list(spec.get("columns") or [])
+    places = {(c.get("row"), c.get("column")) for c in spec.get("cells") or [] if isinstance(c, dict)}
     for i, claim in enumerate(claims):
-        problem = _claim_problem(claim, rows, columns)
+        problem = _claim_problem(claim, rows, columns, places)
         if problem:
             return f"claim {i}: {problem}"
     return None
