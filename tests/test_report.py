@@ -187,6 +187,30 @@ Toy Table 2: test log-likelihood (nats),NSF,POWER,not run,0.66,to-verify,Durkan 
 Toy Table 2: test log-likelihood (nats),NSF,GAS,done,,none,,12.871,,1,,400000,400000,steps,,nats,dataset=gas experiment=nsf_tabular,ll/1,
 """
 
+EXPECTED_CLAIMS_CSV = """\
+table,better,than,columns,or_equal,outcome,missing,failed
+Toy Table 1: test bits/dim,Glow,Real NVP,MNIST;CIFAR-10,false,not run,CIFAR-10,
+Toy Table 1: test bits/dim,Glow,Real NVP,MNIST,false,held,,
+Toy Table 1: test bits/dim,Real NVP,Glow,MNIST,true,not held,,MNIST
+"""
+
+
+def _recipes_from_csv(text: str) -> list[tuple]:
+    return [(r["table"][:12], r["recipe"], int(r["runs"]), json.loads(r["reference"]) if r["reference"] else None,
+             json.loads(r["departures"]) if r["departures"] else None) for r in csv.DictReader(io.StringIO(text))]
+
+
+EXPECTED_RECIPES = [
+    ("Toy Table 1:", "realnvp_mnist", 1, RECIPE_BLOCKS["realnvp_mnist"]["reference"],
+     RECIPE_BLOCKS["realnvp_mnist"]["departures"]),
+    ("Toy Table 1:", "realnvp_cifar10", 1, None, None),
+    ("Toy Table 1:", "glow_mnist", 2, RECIPE_BLOCKS["glow_mnist"]["reference"], []),
+    ("Toy Table 1:", "glow_cifar10", 2, None, None),
+    ("Toy Table 1:", "nice_mnist", 1, None, None),
+    ("Toy Table 2:", "maf_tabular", 2, None, None),
+    ("Toy Table 2:", "nsf_tabular", 1, None, None),
+]
+
 
 def _config(table: dict, overrides: list[str], smoke: bool) -> dict:
     experiment = dict(o.split("=", 1) for o in overrides).get("experiment")
@@ -480,6 +504,8 @@ def test_cli_prints_and_writes_report_without_importing_lightning(sweep, tmp_pat
     assert proc.stdout == EXPECTED_MD
     assert (out / "report.md").read_text() == EXPECTED_MD
     assert (out / "report.csv").read_text() == EXPECTED_CSV
+    assert (out / "claims.csv").read_text() == EXPECTED_CLAIMS_CSV
+    assert _recipes_from_csv((out / "recipes.csv").read_text()) == EXPECTED_RECIPES
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" in imported  # it read the checkpoints of the unfinished runs ...
     assert not {m for m in imported if m.split(".")[0] in ("pytorch_lightning", "lightning", "wandb")}  # ... only
@@ -490,6 +516,7 @@ def test_main_writes_into_the_multirun_dir_by_default(sweep, capsys):
     assert report.main([str(sweep)]) == 0
     assert capsys.readouterr().out == EXPECTED_MD
     assert (sweep / "report.md").read_text() == EXPECTED_MD and (sweep / "report.csv").read_text() == EXPECTED_CSV
+    assert (sweep / "claims.csv").read_text() == EXPECTED_CLAIMS_CSV
 
 
 # ---------------------------------------------------------------------------------------------- W&B upload

@@ -58,7 +58,8 @@ stated`` for runs without the blocks.
 
 A cell with runs of several kinds gets one row per kind (done, smoke, incomplete).  The Markdown is printed
 and written to ``<out>/report.md``; ``<out>/report.csv`` (:data:`CSV_COLUMNS`, one line per row, plain
-numbers) next to it.  ``<out>`` is the multirun directory (W&B sources: the current directory) unless
+numbers) next to it, with ``claims.csv`` (:data:`CLAIMS_CSV_COLUMNS`) and ``recipes.csv``
+(:data:`RECIPES_CSV_COLUMNS`).  ``<out>`` is the multirun directory (W&B sources: the current directory) unless
 ``--out DIR``.  ``--wandb-project`` also logs each table as a ``wandb.Table`` (the CSV's columns) to a new W&B
 run (``job_type="report"``, name ``report-<table name>``; offline unless ``WANDB_MODE`` says otherwise or an API
 key is configured, like the training runs).
@@ -90,6 +91,9 @@ CSV_COLUMNS = [
     "table", "row", "column", "status", "published", "published_status", "source", "reproduced", "std", "runs",
     "spread", "progress", "target", "progress_unit", "difference", "unit", "overrides", "run_ids", "note",
 ]
+#: columns of claims.csv (one line per checked claim) and recipes.csv (one line per recipe of a table)
+CLAIMS_CSV_COLUMNS = ["table", "better", "than", "columns", "or_equal", "outcome", "missing", "failed"]
+RECIPES_CSV_COLUMNS = ["table", "recipe", "runs", "reference", "departures"]
 #: Markdown columns
 MD_COLUMNS = ["Row", "Column", "Published", "Reproduced", "Trained (run/recipe)", "Δ", "Status"]
 DASH = "—"
@@ -843,13 +847,36 @@ def csv_rows(tables: Sequence[Table]) -> list[list[Any]]:
     return [[row[c] for c in CSV_COLUMNS] for table in tables for row in table.rows]
 
 
-def render_csv(tables: Sequence[Table]) -> str:
+def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for values in csv_rows(tables):
+    writer.writerow(columns)
+    for values in rows:
         writer.writerow([_csv_value(v) for v in values])
     return buf.getvalue()
+
+
+def render_csv(tables: Sequence[Table]) -> str:
+    return _csv_text(CSV_COLUMNS, csv_rows(tables))
+
+
+def render_claims_csv(tables: Sequence[Table]) -> str:
+    """claims.csv: :data:`CLAIMS_CSV_COLUMNS`, one line per checked claim; lists of columns joined by ``;``."""
+    return _csv_text(CLAIMS_CSV_COLUMNS, [
+        [t.name, c["claim"]["better"], c["claim"]["than"], ";".join(c["columns"]),
+         str(bool(c["claim"].get("or_equal", False))).lower(), c["outcome"], ";".join(c["missing"]),
+         ";".join(c["failed"])] for t in tables for c in t.claims])
+
+
+def render_recipes_csv(tables: Sequence[Table]) -> str:
+    """recipes.csv: :data:`RECIPES_CSV_COLUMNS`, one line per recipe of a table; ``reference`` and ``departures`` as
+    JSON (empty when not stated)."""
+    def as_json(value: Any) -> Optional[str]:
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+
+    return _csv_text(RECIPES_CSV_COLUMNS, [
+        [t.name, r["recipe"], r["runs"], as_json(r["reference"]), as_json(r["departures"])]
+        for t in tables for r in t.recipes])
 
 
 
@@ -895,9 +922,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     (out / "report.csv").write_text(render_csv(tables))
+    (out / "claims.csv").write_text(render_claims_csv(tables))
+    (out / "recipes.csv").write_text(render_recipes_csv(tables))
     sys.stdout.write(markdown)
     sys.stdout.flush()
-    print(f"wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)
+    written = ", ".join(str(out / name) for name in ("report.md", "report.csv", "claims.csv", "recipes.csv"))
+    print(f"wrote {written}", file=sys.stderr)
     if args.wandb_project:
         for folder in log_to_wandb(tables, args.wandb_project, args.wandb_entity, dir=out, source=args.source):
             print(f"logged the table to W&B run {folder}", file=sys.stderr)
