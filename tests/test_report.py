@@ -34,6 +34,11 @@ BPD_TABLE = {
     "columns": ["MNIST", "CIFAR-10"],
     "rows": ["Real NVP", "Glow"],
     "claim": "Glow beats Real NVP on both datasets.",
+    "claims": [  # not run (Real NVP / CIFAR-10 unfinished), held, not held
+        {"better": "Glow", "than": "Real NVP", "columns": "all"},
+        {"better": "Glow", "than": "Real NVP", "columns": ["MNIST"]},
+        {"better": "Real NVP", "than": "Glow", "columns": ["MNIST"], "or_equal": True},
+    ],
     "cells": [  # deliberately not in display order
         {"match": {"experiment": "glow_cifar10"}, "row": "Glow", "column": "CIFAR-10", "published": 3.35,
          "status": "paper", "source": "Kingma & Dhariwal 2018, Table 2", "quote": "Table 2, row Glow, CIFAR-10: 3.35",
@@ -68,6 +73,15 @@ LL_TABLE = {
         {"match": {"experiment": "nsf_tabular", "dataset": "gas"}, "row": "NSF", "column": "GAS",
          "published": None, "status": "none", "source": "", "recipe": {"steps": 400000}},
     ],
+}
+
+# the reference and departures blocks of some recipes, as composed into their runs' configs
+RECIPE_BLOCKS = {
+    "realnvp_mnist": {"reference": {"paper": "Dinh et al. 2017, Sec. 4.1",
+                                    "code": {"repo": "example/realnvp", "file": "train.py"}},
+                      "departures": [{"key": "optim.lr", "reason": "the paper's\n  schedule is not stated"},
+                                     {"key": "trainer.max_epochs", "reason": "100 as Glow"}]},
+    "glow_mnist": {"reference": {"paper": "Kingma & Dhariwal 2018, Sec. 5"}, "departures": []},
 }
 
 # folder, table, overrides, smoke, metrics (None: unfinished), checkpoint ("ok", "truncated", None), W&B state
@@ -109,6 +123,22 @@ Reproduced: test/bpd (bits/dim, lower is better), from 7 runs.
 
 Claim: Glow beats Real NVP on both datasets.
 
+Claims checked on the reproduced values:
+
+- Glow better than Real NVP in every column: not run (no finished value on both sides in CIFAR-10)
+- Glow better than Real NVP in MNIST: held
+- Real NVP at least as good as Glow in MNIST: not held (fails in MNIST)
+
+Recipes (reference and departures from the runs' stored configs):
+
+- `realnvp_mnist` (1 run): paper: Dinh et al. 2017, Sec. 4.1; code: repo: example/realnvp, file: train.py
+  - departure `optim.lr`: the paper's schedule is not stated
+  - departure `trainer.max_epochs`: 100 as Glow
+- `realnvp_cifar10` (1 run): reference not stated
+- `glow_mnist` (2 runs): paper: Kingma & Dhariwal 2018, Sec. 5; no departures stated
+- `glow_cifar10` (2 runs): reference not stated
+- `nice_mnist` (1 run): reference not stated
+
 - ± after a single run: the estimator's standard deviation of the test-set mean (test/loss_std).
 - ± (n=k): the standard deviation over the k runs (seeds) of the cell; the value is their mean.
 - smoke: run with smoke=true (tiny model and data, flowforge.smoke); its numbers are not comparable with the published ones.
@@ -129,6 +159,11 @@ Reproduced: -test/nll (nats, higher is better), from 3 runs.
 | MAF | GAS | 10.08 (two-copies) | — | ?/400000 steps | — | incomplete: no checkpoint |
 | NSF | POWER | 0.66 (to-verify) | — | —/400000 steps | — | not run |
 | NSF | GAS | — | 12.87 | 400000/400000 steps | — | done |
+
+Recipes (reference and departures from the runs' stored configs):
+
+- `maf_tabular` (2 runs): reference not stated
+- `nsf_tabular` (1 run): reference not stated
 
 - ± after a single run: the estimator's standard deviation of the test-set mean (test/loss_std).
 - incomplete: the run has not written its final metrics (no metrics.json / W&B run not finished); Trained shows how far it got.
@@ -152,10 +187,36 @@ Toy Table 2: test log-likelihood (nats),NSF,POWER,not run,0.66,to-verify,Durkan 
 Toy Table 2: test log-likelihood (nats),NSF,GAS,done,,none,,12.871,,1,,400000,400000,steps,,nats,dataset=gas experiment=nsf_tabular,ll/1,
 """
 
+EXPECTED_CLAIMS_CSV = """\
+table,better,than,columns,or_equal,outcome,missing,failed
+Toy Table 1: test bits/dim,Glow,Real NVP,MNIST;CIFAR-10,false,not run,CIFAR-10,
+Toy Table 1: test bits/dim,Glow,Real NVP,MNIST,false,held,,
+Toy Table 1: test bits/dim,Real NVP,Glow,MNIST,true,not held,,MNIST
+"""
+
+
+def _recipes_from_csv(text: str) -> list[tuple]:
+    return [(r["table"][:12], r["recipe"], int(r["runs"]), json.loads(r["reference"]) if r["reference"] else None,
+             json.loads(r["departures"]) if r["departures"] else None) for r in csv.DictReader(io.StringIO(text))]
+
+
+EXPECTED_RECIPES = [
+    ("Toy Table 1:", "realnvp_mnist", 1, RECIPE_BLOCKS["realnvp_mnist"]["reference"],
+     RECIPE_BLOCKS["realnvp_mnist"]["departures"]),
+    ("Toy Table 1:", "realnvp_cifar10", 1, None, None),
+    ("Toy Table 1:", "glow_mnist", 2, RECIPE_BLOCKS["glow_mnist"]["reference"], []),
+    ("Toy Table 1:", "glow_cifar10", 2, None, None),
+    ("Toy Table 1:", "nice_mnist", 1, None, None),
+    ("Toy Table 2:", "maf_tabular", 2, None, None),
+    ("Toy Table 2:", "nsf_tabular", 1, None, None),
+]
+
 
 def _config(table: dict, overrides: list[str], smoke: bool) -> dict:
+    experiment = dict(o.split("=", 1) for o in overrides).get("experiment")
     return {"task_name": "train", "smoke": smoke, "seed": 0, "trainer": {"max_epochs": 1 if smoke else 100},
-            "overrides": list(overrides), "table": copy.deepcopy(table)}
+            "overrides": list(overrides), "table": copy.deepcopy(table),
+            **copy.deepcopy(RECIPE_BLOCKS.get(experiment, {}))}
 
 
 def make_sweep(root: Path) -> Path:
@@ -361,6 +422,78 @@ def test_provenance_rule_refuses_unbacked_cells(sweep, change, message):
     assert "'Glow' / 'CIFAR-10'" in str(e.value)
 
 
+def test_recipes_listed_with_reference_and_departures_or_not_run(sweep):
+    """Under each table: every recipe of its cells with the reference and departures stored in its runs' configs; a
+    recipe without runs is ``not run``, one whose runs carry no blocks ``reference not stated``."""
+    import shutil
+
+    shutil.rmtree(sweep / "0")  # the only run of realnvp_mnist
+    tables = report.build_tables(report.collect_multirun(sweep))
+    assert [(r["recipe"], r["runs"]) for r in tables[0].recipes] == [
+        ("realnvp_mnist", 0), ("realnvp_cifar10", 1), ("glow_mnist", 2), ("glow_cifar10", 2), ("nice_mnist", 1)]
+    glow = tables[0].recipes[2]
+    assert glow["reference"] == RECIPE_BLOCKS["glow_mnist"]["reference"] and glow["departures"] == []
+    markdown = report.render_markdown(tables)
+    assert "- `realnvp_mnist`: not run\n- `realnvp_cifar10` (1 run): reference not stated\n" in markdown
+    assert "departure `optim.lr`" not in markdown
+
+
+def test_recipes_and_claims_the_same_from_wandb(sweep):
+    local = report.build_tables(report.collect_multirun(sweep))
+    remote = report.build_tables(report.collect("wandb:ent/proj", api=FakeApi()))
+    assert [t.recipes for t in remote] == [t.recipes for t in local]
+    assert [t.claims for t in remote] == [t.claims for t in local]
+
+
+def test_claims_held_not_held_not_run(sweep):
+    tables = report.build_tables(report.collect_multirun(sweep))
+    assert [(c["outcome"], c["missing"], c["failed"]) for c in tables[0].claims] == [
+        ("not run", ["CIFAR-10"], []), ("held", [], []), ("not held", [], ["MNIST"])]
+    assert tables[1].claims == []
+    rows = tables[0].rows
+    spec = tables[0].spec
+    # a tie: held only with or_equal; higher-is-better tables order the other way
+    tie = [dict(r, reproduced=1.0) if r["column"] == "MNIST" else r for r in rows]
+    claim = {"better": "Real NVP", "than": "Glow", "columns": ["MNIST"]}
+    assert report.evaluate_claim(claim, spec, tie)["outcome"] == "not held"
+    assert report.evaluate_claim({**claim, "or_equal": True}, spec, tie)["outcome"] == "held"
+    assert report.evaluate_claim(claim, {**spec, "better": "higher"}, rows)["outcome"] == "held"
+    # smoke values never settle a claim: Glow / CIFAR-10 only has a smoke run
+    claim = {"better": "Glow", "than": "Real NVP", "columns": ["CIFAR-10"]}
+    done = [dict(r, status="done", reproduced=3.0) if r["row"] == "Real NVP" else r for r in rows]
+    assert report.evaluate_claim(claim, spec, done)["missing"] == ["CIFAR-10"]
+
+
+@pytest.mark.parametrize("claims, message", [
+    ({"better": "Glow"}, r"`claims` must be a non-empty list"),
+    ([], r"`claims` must be a non-empty list"),
+    (["Glow > Real NVP"], r"claim 0: 'Glow > Real NVP' is not a mapping"),
+    ([{"better": "Glow", "than": "NICE", "columns": "all"}], r"claim 0: than: 'NICE' is not one of the table's "
+                                                             r"rows \(Real NVP, Glow\)"),
+    ([{"better": "Glow", "than": "Real NVP", "columns": "all"}, {"better": "Glow", "than": "Glow", "columns": "all"}],
+     r"claim 1: better and than name the same row 'Glow'"),
+    ([{"better": "Glow", "than": "Real NVP", "columns": ["MNIST", "SVHN"]}],
+     r"claim 0: columns 'SVHN' are not among the table's columns \(MNIST, CIFAR-10\)"),
+    ([{"better": "Glow", "than": "Real NVP"}], r"columns: None is neither `all` nor a non-empty list"),
+    ([{"better": "Glow", "than": "Real NVP", "columns": "all"}],  # (the Glow / MNIST cell removed below)
+     r"row 'Glow' has no cell in column 'MNIST', so the claim could never be settled"),
+    ([{"better": "Glow", "than": "Real NVP", "columns": "all", "lower_is_better": True}],
+     r"unknown key\(s\) lower_is_better \(allowed: better, than, columns, or_equal\)"),
+    ([{"better": "Glow", "than": "Real NVP", "columns": "all", "or_equal": "yes"}], r"or_equal: 'yes' is not true"),
+])
+def test_bad_claims_refused_with_the_reason(sweep, claims, message):
+    config_path = sweep / "4" / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["table"]["claims"] = claims
+    if "no cell in column" in message:
+        config["table"]["cells"] = [c for c in config["table"]["cells"] if (c["row"], c["column"]) != ("Glow", "MNIST")]
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=message) as e:
+        report.build_tables(report.collect_multirun(sweep))
+    assert f"table {BPD_TABLE['name']!r} (run 4 in " in str(e.value)
+    assert report.claims_problem({**BPD_TABLE, "better": None}).startswith("`claims` need the table's `better:")
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_prints_and_writes_report_without_importing_lightning(sweep, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -371,6 +504,8 @@ def test_cli_prints_and_writes_report_without_importing_lightning(sweep, tmp_pat
     assert proc.stdout == EXPECTED_MD
     assert (out / "report.md").read_text() == EXPECTED_MD
     assert (out / "report.csv").read_text() == EXPECTED_CSV
+    assert (out / "claims.csv").read_text() == EXPECTED_CLAIMS_CSV
+    assert _recipes_from_csv((out / "recipes.csv").read_text()) == EXPECTED_RECIPES
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" in imported  # it read the checkpoints of the unfinished runs ...
     assert not {m for m in imported if m.split(".")[0] in ("pytorch_lightning", "lightning", "wandb")}  # ... only
@@ -381,6 +516,7 @@ def test_main_writes_into_the_multirun_dir_by_default(sweep, capsys):
     assert report.main([str(sweep)]) == 0
     assert capsys.readouterr().out == EXPECTED_MD
     assert (sweep / "report.md").read_text() == EXPECTED_MD and (sweep / "report.csv").read_text() == EXPECTED_CSV
+    assert (sweep / "claims.csv").read_text() == EXPECTED_CLAIMS_CSV
 
 
 # ---------------------------------------------------------------------------------------------- W&B upload

@@ -19,13 +19,13 @@ import yaml
 from conftest import ROOT, compose
 from omegaconf import DictConfig
 
-from flowforge.report import PROVENANCE, provenance_problem
+from flowforge.report import PROVENANCE, claims_problem, provenance_problem
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 # flowforge.figures names these sweeps' runs by the recipe's own task_name, so they must not set one
 FIGURE_SWEEPS = {"fit1d", "toy2d_monotone"}
 TOP_KEYS = {"defaults", "hydra", "task_name", "table"}
-TABLE_KEYS = {"name", "metric", "sign", "unit", "better", "columns", "rows", "claim", "cells"}
+TABLE_KEYS = {"name", "metric", "sign", "unit", "better", "columns", "rows", "claim", "cells"}  # and `claims` (optional)
 CELL_KEYS = {"match", "row", "column", "published", "status", "source", "recipe"}  # and `quote` (status paper)
 # words that claim a check the provenance rule does not back (status paper with a quote is the only such claim)
 UNBACKED = re.compile(r"\b(confirmed|verified|recalled)\b", re.IGNORECASE)
@@ -194,7 +194,10 @@ def test_sweep_file_layout(path):
 def test_table_block_is_valid(path):
     table = load(path).get("table")
     assert table is not None, f"{path.name}: every sweep reproduces a table or figure and says so in `table`"
-    assert set(table) == TABLE_KEYS, set(table) ^ TABLE_KEYS
+    assert set(table) - {"claims"} == TABLE_KEYS, set(table) ^ TABLE_KEYS
+    # the orderings the claim states, in the form the report checks (rows, columns and cells exist)
+    assert claims_problem(table) is None, claims_problem(table)
+    assert table.get("claims") is None or table["claim"], "claims without the sentence they check"
     assert isinstance(table["name"], str) and table["name"]
     assert isinstance(table["metric"], str) and "/" in table["metric"]
     assert table["sign"] in (1, -1)

@@ -15,6 +15,8 @@ Every run of a sweep started from a ``sweeps/`` file carries the file's ``table`
       columns: [MNIST, CIFAR-10]
       rows: [Real NVP, Residual Flow]
       claim: null             # or a sentence, printed under the table
+      claims:                 # optional: the orderings the claim states, checked on the reproduced values
+        - {better: Residual Flow, than: Real NVP, columns: all}   # or columns: [MNIST]; or_equal: true for ties
       cells:
         - match: {experiment: resflow_cifar10}   # all must be among the run's overrides (values compared as strings)
           row: Residual Flow
@@ -46,9 +48,18 @@ the most specific one (most items) wins.  One report row per cell, in the order 
   summary's ``epoch`` / ``trainer/global_step``.
 * ``not run``: a cell without any run; ``extra``: a run (with this table) that matches no cell.
 
+Each item of ``claims`` says that row ``better`` beats row ``than`` (in the table's ``better`` direction; with
+``or_equal: true`` a tie counts too) in each of its ``columns`` (``all``: the table's).  The report prints it under
+the table as ``held``, ``not held``, or ``not run`` when a column lacks a ``done`` value on either side
+(:func:`evaluate_claim`); unknown rows, columns or keys are refused (:func:`claims_problem`).  Then the table's
+recipes (the ``experiment`` of its cells, then of runs matching no cell) with the ``reference`` and ``departures``
+blocks their runs' stored configs carry (:func:`recipes`): ``not run`` for a recipe without runs, ``reference not
+stated`` for runs without the blocks.
+
 A cell with runs of several kinds gets one row per kind (done, smoke, incomplete).  The Markdown is printed
 and written to ``<out>/report.md``; ``<out>/report.csv`` (:data:`CSV_COLUMNS`, one line per row, plain
-numbers) next to it.  ``<out>`` is the multirun directory (W&B sources: the current directory) unless
+numbers) next to it, with ``claims.csv`` (:data:`CLAIMS_CSV_COLUMNS`) and ``recipes.csv``
+(:data:`RECIPES_CSV_COLUMNS`).  ``<out>`` is the multirun directory (W&B sources: the current directory) unless
 ``--out DIR``.  ``--wandb-project`` also logs each table as a ``wandb.Table`` (the CSV's columns) to a new W&B
 run (``job_type="report"``, name ``report-<table name>``; offline unless ``WANDB_MODE`` says otherwise or an API
 key is configured, like the training runs).
@@ -80,6 +91,9 @@ CSV_COLUMNS = [
     "table", "row", "column", "status", "published", "published_status", "source", "reproduced", "std", "runs",
     "spread", "progress", "target", "progress_unit", "difference", "unit", "overrides", "run_ids", "note",
 ]
+#: columns of claims.csv (one line per checked claim) and recipes.csv (one line per recipe of a table)
+CLAIMS_CSV_COLUMNS = ["table", "better", "than", "columns", "or_equal", "outcome", "missing", "failed"]
+RECIPES_CSV_COLUMNS = ["table", "recipe", "runs", "reference", "departures"]
 #: Markdown columns
 MD_COLUMNS = ["Row", "Column", "Published", "Reproduced", "Trained (run/recipe)", "Δ", "Status"]
 DASH = "—"
@@ -363,6 +377,8 @@ class Table:
     spec: dict
     rows: list[dict] = field(default_factory=list)
     runs: int = 0
+    recipes: list[dict] = field(default_factory=list)  # :func:`recipes`
+    claims: list[dict] = field(default_factory=list)  # :func:`evaluate_claim` of each item of ``claims``
 
     @property
     def name(self) -> str:
@@ -411,6 +427,10 @@ def _check_spec(spec: dict, run: Run, source: str) -> None:
             raise ReportError(f"cell {cell.get('row')!r} / {cell.get('column')!r} of table {spec['name']!r} (run "
                               f"{run.id} in {source}): {problem}; fix the sweep file's cell and rerun, or edit "
                               "the run's .hydra/config.yaml")
+    problem = claims_problem(spec)
+    if problem:
+        raise ReportError(f"table {spec['name']!r} (run {run.id} in {source}): {problem}; fix the sweep file's "
+                          "`claims` and rerun, or edit the run's .hydra/config.yaml")
 
 
 def provenance_problem(cell: dict) -> Optional[str]:
@@ -429,6 +449,61 @@ def provenance_problem(cell: dict) -> Optional[str]:
         return f"status none with a published number ({published}); say what backs it"
     if status in ("paper", "two-copies") and published is None:
         return f"status {status} without a published number"
+    return None
+
+
+#: keys of one item of a table's ``claims`` list (``or_equal`` is optional, default false)
+CLAIM_KEYS = ("better", "than", "columns", "or_equal")
+_CLAIM_FORM = "{better: <row>, than: <row>, columns: all | [<column>, ...], or_equal: false}"
+
+
+def _claim_problem(claim: Any, rows: Sequence[str], columns: Sequence[str],
+                   places: set[tuple[Any, Any]]) -> Optional[str]:
+    """What is wrong with one item of ``claims`` (``places``: the table's (row, column) cells), or None."""
+    if not isinstance(claim, dict):
+        return f"{claim!r} is not a mapping {_CLAIM_FORM}"
+    unknown = sorted(set(claim) - set(CLAIM_KEYS))
+    if unknown:
+        return f"unknown key(s) {', '.join(unknown)} (allowed: {', '.join(CLAIM_KEYS)})"
+    for key in ("better", "than"):
+        if claim.get(key) not in rows:
+            return f"{key}: {claim.get(key)!r} is not one of the table's rows ({', '.join(map(str, rows))})"
+    if claim["better"] == claim["than"]:
+        return f"better and than name the same row {claim['better']!r}"
+    chosen = claim.get("columns")
+    if chosen != "all":
+        if not isinstance(chosen, list) or not chosen:
+            return f"columns: {chosen!r} is neither `all` nor a non-empty list of the table's columns"
+        bad = [c for c in chosen if c not in columns]
+        if bad:
+            return (f"columns {', '.join(map(repr, bad))} are not among the table's columns "
+                    f"({', '.join(map(str, columns))})")
+    for column in columns if chosen == "all" else chosen:
+        lacking = [row for row in (claim["better"], claim["than"]) if (row, column) not in places]
+        if lacking:
+            return f"row {lacking[0]!r} has no cell in column {column!r}, so the claim could never be settled"
+    if not isinstance(claim.get("or_equal", False), bool):
+        return f"or_equal: {claim['or_equal']!r} is not true or false"
+    return None
+
+
+def claims_problem(spec: dict) -> Optional[str]:
+    """What is wrong with a table's ``claims`` list, or None (no list is fine): each item orders two of the table's
+    ``rows`` in each of its ``columns`` (``all`` or a list of the table's columns), in the table's ``better``
+    direction; ``or_equal: true`` also accepts a tie."""
+    claims = spec.get("claims")
+    if claims is None:
+        return None
+    if not isinstance(claims, list) or not claims:
+        return f"`claims` must be a non-empty list of {_CLAIM_FORM}"
+    if spec.get("better") not in ("lower", "higher"):
+        return f"`claims` need the table's `better: lower` or `better: higher` (it is {spec.get('better')!r})"
+    rows, columns = list(spec.get("rows") or []), list(spec.get("columns") or [])
+    places = {(c.get("row"), c.get("column")) for c in spec.get("cells") or [] if isinstance(c, dict)}
+    for i, claim in enumerate(claims):
+        problem = _claim_problem(claim, rows, columns, places)
+        if problem:
+            return f"claim {i}: {problem}"
     return None
 
 
@@ -513,6 +588,52 @@ def _row(spec: dict, cell: dict, status: str, runs: Sequence[Run], target: Optio
     return row
 
 
+def _reproduced(rows: Sequence[dict], row: str, column: str) -> Optional[float]:
+    """The reproduced value of a cell's finished, comparable (``done``) runs, or None."""
+    for r in rows:
+        if r["status"] == "done" and r["row"] == row and r["column"] == column and r["reproduced"] is not None:
+            return r["reproduced"]
+    return None
+
+
+def evaluate_claim(claim: dict, spec: dict, rows: Sequence[dict]) -> dict:
+    """One claim (an item of ``claims``, see :func:`claims_problem`) on a table's report rows: ``outcome`` is
+    ``held`` (row ``better`` beats row ``than`` in every column of the claim, in the table's ``better`` direction),
+    ``not held`` (every column has both values and one of them does not) or ``not run`` (a column lacks a ``done``
+    value on either side; ``missing`` names them); ``failed`` names the columns where it does not hold."""
+    columns = list(spec.get("columns") or []) if claim["columns"] == "all" else list(claim["columns"])
+    sign = 1.0 if spec["better"] == "lower" else -1.0
+    missing, failed = [], []
+    for column in columns:
+        a, b = _reproduced(rows, claim["better"], column), _reproduced(rows, claim["than"], column)
+        if a is None or b is None:
+            missing.append(column)
+        elif not (sign * (b - a) > 0 or (claim.get("or_equal", False) and a == b)):
+            failed.append(column)
+    outcome = "not run" if missing else "not held" if failed else "held"
+    return {"claim": claim, "columns": columns, "outcome": outcome, "missing": missing, "failed": failed}
+
+
+def _experiment(run: Run) -> Optional[str]:
+    """The recipe a run composed: its ``experiment=`` override."""
+    return dict(_override_items(run.overrides)).get("experiment")
+
+
+def recipes(spec: dict, runs: Sequence[Run]) -> list[dict]:
+    """The recipes of a table (the ``experiment`` of its cells' ``match``, then those of runs matching no cell) with
+    the ``reference`` and ``departures`` blocks of their runs' stored configs (the first run that has them): one dict
+    per recipe with ``recipe``, ``runs`` (count), ``reference`` and ``departures`` (None when not stated)."""
+    names = [str(c["match"]["experiment"]) for c in _ordered_cells(spec) if "experiment" in c["match"]]
+    names += [e for e in map(_experiment, runs) if e is not None]
+    found = []
+    for name in dict.fromkeys(names):
+        members = [r for r in runs if _experiment(r) == name]
+        stated = next((r.config for r in members if r.config.get("reference") is not None), {})
+        found.append({"recipe": name, "runs": len(members), "reference": stated.get("reference"),
+                      "departures": stated.get("departures")})
+    return found
+
+
 def build_tables(runs: Sequence[Run], source: str = "") -> list[Table]:
     """Group runs by their table block (one table per ``table.name``, in the order first met) and build the rows."""
     tables: dict[str, Table] = {}
@@ -564,6 +685,8 @@ def build_tables(runs: Sequence[Run], source: str = "") -> list[Table]:
             row["note"] = "; ".join(n for n in (row["note"], "smoke" if run.smoke else "",
                                                 "" if run.finished else "incomplete") if n)
             table.rows.append(row)
+        table.recipes = recipes(spec, members[name])
+        table.claims = [evaluate_claim(c, spec, table.rows) for c in spec.get("claims") or []]
     return list(tables.values())
 
 
@@ -613,6 +736,54 @@ def _md_row(row: dict, decimals: int) -> list[str]:
     return [_md_escape(c) for c in (row["row"], column, published, reproduced, trained, difference, status)]
 
 
+def _inline(value: Any) -> str:
+    """A YAML value on one line: a mapping as ``key: value`` pairs, a list comma-separated, whitespace collapsed."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_inline(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_inline(v) for v in value)
+    return " ".join(str(value).split())
+
+
+def _departure(item: Any) -> str:
+    if isinstance(item, dict) and "key" in item:
+        reason = f": {_inline(item['reason'])}" if item.get("reason") is not None else ""
+        return f"departure `{item['key']}`{reason}"
+    return f"departure: {_inline(item)}"
+
+
+def _recipe_lines(recipe: dict) -> list[str]:
+    """One recipe under a table (Markdown list lines): its reference, then one sub-item per departure; ``not run``
+    or ``reference not stated`` instead when so."""
+    head = f"- `{recipe['recipe']}`"
+    if not recipe["runs"]:
+        return [f"{head}: not run"]
+    head += f" ({recipe['runs']} run{'s' if recipe['runs'] != 1 else ''})"
+    reference, departures = recipe["reference"], recipe["departures"]
+    if isinstance(reference, dict):
+        head += ": " + "; ".join(f"{k}: {_inline(v)}" for k, v in reference.items())
+    else:
+        head += f": reference: {_inline(reference)}" if reference is not None else ": reference not stated"
+    if isinstance(departures, list) and departures:
+        return [head] + [f"  - {_departure(d)}" for d in departures]
+    if reference is not None or departures is not None:
+        head += "; no departures stated"
+    return [head]
+
+
+def _claim_line(result: dict, columns: Sequence[str]) -> str:
+    """One evaluated claim: the ordering it states and ``held`` / ``not held`` / ``not run``."""
+    claim = result["claim"]
+    relation = "at least as good as" if claim.get("or_equal", False) else "better than"
+    where = "every column" if result["columns"] == list(columns) else ", ".join(result["columns"])
+    line = f"{claim['better']} {relation} {claim['than']} in {where}: {result['outcome']}"
+    if result["missing"]:
+        line += f" (no finished value on both sides in {', '.join(result['missing'])})"
+    elif result["failed"]:
+        line += f" (fails in {', '.join(result['failed'])})"
+    return line
+
+
 def render_markdown(tables: Sequence[Table]) -> str:
     """The report: per table a heading, the metric line, the Markdown table, the claim and the footnotes."""
     parts = []
@@ -629,6 +800,12 @@ def render_markdown(tables: Sequence[Table]) -> str:
         lines += ["| " + " | ".join(_md_row(row, d)) + " |" for row in table.rows]
         if spec.get("claim"):
             lines += ["", f"Claim: {spec['claim']}"]
+        if table.claims:
+            lines += ["", "Claims checked on the reproduced values:", ""]
+            lines += [f"- {_claim_line(c, spec.get('columns') or [])}" for c in table.claims]
+        if table.recipes:
+            lines += ["", "Recipes (reference and departures from the runs' stored configs):", ""]
+            lines += [line for r in table.recipes for line in _recipe_lines(r)]
         notes = []
         statuses = {r["status"] for r in table.rows}
         if any(r["std"] is not None and r["runs"] == 1 and r["reproduced"] is not None for r in table.rows):
@@ -670,13 +847,36 @@ def csv_rows(tables: Sequence[Table]) -> list[list[Any]]:
     return [[row[c] for c in CSV_COLUMNS] for table in tables for row in table.rows]
 
 
-def render_csv(tables: Sequence[Table]) -> str:
+def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for values in csv_rows(tables):
+    writer.writerow(columns)
+    for values in rows:
         writer.writerow([_csv_value(v) for v in values])
     return buf.getvalue()
+
+
+def render_csv(tables: Sequence[Table]) -> str:
+    return _csv_text(CSV_COLUMNS, csv_rows(tables))
+
+
+def render_claims_csv(tables: Sequence[Table]) -> str:
+    """claims.csv: :data:`CLAIMS_CSV_COLUMNS`, one line per checked claim; lists of columns joined by ``;``."""
+    return _csv_text(CLAIMS_CSV_COLUMNS, [
+        [t.name, c["claim"]["better"], c["claim"]["than"], ";".join(c["columns"]),
+         str(bool(c["claim"].get("or_equal", False))).lower(), c["outcome"], ";".join(c["missing"]),
+         ";".join(c["failed"])] for t in tables for c in t.claims])
+
+
+def render_recipes_csv(tables: Sequence[Table]) -> str:
+    """recipes.csv: :data:`RECIPES_CSV_COLUMNS`, one line per recipe of a table; ``reference`` and ``departures`` as
+    JSON (empty when not stated)."""
+    def as_json(value: Any) -> Optional[str]:
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+
+    return _csv_text(RECIPES_CSV_COLUMNS, [
+        [t.name, r["recipe"], r["runs"], as_json(r["reference"]), as_json(r["departures"])]
+        for t in tables for r in t.recipes])
 
 
 
@@ -722,9 +922,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     (out / "report.csv").write_text(render_csv(tables))
+    (out / "claims.csv").write_text(render_claims_csv(tables))
+    (out / "recipes.csv").write_text(render_recipes_csv(tables))
     sys.stdout.write(markdown)
     sys.stdout.flush()
-    print(f"wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)
+    written = ", ".join(str(out / name) for name in ("report.md", "report.csv", "claims.csv", "recipes.csv"))
+    print(f"wrote {written}", file=sys.stderr)
     if args.wandb_project:
         for folder in log_to_wandb(tables, args.wandb_project, args.wandb_entity, dir=out, source=args.source):
             print(f"logged the table to W&B run {folder}", file=sys.stderr)
