@@ -47,7 +47,7 @@ CELLS = {
 FIRST_SUBDIR = {
     "fit1d": "0_fit1d_resflow",
     "toy2d_monotone": "0_idensenet_toy_2spirals",
-    "monotone_cifar10_ablation": "0_idensenet_cifar10_clipswish",
+    "monotone_cifar10_ablation": "0_idensenet_cifar10_ablation_clipswish",
     "impflow_tabular": "0_power",
 }
 
