@@ -20,7 +20,7 @@ regression, Adam 0.01, batch 5000) and the 2-D checkerboard density (10 blocks, 
 log-det, Adam 1e-3, batch 500); then every block's forward and inverse are solved on 2000 points with
 each method to the same tolerance.  Training drives Lip(g) up, which is
 where Picard slows down; at initialisation the random dense g is a weak contraction and every method
-needs a handful of iterations.  Target of the issue: the accelerated solver needs <= 1/3 of Picard's
+needs a handful of iterations.  Target: the accelerated solver needs <= 1/3 of Picard's
 iterations on the monotone forward.
 
 Usage::

@@ -12,7 +12,7 @@ defaults: rtol 1e-3, at most 200 warm-started power iterations), on random integ
 warm-up step (ActNorm and power-iteration initialisation), then the median of ``--steps`` timed steps.
 
 * CPU: batch ``--cpu-batch`` (default 4); compared with the reference implementation's ~10 s/step on
-  this kind of 2-core machine (a constant from the issue, not measured here).
+  this kind of 2-core machine (a reference constant, not measured here).
 * CUDA (when available): batch ``--gpu-batch`` (default 64) in fp32 and under
   ``torch.autocast("cuda", dtype=torch.bfloat16)``; the TF32 switches are printed with the table.
 
@@ -41,7 +41,7 @@ from _report import emit  # benchmarks/_report.py (scripts run as python benchma
 
 EXPECTED_PARAMS = 25_174_233
 # Not measured here: the reference implementation (rtqichen/residual-flows) at batch 4 on a 2-core CPU
-# machine of this kind, about 10 s per training step (number given in the issue).
+# machine of this kind, about 10 s per training step (a reference figure, not measured here).
 REFERENCE_CPU_S_PER_STEP = 10.0
 
 MODEL_KWARGS = dict(  # conf/model/resflow.yaml overridden by conf/experiment/resflow_cifar10.yaml

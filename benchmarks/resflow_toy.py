@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time one Residual Flow training step on 2-D checkerboard data: flowforge against normflows.
 
-The toy benchmark of the Residual Flows issue: 10 residual blocks whose g is the Lipschitz MLP
+The Residual Flows toy benchmark: 10 residual blocks whose g is the Lipschitz MLP
 2-128-128-128-128-2 (``--hidden``; LipSwish, Lipschitz bound 0.9, no ActNorm), batch 500, log-det by
 2 exact terms + a geometric(0.5) Russian-roulette tail with one Gaussian Hutchinson probe, the Neumann
 gradient series and backward-in-forward (``mem_eff``), Adam lr 1e-3.  One step is
@@ -66,7 +66,7 @@ SN_TOL = 1e-3
 SN_MAX_ITERS = 200
 
 # Not measured here: the reference implementation (rtqichen/residual-flows, train_toy.py) at this size
-# takes about 0.30 s per training step on a 2-core CPU machine of this kind (number given in the issue).
+# takes about 0.30 s per training step on a 2-core CPU machine of this kind (a reference figure, not measured here).
 REFERENCE_S_PER_STEP = 0.30
 TARGET_S_PER_STEP = 0.15
 TARGET_RATIO = 0.85
@@ -295,7 +295,7 @@ def report(entries, args, nll_entries, wall: float) -> str:
         "uses numpy's global generator, flowforge's torch's; both draw N >= 1 so a step computes 2 + N terms "
         "(mean 4). normflows' LipschitzMLP applies LipSwish also before the first linear layer; its Swish and "
         "iResBlock carry a few extra scalars, hence the slightly different parameter counts. The reference "
-        f"time ({REFERENCE_S_PER_STEP} s/step) is a constant from the issue, not measured in this run.",
+        f"time ({REFERENCE_S_PER_STEP} s/step) is a reference constant, not measured in this run.",
         "",
         f"Benchmark wall time: {wall:.1f} s",
     ]

@@ -1,4 +1,4 @@
-"""Issue 7: one table of bad inputs, each asserting a clear message that names the problem and the fix.
+"""One table of bad inputs, each asserting a clear message that names the problem and the fix.
 
 Each case is ``(id, trigger, exception type, regex)``.  ``trigger`` is either a list of Hydra overrides
 (composed with the real config tree and built by :func:`flowforge.experiment.build`; a ``{tmp}`` in an
@@ -358,7 +358,7 @@ CASES = [
     ("num-levels-1", ["dataset=digits", "dataset.num_levels=1"], ConfigError, r"dataset\.num_levels must be >= 2, got 1"),
     ("warmup-negative", ["optim.warmup_steps=-1"], ConfigError, r"warmup_steps must be >= 0, got -1"),
     ("on-nonfinite-unknown", ["on_nonfinite=explode"], ConfigError, r"on_nonfinite must be one of .*stop.*got 'explode'"),
-    # fault policies, fault injection and checkpoint cadence (issue 7)
+    # fault policies, fault injection and checkpoint cadence
     ("on-solver-failure-unknown", ["on_solver_failure=explode"], ConfigError,
      r"on_solver_failure must be one of \('warn', 'stop', 'skip', 'reduce_lr'\), got 'explode'"),
     ("on-power-iteration-skip", ["on_power_iteration_failure=skip"], ConfigError,

@@ -1,4 +1,4 @@
-"""Cluster launching and hyperparameter search (issue 6): ``hydra/launcher=slurm`` (submitit) and
+"""Cluster launching and hyperparameter search: ``hydra/launcher=slurm`` (submitit) and
 ``hydra/sweeper=optuna_search``.
 
 No cluster is reachable here, so the SLURM launcher is checked up to the batch script: the launcher config

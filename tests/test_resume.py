@@ -1,10 +1,10 @@
-"""Exact resume (issue 7): a run killed at a random step and resumed from its last checkpoint ends where the
+"""Exact resume: a run killed at a random step and resumed from its last checkpoint ends where the
 uninterrupted run ends, bit for bit.
 
 Each kill is real: ``train.py`` runs in a subprocess and receives SIGKILL (no chance to save), SIGTERM (saves
 ``last.ckpt`` at the end of the batch) or, under a simulated SLURM allocation, SIGUSR1 (Lightning's HPC
 checkpoint and ``scontrol requeue``; the requeued job is the same command).  The two model configurations
-between them exercise every piece of state the issue lists: Adam moments, EMA weights, the warm-up LR
+between them exercise every piece of state a resume must restore: Adam moments, EMA weights, the warm-up LR
 schedule, the roulette draws and dequantisation noise (global RNG), the data position (shuffled order and
 random flips), spectral-norm ``u, v, sigma`` and their power-iteration subspaces, and ActNorm's
 data-dependent initialisation flags.  Compared: the final checkpoint's weights, EMA weights, optimizer and

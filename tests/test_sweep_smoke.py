@@ -1,4 +1,4 @@
-"""Every sweep's smoke variant, end to end (issue 6): ``python train.py -m --config-dir sweeps --config-name
+"""Every sweep's smoke variant, end to end: ``python train.py -m --config-dir sweeps --config-name
 <sweep> smoke=true`` on tiny files in the real formats (``python -m flowforge.data.fake``), then
 ``python -m flowforge.report`` on the multirun folder.  Each cell of the sweep's table must come out as one
 finished smoke run, with its published number and recipe carried through: the whole path multirun ->
