@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 
-def emit(text: str, out: Optional[str]) -> None:
+def emit(text: str, out: str | None) -> None:
     print(text)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -22,13 +22,13 @@ import sys
 import time
 
 import torch
-
 from _report import emit
+from train_step import load_points
+
 from flowforge.flows.architectures import coupling_stack, vector_defaults
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import build_flow
 from flowforge.flows.spline import RationalQuadraticSpline
-from train_step import load_points
 
 ELEMENTWISE = {
     "nsf": lambda: RationalQuadraticSpline(8, 5.0),
@@ -61,8 +61,15 @@ def held_out_nll(family: str, data: str, actnorm: bool, lu: str, seed: int) -> f
     dim, steps, batch = SETUP[data]
     train, test = splits(data)
     torch.manual_seed(seed)
-    stack = coupling_stack((dim,), ELEMENTWISE[family](), STEPS[family], [64, 64], actnorm=actnorm,
-                           lu=lu != "none", lu_init=None if lu == "none" else lu)
+    stack = coupling_stack(
+        (dim,),
+        ELEMENTWISE[family](),
+        STEPS[family],
+        [64, 64],
+        actnorm=actnorm,
+        lu=lu != "none",
+        lu_init=None if lu == "none" else lu,
+    )
     model = build_flow((dim,), stack)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -95,16 +102,22 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     seeds = " | ".join(f"seed {s}" for s in args.seeds)
-    lines = ["# Coupling stacks on vector data: held-out NLL (nats, lower is better)", "",
-             f"| data | family | ActNorm | LU map start | {seeds} | default |",
-             "|---|---|---|---|" + "---|" * len(args.seeds) + "---|"]
+    lines = [
+        "# Coupling stacks on vector data: held-out NLL (nats, lower is better)",
+        "",
+        f"| data | family | ActNorm | LU map start | {seeds} | default |",
+        "|---|---|---|---|" + "---|" * len(args.seeds) + "---|",
+    ]
     for data, family, actnorm, lu in itertools.product(args.data, args.families, (True, False), LU_CHOICES):
         if family == "realnvp" and lu != "none":
             continue
         nll = [held_out_nll(family, data, actnorm, lu, s) for s in args.seeds]
         mark = "**default**" if is_default(family, actnorm, lu) else ""
-        lines.append(f"| {data} | {family} | {'yes' if actnorm else 'no'} | {lu} | "
-                     + " | ".join(f"{v:.3f}" for v in nll) + f" | {mark} |")
+        lines.append(
+            f"| {data} | {family} | {'yes' if actnorm else 'no'} | {lu} | "
+            + " | ".join(f"{v:.3f}" for v in nll)
+            + f" | {mark} |"
+        )
         print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"Wall time: {time.perf_counter() - t0:.0f} s"]
     emit("\n".join(lines) + "\n", args.out)

@@ -39,9 +39,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
-
 from _report import emit  # benchmarks/_report.py
+from torch import nn
 
 from flowforge.data.toy2d import sample_toy
 from flowforge.estimators import LogDetEstimator
@@ -112,8 +111,10 @@ def part1(args) -> list[str]:
     shape = tuple(args.shape)
     g1, g2 = paper_g(shape, args.growth), paper_g(shape, args.growth)
     x = torch.randn(args.batch, *shape)
-    rows = ["| block | solver | forward (s) | inverse (s) | train step (s) | forward iters | inverse iters |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| block | solver | forward (s) | inverse (s) | train step (s) | forward iters | inverse iters |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind in ("residual", "implicit", "monotone"):
         for method in METHODS:
             block = make_block(kind, g1, g2, method, args.tol, args.max_iters)
@@ -121,14 +122,14 @@ def part1(args) -> list[str]:
             with torch.no_grad():
                 z = block(x)[0]
 
-            def fwd():
+            def fwd(block=block):
                 with torch.no_grad():
                     block(x)
 
-            def inv():
+            def inv(block=block, z=z):
                 block.inverse(z)
 
-            def step():
+            def step(block=block):
                 zz, ld = block(x)
                 (0.5 * zz.pow(2).sum() - ld.sum()).backward()
 
@@ -145,13 +146,24 @@ def part1(args) -> list[str]:
 
 def train_toy(args):
     """The 2-D toy recipe (experiment=monotone_toy): maximum likelihood on the checkerboard."""
-    flow = MonotoneFlow((2,), estimator=LogDetEstimator("exact"), num_blocks=10, g="dense", act="cpila", depth=3,
-                        growth=16, coeff=0.98, lip_coeff=0.98, actnorm=False,
-                        forward_solver=solver("anderson", args.tol, 2000), inverse_solver=solver("anderson", args.tol, 2000))
+    flow = MonotoneFlow(
+        (2,),
+        estimator=LogDetEstimator("exact"),
+        num_blocks=10,
+        g="dense",
+        act="cpila",
+        depth=3,
+        growth=16,
+        coeff=0.98,
+        lip_coeff=0.98,
+        actnorm=False,
+        forward_solver=solver("anderson", args.tol, 2000),
+        inverse_solver=solver("anderson", args.tol, 2000),
+    )
     data = sample_toy("checkerboard", 500 * max(args.train_steps, 1), seed=0)
 
     def loss(i):
-        return -flow.log_prob(data[500 * i: 500 * (i + 1)]).mean()
+        return -flow.log_prob(data[500 * i : 500 * (i + 1)]).mean()
 
     x_test = sample_toy("checkerboard", 2000, seed=1)
     return flow, loss, 1e-3, x_test, lambda: f"test NLL {float(-flow.log_prob(x_test).mean()):.3f} nats"
@@ -161,9 +173,20 @@ def train_fit1d(args):
     """The 1-D fitting recipe (experiment=fit1d_monotone): 2 blocks regressed onto the step function."""
     from flowforge.data.toy2d import step_function
 
-    flow = MonotoneFlow((1,), estimator=LogDetEstimator("exact"), num_blocks=2, g="dense", act="cpila", depth=3,
-                        growth=16, coeff=0.99, lip_coeff=0.98, actnorm=False,
-                        forward_solver=solver("anderson", args.tol, 2000), inverse_solver=solver("anderson", args.tol, 2000))
+    flow = MonotoneFlow(
+        (1,),
+        estimator=LogDetEstimator("exact"),
+        num_blocks=2,
+        g="dense",
+        act="cpila",
+        depth=3,
+        growth=16,
+        coeff=0.99,
+        lip_coeff=0.98,
+        actnorm=False,
+        forward_solver=solver("anderson", args.tol, 2000),
+        inverse_solver=solver("anderson", args.tol, 2000),
+    )
     gen = torch.Generator().manual_seed(0)
 
     def loss(i):
@@ -171,7 +194,13 @@ def train_fit1d(args):
         return (flow(x)[0] - step_function(x)).pow(2).mean()
 
     x_test = torch.linspace(-2, 2, 2000)[:, None]
-    return flow, loss, 1e-2, x_test, lambda: f"test MSE {float((flow(x_test)[0] - step_function(x_test)).pow(2).mean()):.4f}"
+    return (
+        flow,
+        loss,
+        1e-2,
+        x_test,
+        lambda: f"test MSE {float((flow(x_test)[0] - step_function(x_test)).pow(2).mean()):.4f}",
+    )
 
 
 def part2(args, recipe) -> list[str]:
@@ -197,11 +226,14 @@ def part2(args, recipe) -> list[str]:
             inputs.append(h)
             h = b(h)[0]
     outputs = [b(xi)[0].detach() for b, xi in zip(blocks, inputs)]
-    rows = [f"Trained {args.train_steps} steps in {train_time:.0f} s; {quality} (2000 points). Iterations per "
-            f"sample: the median over samples of each block's solve, averaged over the {len(blocks)} blocks (worst "
-            "block in brackets); unconverged samples hit the cap of 20000.", "",
-            "| solver | forward iters, median | forward unconverged | inverse iters, median | forward / Picard |",
-            "|---|---|---|---|---|"]
+    rows = [
+        f"Trained {args.train_steps} steps in {train_time:.0f} s; {quality} (2000 points). Iterations per "
+        f"sample: the median over samples of each block's solve, averaged over the {len(blocks)} blocks (worst "
+        "block in brackets); unconverged samples hit the cap of 20000.",
+        "",
+        "| solver | forward iters, median | forward unconverged | inverse iters, median | forward / Picard |",
+        "|---|---|---|---|---|",
+    ]
     picard = None
     for method in args.methods:
         fw, inv, failed = [], [], 0
@@ -216,8 +248,10 @@ def part2(args, recipe) -> list[str]:
                 inv.append(float(solve_stats(b, "inverse").iterations.float().median()))
         med = statistics.mean(fw)
         picard = picard or med
-        rows.append(f"| {method} | {med:.1f} ({max(fw):.0f}) | {failed} of {len(blocks) * len(x_test)} | "
-                    f"{statistics.mean(inv):.1f} ({max(inv):.0f}) | {med / picard:.2f} |")
+        rows.append(
+            f"| {method} | {med:.1f} ({max(fw):.0f}) | {failed} of {len(blocks) * len(x_test)} | "
+            f"{statistics.mean(inv):.1f} ({max(inv):.0f}) | {med / picard:.2f} |"
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -233,21 +267,40 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip-blocks", action="store_true")
-    p.add_argument("--methods", nargs="+", default=["picard", "anderson:2", "anderson", "broyden"],
-                   help="part 2: solvers to compare (name or name:memory); the first is the reference")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["picard", "anderson:2", "anderson", "broyden"],
+        help="part 2: solvers to compare (name or name:memory); the first is the reference",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    head = [f"# Residual / implicit / monotone blocks and fixed-point solvers ({datetime.date.today()})", "",
-            f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-            f"tolerance max|T(x) - x| <= {args.tol}", ""]
+    head = [
+        f"# Residual / implicit / monotone blocks and fixed-point solvers ({datetime.date.today()})",
+        "",
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+        f"tolerance max|T(x) - x| <= {args.tol}",
+        "",
+    ]
     body = []
     if not args.skip_blocks:
-        body += [f"## Blocks at equal width: input {tuple(args.shape)}, batch {args.batch}, i-DenseNet g growth "
-                 f"{args.growth} (weights at their spectral bounds)", ""] + part1(args) + [""]
-    body += ["## Solver iterations on trained Monotone Flows at the paper's settings", "",
-             "### 1-D step-function fit (2 blocks, coeff 0.99, lr 0.01, batch 5000)", ""] + part2(args, train_fit1d)
+        body += (
+            [
+                f"## Blocks at equal width: input {tuple(args.shape)}, batch {args.batch}, i-DenseNet g growth "
+                f"{args.growth} (weights at their spectral bounds)",
+                "",
+            ]
+            + part1(args)
+            + [""]
+        )
+    body += [
+        "## Solver iterations on trained Monotone Flows at the paper's settings",
+        "",
+        "### 1-D step-function fit (2 blocks, coeff 0.99, lr 0.01, batch 5000)",
+        "",
+    ] + part2(args, train_fit1d)
     body += ["", "### 2-D checkerboard (10 blocks, coeff 0.98, lr 1e-3, batch 500)", ""] + part2(args, train_toy)
     emit("\n".join(head + body) + "\n", args.out)
 

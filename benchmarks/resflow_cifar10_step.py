@@ -36,7 +36,6 @@ import time
 import warnings
 
 import torch
-
 from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
 
 EXPECTED_PARAMS = 25_174_233
@@ -45,10 +44,24 @@ EXPECTED_PARAMS = 25_174_233
 REFERENCE_CPU_S_PER_STEP = 10.0
 
 MODEL_KWARGS = dict(  # conf/model/resflow.yaml overridden by conf/experiment/resflow_cifar10.yaml
-    blocks_per_scale=[16, 16, 16], channels=512, kernels=[3, 1, 3], fc_blocks=4, fc_hidden=[128, 128],
-    act="lipswish", coeff=0.98, actnorm=True, preact=True, squeeze_first=False, factor_out=False,
-    norm="spectral", learn_p=False, sn_rtol=1e-3, sn_max_iters=200, base="normal",
-    num_levels=256, logit_alpha=0.05,
+    blocks_per_scale=[16, 16, 16],
+    channels=512,
+    kernels=[3, 1, 3],
+    fc_blocks=4,
+    fc_hidden=[128, 128],
+    act="lipswish",
+    coeff=0.98,
+    actnorm=True,
+    preact=True,
+    squeeze_first=False,
+    factor_out=False,
+    norm="spectral",
+    learn_p=False,
+    sn_rtol=1e-3,
+    sn_max_iters=200,
+    base="normal",
+    num_levels=256,
+    logit_alpha=0.05,
 )
 
 
@@ -103,17 +116,29 @@ def time_steps(flow, batch: int, steps: int, warmup: int, device, autocast_dtype
             fb.append(t1 - t0)
             lip.append(t2 - t1)
             iters.append(info.get("power_iterations", 0))
-        print(f"  step {i} ({'warm-up' if i < warmup else 'timed'}): {t2 - t0:.2f} s (power iteration "
-              f"{t2 - t1:.2f} s, {info.get('power_iterations')} it.), bpd {losses[-1]:.3f}", flush=True)
-    out = {"median": statistics.median(times), "min": min(times), "max": max(times),
-           "fb": statistics.median(fb), "lip": statistics.median(lip), "iters": max(iters), "bpd": losses[-1]}
+        print(
+            f"  step {i} ({'warm-up' if i < warmup else 'timed'}): {t2 - t0:.2f} s (power iteration "
+            f"{t2 - t1:.2f} s, {info.get('power_iterations')} it.), bpd {losses[-1]:.3f}",
+            flush=True,
+        )
+    out = {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "fb": statistics.median(fb),
+        "lip": statistics.median(lip),
+        "iters": max(iters),
+        "bpd": losses[-1],
+    }
     if cuda:
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
     p.add_argument("--cpu-batch", type=int, default=4)
@@ -121,8 +146,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU row")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N); default: torch's default")
     p.add_argument("--out", default=None, help="also write the Markdown report to this path")
-    p.add_argument("--step-iters", type=int, default=2,
-                   help="power iterations per step at most (the recipes' lipschitz_step_iters, default 2)")
+    p.add_argument(
+        "--step-iters",
+        type=int,
+        default=2,
+        help="power iterations per step at most (the recipes' lipschitz_step_iters, default 2)",
+    )
     args = p.parse_args(argv)
     global STEP_ITERS
     STEP_ITERS = args.step_iters
@@ -136,8 +165,11 @@ def main(argv=None) -> int:
     # reference implementation does), so count all parameters; trainable ones are reported too
     n_params = sum(p.numel() for p in flow.parameters())
     n_train = sum(p.numel() for p in flow.parameters() if p.requires_grad)
-    print(f"parameters: {n_params:,}, trainable {n_train:,} (expected {EXPECTED_PARAMS:,}: {'OK' if n_params == EXPECTED_PARAMS else 'MISMATCH'})",
-          flush=True)
+    print(
+        f"parameters: {n_params:,}, trainable {n_train:,} "
+        f"(expected {EXPECTED_PARAMS:,}: {'OK' if n_params == EXPECTED_PARAMS else 'MISMATCH'})",
+        flush=True,
+    )
     rows = []
     if not args.no_cpu:
         print(f"CPU, batch {args.cpu_batch}, threads {torch.get_num_threads()}:", flush=True)
@@ -153,8 +185,10 @@ def main(argv=None) -> int:
             rows.append((f"{torch.cuda.get_device_name(0)}, {label}", args.gpu_batch, r))
             del flow
             torch.cuda.empty_cache()
-        gpu_note = (f"TF32: torch.backends.cuda.matmul.allow_tf32 = {torch.backends.cuda.matmul.allow_tf32}, "
-                    f"torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32} (library defaults left alone)")
+        gpu_note = (
+            f"TF32: torch.backends.cuda.matmul.allow_tf32 = {torch.backends.cuda.matmul.allow_tf32}, "
+            f"torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32} (library defaults left alone)"
+        )
     else:
         gpu_note = "No CUDA device in this run: the batch-64 fp32 / bf16-autocast GPU rows were skipped."
 
@@ -163,25 +197,34 @@ def main(argv=None) -> int:
         "",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- torch {torch.__version__}, python {platform.python_version()}, {platform.machine()} {os.cpu_count()} CPUs",
-        f"- parameters: {n_params:,} incl. frozen roulette scalars, {n_train:,} trainable (recipe: {EXPECTED_PARAMS:,}, {'match' if n_params == EXPECTED_PARAMS else 'MISMATCH'})",
-        f"- step = bits_per_dim(x).mean() + backward + Adam + update_lipschitz (rtol 1e-3, <= {STEP_ITERS} warm-started iterations per step, as the recipes' lipschitz_step_iters; the first forward initialises each layer with up to 200); "
+        f"- parameters: {n_params:,} incl. frozen roulette scalars, {n_train:,} trainable "
+        f"(recipe: {EXPECTED_PARAMS:,}, {'match' if n_params == EXPECTED_PARAMS else 'MISMATCH'})",
+        f"- step = bits_per_dim(x).mean() + backward + Adam + update_lipschitz (rtol 1e-3, <= {STEP_ITERS} "
+        "warm-started iterations per step, as the recipes' lipschitz_step_iters; the first forward initialises "
+        "each layer with up to 200); "
         "estimator: 2 exact terms + geometric(0.5) roulette, Neumann gradient, backward-in-forward; random "
         f"integer pixels; {args.warmup} warm-up step(s), median of {args.steps} timed steps",
         f"- {gpu_note}",
         "",
-        "| Device / precision | batch | median s/step | min–max s | fwd+bwd+Adam s | power iter. s | max power it. | peak GPU GB |",
+        "| Device / precision | batch | median s/step | min–max s | fwd+bwd+Adam s | power iter. s "
+        "| max power it. | peak GPU GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, batch, r in rows:
         peak = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "—"
-        lines.append(f"| {label} | {batch} | **{r['median']:.2f}** | {r['min']:.2f}–{r['max']:.2f} | {r['fb']:.2f} | "
-                     f"{r['lip']:.2f} | {r['iters']} | {peak} |")
+        lines.append(
+            f"| {label} | {batch} | **{r['median']:.2f}** | {r['min']:.2f}–{r['max']:.2f} | {r['fb']:.2f} | "
+            f"{r['lip']:.2f} | {r['iters']} | {peak} |"
+        )
     cpu = [r for label, _, r in rows if label.startswith("CPU")]
     if cpu:
         s = cpu[0]["median"]
-        lines += ["", f"CPU vs the reference implementation at batch {args.cpu_batch}: {s:.2f} / "
-                      f"{REFERENCE_CPU_S_PER_STEP:.0f} s = **{s / REFERENCE_CPU_S_PER_STEP:.2f}** (the reference's "
-                      f"~{REFERENCE_CPU_S_PER_STEP:.0f} s/step is a **published constant, not measured here**)."]
+        lines += [
+            "",
+            f"CPU vs the reference implementation at batch {args.cpu_batch}: {s:.2f} / "
+            f"{REFERENCE_CPU_S_PER_STEP:.0f} s = **{s / REFERENCE_CPU_S_PER_STEP:.2f}** (the reference's "
+            f"~{REFERENCE_CPU_S_PER_STEP:.0f} s/step is a **published constant, not measured here**).",
+        ]
     lines += ["", f"Benchmark wall time: {time.perf_counter() - t_start:.1f} s"]
     text = "\n".join(lines) + "\n"
     emit(text, args.out)

@@ -46,7 +46,6 @@ import warnings
 import weakref
 
 import torch
-
 from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
 
 METHODS = {  # name -> (neumann_grad, mem_eff)
@@ -136,8 +135,10 @@ def self_check() -> bool:
         gc.collect()
         good = m.peak == expect_peak and m.live == 0
         ok &= good
-        print(f"  {'PASS' if good else 'FAIL'} {name}: peak {m.peak} B (expected {expect_peak}), live before "
-              f"backward {during} B, after backward {m.live} B (expected 0)")
+        print(
+            f"  {'PASS' if good else 'FAIL'} {name}: peak {m.peak} B (expected {expect_peak}), live before "
+            f"backward {during} B, after backward {m.live} B (expected 0)"
+        )
 
     x = torch.randn(n, requires_grad=True)
     w = torch.randn(n, requires_grad=True)
@@ -148,8 +149,12 @@ def self_check() -> bool:
     case("(x*w).sum() with w excluded (a parameter)", lambda: (x * w).sum(), b, exclude=(w,))
     lin = torch.nn.Linear(n, 10)
     xb = torch.randn(8, n)
-    case("Linear(1000->10) on (8,1000), params excluded, saves the input",
-         lambda: lin(xb).pow(2).sum(), 4 * 8 * n + 4 * 8 * 10, exclude=tuple(lin.parameters()))
+    case(
+        "Linear(1000->10) on (8,1000), params excluded, saves the input",
+        lambda: lin(xb).pow(2).sum(),
+        4 * 8 * n + 4 * 8 * 10,
+        exclude=tuple(lin.parameters()),
+    )
     return ok
 
 
@@ -160,9 +165,18 @@ def build(method: str, k: int, args, device="cpu"):
     ng, me = METHODS[method]
     est = LogDetEstimator("power_series", n_terms=k, neumann_grad=ng, mem_eff=me)
     torch.manual_seed(args.seed)
-    return ResidualFlow(tuple(args.shape), estimator=est, blocks_per_scale=args.blocks, channels=args.channels,
-                        fc_blocks=args.fc_blocks, fc_hidden=args.fc_hidden, act="lipswish", coeff=0.98,
-                        num_levels=256, logit_alpha=0.05).to(device)
+    return ResidualFlow(
+        tuple(args.shape),
+        estimator=est,
+        blocks_per_scale=args.blocks,
+        channels=args.channels,
+        fc_blocks=args.fc_blocks,
+        fc_hidden=args.fc_hidden,
+        act="lipswish",
+        coeff=0.98,
+        num_levels=256,
+        logit_alpha=0.05,
+    ).to(device)
 
 
 def prepare(x: torch.Tensor, args):
@@ -198,8 +212,13 @@ def measure(flow, est, method: str, k: int, x: torch.Tensor) -> dict:
         loss = flow.bits_per_dim(x).mean()
         fwd_live = m.live
         loss.backward()
-    out = {"graph_peak": m.peak, "after_forward": fwd_live, "leaked": m.live, "saved": m.count,
-           "seconds": time.perf_counter() - t0}
+    out = {
+        "graph_peak": m.peak,
+        "after_forward": fwd_live,
+        "leaked": m.live,
+        "saved": m.count,
+        "seconds": time.perf_counter() - t0,
+    }
     if cuda:
         torch.cuda.synchronize()
         out["cuda_peak"] = torch.cuda.max_memory_allocated() - base
@@ -229,8 +248,13 @@ def report(results, args, wall, device) -> str:
         cells = [f"{results[(method, k)]['graph_peak'] / MB:.1f}" for k in ks]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if cuda:
-        lines += ["", "CUDA `max_memory_allocated` during the step minus memory allocated before it (MB):", "",
-                  "| Method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        lines += [
+            "",
+            "CUDA `max_memory_allocated` during the step minus memory allocated before it (MB):",
+            "",
+            "| Method | " + " | ".join(f"K={k}" for k in ks) + " |",
+            "|---|" + "---|" * len(ks),
+        ]
         for method in METHODS:
             cells = [f"{results[(method, k)]['cuda_peak'] / MB:.1f}" for k in ks]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -241,8 +265,13 @@ def report(results, args, wall, device) -> str:
         lines.append(f"| both / naive at K={kref} ({label}) | **{r:.3f}** | <= 0.2 |")
         both = [results[("both", k)][key] for k in ks]
         lines.append(f"| both: max / min over K={ks} ({label}) | {max(both) / min(both):.2f} | ~1 (flat in K) |")
-    lines += ["", "Seconds per measured step (forward + backward, with the hook on):", "",
-              "| Method | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines += [
+        "",
+        "Seconds per measured step (forward + backward, with the hook on):",
+        "",
+        "| Method | " + " | ".join(f"K={k}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
     for method in METHODS:
         lines.append(f"| {method} | " + " | ".join(f"{results[(method, k)]['seconds']:.2f}" for k in ks) + " |")
     leaks = {key: r["leaked"] for key, r in results.items() if r["leaked"]}
@@ -253,7 +282,9 @@ def report(results, args, wall, device) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--terms", type=int, nargs="+", default=[2, 5, 10, 20], help="series terms K (default 2 5 10 20)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--batch", type=int, default=16)

@@ -49,13 +49,12 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from torch import Tensor, nn
-
 from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
+from torch import Tensor, nn
 
 DIM = 2
 NUM_BLOCKS = 10
@@ -124,10 +123,20 @@ def build_flowforge(hidden, neumann_grad: bool, mem_eff: bool):
     from flowforge.flows.resflow import ResidualFlow
     from flowforge.nn.lipschitz import update_lipschitz
 
-    est = LogDetEstimator("roulette", n_exact_terms=N_EXACT, dist="geometric", p=GEOM_P,
-                          neumann_grad=neumann_grad, mem_eff=mem_eff)
-    flow = ResidualFlow((DIM,), estimator=est, num_blocks=NUM_BLOCKS, hidden=list(hidden), act="lipswish",
-                        coeff=COEFF, actnorm=False, sn_rtol=SN_TOL, sn_max_iters=SN_MAX_ITERS)
+    est = LogDetEstimator(
+        "roulette", n_exact_terms=N_EXACT, dist="geometric", p=GEOM_P, neumann_grad=neumann_grad, mem_eff=mem_eff
+    )
+    flow = ResidualFlow(
+        (DIM,),
+        estimator=est,
+        num_blocks=NUM_BLOCKS,
+        hidden=list(hidden),
+        act="lipswish",
+        coeff=COEFF,
+        actnorm=False,
+        sn_rtol=SN_TOL,
+        sn_max_iters=SN_MAX_ITERS,
+    )
 
     def loss_fn(x):
         return -flow.log_prob(x).mean()
@@ -141,10 +150,20 @@ def build_normflows(hidden):
     channels = [DIM, *hidden, DIM]
     blocks = []
     for _ in range(NUM_BLOCKS):
-        net = nf.nets.LipschitzMLP(channels, lipschitz_const=COEFF, max_lipschitz_iter=None,
-                                   lipschitz_tolerance=SN_TOL, init_zeros=True)
-        blocks.append(nf.flows.Residual(net, reduce_memory=True, geom_p=GEOM_P, n_exact_terms=N_EXACT,
-                                        n_samples=1, brute_force=False, exact_trace=False))
+        net = nf.nets.LipschitzMLP(
+            channels, lipschitz_const=COEFF, max_lipschitz_iter=None, lipschitz_tolerance=SN_TOL, init_zeros=True
+        )
+        blocks.append(
+            nf.flows.Residual(
+                net,
+                reduce_memory=True,
+                geom_p=GEOM_P,
+                n_exact_terms=N_EXACT,
+                n_samples=1,
+                brute_force=False,
+                exact_trace=False,
+            )
+        )
     model = nf.NormalizingFlow(q0=nf.distributions.DiagGaussian(DIM, trainable=False), flows=blocks)
 
     def lipschitz():
@@ -164,12 +183,15 @@ def build_entry(key: str, hidden, lr: float, seed: int) -> Entry:
         title, lib = "normflows: roulette + Neumann + backward-in-forward", "normflows"
         note = "Residual(reduce_memory=True) + LipschitzMLP (InducedNormLinear, 2-norm)"
     else:
-        ng, me = {"flowforge": (True, True), "flowforge-neumann": (True, False),
-                  "flowforge-backprop": (False, False)}[key]
+        ng, me = {"flowforge": (True, True), "flowforge-neumann": (True, False), "flowforge-backprop": (False, False)}[
+            key
+        ]
         model, loss_fn, lip, lp = build_flowforge(hidden, ng, me)
-        title = {"flowforge": "flowforge: roulette + Neumann + backward-in-forward",
-                 "flowforge-neumann": "flowforge: roulette + Neumann (no backward-in-forward)",
-                 "flowforge-backprop": "flowforge: roulette, plain backprop"}[key]
+        title = {
+            "flowforge": "flowforge: roulette + Neumann + backward-in-forward",
+            "flowforge-neumann": "flowforge: roulette + Neumann (no backward-in-forward)",
+            "flowforge-backprop": "flowforge: roulette, plain backprop",
+        }[key]
         lib = "flowforge"
         note = f"neumann_grad={ng}, mem_eff={me}"
     e = Entry(key, title, lib, model, loss_fn, lip, lp, note)
@@ -192,7 +214,7 @@ def run_timing(entries, batches, warmup: int, rounds: int, steps: int, clock) ->
             print(f"WARNING: {e.key}: non-finite loss after warm-up", file=sys.stderr)
     n = len(entries)
     for r in range(rounds):
-        order = entries[r % n:] + entries[: r % n]
+        order = entries[r % n :] + entries[: r % n]
         for _ in range(steps):
             for e in order:
                 e.last_loss = e.step(batches[e.count % len(batches)], clock)
@@ -266,24 +288,40 @@ def report(entries, args, nll_entries, wall: float) -> str:
     lines += ["", "| Check | value | target | |", "|---|---|---|---|"]
     if ff is not None and nf_ is not None:
         ratio = med(ff.times) / med(nf_.times)
-        lines.append(f"| flowforge / normflows (s/step) | **{ratio:.2f}** | <= {TARGET_RATIO} | "
-                     f"{'OK' if ratio <= TARGET_RATIO else 'MISSED'} |")
-        lines.append(f"| flowforge / normflows, without power iteration | "
-                     f"{(med(ff.fwd_bwd) + med(ff.adam)) / (med(nf_.fwd_bwd) + med(nf_.adam)):.2f} | — | |")
+        lines.append(
+            f"| flowforge / normflows (s/step) | **{ratio:.2f}** | <= {TARGET_RATIO} | "
+            f"{'OK' if ratio <= TARGET_RATIO else 'MISSED'} |"
+        )
+        lines.append(
+            f"| flowforge / normflows, without power iteration | "
+            f"{(med(ff.fwd_bwd) + med(ff.adam)) / (med(nf_.fwd_bwd) + med(nf_.adam)):.2f} | — | |"
+        )
     if ff is not None:
         s = med(ff.times)
-        lines.append(f"| flowforge s/step | **{s:.3f}** | <= {TARGET_S_PER_STEP} | "
-                     f"{'OK' if s <= TARGET_S_PER_STEP else 'MISSED'} |")
-        lines.append(f"| flowforge / reference implementation (reference {REFERENCE_S_PER_STEP} s/step, "
-                     f"**published constant, not measured here**) | {s / REFERENCE_S_PER_STEP:.2f} | <= "
-                     f"{TARGET_S_PER_STEP / REFERENCE_S_PER_STEP:.2f} | |")
+        lines.append(
+            f"| flowforge s/step | **{s:.3f}** | <= {TARGET_S_PER_STEP} | "
+            f"{'OK' if s <= TARGET_S_PER_STEP else 'MISSED'} |"
+        )
+        lines.append(
+            f"| flowforge / reference implementation (reference {REFERENCE_S_PER_STEP} s/step, "
+            f"**published constant, not measured here**) | {s / REFERENCE_S_PER_STEP:.2f} | <= "
+            f"{TARGET_S_PER_STEP / REFERENCE_S_PER_STEP:.2f} | |"
+        )
     if nll_entries:
-        lines += ["", f"Test NLL after {args.nll_steps} training steps each (same batches), "
-                      f"{args.n_test} held-out checkerboard points (seed {args.seed + 1}), eval mode:", "",
-                  "| Model | test NLL (nats) | log-det at evaluation |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Test NLL after {args.nll_steps} training steps each (same batches), "
+            f"{args.n_test} held-out checkerboard points (seed {args.seed + 1}), eval mode:",
+            "",
+            "| Model | test NLL (nats) | log-det at evaluation |",
+            "|---|---|---|",
+        ]
         for e in nll_entries:
-            how = ("exact 2x2 Jacobian (estimator eval_exact_max_dim=2)" if e.lib == "flowforge"
-                   else "exact 2x2 Jacobian (iResBlock brute-force branch in eval mode)")
+            how = (
+                "exact 2x2 Jacobian (estimator eval_exact_max_dim=2)"
+                if e.lib == "flowforge"
+                else "exact 2x2 Jacobian (iResBlock brute-force branch in eval mode)"
+            )
             lines.append(f"| {e.title} | {e.test_nll:.4f} | {how} |")
     lines += [
         "",
@@ -303,20 +341,35 @@ def report(entries, args, nll_entries, wall: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps per model per round (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds (default 3)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per model (default 3)")
     p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--hidden", type=int, nargs="+", default=[128, 128, 128, 128],
-                   help="hidden widths of each block's MLP (default 128 128 128 128, i.e. 2-128-128-128-128-2)")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=[128, 128, 128, 128],
+        help="hidden widths of each block's MLP (default 128 128 128 128, i.e. 2-128-128-128-128-2)",
+    )
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    p.add_argument("--nll-steps", type=int, default=300,
-                   help="train flowforge and normflows to this many steps, then report test NLL (0: skip)")
+    p.add_argument(
+        "--nll-steps",
+        type=int,
+        default=300,
+        help="train flowforge and normflows to this many steps, then report test NLL (0: skip)",
+    )
     p.add_argument("--n-test", type=int, default=5000, help="held-out points for the test NLL")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N); default: torch's default")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall (perf_counter) or cpu (main-thread CPU time; only meaningful with --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall (perf_counter) or cpu (main-thread CPU time; only meaningful with --threads 1)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the Markdown report to this path")
@@ -328,12 +381,15 @@ def main(argv=None) -> int:
         print("WARNING: --clock cpu only counts the main thread; use it with --threads 1", file=sys.stderr)
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     t0 = time.perf_counter()
-    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", flush=True)
-
-    from flowforge.data.toy2d import sample_toy
+    print(
+        f"torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        flush=True,
+    )
 
     import numpy as np
+
+    from flowforge.data.toy2d import sample_toy
 
     np.random.seed(args.seed)  # normflows' roulette draws
     pool = sample_toy("checkerboard", args.batch * 64, seed=args.seed)

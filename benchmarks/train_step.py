@@ -17,11 +17,13 @@ parameter counts are printed so the match is visible):
 * Glow    - 8 steps ActNorm -> LU linear -> affine coupling with sigmoid scale (zuko has no Glow).
 * RealNVP-bare / NSF-bare - the same without ActNorm (and LU), i.e. structure-matched to zuko.
 
-Timing: ``torch.set_num_threads`` is left at its default (unless ``--threads``); each model gets ``--warmup`` steps, then the
+Timing: ``torch.set_num_threads`` is left at its default (unless ``--threads``); each model gets ``--warmup`` steps,
+then the
 models are timed round-robin (``--rounds`` rounds of ``--steps`` steps each, switching model after every
 ``--block`` steps, the model order rotated each round) so machine noise hits all of them alike; every
 step is timed separately and the median per-step time is reported.  On a machine shared with other
-jobs, ``--threads 1 --clock cpu`` (CPU time of the main thread) gives much tighter numbers.  Ratios are ``flowforge / fastest peer that has the family`` (target <= 1).
+jobs, ``--threads 1 --clock cpu`` (CPU time of the main thread) gives much tighter numbers.
+Ratios are ``flowforge / fastest peer that has the family`` (target <= 1).
 
 Usage::
 
@@ -42,13 +44,12 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
-from torch import Tensor, nn
-
 from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
+from torch import Tensor, nn
 
 # The four families of the comparison, plus two structure-matched variants: zuko's RealNVP has no ActNorm
 # and zuko's NSF has no ActNorm / LU mixing, so ``*-bare`` drops those layers in flowforge and normflows
@@ -56,8 +57,12 @@ from _report import emit  # benchmarks/_report.py (scripts run as python benchma
 FAMILIES = ("realnvp", "maf", "nsf", "glow", "realnvp-bare", "nsf-bare")
 LIBS = ("flowforge", "zuko", "nflows", "normflows")
 FAMILY_TITLE = {
-    "realnvp": "RealNVP", "maf": "MAF", "nsf": "NSF", "glow": "Glow",
-    "realnvp-bare": "RealNVP, no ActNorm (matched to zuko)", "nsf-bare": "NSF, no ActNorm/LU (matched to zuko)",
+    "realnvp": "RealNVP",
+    "maf": "MAF",
+    "nsf": "NSF",
+    "glow": "Glow",
+    "realnvp-bare": "RealNVP, no ActNorm (matched to zuko)",
+    "nsf-bare": "NSF, no ActNorm/LU (matched to zuko)",
 }
 
 # Matched sizes.
@@ -117,7 +122,7 @@ def build_flowforge(family: str, dim: int) -> tuple[nn.Module, LogProb, str]:
     return m, m.log_prob, note
 
 
-def build_zuko(family: str, dim: int) -> Optional[tuple[nn.Module, LogProb, str]]:
+def build_zuko(family: str, dim: int) -> tuple[nn.Module, LogProb, str] | None:
     import zuko
 
     if family in ("realnvp", "realnvp-bare"):
@@ -167,8 +172,12 @@ def build_normflows(family: str, dim: int) -> tuple[nn.Module, LogProb, str]:
         for i in range(NSF_STEPS):
             mask = (torch.arange(dim) % 2 == (i + 1) % 2).int()  # transformed features: mask > 0
             coupling = PiecewiseRationalQuadraticCoupling(
-                mask=mask, transform_net_create_fn=NSFNet, num_bins=NSF_BINS, tails="linear",
-                tail_bound=NSF_BOUND, apply_unconditional_transform=False,
+                mask=mask,
+                transform_net_create_fn=NSFNet,
+                num_bins=NSF_BINS,
+                tails="linear",
+                tail_bound=NSF_BOUND,
+                apply_unconditional_transform=False,
             )
             # The coupling's ``forward`` is the data -> base direction; normflows' log_prob calls
             # ``inverse``, so wrap it (CoupledRationalQuadraticSpline does the same swap internally).
@@ -213,20 +222,29 @@ def build_nflows(family: str, dim: int) -> tuple[nn.Module, LogProb, str]:
         for i in range(MAF_LAYERS):
             if i:
                 layers.append(transforms.ReversePermutation(dim))
-            layers.append(transforms.MaskedAffineAutoregressiveTransform(
-                dim, HIDDEN[0], num_blocks=len(HIDDEN) - 1, use_residual_blocks=False))
+            layers.append(
+                transforms.MaskedAffineAutoregressiveTransform(
+                    dim, HIDDEN[0], num_blocks=len(HIDDEN) - 1, use_residual_blocks=False
+                )
+            )
         note = "MaskedAffineAutoregressiveTransform + reverse"
     elif family in ("nsf", "nsf-bare"):
         for i in range(NSF_STEPS):
             if family == "nsf":
                 layers += [transforms.ActNorm(dim), transforms.LULinear(dim, identity_init=True)]
-            layers.append(transforms.PiecewiseRationalQuadraticCouplingTransform(
-                mask(i), net, num_bins=NSF_BINS, tails="linear", tail_bound=NSF_BOUND))
+            layers.append(
+                transforms.PiecewiseRationalQuadraticCouplingTransform(
+                    mask(i), net, num_bins=NSF_BINS, tails="linear", tail_bound=NSF_BOUND
+                )
+            )
         note = ("ActNorm + LULinear + " if family == "nsf" else "") + "RQ-spline coupling"
     elif family == "glow":
         for i in range(GLOW_STEPS):
-            layers += [transforms.ActNorm(dim), transforms.LULinear(dim, identity_init=True),
-                       transforms.AffineCouplingTransform(mask(i), net)]
+            layers += [
+                transforms.ActNorm(dim),
+                transforms.LULinear(dim, identity_init=True),
+                transforms.AffineCouplingTransform(mask(i), net),
+            ]
         note = "ActNorm + LULinear + AffineCouplingTransform (sigmoid scale)"
     else:
         raise ValueError(family)
@@ -315,7 +333,7 @@ def timed_rounds(entries: list[Entry], phase: str, call, rounds: int, steps: int
     burst of machine load hits all models alike; every call is timed separately."""
     n = len(entries)
     for r in range(rounds):
-        order = entries[r % n:] + entries[: r % n]
+        order = entries[r % n :] + entries[: r % n]
         for start in range(0, steps, block):
             for e in order:
                 for _ in range(min(block, steps - start)):
@@ -400,8 +418,10 @@ def report(entries: list[Entry], args, wall: float) -> str:
             row.append(ratio_cell(by, f, libs, phase))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["| Family | Library | structure | params | " + " | ".join(f"{p} IQR ms" for p in phases)
-              + " | test NLL |", "|" + "---|" * (5 + len(phases))]
+    lines += [
+        "| Family | Library | structure | params | " + " | ".join(f"{p} IQR ms" for p in phases) + " | test NLL |",
+        "|" + "---|" * (5 + len(phases)),
+    ]
     for f in families:
         for l in libs:
             e = by.get((f, l))
@@ -410,8 +430,9 @@ def report(entries: list[Entry], args, wall: float) -> str:
                     lines.append(f"| {FAMILY_TITLE[f]} | zuko | no Glow in zuko | — |" + " — |" * (len(phases) + 1))
                 continue
             iqr = ["{:.2f}–{:.2f}".format(*e.quartiles_ms(p)) for p in phases]
-            lines.append(f"| {FAMILY_TITLE[f]} | {l} | {e.note} | {e.params:,} | " + " | ".join(iqr)
-                         + f" | {e.test_nll:.3f} |")
+            lines.append(
+                f"| {FAMILY_TITLE[f]} | {l} | {e.note} | {e.params:,} | " + " | ".join(iqr) + f" | {e.test_nll:.3f} |"
+            )
     lines += [
         "",
         "Notes: zuko's NSF is autoregressive (for D = 2 equivalent to a coupling whose first coordinate also "
@@ -440,23 +461,41 @@ def parse_families(values) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps per model per round (default 20)")
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds (default 5)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps per model (default 10)")
-    p.add_argument("--block", type=int, default=1,
-                   help="consecutive steps of one model before switching to the next (default 1)")
+    p.add_argument(
+        "--block", type=int, default=1, help="consecutive steps of one model before switching to the next (default 1)"
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[500, 4096], help="batch sizes (default 500 4096)")
-    p.add_argument("--logprob-points", type=int, default=100_000,
-                   help="points for the no-grad log_prob timing (default 100000; 0 skips it)")
-    p.add_argument("--data", choices=("checkerboard", "digits"), default="checkerboard",
-                   help="2-D checkerboard (default) or 64-D flattened digits")
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), help="subset of " + " ".join(FAMILIES) + " (default: all)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N); default: leave torch's default alone")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall (perf_counter, default) or cpu (CPU time of the main thread: stable on a loaded "
-                        "machine, but only meaningful with --threads 1)")
+    p.add_argument(
+        "--logprob-points",
+        type=int,
+        default=100_000,
+        help="points for the no-grad log_prob timing (default 100000; 0 skips it)",
+    )
+    p.add_argument(
+        "--data",
+        choices=("checkerboard", "digits"),
+        default="checkerboard",
+        help="2-D checkerboard (default) or 64-D flattened digits",
+    )
+    p.add_argument(
+        "--families", nargs="+", default=list(FAMILIES), help="subset of " + " ".join(FAMILIES) + " (default: all)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads(N); default: leave torch's default alone"
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall (perf_counter, default) or cpu (CPU time of the main thread: stable on a loaded "
+        "machine, but only meaningful with --threads 1)",
+    )
     p.add_argument("--libs", nargs="+", default=list(LIBS), choices=LIBS, help="subset of libraries")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -32,16 +32,49 @@ SMALL = {
     "nsf": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8", "model.bins=4"],
     "maf": ["model.num_layers=2", "model.hidden=[16]"],
     "iaf": ["model.num_layers=2", "model.hidden=[16]", "model.max_density_passes=64"],
-    "resflow": ["model.num_blocks=2", "model.hidden=[8]", "model.blocks_per_scale=[1]", "model.channels=4",
-                "model.fc_blocks=1", "model.fc_hidden=[8]"],
-    "iresnet": ["model.num_blocks=2", "model.hidden=[8]", "model.blocks_per_scale=[1]", "model.channels=4",
-                "model.fc_blocks=1", "model.fc_hidden=[8]"],
-    "impflow": ["model.num_blocks=2", "model.hidden=[8]", "model.blocks_per_scale=[1]", "model.channels=4",
-                "model.fc_blocks=1", "model.fc_hidden=[8]"],
-    "monotone": ["model.num_blocks=2", "model.depth=2", "model.growth=4", "model.fc_g=mlp", "model.fc_hidden=[8]",
-                 "model.blocks_per_scale=[1]", "model.fc_blocks=1"],
-    "cnf": ["model.num_blocks=2", "model.hidden=[8]", "model.channels=4", "model.kernels=[3,3]",
-            "model.num_scales=2", "model.blocks_per_scale=1", "model.method=rk4", "model.step_size=0.5"],
+    "resflow": [
+        "model.num_blocks=2",
+        "model.hidden=[8]",
+        "model.blocks_per_scale=[1]",
+        "model.channels=4",
+        "model.fc_blocks=1",
+        "model.fc_hidden=[8]",
+    ],
+    "iresnet": [
+        "model.num_blocks=2",
+        "model.hidden=[8]",
+        "model.blocks_per_scale=[1]",
+        "model.channels=4",
+        "model.fc_blocks=1",
+        "model.fc_hidden=[8]",
+    ],
+    "impflow": [
+        "model.num_blocks=2",
+        "model.hidden=[8]",
+        "model.blocks_per_scale=[1]",
+        "model.channels=4",
+        "model.fc_blocks=1",
+        "model.fc_hidden=[8]",
+    ],
+    "monotone": [
+        "model.num_blocks=2",
+        "model.depth=2",
+        "model.growth=4",
+        "model.fc_g=mlp",
+        "model.fc_hidden=[8]",
+        "model.blocks_per_scale=[1]",
+        "model.fc_blocks=1",
+    ],
+    "cnf": [
+        "model.num_blocks=2",
+        "model.hidden=[8]",
+        "model.channels=4",
+        "model.kernels=[3,3]",
+        "model.num_scales=2",
+        "model.blocks_per_scale=1",
+        "model.method=rk4",
+        "model.step_size=0.5",
+    ],
     "sphere": ["model.num_layers=2"],
     "simplex": [],
 }
@@ -54,8 +87,14 @@ EXACT_OVERRIDES = {
     "iresnet": ["estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"],
     "impflow": ["estimator=exact", *_TIGHT_SOLVES],
     "monotone": ["estimator=exact", *_TIGHT_SOLVES],
-    "cnf": ["estimator=exact", "model.method=dopri5", "model.step_size=null", "model.atol=1e-10", "model.rtol=1e-10",
-            "model.adjoint=false"],
+    "cnf": [
+        "estimator=exact",
+        "model.method=dopri5",
+        "model.step_size=null",
+        "model.atol=1e-10",
+        "model.rtol=1e-10",
+        "model.adjoint=false",
+    ],
 }
 ESTIMATED = set(EXACT_OVERRIDES)
 VECTOR_ONLY = {"planar", "radial"}
@@ -67,7 +106,6 @@ def compose(overrides=(), config_name="train"):
     """Compose the real Hydra config tree with overrides (no run directory needed)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
@@ -111,7 +149,6 @@ def assert_directional_derivative(loss, p, grad, eps=1e-6, tol=1e-6):
     assert abs((up - down) / (2 * eps) - float((grad * d).sum())) < tol * max(1.0, abs(up))
 
 
-
 def fast_dev_run(flow, datamodule, tmp_path):
     """One training, validation and test batch of ``flow`` on ``datamodule`` (no logger, no checkpoints);
     returns the trainer and the module."""
@@ -120,8 +157,13 @@ def fast_dev_run(flow, datamodule, tmp_path):
     from flowforge.training.module import FlowModule
 
     trainer = pl.Trainer(
-        fast_dev_run=True, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        fast_dev_run=True,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     module = FlowModule(flow)
     trainer.fit(module, datamodule=datamodule)

@@ -10,8 +10,12 @@ import pytest
 from conftest import ROOT
 
 QUICK = [
-    "dataset.n_train=1000", "dataset.n_val=500", "dataset.n_test=500", "dataset.batch_size=250",
-    "trainer.max_epochs=2", "model.hidden=[16]",
+    "dataset.n_train=1000",
+    "dataset.n_val=500",
+    "dataset.n_test=500",
+    "dataset.batch_size=250",
+    "trainer.max_epochs=2",
+    "model.hidden=[16]",
 ]
 
 
@@ -24,8 +28,15 @@ def sh(*args, timeout=600):
 @pytest.fixture(scope="module")
 def multirun(tmp_path_factory):
     sweep = tmp_path_factory.mktemp("sweep")
-    code, out = sh("train.py", "-m", "model=realnvp,maf", "logger=many", "logger.wandb.log_model=true", *QUICK,
-                   f"hydra.sweep.dir={sweep}")
+    code, out = sh(
+        "train.py",
+        "-m",
+        "model=realnvp,maf",
+        "logger=many",
+        "logger.wandb.log_model=true",
+        *QUICK,
+        f"hydra.sweep.dir={sweep}",
+    )
     assert code == 0, out[-4000:]
     return sweep, out
 
@@ -63,9 +74,15 @@ def test_eval_and_sample_from_checkpoint(multirun, tmp_path):
     code, out = sh("eval.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
     assert code == 0, out[-3000:]
     expected = json.loads((sweep / "0" / "metrics.json").read_text())["test/nll"]
-    assert abs(json.loads(out[out.index("{"): out.rindex("}") + 1])["test/nll"] - expected) < 1e-5
-    code, out = sh("sample.py", f"ckpt_path={ckpt}", "num_samples=500", "temperature=0.8", f"output_dir={tmp_path / 's'}",
-                   f"hydra.run.dir={tmp_path / 's'}")
+    assert abs(json.loads(out[out.index("{") : out.rindex("}") + 1])["test/nll"] - expected) < 1e-5
+    code, out = sh(
+        "sample.py",
+        f"ckpt_path={ckpt}",
+        "num_samples=500",
+        "temperature=0.8",
+        f"output_dir={tmp_path / 's'}",
+        f"hydra.run.dir={tmp_path / 's'}",
+    )
     assert code == 0, out[-3000:]
     assert (tmp_path / "s" / "density.png").exists() and (tmp_path / "s" / "samples.pt").exists()
 

@@ -76,8 +76,11 @@ def mlp_cnf(**kw):
 
 
 def conv_cnf(**kw):
-    return CNF(VelocityConvNet(2, 4, (3, 3), "softplus"), shape=(2, 3, 3),
-               **{**dict(adjoint=False, atol=1e-10, rtol=1e-10), **kw}).double()
+    return CNF(
+        VelocityConvNet(2, 4, (3, 3), "softplus"),
+        shape=(2, 3, 3),
+        **{**dict(adjoint=False, atol=1e-10, rtol=1e-10), **kw},
+    ).double()
 
 
 @pytest.mark.parametrize("make,shape", [(mlp_cnf, (3,)), (conv_cnf, (2, 3, 3))], ids=["mlp", "conv"])
@@ -129,8 +132,11 @@ def test_adjoint_seminorm_saves_backward_evaluations_not_accuracy():
     the parameter gradients, below the noise of a minibatch gradient, for the evaluations)."""
     torch.manual_seed(0)
     runs = {}
-    for name, opts in (("direct", dict(adjoint=False)), ("semi", dict(adjoint=True)),
-                       ("full", dict(adjoint=True, adjoint_seminorm=False))):
+    for name, opts in (
+        ("direct", dict(adjoint=False)),
+        ("semi", dict(adjoint=True)),
+        ("full", dict(adjoint=True, adjoint_seminorm=False)),
+    ):
         tol = 1e-12 if name == "direct" else 1e-6
         cnf = mlp_cnf(trace="exact", t1=1.0, atol=tol, rtol=tol, **opts)
         if runs:
@@ -297,7 +303,7 @@ class Decoupled(nn.Module):
         self.m = nn.Parameter(m)
 
     def forward(self, t, s):
-        return torch.cat([self.f(t, s[:, : self.d]), s[:, self.d:] @ self.m.T], dim=1)
+        return torch.cat([self.f(t, s[:, : self.d]), s[:, self.d :] @ self.m.T], dim=1)
 
 
 @pytest.mark.parametrize("kind", ["rotation", "scaling"])
@@ -339,8 +345,9 @@ def test_augmented_cnf_is_a_lower_bound(kind):
 
 
 def test_augmented_ffjord_shapes():
-    flow = FFJORD((2,), estimator={"name": "exact"}, num_blocks=2, hidden=(8,), augment_dim=3, method="rk4",
-                  step_size=0.5)
+    flow = FFJORD(
+        (2,), estimator={"name": "exact"}, num_blocks=2, hidden=(8,), augment_dim=3, method="rk4", step_size=0.5
+    )
     x = torch.randn(5, 2)
     z, log_det = flow(x)
     assert z.shape == (5, 5) and log_det.shape == (5,)
@@ -359,8 +366,18 @@ def test_ffjord_estimator_resolution_and_float64_multiscale():
     hutch = FFJORD((2,), estimator={"name": "hutchinson", "probe": "rademacher", "n_probes": 2}, hidden=(8,))
     block = hutch.transform.transforms[0]
     assert (block.trace, block.probe, block.n_probes, block.eval_trace) == ("hutchinson", "rademacher", 2, "exact")
-    image = FFJORD((1, 4, 4), estimator={"name": "exact"}, channels=4, kernels=(3, 3), num_scales=2,
-                   blocks_per_scale=1, method="rk4", step_size=0.5, num_levels=17, logit_alpha=0.05).double()
+    image = FFJORD(
+        (1, 4, 4),
+        estimator={"name": "exact"},
+        channels=4,
+        kernels=(3, 3),
+        num_scales=2,
+        blocks_per_scale=1,
+        method="rk4",
+        step_size=0.5,
+        num_levels=17,
+        logit_alpha=0.05,
+    ).double()
     assert sum(isinstance(m, CNF) for m in image.modules()) == 3  # 1 + 1 after the squeeze, 1 in the last scale
     x = torch.rand(2, 1, 4, 4, dtype=F64) * 0.9 + 0.05
     lp = image.log_prob(x)

@@ -3,15 +3,21 @@ training/validation/test step, and the ones that cannot fail with a clear messag
 
 import pytest
 import torch
-from conftest import (DATASETS, MANIFOLD, MODELS, NEEDS_2D, SMALL, VECTOR_ONLY, compose, fast_dev_run,
-                      instantiate_model)
+from conftest import DATASETS, MANIFOLD, MODELS, NEEDS_2D, SMALL, VECTOR_ONLY, compose, fast_dev_run, instantiate_model
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class
 
 from flowforge.data.base import FlowDataModule
 from flowforge.errors import ConfigError
 
-GENERATED = {"toy2d", "step1d", "digits", "target", "vmf_sphere", "dirichlet_simplex"}  # the rest read files: replaced by synthetic data here
+GENERATED = {
+    "toy2d",
+    "step1d",
+    "digits",
+    "target",
+    "vmf_sphere",
+    "dirichlet_simplex",
+}  # the rest read files: replaced by synthetic data here
 
 
 class SyntheticData(FlowDataModule):
@@ -19,10 +25,12 @@ class SyntheticData(FlowDataModule):
 
     def load_splits(self):
         g = torch.Generator().manual_seed(0)
+
         def draw(n):
             if self.num_levels:
                 return torch.randint(0, self.num_levels, (n, *self.shape), generator=g).float()
             return torch.randn(n, *self.shape, generator=g)
+
         return {s: (draw(4), None) for s in ("train", "val", "test")}
 
 

@@ -116,7 +116,12 @@ def cifar_dir(tmp_path):
 def test_cifar10_round_trip(cifar_dir):
     root, batches = cifar_dir
     dm = CIFAR10DataModule(
-        shape=[3, 32, 32], num_levels=256, data_dir=str(root), val_size=3, batch_size=2, flip=True,
+        shape=[3, 32, 32],
+        num_levels=256,
+        data_dir=str(root),
+        val_size=3,
+        batch_size=2,
+        flip=True,
         verify_checksums=False,
     )
     dm.setup()
@@ -247,8 +252,15 @@ def celebahq_dir(tmp_path):
 
 def _celebahq(root, **kwargs):
     return CelebAHQDataModule(
-        shape=[3, 8, 8], resolution=8, num_levels=32, data_dir=str(root), num_images=10, num_test=3,
-        num_val=2, batch_size=2, **kwargs,
+        shape=[3, 8, 8],
+        resolution=8,
+        num_levels=32,
+        data_dir=str(root),
+        num_images=10,
+        num_test=3,
+        num_val=2,
+        batch_size=2,
+        **kwargs,
     )
 
 
@@ -398,8 +410,9 @@ def test_miniboone(tmp_path):
 def test_bsds300_round_trip(tmp_path):
     h5py = pytest.importorskip("h5py")
     (tmp_path / "BSDS300").mkdir()
-    splits = {key: RNG.normal(size=(n, 63)).astype(np.float32) for key, n in
-              (("train", 20), ("validation", 5), ("test", 7))}
+    splits = {
+        key: RNG.normal(size=(n, 63)).astype(np.float32) for key, n in (("train", 20), ("validation", 5), ("test", 7))
+    }
     with h5py.File(tmp_path / "BSDS300" / "BSDS300.hdf5", "w") as f:
         for key, value in splits.items():
             f[key] = value

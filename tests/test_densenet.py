@@ -29,8 +29,9 @@ def per_sample_jacobians(f, x):
     coordinate, for the whole batch at once)."""
     x = x.detach().requires_grad_(True)
     y = f(x).reshape(x.shape[0], -1)
-    rows = [torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)[0].reshape(x.shape[0], -1)
-            for i in range(y.shape[1])]
+    rows = [
+        torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)[0].reshape(x.shape[0], -1) for i in range(y.shape[1])
+    ]
     return torch.stack(rows, dim=1)
 
 

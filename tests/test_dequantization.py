@@ -30,8 +30,9 @@ def perturbed(deq, scale=0.05):
 def gaussian_flow(shape, num_levels, trainable=True):
     """A flow whose density is a diagonal Gaussian in logit space (one ActNorm on the flattened image)."""
     dim = math.prod(shape)
-    return build_flow(shape, flatten_images(shape, [ActNorm((dim,), data_init=trainable)]),
-                      num_levels=num_levels, logit_alpha=0.05)
+    return build_flow(
+        shape, flatten_images(shape, [ActNorm((dim,), data_init=trainable)]), num_levels=num_levels, logit_alpha=0.05
+    )
 
 
 def test_log_weight_is_exactly_minus_log_q():
@@ -98,7 +99,9 @@ def test_variational_bound_is_tighter_than_uniform_after_training():
     for name in ("uniform", "variational"):
         torch.manual_seed(0)
         flow = gaussian_flow(shape, K)
-        flow.dequantizer = make_dequantizer(name, shape, K, **({"num_layers": 2, "hidden": 16} if name != "uniform" else {}))
+        flow.dequantizer = make_dequantizer(
+            name, shape, K, **({"num_layers": 2, "hidden": 16} if name != "uniform" else {})
+        )
         _train(flow, data, steps=300)
         with torch.no_grad():
             torch.manual_seed(1)
@@ -148,7 +151,9 @@ def test_build_selects_the_dequantizer_and_rejects_bad_choices():
     assert all(id(p) in ids for p in deq.parameters())  # trained jointly with the flow
     _, module = experiment.build(compose(["dataset=digits", *SMALL["realnvp"]]))
     assert isinstance(module.model.dequantizer, UniformDequantization)  # the default
-    with pytest.raises(ConfigError, match="unknown dequantization 'nosuch'; choose dequantization= one of uniform, variational"):
+    with pytest.raises(
+        ConfigError, match="unknown dequantization 'nosuch'; choose dequantization= one of uniform, variational"
+    ):
         experiment.build(compose(["dataset=digits", "dequantization.name=nosuch"]))
     with pytest.raises(ConfigError, match="dequantization=variational applies to integer image data"):
         experiment.build(compose(["dataset=toy2d", "dequantization=variational"]))
@@ -161,8 +166,16 @@ def test_build_selects_the_dequantizer_and_rejects_bad_choices():
 
 
 def test_command_line_run_reports_variational_bits_per_dim(tmp_path):
-    code, out = sh("train.py", "dataset=digits", "dequantization=variational", "debug=fdr", "callbacks=none",
-                   *SMALL["realnvp"], f"hydra.run.dir={tmp_path}", timeout=300)
+    code, out = sh(
+        "train.py",
+        "dataset=digits",
+        "dequantization=variational",
+        "debug=fdr",
+        "callbacks=none",
+        *SMALL["realnvp"],
+        f"hydra.run.dir={tmp_path}",
+        timeout=300,
+    )
     assert code == 0, out[-3000:]
     assert "dequantization: variational" in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())

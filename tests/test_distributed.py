@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, compose
+from conftest import ROOT
 
 from flowforge.flows.actnorm import ActNorm
 
@@ -55,10 +55,22 @@ def test_actnorm_init_is_identical_on_every_rank(tmp_path):
 def test_ddp_two_processes_match_single_process_validation(tmp_path):
     run_dir = tmp_path / "ddp"
     cmd = [
-        sys.executable, "train.py", "trainer=ddp_sim", "model=glow", "model.num_steps=2", "model.hidden=[16]",
-        "dataset.n_train=2000", "dataset.n_val=1000", "dataset.n_test=1000", "dataset.batch_size=250",
-        "dataset.eval_batch_size=500", "trainer.max_epochs=2", "callbacks.sample_figures.every_n_epochs=100",
-        "trainer.enable_progress_bar=false", "~callbacks.progress_bar", f"hydra.run.dir={run_dir}",
+        sys.executable,
+        "train.py",
+        "trainer=ddp_sim",
+        "model=glow",
+        "model.num_steps=2",
+        "model.hidden=[16]",
+        "dataset.n_train=2000",
+        "dataset.n_val=1000",
+        "dataset.n_test=1000",
+        "dataset.batch_size=250",
+        "dataset.eval_batch_size=500",
+        "trainer.max_epochs=2",
+        "callbacks.sample_figures.every_n_epochs=100",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        f"hydra.run.dir={run_dir}",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -66,8 +78,9 @@ def test_ddp_two_processes_match_single_process_validation(tmp_path):
     ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     # the same weights validated by one process
-    from flowforge import experiment
     import pytorch_lightning as pl
+
+    from flowforge import experiment
 
     run_cfg, state = experiment.load_checkpoint(str(ckpt))
     datamodule, module = experiment.build(run_cfg)

@@ -29,8 +29,9 @@ def sh(*args, timeout=300):
 
 def regression_module(dim=2):
     cfg = compose(["model=realnvp", "model.num_steps=2", "model.hidden=[8]", f"dataset.shape=[{dim}]"])
-    return FlowModule(experiment.instantiate(cfg.model), objective={"name": "regression"},
-                      config={"dataset": {"name": "toy2d"}})
+    return FlowModule(
+        experiment.instantiate(cfg.model), objective={"name": "regression"}, config={"dataset": {"name": "toy2d"}}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -40,7 +41,7 @@ def test_regression_loss_is_the_squared_error_by_hand():
     values = module._step_metrics((y, x), y)
     with torch.no_grad():
         z = module.model(x)[0]
-    by_hand = ((z[:, 0] - y[:, 0]) ** 2 + (z[:, 1] - y[:, 1]) ** 2)  # summed over the 2 dims
+    by_hand = (z[:, 0] - y[:, 0]) ** 2 + (z[:, 1] - y[:, 1]) ** 2  # summed over the 2 dims
     torch.testing.assert_close(values["loss"], by_hand)
     torch.testing.assert_close(values["loss"].mean(), torch.mean(torch.sum((z - y) ** 2, 1)))
     torch.testing.assert_close(values["mse"].mean(), torch.mean((z - y) ** 2))  # per dimension
@@ -49,10 +50,13 @@ def test_regression_loss_is_the_squared_error_by_hand():
     assert module.classifier is None and "nll" not in values
 
 
-@pytest.mark.parametrize("batch", [
-    lambda: [torch.randn(8, 2)],                                   # toy2d: no second tensor
-    lambda: [torch.randn(8, 2), torch.randint(0, 10, (8,))],       # labelled data: integer classes
-])
+@pytest.mark.parametrize(
+    "batch",
+    [
+        lambda: [torch.randn(8, 2)],  # toy2d: no second tensor
+        lambda: [torch.randn(8, 2), torch.randint(0, 10, (8,))],  # labelled data: integer classes
+    ],
+)
 def test_regression_without_inputs_names_step1d(batch):
     module = regression_module(dim=2)
     b = batch()
@@ -61,8 +65,18 @@ def test_regression_without_inputs_names_step1d(batch):
 
 
 def test_regression_on_toy2d_run_fails_with_the_fix(tmp_path):
-    cfg = compose(["objective=regression", "dataset.n_train=200", "dataset.n_val=100", "dataset.n_test=100",
-                   "model.num_steps=2", "model.hidden=[8]", *QUIET, f"paths.output_dir={tmp_path}"])
+    cfg = compose(
+        [
+            "objective=regression",
+            "dataset.n_train=200",
+            "dataset.n_val=100",
+            "dataset.n_test=100",
+            "model.num_steps=2",
+            "model.hidden=[8]",
+            *QUIET,
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     with pytest.raises(ConfigError, match="dataset=step1d"):
         experiment.train(cfg)
 
@@ -80,8 +94,12 @@ def test_fit1d_configs_hold_the_paper_settings(name):
     assert cfg.dataset.name == "step1d" and cfg.dataset.batch_size == 5000
     assert cfg.optim.optimizer.lr == 0.01 and cfg.model.coeff == 0.99 and cfg.trainer.max_steps == 15000
     assert cfg.trainer.max_epochs == -1  # else max_epochs (4 steps each) would end the run early
-    expected = {"fit1d_resflow": ("ResidualFlow", 2, False), "fit1d_resflow_actnorm": ("ResidualFlow", 2, True),
-                "fit1d_impflow": ("ImplicitFlow", 1, True), "fit1d_monotone": ("MonotoneFlow", 2, True)}[name]
+    expected = {
+        "fit1d_resflow": ("ResidualFlow", 2, False),
+        "fit1d_resflow_actnorm": ("ResidualFlow", 2, True),
+        "fit1d_impflow": ("ImplicitFlow", 1, True),
+        "fit1d_monotone": ("MonotoneFlow", 2, True),
+    }[name]
     assert (cfg.model._target_.rsplit(".", 1)[1], cfg.model.num_blocks, cfg.model.actnorm) == expected
     assert cfg.model.act == "crelu" and cfg.optim.optimizer.weight_decay == 0  # mlvlab/MonotoneFlows' commands
     if cfg.model.get("g") == "dense":
@@ -98,8 +116,9 @@ def test_fit1d_models_have_comparable_capacity():
     assert max(counts.values()) <= 1.05 * min(counts.values()), counts
 
 
-@pytest.mark.parametrize("name,target,act", [("idensenet_toy", "ResidualFlow", "clipswish"),
-                                             ("monotone_toy", "MonotoneFlow", "cpila")])
+@pytest.mark.parametrize(
+    "name,target,act", [("idensenet_toy", "ResidualFlow", "clipswish"), ("monotone_toy", "MonotoneFlow", "cpila")]
+)
 def test_toy_configs(name, target, act):
     cfg = compose([f"experiment={name}", "dataset.name=moons"])
     assert cfg.model._target_.endswith(target) and cfg.model.act == act and cfg.model.g == "dense"
@@ -114,8 +133,19 @@ def test_toy_configs(name, target, act):
 def fit1d_sweep(tmp_path_factory):
     """sweeps/fit1d.yaml as documented: one fast_dev_run per variant."""
     sweep = tmp_path_factory.mktemp("fit1d")
-    code, out = sh("train.py", "-m", "--config-dir", "sweeps", "--config-name", "fit1d", *QUIET,
-                   "dataset.n_train=5000", "dataset.n_val=500", "dataset.n_test=500", f"hydra.sweep.dir={sweep}")
+    code, out = sh(
+        "train.py",
+        "-m",
+        "--config-dir",
+        "sweeps",
+        "--config-name",
+        "fit1d",
+        *QUIET,
+        "dataset.n_train=5000",
+        "dataset.n_val=500",
+        "dataset.n_test=500",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert code == 0, out[-4000:]
     return sweep
 
@@ -150,16 +180,35 @@ def test_figures_fit1d_draws_the_runs_and_prints_a_table(fit1d_sweep, tmp_path, 
 def test_toy_sweep_and_figure(tmp_path):
     """sweeps/toy2d_monotone.yaml on one toy (both models), then the toy2d figure and table."""
     sweep = tmp_path / "toys"
-    code, out = sh("train.py", "-m", "--config-dir", "sweeps", "--config-name", "toy2d_monotone", *QUIET,
-                   "dataset.name=moons", "dataset.n_train=1000", "dataset.n_val=500", "dataset.n_test=500",
-                   "dataset.eval_batch_size=500", f"hydra.sweep.dir={sweep}")
+    code, out = sh(
+        "train.py",
+        "-m",
+        "--config-dir",
+        "sweeps",
+        "--config-name",
+        "toy2d_monotone",
+        *QUIET,
+        "dataset.name=moons",
+        "dataset.n_train=1000",
+        "dataset.n_val=500",
+        "dataset.n_test=500",
+        "dataset.eval_batch_size=500",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert code == 0, out[-4000:]
     runs = [sweep / "0_idensenet_toy_moons", sweep / "1_monotone_toy_moons"]
     for run in runs:
         assert (run / "figures" / "test.png").exists()
         assert json.loads((run / "metrics.json").read_text())["test/nll"] < 10
-    code, out = sh("-m", "flowforge.figures", "toy2d", *map(str, runs), str(sweep / "multirun.yaml"),
-                   "--out", str(tmp_path / "toys.png"))
+    code, out = sh(
+        "-m",
+        "flowforge.figures",
+        "toy2d",
+        *map(str, runs),
+        str(sweep / "multirun.yaml"),
+        "--out",
+        str(tmp_path / "toys.png"),
+    )
     assert code == 0, out
     assert (tmp_path / "toys.png").stat().st_size > 0
     assert "| moons |" in out and "idensenet_toy test NLL" in out and "monotone_toy test NLL" in out

@@ -148,8 +148,14 @@ def test_train_smoke_run(tmp_path, dataset, model):
     fake.write_fake_datasets(data, [dataset])
     run = tmp_path / "run"
     code, out = _python(
-        str(ROOT / "train.py"), "smoke=true", f"dataset={dataset}", f"model={model}", f"paths.data_dir={data}",
-        f"hydra.run.dir={run}", "trainer.enable_progress_bar=false", *fake.hydra_overrides(dataset),
+        str(ROOT / "train.py"),
+        "smoke=true",
+        f"dataset={dataset}",
+        f"model={model}",
+        f"paths.data_dir={data}",
+        f"hydra.run.dir={run}",
+        "trainer.enable_progress_bar=false",
+        *fake.hydra_overrides(dataset),
         cwd=tmp_path,
     )
     assert code == 0, out[-4000:]

@@ -33,9 +33,15 @@ from flowforge.training.faults import locate_nonfinite, nonfinite_samples
 from flowforge.training.module import FlowModule
 
 FAST = [
-    "dataset=toy2d", "dataset.n_train=600", "dataset.n_val=200", "dataset.n_test=200",
-    "dataset.batch_size=100", "dataset.eval_batch_size=200", "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false", "callbacks.sample_figures.every_n_epochs=100",
+    "dataset=toy2d",
+    "dataset.n_train=600",
+    "dataset.n_val=200",
+    "dataset.n_test=200",
+    "dataset.batch_size=100",
+    "dataset.eval_batch_size=200",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.sample_figures.every_n_epochs=100",
 ]  # 6 optimizer steps per epoch
 REALNVP = ["model=realnvp", *SMALL["realnvp"], "model.actnorm=true"]  # ActNorm on: the layer paths below count it
 MONOTONE = ["model=monotone", *SMALL["monotone"]]
@@ -86,8 +92,9 @@ def step_changes(monkeypatch):
         return start(self, batch, batch_idx)
 
     def on_end(self, outputs, batch, batch_idx):
-        changes[before["step"]] = max(float((p.detach() - q).abs().max())
-                                      for p, q in zip(self.parameters(), before["params"]))
+        changes[before["step"]] = max(
+            float((p.detach() - q).abs().max()) for p, q in zip(self.parameters(), before["params"])
+        )
         return end(self, outputs, batch, batch_idx)
 
     monkeypatch.setattr(FlowModule, "on_train_batch_start", on_start)
@@ -124,8 +131,13 @@ def last_ckpt(out):
 
 # ----------------------------------------------------------------------------- 1. nan_batch
 def test_nan_batch_stops_naming_the_step_and_the_data(tmp_path, train):
-    err, module = train(tmp_path, *REALNVP, f"+faults.nan_batch={K}", error=NonFiniteLossError,
-                        match=rf"training batch contains 1 NaN/inf values at step {K} in the data")
+    err, module = train(
+        tmp_path,
+        *REALNVP,
+        f"+faults.nan_batch={K}",
+        error=NonFiniteLossError,
+        match=rf"training batch contains 1 NaN/inf values at step {K} in the data",
+    )
     assert "policy on_nonfinite=stop" in str(err)
     assert [(e["step"], e["kind"], e["policy"]) for e in module.fault_events] == [(K, "nonfinite", "stop")]
     assert_checkpoints_finite(tmp_path)
@@ -144,12 +156,14 @@ def test_nan_batch_skip_drops_that_step_and_finishes(tmp_path, train, step_chang
 # ----------------------------------------------------------------------------- 2. nan_output, locate_nonfinite
 @pytest.mark.parametrize("layer,type_name", [(COUPLING, "Coupling"), (INNER_LINEAR, "Linear")])
 def test_nan_loss_is_located_at_the_injected_layer(tmp_path, train, layer, type_name):
-    err, module = train(tmp_path, *REALNVP, f"+faults.nan_output={K}", f"+faults.layer={layer}",
-                        error=NonFiniteLossError)
+    err, module = train(
+        tmp_path, *REALNVP, f"+faults.nan_output={K}", f"+faults.layer={layer}", error=NonFiniteLossError
+    )
     where = f"{layer} ({type_name})"
     assert f"the training loss became nan at step {K} in {where};" in str(err)
-    assert module.fault_events == [{"step": K, "kind": "nonfinite", "what": "the training loss became nan",
-                                    "where": where, "policy": "stop"}]
+    assert module.fault_events == [
+        {"step": K, "kind": "nonfinite", "what": "the training loss became nan", "where": where, "policy": "stop"}
+    ]
 
 
 class _Reciprocal(nn.Module):
@@ -179,15 +193,22 @@ def test_locate_nonfinite_names_the_origin_not_the_layers_that_propagate_it():
 
 # ----------------------------------------------------------------------------- 3. nan_grad
 def test_nan_gradient_stop_names_the_parameter(tmp_path, train):
-    train(tmp_path, *REALNVP, f"+faults.nan_grad={K}", f"+faults.parameter={WEIGHT}", error=NonFiniteLossError,
-          match=rf"gradients of 1 parameter tensors became NaN/inf with a finite loss at step {K} in "
-                rf"{re.escape(WEIGHT)} \(first\)")
+    train(
+        tmp_path,
+        *REALNVP,
+        f"+faults.nan_grad={K}",
+        f"+faults.parameter={WEIGHT}",
+        error=NonFiniteLossError,
+        match=rf"gradients of 1 parameter tensors became NaN/inf with a finite loss at step {K} in "
+        rf"{re.escape(WEIGHT)} \(first\)",
+    )
     assert_checkpoints_finite(tmp_path)
 
 
 def test_nan_gradient_skip_drops_only_that_update(tmp_path, train, step_changes):
-    metrics, module = train(tmp_path, *REALNVP, f"+faults.nan_grad={K}", f"+faults.parameter={WEIGHT}",
-                            "on_nonfinite=skip", "test=false")
+    metrics, module = train(
+        tmp_path, *REALNVP, f"+faults.nan_grad={K}", f"+faults.parameter={WEIGHT}", "on_nonfinite=skip", "test=false"
+    )
     assert metrics["train/faults/nonfinite"] == 1.0
     assert [(e["step"], e["where"], e["policy"]) for e in module.fault_events] == [(K, f"{WEIGHT} (first)", "skip")]
     assert step_changes[K] == 0.0 and all(step_changes[s] > 0 for s in range(6) if s != K)
@@ -198,11 +219,18 @@ def test_nan_gradient_skip_drops_only_that_update(tmp_path, train, step_changes)
 def test_nan_gradient_reduce_lr_halves_the_learning_rate(tmp_path, train, step_changes, caplog):
     overrides = [*REALNVP, "optim.warmup_steps=0", "optim.optimizer.lr=0.002"]
     lr = compose([*FAST, *overrides]).optim.optimizer.lr
-    metrics, module = train(tmp_path, *overrides, f"+faults.nan_grad={K}", f"+faults.parameter={WEIGHT}",
-                            "on_nonfinite=reduce_lr", "test=false")
+    metrics, module = train(
+        tmp_path,
+        *overrides,
+        f"+faults.nan_grad={K}",
+        f"+faults.parameter={WEIGHT}",
+        "on_nonfinite=reduce_lr",
+        "test=false",
+    )
     assert metrics["train/faults/nonfinite"] == 1.0
-    assert [(e["step"], e["where"], e["policy"]) for e in module.fault_events] == \
-        [(K, f"{WEIGHT} (first)", "reduce_lr")]
+    assert [(e["step"], e["where"], e["policy"]) for e in module.fault_events] == [
+        (K, f"{WEIGHT} (first)", "reduce_lr")
+    ]
     assert step_changes[K] == 0.0 and step_changes[K + 1] > 0
     assert_checkpoints_finite(tmp_path)
     ckpt = last_ckpt(tmp_path)
@@ -217,8 +245,14 @@ def test_stop_saves_the_last_good_weights(tmp_path, train):
     (without EMA, so the state dict is the raw weights).  Its global_step is K + 1: the dropped step K still
     counts as an optimizer step, as under on_nonfinite=skip."""
     no_ema = [*REALNVP, "~callbacks.ema"]
-    train(tmp_path / "fault", *no_ema, f"+faults.nan_output={K}", f"+faults.layer={COUPLING}",
-          error=NonFiniteLossError, match=rf"at step {K} in {re.escape(COUPLING)} \(Coupling\);")
+    train(
+        tmp_path / "fault",
+        *no_ema,
+        f"+faults.nan_output={K}",
+        f"+faults.layer={COUPLING}",
+        error=NonFiniteLossError,
+        match=rf"at step {K} in {re.escape(COUPLING)} \(Coupling\);",
+    )
     train(tmp_path / "clean", *no_ema, f"trainer.max_steps={K}", "test=false")
     fault, clean = last_ckpt(tmp_path / "fault"), last_ckpt(tmp_path / "clean")
     assert fault["global_step"] == K + 1 and clean["global_step"] == K
@@ -235,8 +269,9 @@ def test_resume_after_a_stop_trains_the_rest_of_the_interrupted_epoch(tmp_path, 
     resume = tmp_path / "stopped.ckpt"
     resume.write_bytes((tmp_path / "checkpoints" / "last.ckpt").read_bytes())
     assert torch.load(resume, weights_only=False)["global_step"] == K + 1
-    metrics, module = train(tmp_path / "resumed", *REALNVP, "trainer.max_epochs=2", f"ckpt_path={resume}",
-                            "on_nonfinite=skip")
+    metrics, module = train(
+        tmp_path / "resumed", *REALNVP, "trainer.max_epochs=2", f"ckpt_path={resume}", "on_nonfinite=skip"
+    )
     assert module.fault_events == [] and math.isfinite(metrics["test/nll"])
     # 12 batches in 2 epochs: steps 0..K-1 and K (the faulty one) before the stop, K+1..11 after the resume
     assert last_ckpt(tmp_path / "resumed")["global_step"] == 12
@@ -245,41 +280,75 @@ def test_resume_after_a_stop_trains_the_rest_of_the_interrupted_epoch(tmp_path, 
 
 # ----------------------------------------------------------------------------- 5. max_fault_events
 def test_more_faults_than_max_fault_events_stop_the_run(tmp_path, train):
-    err, module = train(tmp_path, *REALNVP, "on_nonfinite=skip", "max_fault_events=1",
-                        f"+faults.nan_grad={K}", f"+faults.parameter={WEIGHT}", f"+faults.nan_batch={K + 2}",
-                        error=NonFiniteLossError, match=rf"at step {K + 2} in the data")
+    err, module = train(
+        tmp_path,
+        *REALNVP,
+        "on_nonfinite=skip",
+        "max_fault_events=1",
+        f"+faults.nan_grad={K}",
+        f"+faults.parameter={WEIGHT}",
+        f"+faults.nan_batch={K + 2}",
+        error=NonFiniteLossError,
+        match=rf"at step {K + 2} in the data",
+    )
     assert "that is fault number 2 (max_fault_events=1)" in str(err)
     assert [e["step"] for e in module.fault_events] == [K, K + 2]
     assert_checkpoints_finite(tmp_path)
 
 
 def test_faults_up_to_max_fault_events_go_on(tmp_path, train):
-    metrics, module = train(tmp_path, *REALNVP, "on_nonfinite=skip", "max_fault_events=2", "test=false",
-                            f"+faults.nan_grad={K}", f"+faults.parameter={WEIGHT}", f"+faults.nan_batch={K + 2}")
+    metrics, module = train(
+        tmp_path,
+        *REALNVP,
+        "on_nonfinite=skip",
+        "max_fault_events=2",
+        "test=false",
+        f"+faults.nan_grad={K}",
+        f"+faults.parameter={WEIGHT}",
+        f"+faults.nan_batch={K + 2}",
+    )
     assert metrics["train/faults/nonfinite"] == 2.0 and len(module.fault_events) == 2
 
 
 # ----------------------------------------------------------------------------- 6. solver_failure
 def test_solver_failure_stop_names_the_step_and_the_block(tmp_path, train):
-    err, module = train(tmp_path, *MONOTONE, f"+faults.solver_failure={K}", f"+faults.layer={BLOCK}",
-                        "on_solver_failure=stop", error=ConvergenceError,
-                        match=rf"a fixed-point solve did not converge at step {K} in {re.escape(BLOCK)} \(forward")
+    err, module = train(
+        tmp_path,
+        *MONOTONE,
+        f"+faults.solver_failure={K}",
+        f"+faults.layer={BLOCK}",
+        "on_solver_failure=stop",
+        error=ConvergenceError,
+        match=rf"a fixed-point solve did not converge at step {K} in {re.escape(BLOCK)} \(forward",
+    )
     assert "policy on_solver_failure=stop" in str(err)
     assert [(e["step"], e["kind"], e["where"].split(" ")[0]) for e in module.fault_events] == [(K, "solver", BLOCK)]
     assert_checkpoints_finite(tmp_path)
 
 
 def test_solver_failure_warn_goes_on(tmp_path, train, step_changes):
-    metrics, module = train(tmp_path, *MONOTONE, f"+faults.solver_failure={K}", f"+faults.layer={BLOCK}",
-                            "on_solver_failure=warn", "test=false")
+    metrics, module = train(
+        tmp_path,
+        *MONOTONE,
+        f"+faults.solver_failure={K}",
+        f"+faults.layer={BLOCK}",
+        "on_solver_failure=warn",
+        "test=false",
+    )
     assert metrics["train/faults/solver"] >= 1
     assert {(e["step"], e["kind"], e["policy"]) for e in module.fault_events} == {(K, "solver", "warn")}
     assert step_changes[K] > 0  # warn keeps the update
 
 
 def test_solver_failure_skip_drops_the_update(tmp_path, train, step_changes):
-    metrics, module = train(tmp_path, *MONOTONE, f"+faults.solver_failure={K}", f"+faults.layer={BLOCK}",
-                            "on_solver_failure=skip", "test=false")
+    metrics, module = train(
+        tmp_path,
+        *MONOTONE,
+        f"+faults.solver_failure={K}",
+        f"+faults.layer={BLOCK}",
+        "on_solver_failure=skip",
+        "test=false",
+    )
     assert metrics["train/faults/solver"] == 1.0
     assert [(e["step"], e["where"].split(" ")[0], e["policy"]) for e in module.fault_events] == [(K, BLOCK, "skip")]
     assert step_changes[K] == 0.0 and step_changes[K - 1] > 0 and step_changes[K + 1] > 0
@@ -288,18 +357,36 @@ def test_solver_failure_skip_drops_the_update(tmp_path, train, step_changes):
 
 # ----------------------------------------------------------------------------- 7. power_iteration_failure
 def test_power_iteration_failure_stop_names_the_step_and_the_layer(tmp_path, train):
-    err, module = train(tmp_path, *RESFLOW, f"+faults.power_iteration_failure={K}", f"+faults.layer={SN_LAYER}",
-                        "on_power_iteration_failure=stop", error=ConvergenceError,
-                        match=rf"power iteration stopped at its iteration cap before its tolerance at step {K} in "
-                              rf"{re.escape(SN_LAYER)};")
-    assert module.fault_events == [{"step": K, "kind": "power_iteration", "where": SN_LAYER, "policy": "stop",
-                                    "what": "power iteration stopped at its iteration cap before its tolerance"}]
+    err, module = train(
+        tmp_path,
+        *RESFLOW,
+        f"+faults.power_iteration_failure={K}",
+        f"+faults.layer={SN_LAYER}",
+        "on_power_iteration_failure=stop",
+        error=ConvergenceError,
+        match=rf"power iteration stopped at its iteration cap before its tolerance at step {K} in "
+        rf"{re.escape(SN_LAYER)};",
+    )
+    assert module.fault_events == [
+        {
+            "step": K,
+            "kind": "power_iteration",
+            "where": SN_LAYER,
+            "policy": "stop",
+            "what": "power iteration stopped at its iteration cap before its tolerance",
+        }
+    ]
     assert_checkpoints_finite(tmp_path)
 
 
 def test_power_iteration_failure_warn_goes_on(tmp_path, train):
-    metrics, module = train(tmp_path, *RESFLOW, f"+faults.power_iteration_failure={K}", f"+faults.layer={SN_LAYER}",
-                            "on_power_iteration_failure=warn")
+    metrics, module = train(
+        tmp_path,
+        *RESFLOW,
+        f"+faults.power_iteration_failure={K}",
+        f"+faults.layer={SN_LAYER}",
+        "on_power_iteration_failure=warn",
+    )
     assert metrics["train/faults/power_iteration"] >= 1 and math.isfinite(metrics["test/nll"])
     assert [(e["step"], e["where"]) for e in module.fault_events] == [(K, SN_LAYER)]
 
@@ -307,14 +394,26 @@ def test_power_iteration_failure_warn_goes_on(tmp_path, train):
 def test_power_iteration_failure_reduce_lr_keeps_the_applied_update(tmp_path, train, step_changes, caplog):
     """Found after the update: reduce_lr halves the learning rate but cannot drop an update already applied, and
     says so (no "update dropped"); a stop says the update was applied."""
-    metrics, module = train(tmp_path, *RESFLOW, "optim.warmup_steps=0", f"+faults.power_iteration_failure={K}",
-                            f"+faults.layer={SN_LAYER}", "on_power_iteration_failure=reduce_lr")
+    metrics, module = train(
+        tmp_path,
+        *RESFLOW,
+        "optim.warmup_steps=0",
+        f"+faults.power_iteration_failure={K}",
+        f"+faults.layer={SN_LAYER}",
+        "on_power_iteration_failure=reduce_lr",
+    )
     assert step_changes[K] > 0 and math.isfinite(metrics["test/nll"])
     lr = compose([*FAST, *RESFLOW]).optim.optimizer.lr
     assert last_ckpt(tmp_path)["optimizer_states"][0]["param_groups"][0]["lr"] == lr * 0.5
     assert f"learning rate now [{lr * 0.5}]" in caplog.text and "update dropped" not in caplog.text
-    err, _ = train(tmp_path / "stop", *RESFLOW, f"+faults.power_iteration_failure={K}", f"+faults.layer={SN_LAYER}",
-                   "on_power_iteration_failure=stop", error=ConvergenceError)
+    err, _ = train(
+        tmp_path / "stop",
+        *RESFLOW,
+        f"+faults.power_iteration_failure={K}",
+        f"+faults.layer={SN_LAYER}",
+        "on_power_iteration_failure=stop",
+        error=ConvergenceError,
+    )
     assert "the update of that step was applied" in str(err)
 
 
@@ -356,15 +455,21 @@ RADIAL = "model.transform.transforms.1"
 
 
 def test_exploding_inverse_under_reverse_kl_stops_naming_the_layer(tmp_path, train):
-    train(tmp_path, *RADIAL_RKL, f"+faults.exploding_inverse={K}", f"+faults.layer={RADIAL}",
-          error=NonFiniteLossError,
-          match=rf"the training loss became \S+ at step {K} in {re.escape(RADIAL)} \(Radial\);")
+    train(
+        tmp_path,
+        *RADIAL_RKL,
+        f"+faults.exploding_inverse={K}",
+        f"+faults.layer={RADIAL}",
+        error=NonFiniteLossError,
+        match=rf"the training loss became \S+ at step {K} in {re.escape(RADIAL)} \(Radial\);",
+    )
     assert_checkpoints_finite(tmp_path)
 
 
 def test_exploding_inverse_under_reverse_kl_skip_finishes(tmp_path, train, step_changes):
-    metrics, module = train(tmp_path, *RADIAL_RKL, f"+faults.exploding_inverse={K}", f"+faults.layer={RADIAL}",
-                            "on_nonfinite=skip")
+    metrics, module = train(
+        tmp_path, *RADIAL_RKL, f"+faults.exploding_inverse={K}", f"+faults.layer={RADIAL}", "on_nonfinite=skip"
+    )
     assert metrics["train/faults/nonfinite"] == 1.0
     assert math.isfinite(metrics["test/loss"]) and math.isfinite(metrics["test/log_z"])
     assert [(e["step"], e["where"]) for e in module.fault_events] == [(K, f"{RADIAL} (Radial)")]
@@ -372,9 +477,17 @@ def test_exploding_inverse_under_reverse_kl_skip_finishes(tmp_path, train, step_
 
 
 def test_exploding_inverse_of_a_coupling_under_reverse_kl(tmp_path, train):
-    train(tmp_path, *REVERSE_KL, *REALNVP, "model.actnorm=false", f"+faults.exploding_inverse={K}",
-          f"+faults.layer={COUPLING}", "test=false", error=NonFiniteLossError,
-          match=rf"at step {K} in {re.escape(COUPLING)} \(Coupling\)")
+    train(
+        tmp_path,
+        *REVERSE_KL,
+        *REALNVP,
+        "model.actnorm=false",
+        f"+faults.exploding_inverse={K}",
+        f"+faults.layer={COUPLING}",
+        "test=false",
+        error=NonFiniteLossError,
+        match=rf"at step {K} in {re.escape(COUPLING)} \(Coupling\)",
+    )
 
 
 def _break_inverse_while_drawing(monkeypatch, layer_name):
@@ -392,8 +505,13 @@ def _break_inverse_while_drawing(monkeypatch, layer_name):
 
 
 DIGITS = ["dataset=digits", "+dataset.limit=200"]  # 8x8 images: a multi-scale realnvp, a Coupling at transforms.3
-DIGITS_RUN = [*DIGITS, "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-              "callbacks.sample_figures.every_n_epochs=1", "callbacks.sample_figures.num_images=16"]
+DIGITS_RUN = [
+    *DIGITS,
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.sample_figures.every_n_epochs=1",
+    "callbacks.sample_figures.num_images=16",
+]
 
 
 def test_sample_figures_of_an_exploded_inverse_are_skipped_and_reported(tmp_path, train, monkeypatch):
@@ -403,8 +521,10 @@ def test_sample_figures_of_an_exploded_inverse_are_skipped_and_reported(tmp_path
     metrics, module = train(tmp_path, *REALNVP, base=DIGITS_RUN)
     assert math.isfinite(metrics["test/loss"])
     events = module.fault_events
-    assert [(e["kind"], e["what"].split(" skipped")[0]) for e in events] == \
-        [("sampling", "figure val_epoch0"), ("sampling", "figure test")]
+    assert [(e["kind"], e["what"].split(" skipped")[0]) for e in events] == [
+        ("sampling", "figure val_epoch0"),
+        ("sampling", "figure test"),
+    ]
     for e in events:
         assert e["step"] == module.global_step and e["policy"] == "warn"
         assert e["where"] == "model.transform.transforms.3 (Coupling)"
@@ -441,31 +561,47 @@ def test_sample_figures_of_a_2d_flow_with_an_exploded_inverse_are_reported(tmp_p
 
 
 # ----------------------------------------------------------------------------- 9. bad configs
-@pytest.mark.parametrize("overrides,match", [
-    (["+faults.signal_at_step=3"], r"faults.signal and faults.signal_at_step go together"),
-    (["+faults.signal=SIGKILL", "+faults.signal_at_step=3", "+faults.signal_after_step=4"], r"not both steps"),
-    (["+faults.signal=SIGKILL", "+faults.signal_after_step=-1"], r"faults.signal_after_step must be an optimizer step"),
-    (["+faults.signal=SIGHUP", "+faults.signal_at_step=3"], r"faults.signal must be one of .*got 'SIGHUP'"),
-    ([f"+faults.nan_grad={K}"], r"faults.nan_grad needs faults.parameter"),
-    ([f"+faults.exploding_inverse={K}"], r"faults.exploding_inverse needs faults.layer"),
-    ([f"+faults.nan_output={K}", "+faults.layer=model.transform.transforms.9"],
-     r"faults.layer='model.transform.transforms.9' is not a module of this model"),
-    ([f"+faults.nan_grad={K}", "+faults.parameter=model.transform.transforms.1.weight"],
-     r"faults.parameter='model.transform.transforms.1.weight' is not a parameter of this model"),
-    ([f"+faults.solver_failure={K}", f"+faults.layer={COUPLING}"], r"has no iterative solver"),
-    ([f"+faults.power_iteration_failure={K}", f"+faults.layer={COUPLING}"], r"is not a spectrally normalised layer"),
-    (["on_nonfinite=warn"], r"on_nonfinite must be one of \('stop', 'skip', 'reduce_lr'\)"),
-    (["fault_lr_factor=1"], r"fault_lr_factor must be a number in \(0, 1\), got 1"),
-    (["fault_lr_factor=0"], r"fault_lr_factor must be a number in \(0, 1\), got 0"),
-    (["max_fault_events=1.5"], r"max_fault_events must be a positive integer, got 1.5"),
-    ([f"+faults.exploding_inverse={K}", "+faults.layer=model.transform.transforms.1.conditioner"],
-     r"faults.layer='model.transform.transforms.1.conditioner' is not a flow transform \(no inverse\), but "
-     r"faults.exploding_inverse needs one"),
-    (["+faults.nan_batch=abc"], r"faults.nan_batch must be an optimizer step \(an integer >= 0\), got 'abc'"),
-    (["+faults.nan_batch=-1"], r"faults.nan_batch must be an optimizer step \(an integer >= 0\), got -1"),
-    # a layer that does not exist is refused at the start, even when its step would never come
-    (["+faults.nan_output=1000", "+faults.layer=model.nosuch"], r"faults.layer='model.nosuch' is not a module"),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["+faults.signal_at_step=3"], r"faults.signal and faults.signal_at_step go together"),
+        (["+faults.signal=SIGKILL", "+faults.signal_at_step=3", "+faults.signal_after_step=4"], r"not both steps"),
+        (
+            ["+faults.signal=SIGKILL", "+faults.signal_after_step=-1"],
+            r"faults.signal_after_step must be an optimizer step",
+        ),
+        (["+faults.signal=SIGHUP", "+faults.signal_at_step=3"], r"faults.signal must be one of .*got 'SIGHUP'"),
+        ([f"+faults.nan_grad={K}"], r"faults.nan_grad needs faults.parameter"),
+        ([f"+faults.exploding_inverse={K}"], r"faults.exploding_inverse needs faults.layer"),
+        (
+            [f"+faults.nan_output={K}", "+faults.layer=model.transform.transforms.9"],
+            r"faults.layer='model.transform.transforms.9' is not a module of this model",
+        ),
+        (
+            [f"+faults.nan_grad={K}", "+faults.parameter=model.transform.transforms.1.weight"],
+            r"faults.parameter='model.transform.transforms.1.weight' is not a parameter of this model",
+        ),
+        ([f"+faults.solver_failure={K}", f"+faults.layer={COUPLING}"], r"has no iterative solver"),
+        (
+            [f"+faults.power_iteration_failure={K}", f"+faults.layer={COUPLING}"],
+            r"is not a spectrally normalised layer",
+        ),
+        (["on_nonfinite=warn"], r"on_nonfinite must be one of \('stop', 'skip', 'reduce_lr'\)"),
+        (["fault_lr_factor=1"], r"fault_lr_factor must be a number in \(0, 1\), got 1"),
+        (["fault_lr_factor=0"], r"fault_lr_factor must be a number in \(0, 1\), got 0"),
+        (["max_fault_events=1.5"], r"max_fault_events must be a positive integer, got 1.5"),
+        (
+            [f"+faults.exploding_inverse={K}", "+faults.layer=model.transform.transforms.1.conditioner"],
+            r"faults.layer='model.transform.transforms.1.conditioner' is not a flow transform \(no inverse\), but "
+            r"faults.exploding_inverse needs one",
+        ),
+        (["+faults.nan_batch=abc"], r"faults.nan_batch must be an optimizer step \(an integer >= 0\), got 'abc'"),
+        (["+faults.nan_batch=-1"], r"faults.nan_batch must be an optimizer step \(an integer >= 0\), got -1"),
+        # a layer that does not exist is refused at the start, even when its step would never come
+        (["+faults.nan_output=1000", "+faults.layer=model.nosuch"], r"faults.layer='model.nosuch' is not a module"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
 def test_bad_fault_configs_are_clear_config_errors(tmp_path, overrides, match):
     cfg = compose([*FAST, *REALNVP, *overrides, f"paths.output_dir={tmp_path}", "test=false"])
     with pytest.raises(ConfigError, match=match):
@@ -479,9 +615,14 @@ def _no_checkpoints(out):
 
 def test_unusable_weights_stop_without_saving_them(tmp_path, train):
     """lr=1e6: the first update ruins the weights; the stop saves no checkpoint that evaluates to NaN."""
-    err, module = train(tmp_path, *REALNVP, "optim.optimizer.lr=1e6", error=NonFiniteLossError,
-                        match=r"the training loss became nan at step 1 in model\.transform.*the weights themselves "
-                              r"give a nan loss .*no checkpoint was written at the stop.*lower optim\.optimizer\.lr")
+    err, module = train(
+        tmp_path,
+        *REALNVP,
+        "optim.optimizer.lr=1e6",
+        error=NonFiniteLossError,
+        match=r"the training loss became nan at step 1 in model\.transform.*the weights themselves "
+        r"give a nan loss .*no checkpoint was written at the stop.*lower optim\.optimizer\.lr",
+    )
     assert _no_checkpoints(tmp_path) and not (tmp_path / "metrics.json").exists()
 
 
@@ -489,9 +630,15 @@ def test_unusable_weights_stop_without_saving_them(tmp_path, train):
 def test_a_run_with_nan_results_fails_naming_the_layer(tmp_path, train, policy):
     """Under skip / reduce_lr the run reaches its end with ruined weights: its NaN test result is an error naming
     the first non-finite layer, and no metrics.json claims a finished run."""
-    train(tmp_path, *REALNVP, "optim.optimizer.lr=1e6", f"on_nonfinite={policy}", error=NonFiniteLossError,
-          match=r"gives non-finite results \(test/loss=nan.*first non-finite layer: model\.transform\.transforms\.\d+ "
-                r"\(\w+\).*lower optim\.optimizer\.lr")
+    train(
+        tmp_path,
+        *REALNVP,
+        "optim.optimizer.lr=1e6",
+        f"on_nonfinite={policy}",
+        error=NonFiniteLossError,
+        match=r"gives non-finite results \(test/loss=nan.*first non-finite layer: model\.transform\.transforms\.\d+ "
+        r"\(\w+\).*lower optim\.optimizer\.lr",
+    )
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -508,10 +655,15 @@ def test_weights_that_become_nan_in_an_update_stop_before_any_save(tmp_path, tra
         return out
 
     monkeypatch.setattr(torch.optim.Adam, "step", corrupting_step)
-    err, module = train(tmp_path, *REALNVP, "on_nonfinite=skip", "checkpoint_every_n_steps=1",
-                        error=NonFiniteLossError,
-                        match=rf"the weights of 1 parameter tensors became NaN/inf in the update of step {K} in "
-                              r"model\.\S+ \(first\).*no policy can undo an applied update")
+    err, module = train(
+        tmp_path,
+        *REALNVP,
+        "on_nonfinite=skip",
+        "checkpoint_every_n_steps=1",
+        error=NonFiniteLossError,
+        match=rf"the weights of 1 parameter tensors became NaN/inf in the update of step {K} in "
+        r"model\.\S+ \(first\).*no policy can undo an applied update",
+    )
     assert module.fault_events[-1]["kind"] == "nonfinite" and module.fault_events[-1]["policy"] == "stop"
     assert last_ckpt(tmp_path)["global_step"] == K  # the periodic save of step K never happened
     assert_checkpoints_finite(tmp_path)
@@ -532,16 +684,22 @@ def nan_ckpt(tmp_path):
 
 def test_eval_of_nan_weights_fails_naming_the_parameter(nan_ckpt):
     path, key = nan_ckpt
-    with pytest.raises(NonFiniteLossError, match=rf"gives non-finite results \(test/loss=nan.*first non-finite layer: "
-                                                 rf"{re.escape(key)} \(holds NaN/inf\)"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=rf"gives non-finite results \(test/loss=nan.*first non-finite layer: "
+        rf"{re.escape(key)} \(holds NaN/inf\)",
+    ):
         experiment.evaluate(compose([f"ckpt_path={path}"], config_name="eval"))
 
 
 def test_sample_of_nan_weights_fails_and_writes_nothing(nan_ckpt, tmp_path):
     path, key = nan_ckpt
     out = tmp_path / "samples"
-    with pytest.raises(NonFiniteLossError, match=rf"produced \d+ NaN/inf values \(first non-finite layer: "
-                                                 rf"{re.escape(key)} \(holds NaN/inf\)\); nothing was written"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=rf"produced \d+ NaN/inf values \(first non-finite layer: "
+        rf"{re.escape(key)} \(holds NaN/inf\)\); nothing was written",
+    ):
         experiment.sample(compose([f"ckpt_path={path}", f"output_dir={out}"], config_name="sample"))
     assert not out.exists()
 
@@ -555,8 +713,10 @@ def test_actnorm_init_on_a_tiny_batch_keeps_unit_scales(batch, caplog):
     layer(x)
     assert torch.equal(layer.log_scale, torch.zeros_like(layer.log_scale))  # not -1/2 log(min_var) = 4.6
     assert torch.allclose(layer.loc, -x.mean(0))
-    assert f"got a first batch of {batch} example(s) ({batch} values per channel), too few to estimate a scale" \
+    assert (
+        f"got a first batch of {batch} example(s) ({batch} values per channel), too few to estimate a scale"
         in caplog.text
+    )
     big = ActNorm((2,))
     big(torch.randn(64, 2) * 3)
     assert float(big.log_scale.abs().min()) > 0.5  # ~ -log 3: estimated from the data
@@ -565,8 +725,14 @@ def test_actnorm_init_on_a_tiny_batch_keeps_unit_scales(batch, caplog):
 def test_training_from_a_batch_of_one_gives_a_sane_likelihood(tmp_path, train):
     """(No sanity validation, so ActNorm initialises on the first training batch: a scale of 100 from it gave a test
     NLL of 4e7 after these 30 steps.)"""
-    metrics, _ = train(tmp_path, *REALNVP, "dataset.batch_size=1", "trainer.num_sanity_val_steps=0",
-                       "trainer.max_steps=30", "~callbacks.ema")
+    metrics, _ = train(
+        tmp_path,
+        *REALNVP,
+        "dataset.batch_size=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.max_steps=30",
+        "~callbacks.ema",
+    )
     assert metrics["test/nll"] < 100
 
 
@@ -574,8 +740,11 @@ def test_training_from_a_batch_of_one_gives_a_sane_likelihood(tmp_path, train):
 def _exact_normalized_norms(module):
     from flowforge.nn.lipschitz import lipschitz_layers
 
-    return [float(torch.linalg.matrix_norm(layer.normalized_weight().detach().double(), ord=2))
-            for layer in lipschitz_layers(module.model) if layer.weight.dim() == 2]
+    return [
+        float(torch.linalg.matrix_norm(layer.normalized_weight().detach().double(), ord=2))
+        for layer in lipschitz_layers(module.model)
+        if layer.weight.dim() == 2
+    ]
 
 
 @pytest.fixture
@@ -585,25 +754,40 @@ def stale_capped_iteration(monkeypatch):
     import flowforge.training.module as module_mod
 
     full = module_mod.update_lipschitz
+
     def capped_does_nothing(model, max_iters=None, rtol=None):
         return {} if max_iters is not None else full(model, rtol=rtol)
 
     monkeypatch.setattr(module_mod, "update_lipschitz", capped_does_nothing)
 
 
-LIP_CAP = [*RESFLOW, "lipschitz_step_iters=1", "lipschitz_check_every=3", "optim.optimizer.lr=0.05",
-           "optim.warmup_steps=0", "~callbacks.ema"]
+LIP_CAP = [
+    *RESFLOW,
+    "lipschitz_step_iters=1",
+    "lipschitz_check_every=3",
+    "optim.optimizer.lr=0.05",
+    "optim.warmup_steps=0",
+    "~callbacks.ema",
+]
 
 
 def test_capped_power_iteration_breach_is_found_and_handled(tmp_path, train, stale_capped_iteration):
     metrics, module = train(tmp_path, *LIP_CAP, "on_power_iteration_failure=warn", "test=false")
     events = [e for e in module.fault_events if e["kind"] == "power_iteration"]
-    assert re.match(r"the Lipschitz bound was exceeded in 2 of 4 layers \(worst: true norm 0\.9\d+ > coeff 0\.9; "
-                    r"lipschitz_step_iters=1 iterations per step did not keep up", events[0]["what"])
+    assert re.match(
+        r"the Lipschitz bound was exceeded in 2 of 4 layers \(worst: true norm 0\.9\d+ > coeff 0\.9; "
+        r"lipschitz_step_iters=1 iterations per step did not keep up",
+        events[0]["what"],
+    )
     assert events[0]["where"].startswith("model.transform.")
     assert max(_exact_normalized_norms(module)) <= 0.9 * (1 + 1e-3)  # the bound holds again at the end
 
 
 def test_capped_power_iteration_breach_stops_under_stop(tmp_path, train, stale_capped_iteration):
-    train(tmp_path, *LIP_CAP, "on_power_iteration_failure=stop", error=ConvergenceError,
-          match=r"the Lipschitz bound was exceeded .* at step 2 in model\.transform\..*on_power_iteration_failure=stop")
+    train(
+        tmp_path,
+        *LIP_CAP,
+        "on_power_iteration_failure=stop",
+        error=ConvergenceError,
+        match=r"the Lipschitz bound was exceeded .* at step 2 in model\.transform\..*on_power_iteration_failure=stop",
+    )

@@ -41,8 +41,9 @@ def test_loss_matches_the_formula_by_hand():
     #           v = W x_t + t c = (0.375 - 1.25 + 0.5, 1.5 + 0.3125 - 1.5) = (-0.375, 0.3125)
     # sample 1: s = 0.75, x_t = (2.0, 0.875), u = (2.0, 0.25),
     #           v = (1.0 - 0.875 + 1.5, 4.0 + 0.21875 - 4.5) = (1.625, -0.28125)
-    expected = torch.tensor([(-0.375 + 0.5) ** 2 + (0.3125 + 1.5) ** 2,
-                             (1.625 - 2.0) ** 2 + (-0.28125 - 0.25) ** 2], dtype=F64)
+    expected = torch.tensor(
+        [(-0.375 + 0.5) ** 2 + (0.3125 + 1.5) ** 2, (1.625 - 2.0) ** 2 + (-0.28125 - 0.25) ** 2], dtype=F64
+    )
     torch.testing.assert_close(loss, expected, atol=1e-12, rtol=0)
     assert loss.shape == (2,)
 
@@ -59,8 +60,9 @@ def test_loss_is_zero_for_the_exact_conditional_velocity():
     cnf = CNF(Constant(), dim=2, t1=3.0)
     for t in (0.0, 1.2, 2.9):
         assert float(flow_matching_loss(cnf, x, t=torch.tensor([t], dtype=F64), noise=eps)) < 1e-24
-    assert float(flow_matching_loss(CNF(Constant(), dim=2, t1=1.5), x, t=torch.tensor([0.3], dtype=F64),
-                                    noise=eps)) > 0.1
+    assert (
+        float(flow_matching_loss(CNF(Constant(), dim=2, t1=1.5), x, t=torch.tensor([0.3], dtype=F64), noise=eps)) > 0.1
+    )
 
 
 def two_blobs(n, generator=None):
@@ -71,8 +73,17 @@ def two_blobs(n, generator=None):
 
 def test_training_on_a_toy_reduces_the_loss_and_improves_the_likelihood():
     torch.manual_seed(0)
-    flow = FFJORD((2,), estimator={"name": "exact"}, num_blocks=1, hidden=(32, 32), act="swish", method="rk4",
-                  step_size=0.1, adjoint=False, train_t1=False)
+    flow = FFJORD(
+        (2,),
+        estimator={"name": "exact"},
+        num_blocks=1,
+        hidden=(32, 32),
+        act="swish",
+        method="rk4",
+        step_size=0.1,
+        adjoint=False,
+        train_t1=False,
+    )
     cnf = single_cnf(flow)
     test_x = two_blobs(512, torch.Generator().manual_seed(1))
     flow.eval()
@@ -102,8 +113,16 @@ def test_training_on_a_toy_reduces_the_loss_and_improves_the_likelihood():
 def test_single_cnf_accepts_one_block_and_refuses_the_rest():
     vec = FFJORD((2,), estimator={"name": "exact"}, hidden=(8,))
     assert single_cnf(vec) is vec.transform.transforms[0]
-    image = FFJORD((1, 4, 4), estimator={"name": "hutchinson"}, channels=4, kernels=(3, 3), num_scales=1,
-                   blocks_per_scale=1, num_levels=17, logit_alpha=0.05)
+    image = FFJORD(
+        (1, 4, 4),
+        estimator={"name": "hutchinson"},
+        channels=4,
+        kernels=(3, 3),
+        num_scales=1,
+        blocks_per_scale=1,
+        num_levels=17,
+        logit_alpha=0.05,
+    )
     cnf = single_cnf(image)
     assert cnf.shape == (1, 4, 4)
     x = torch.rand(3, 1, 4, 4) * 0.9 + 0.05
@@ -114,10 +133,26 @@ def test_single_cnf_accepts_one_block_and_refuses_the_rest():
     refused = [
         FFJORD((2,), estimator={"name": "exact"}, hidden=(8,), num_blocks=2),
         FFJORD((2,), estimator={"name": "exact"}, hidden=(8,), augment_dim=2),
-        FFJORD((1, 4, 4), estimator={"name": "hutchinson"}, channels=4, kernels=(3, 3), num_scales=2,
-               blocks_per_scale=1, num_levels=17, logit_alpha=0.05),
-        FFJORD((1, 4, 4), estimator={"name": "hutchinson"}, channels=4, kernels=(3, 3), num_scales=1,
-               blocks_per_scale=2, num_levels=17, logit_alpha=0.05),
+        FFJORD(
+            (1, 4, 4),
+            estimator={"name": "hutchinson"},
+            channels=4,
+            kernels=(3, 3),
+            num_scales=2,
+            blocks_per_scale=1,
+            num_levels=17,
+            logit_alpha=0.05,
+        ),
+        FFJORD(
+            (1, 4, 4),
+            estimator={"name": "hutchinson"},
+            channels=4,
+            kernels=(3, 3),
+            num_scales=1,
+            blocks_per_scale=2,
+            num_levels=17,
+            logit_alpha=0.05,
+        ),
     ]
     for flow in refused:
         with pytest.raises(ConfigError, match="model.num_blocks=1"):

@@ -17,25 +17,42 @@ from flowforge.flows.resflow import ResidualFlow
 from flowforge.nn.lipschitz import update_lipschitz
 from flowforge.training.module import FlowModule, parse_objective
 
-SMALL_RESFLOW = ["model.blocks_per_scale=[1,1]", "model.channels=4", "model.fc_blocks=1", "model.fc_hidden=[8]",
-                 "model.num_blocks=2", "model.hidden=[8]"]
+SMALL_RESFLOW = [
+    "model.blocks_per_scale=[1,1]",
+    "model.channels=4",
+    "model.fc_blocks=1",
+    "model.fc_hidden=[8]",
+    "model.num_blocks=2",
+    "model.hidden=[8]",
+]
 
 
 def small_flow(shape=(1, 8, 8), **kwargs):
-    opts = dict(estimator=LogDetEstimator("exact"), blocks_per_scale=[1, 1], channels=4, fc_blocks=1,
-                fc_hidden=[8], coeff=0.9, num_levels=256, logit_alpha=0.05)
+    opts = dict(
+        estimator=LogDetEstimator("exact"),
+        blocks_per_scale=[1, 1],
+        channels=4,
+        fc_blocks=1,
+        fc_hidden=[8],
+        coeff=0.9,
+        num_levels=256,
+        logit_alpha=0.05,
+    )
     if len(shape) == 1:
         opts.update(num_blocks=2, hidden=[8], num_levels=None, logit_alpha=None)
     opts.update(kwargs)
     return ResidualFlow(shape, **opts)
 
 
-@pytest.mark.parametrize("shape, kwargs, heads", [
-    ((1, 8, 8), {}, [(1, 8, 8), (4, 4, 4)]),
-    ((1, 8, 8), {"factor_out": True}, [(1, 8, 8), (2, 4, 4)]),
-    ((1, 8, 8), {"squeeze_first": True, "blocks_per_scale": [1]}, [(4, 4, 4)]),
-    ((1, 16, 16), {"squeeze_first": True, "factor_out": True, "fc_blocks": 0}, [(4, 8, 8), (8, 4, 4)]),
-])
+@pytest.mark.parametrize(
+    "shape, kwargs, heads",
+    [
+        ((1, 8, 8), {}, [(1, 8, 8), (4, 4, 4)]),
+        ((1, 8, 8), {"factor_out": True}, [(1, 8, 8), (2, 4, 4)]),
+        ((1, 8, 8), {"squeeze_first": True, "blocks_per_scale": [1]}, [(4, 4, 4)]),
+        ((1, 16, 16), {"squeeze_first": True, "factor_out": True, "fc_blocks": 0}, [(4, 8, 8), (8, 4, 4)]),
+    ],
+)
 def test_one_head_per_scale(shape, kwargs, heads):
     """Heads sit at the input of every inter-scale Squeeze (not squeeze_first's) and of the final flatten,
     also inside FactorOut.inner."""
@@ -113,12 +130,15 @@ def test_hybrid_training_beats_chance():
     torch.manual_seed(0)
     flow = small_flow(estimator=LogDetEstimator("power_series", n_terms=2))  # cheap log-det: a fast test
     module = FlowModule(
-        flow, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
+        flow,
+        optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
         objective={"name": "hybrid", "lam": "1/D", "num_classes": 2, "head_channels": 16},
     )
     x, y = images(64)
     opt = module.configure_optimizers()["optimizer"]
-    head_params = {id(p) for p in module.classifier.heads.parameters()} | {id(p) for p in module.classifier.linear.parameters()}
+    head_params = {id(p) for p in module.classifier.heads.parameters()} | {
+        id(p) for p in module.classifier.linear.parameters()
+    }
     assert head_params <= {id(p) for g in opt.param_groups for p in g["params"]}
     ce = []
     for _ in range(20):
@@ -141,18 +161,29 @@ def test_experiment_config_selects_the_hybrid_objective():
     assert compose(["experiment=resflow_hybrid_mnist", "objective=classification"]).objective.lam == 0
 
 
-@pytest.mark.parametrize("overrides", [
-    ["objective=hybrid", "dataset=digits", "model=resflow"],
-    ["experiment=resflow_hybrid_cifar10", "dataset=digits", "dataset.flip=false", "estimator=auto"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["objective=hybrid", "dataset=digits", "model=resflow"],
+        ["experiment=resflow_hybrid_cifar10", "dataset=digits", "dataset.flip=false", "estimator=auto"],
+    ],
+)
 def test_build_and_fast_dev_run(tmp_path, overrides):
-    cfg = compose([*overrides, *SMALL_RESFLOW, "dataset.batch_size=32", "dataset.eval_batch_size=64",
-                   f"paths.output_dir={tmp_path}"])
+    cfg = compose(
+        [
+            *overrides,
+            *SMALL_RESFLOW,
+            "dataset.batch_size=32",
+            "dataset.eval_batch_size=64",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     datamodule, module = experiment.build(cfg)
     assert module.classifier is not None and len(module.classifier.heads) == 2
     assert module.objective["lam"] == 1 / 64
-    trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(module, datamodule=datamodule)
     for key in ("loss", "nll", "bpd", "ce", "acc"):
         assert math.isfinite(float(trainer.callback_metrics[f"train/{key}"]))

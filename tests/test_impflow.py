@@ -24,8 +24,15 @@ def mlp(d=3, act="sin"):
 
 def block(gx, gz, method="broyden", **kw):
     solver = {**TIGHT, "method": method}
-    return ImplicitBlock(gx, gz, kw.pop("estimator", EXACT), forward_solver=solver, inverse_solver=solver,
-                         backward_solver=TIGHT_BACKWARD, **kw)
+    return ImplicitBlock(
+        gx,
+        gz,
+        kw.pop("estimator", EXACT),
+        forward_solver=solver,
+        inverse_solver=solver,
+        backward_solver=TIGHT_BACKWARD,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("method", ["picard", "anderson", "broyden"])
@@ -67,7 +74,12 @@ def test_implicit_gradients_match_unrolled_autograd_and_finite_differences():
         z = a
         for _ in range(800):  # autograd through every Picard step of z = a - g_z(z)
             z = a - gz(z)
-        jac = lambda g, v: torch.stack([torch.autograd.functional.jacobian(lambda u: g(u[None])[0], vi, create_graph=True) for vi in v])
+
+        def jac(g, v):
+            return torch.stack(
+                [torch.autograd.functional.jacobian(lambda u: g(u[None])[0], vi, create_graph=True) for vi in v]
+            )
+
         ld = torch.linalg.slogdet(eye + jac(gx, x))[1] - torch.linalg.slogdet(eye + jac(gz, z))[1]
         return (z.pow(2).sum(1) * torch.arange(1, 5) + ld).sum()
 
@@ -126,9 +138,19 @@ def test_image_block_and_model():
     z, ld = blk(x)
     torch.testing.assert_close(ld, batch_jacobian_logdet(blk, x), atol=1e-9, rtol=0)
     assert (blk.inverse(z) - x).abs().amax((1, 2, 3)).max() < 1e-10
-    flow = ImplicitFlow((1, 8, 8), estimator=EXACT, blocks_per_scale=[1, 1], channels=4, fc_blocks=1, fc_hidden=[8],
-                        num_levels=256, logit_alpha=0.05, forward_solver=TIGHT, inverse_solver=TIGHT,
-                        backward_solver=TIGHT_BACKWARD).double()
+    flow = ImplicitFlow(
+        (1, 8, 8),
+        estimator=EXACT,
+        blocks_per_scale=[1, 1],
+        channels=4,
+        fc_blocks=1,
+        fc_hidden=[8],
+        num_levels=256,
+        logit_alpha=0.05,
+        forward_solver=TIGHT,
+        inverse_solver=TIGHT,
+        backward_solver=TIGHT_BACKWARD,
+    ).double()
     assert sum(isinstance(m, ImplicitBlock) for m in flow.modules()) == 3
     xi = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 0.9 + 0.05
     flow(xi)

@@ -49,21 +49,37 @@ def _sbatch_text(params: dict, tmp_path) -> str:
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     params = {k: v for k, v in params.items() if k not in ("_target_", "submitit_folder")}
-    executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path), slurm_max_num_timeout=params.pop(
-        "max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=str(tmp_path), slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     return executor._executor._make_submission_file_text("python train.py", "uid")
 
 
 def test_slurm_launcher_takes_resources_from_the_trainer(sbatch_text):
-    params = hydra_node(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                         "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=2880"], "launcher")
+    params = hydra_node(
+        [
+            "hydra/launcher=slurm",
+            "trainer=ddp",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.timeout_min=2880",
+        ],
+        "launcher",
+    )
     assert params["_target_"].endswith("SlurmLauncher")
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (2, 4, 4)
     text = sbatch_text(params)
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --signal=USR2@120"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=2880",
+        "#SBATCH --signal=USR2@120",
+    ):
         assert line in text, (line, text)
 
 
@@ -84,9 +100,19 @@ def test_slurm_launcher_needs_a_gpu_count():
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "hydra/sweeper=optuna_search", "hydra.sweeper.n_trials=2",
-           "optim.optimizer.lr=tag(log, interval(1e-3, 1e-2))", "smoke=true", "model=realnvp", "dataset=toy2d",
-           "trainer.enable_progress_bar=false", f"hydra.sweep.dir={out}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "hydra/sweeper=optuna_search",
+        "hydra.sweeper.n_trials=2",
+        "optim.optimizer.lr=tag(log, interval(1e-3, 1e-2))",
+        "smoke=true",
+        "model=realnvp",
+        "dataset=toy2d",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={out}",
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     result = yaml.safe_load((out / "optimization_results.yaml").read_text())

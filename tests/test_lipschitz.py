@@ -128,8 +128,11 @@ def test_norm_at_most_coeff_after_training(kind, coeff):
     else:
         k = 1 if kind == "conv1x1" else 3
         size = None if k == 1 else (6, 6)
-        model = nn.Sequential(SpectralNormConv2d(3, 8, k, input_size=size, coeff=coeff), nn.ELU(),
-                              SpectralNormConv2d(8, 3, k, input_size=size, coeff=coeff))
+        model = nn.Sequential(
+            SpectralNormConv2d(3, 8, k, input_size=size, coeff=coeff),
+            nn.ELU(),
+            SpectralNormConv2d(8, 3, k, input_size=size, coeff=coeff),
+        )
         x = torch.randn(8, 3, 6, 6, dtype=F64)
     model = model.to(F64)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -219,8 +222,9 @@ def test_weight_averaging_of_buffers():
     initialised, keeps its size, and averaged u, v that left the unit sphere still give the same normalisation."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    model = nn.Sequential(SpectralNormLinear(4, 4, coeff=0.9), nn.ReLU(),
-                          SpectralNormConv2d(1, 1, 3, (4, 4), coeff=0.9)).to(F64)
+    model = nn.Sequential(
+        SpectralNormLinear(4, 4, coeff=0.9), nn.ReLU(), SpectralNormConv2d(1, 1, 3, (4, 4), coeff=0.9)
+    ).to(F64)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
     for _ in range(3):
         with torch.no_grad():
@@ -448,8 +452,9 @@ def test_induced_2_to_2_equals_spectral_norm(kind):
     assert abs(exact_lipschitz(layer) - 0.97) <= 1e-5
 
 
-@pytest.mark.parametrize("p,q", [(1.0, 1.0), (math.inf, math.inf), (1.0, 2.0), (2.0, math.inf), (1.0, math.inf),
-                                 (1.0, 3.0), (1.5, math.inf)])
+@pytest.mark.parametrize(
+    "p,q", [(1.0, 1.0), (math.inf, math.inf), (1.0, 2.0), (2.0, math.inf), (1.0, math.inf), (1.0, 3.0), (1.5, math.inf)]
+)
 @pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3", "conv3x3_stride2"])
 def test_induced_closed_forms_match_dense_operator(kind, p, q):
     layer = _induced(kind, domain=p, codomain=q, coeff=0.9)
@@ -604,4 +609,3 @@ def test_block_power_iteration_conv_and_warm_start_after_reload():
     fresh.load_state_dict(layer.state_dict())
     assert fresh.power_iteration() <= 3  # the stored top pair is already converged; the subspace is rebuilt
     assert abs(float(fresh.sigma) - exact) < 1e-6 * exact
-

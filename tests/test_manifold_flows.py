@@ -124,8 +124,14 @@ def assert_chain(flow, x, volume_ratio):
 
 def test_sphere_composition_chains_ratios_and_inverts():
     d = 4
-    flow = Compose([randomized(NormalizedTranslation(d)), randomized(NormalizedLinear(d)),
-                    randomized(NormalizedAffine(d)), Inverse(randomized(NormalizedAffine(d)))])
+    flow = Compose(
+        [
+            randomized(NormalizedTranslation(d)),
+            randomized(NormalizedLinear(d)),
+            randomized(NormalizedAffine(d)),
+            Inverse(randomized(NormalizedAffine(d))),
+        ]
+    )
     assert_chain(flow, sphere_points(5, d), sphere_volume_ratio)
 
 
@@ -190,7 +196,7 @@ def test_inverse_and_log_det_is_differentiable():
         x, ld = flow.transform.inverse_and_log_det(z)
         return (x[:, 0] + ld).sum()
 
-    grad, = torch.autograd.grad(loss(), layer.v)
+    (grad,) = torch.autograd.grad(loss(), layer.v)
     assert grad.abs().max() > 1e-3
     direction = torch.randn_like(layer.v)
     eps = 1e-6
@@ -278,7 +284,11 @@ def test_vmf_log_normalizer_closed_forms_and_reference():
     for kappa in (1e-4, 0.3, 2.5, 30.0, 700.0):
         closed = math.log(kappa) - math.log(4 * math.pi) - (kappa + math.log1p(-math.exp(-2 * kappa)) - math.log(2))
         assert abs(float(vmf_log_normalizer(torch.tensor(kappa, dtype=torch.float64), 3)) - closed) < 1e-12
-        two_d = -math.log(2 * math.pi) - math.log(float(torch.special.i0e(torch.tensor(kappa, dtype=torch.float64)))) - kappa
+        two_d = (
+            -math.log(2 * math.pi)
+            - math.log(float(torch.special.i0e(torch.tensor(kappa, dtype=torch.float64))))
+            - kappa
+        )
         assert abs(float(vmf_log_normalizer(torch.tensor(kappa, dtype=torch.float64), 2)) - two_d) < 1e-12
     for d in (2, 3, 5, 10):  # kappa = 0 is the uniform law
         assert abs(float(vmf_log_normalizer(torch.tensor(0.0, dtype=torch.float64), d)) + log_sphere_area(d)) < 1e-12
@@ -296,9 +306,11 @@ def test_vmf_log_normalizer_closed_forms_and_reference():
 def test_vmf_log_normalizer_gradient():
     kappa = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     for d in (3, 6):
-        grad, = torch.autograd.grad(vmf_log_normalizer(kappa, d), kappa)
+        (grad,) = torch.autograd.grad(vmf_log_normalizer(kappa, d), kappa)
         eps = 1e-6
-        fd = (float(vmf_log_normalizer(kappa.detach() + eps, d)) - float(vmf_log_normalizer(kappa.detach() - eps, d))) / (2 * eps)
+        fd = (
+            float(vmf_log_normalizer(kappa.detach() + eps, d)) - float(vmf_log_normalizer(kappa.detach() - eps, d))
+        ) / (2 * eps)
         assert abs(float(grad) - fd) < 1e-7
         assert abs(float(grad) + float(mean_resultant_length(3.0, d))) < 1e-12
 
@@ -409,12 +421,15 @@ def test_simplex_training_improves_on_the_base():
 
 
 # ----------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("model,dataset,needle", [
-    ("sphere", "toy2d", "dataset=vmf_sphere"),
-    ("sphere", "digits", "dataset=vmf_sphere"),
-    ("sphere", "dirichlet_simplex", "manifold: simplex"),
-    ("simplex", "vmf_sphere", "dataset=dirichlet_simplex"),
-])
+@pytest.mark.parametrize(
+    "model,dataset,needle",
+    [
+        ("sphere", "toy2d", "dataset=vmf_sphere"),
+        ("sphere", "digits", "dataset=vmf_sphere"),
+        ("sphere", "dirichlet_simplex", "manifold: simplex"),
+        ("simplex", "vmf_sphere", "dataset=dirichlet_simplex"),
+    ],
+)
 def test_model_refuses_a_dataset_off_its_manifold(model, dataset, needle):
     cfg = compose([f"model={model}", f"dataset={dataset}"])
     with pytest.raises(ConfigError, match="models data on the") as info:
@@ -486,16 +501,27 @@ def test_data_modules_check_their_manifold():
 
 
 # ----------------------------------------------------------------------------- Hydra, Lightning, figures
-@pytest.mark.parametrize("model,dataset,extra", [
-    ("sphere", "vmf_sphere", []),
-    ("sphere", "vmf_sphere", ["dataset.shape=[2]", "model.kind=translation", "model.base=uniform"]),
-    ("simplex", "dirichlet_simplex", []),
-])
+@pytest.mark.parametrize(
+    "model,dataset,extra",
+    [
+        ("sphere", "vmf_sphere", []),
+        ("sphere", "vmf_sphere", ["dataset.shape=[2]", "model.kind=translation", "model.base=uniform"]),
+        ("simplex", "dirichlet_simplex", []),
+    ],
+)
 def test_train_config_runs_and_draws_the_figure(model, dataset, extra, tmp_path):
     import hydra
 
-    cfg = compose([f"model={model}", f"dataset={dataset}", "model.num_layers=2", "dataset.batch_size=8",
-                   "trainer.max_epochs=1", *extra])
+    cfg = compose(
+        [
+            f"model={model}",
+            f"dataset={dataset}",
+            "model.num_layers=2",
+            "dataset.batch_size=8",
+            "trainer.max_epochs=1",
+            *extra,
+        ]
+    )
     assert cfg.model.manifold == cfg.dataset.manifold
     flow = instantiate_model(cfg)
     assert not flow.is_image

@@ -36,7 +36,8 @@ def settled(flow, x):
 
 # manifold models (sphere, simplex) are checked against the tangent-space volume formula in test_manifold_flows
 CASES = [(m, "toy2d") for m in MODELS if m not in MANIFOLD] + [
-    (m, "digits") for m in MODELS if m not in VECTOR_ONLY | set(MANIFOLD)]
+    (m, "digits") for m in MODELS if m not in VECTOR_ONLY | set(MANIFOLD)
+]
 
 
 @pytest.fixture(params=CASES, ids=lambda c: f"{c[0]}-{c[1]}")

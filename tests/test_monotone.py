@@ -57,7 +57,9 @@ def test_exact_logdet_matches_brute_force_and_odd_series(kind):
     w = (y + x) / math.sqrt(2)
     j = jacobian_matrix(blk.g, w)
     eye = torch.eye(3, dtype=torch.float64)
-    torch.testing.assert_close(ld, torch.linalg.slogdet(eye - j)[1] - torch.linalg.slogdet(eye + j)[1], atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        ld, torch.linalg.slogdet(eye - j)[1] - torch.linalg.slogdet(eye + j)[1], atol=1e-10, rtol=0
+    )
     x2, ld_inv = blk.inverse_and_log_det(y)
     torch.testing.assert_close(ld_inv, -ld, atol=1e-10, rtol=0)
 
@@ -67,7 +69,9 @@ def test_strongly_monotone_on_random_pairs(kind):
     """<F(x) - F(x'), x - x'> >= m |x - x'|^2 with m = (1 - L) / (1 + L), L = Lip(g): the Cayley transform
     of an L-contraction.  (With L >= 1 the bound is not guaranteed; the test would then fail.)"""
     g = g_net(kind)
-    lip = max(float(torch.linalg.matrix_norm(j, 2)) for j in jacobian_matrix(g, torch.randn(200, 3, dtype=torch.float64) * 3))
+    lip = max(
+        float(torch.linalg.matrix_norm(j, 2)) for j in jacobian_matrix(g, torch.randn(200, 3, dtype=torch.float64) * 3)
+    )
     assert lip < 1
     blk = block(g)
     torch.manual_seed(1)
@@ -91,10 +95,13 @@ class LinearG(nn.Module):
         return x @ self.a.T
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(name="roulette", dist="geometric", p=0.5, n_exact_terms=2, probe="gaussian"),
-    dict(name="roulette", dist="poisson", lam=2.0, n_exact_terms=1, probe="rademacher"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(name="roulette", dist="geometric", p=0.5, n_exact_terms=2, probe="gaussian"),
+        dict(name="roulette", dist="poisson", lam=2.0, n_exact_terms=1, probe="rademacher"),
+    ],
+)
 def test_roulette_odd_series_is_unbiased(kwargs):
     torch.manual_seed(0)
     g = LinearG()
@@ -109,8 +116,12 @@ def test_roulette_odd_series_is_unbiased(kwargs):
     # negative control: the truncated odd series with 1 term is biased
     torch.manual_seed(11)
     with torch.no_grad():
-        trunc = torch.stack([LogDetEstimator("power_series", n_terms=1, probe="rademacher")(g, x, True, kind="monotone")[1]
-                             for _ in range(3000)])
+        trunc = torch.stack(
+            [
+                LogDetEstimator("power_series", n_terms=1, probe="rademacher")(g, x, True, kind="monotone")[1]
+                for _ in range(3000)
+            ]
+        )
     assert ((trunc.mean(0) - exact) / (trunc.std(0) / math.sqrt(3000))).abs().min() > 6
 
 
@@ -146,7 +157,9 @@ def test_implicit_gradients_match_unrolled_autograd_and_finite_differences(kind)
         for _ in range(600):  # autograd through every Picard step of w = sqrt(2) x - g(w)
             w = math.sqrt(2) * x - g(w)
         y = math.sqrt(2) * w - x
-        j = torch.stack([torch.autograd.functional.jacobian(lambda v: g(v[None])[0], wi, create_graph=True) for wi in w])
+        j = torch.stack(
+            [torch.autograd.functional.jacobian(lambda v: g(v[None])[0], wi, create_graph=True) for wi in w]
+        )
         eye = torch.eye(3, dtype=torch.float64)
         ld = torch.linalg.slogdet(eye - j)[1] - torch.linalg.slogdet(eye + j)[1]
         return (y.pow(2).sum(1) + ld).sum()
@@ -188,9 +201,20 @@ def test_image_block_exact_logdet_and_inverse():
 
 def test_image_model_builds_with_the_paper_layout_and_round_trips():
     torch.manual_seed(0)
-    flow = MonotoneFlow((1, 8, 8), estimator=EXACT, blocks_per_scale=[1, 1], fc_blocks=1, depth=2, growth=4,
-                        fc_growth=4, num_levels=256, logit_alpha=0.05,
-                        forward_solver=TIGHT, inverse_solver=TIGHT, backward_solver=TIGHT_BACKWARD).double()
+    flow = MonotoneFlow(
+        (1, 8, 8),
+        estimator=EXACT,
+        blocks_per_scale=[1, 1],
+        fc_blocks=1,
+        depth=2,
+        growth=4,
+        fc_growth=4,
+        num_levels=256,
+        logit_alpha=0.05,
+        forward_solver=TIGHT,
+        inverse_solver=TIGHT,
+        backward_solver=TIGHT_BACKWARD,
+    ).double()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 0.9 + 0.05
     flow(x)
     with torch.no_grad():

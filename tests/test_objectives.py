@@ -4,7 +4,6 @@ module, run in-process through the real Hydra config tree."""
 import math
 
 import pytest
-import torch
 from conftest import compose
 
 from flowforge import experiment
@@ -12,8 +11,13 @@ from flowforge.errors import ConfigError
 from flowforge.training.objectives import parse_objective
 
 FAST = [
-    "dataset.n_train=1024", "dataset.n_val=256", "dataset.n_test=256", "dataset.batch_size=128",
-    "dataset.eval_batch_size=256", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+    "dataset.n_train=1024",
+    "dataset.n_val=256",
+    "dataset.n_test=256",
+    "dataset.batch_size=128",
+    "dataset.eval_batch_size=256",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
     "callbacks.sample_figures.every_n_epochs=100",
 ]
 RKL = [*FAST, "dataset=target", "objective=reverse_kl", "objective.eval_samples=2048"]
@@ -26,9 +30,19 @@ def train(tmp_path, *overrides):
 def test_reverse_kl_run_estimates_log_z(tmp_path):
     """A short reverse-KL fit of RealNVP to a two-component mixture logs log Z, its standard error, the ELBO
     and the ESS; the estimate is near the exact log Z and the ELBO below it (up to its own noise)."""
-    metrics = train(tmp_path, *RKL, "model=realnvp", "model.num_steps=4", "model.hidden=[32,32]",
-                    "model.actnorm=false", "dataset.num_components=2", "dataset.radius=1.5", "dataset.std=0.7",
-                    "optim.optimizer.lr=3e-3", "trainer.max_epochs=30")
+    metrics = train(
+        tmp_path,
+        *RKL,
+        "model=realnvp",
+        "model.num_steps=4",
+        "model.hidden=[32,32]",
+        "model.actnorm=false",
+        "dataset.num_components=2",
+        "dataset.radius=1.5",
+        "dataset.std=0.7",
+        "optim.optimizer.lr=3e-3",
+        "trainer.max_epochs=30",
+    )
     for key in ("log_z", "log_z_se", "log_z_error", "elbo", "ess", "loss", "nll"):
         assert math.isfinite(metrics[f"test/{key}"]), key
     exact = metrics["test/log_z"] - metrics["test/log_z_error"]
@@ -42,8 +56,12 @@ def test_reverse_kl_run_estimates_log_z(tmp_path):
 def test_reverse_kl_trains_every_pathwise_family(tmp_path):
     """Families with a differentiable inverse take one reverse-KL step; planar (bisection inverse) is refused
     unless it is built in the sampling direction."""
-    for model, extra in (("planar", ["model.direction=sampling"]), ("radial", []), ("maf", ["model.hidden=[8]"]),
-                         ("resflow", ["model.num_blocks=1", "model.hidden=[8]"])):
+    for model, extra in (
+        ("planar", ["model.direction=sampling"]),
+        ("radial", []),
+        ("maf", ["model.hidden=[8]"]),
+        ("resflow", ["model.num_blocks=1", "model.hidden=[8]"]),
+    ):
         m = train(tmp_path / model, *RKL, f"model={model}", *extra, "+trainer.fast_dev_run=true")
         assert math.isfinite(m["test/loss"]), model
     with pytest.raises(ConfigError, match="direction=sampling"):
@@ -87,8 +105,15 @@ def test_rnode_penalty_joins_the_loss_and_nfe_is_logged(tmp_path):
     """With model.kinetic = w the first training loss is the NLL plus w times the logged kinetic integral (same
     seed, same batch, same weights); every step logs the forward and adjoint function evaluations."""
     plain = train(tmp_path / "plain", *CNF, "+trainer.fast_dev_run=true", "model.atol=1e-7", "model.rtol=1e-7")
-    reg = train(tmp_path / "reg", *CNF, "+trainer.fast_dev_run=true", "model.atol=1e-7", "model.rtol=1e-7",
-                "model.kinetic=0.5", "model.jacobian=0.25")
+    reg = train(
+        tmp_path / "reg",
+        *CNF,
+        "+trainer.fast_dev_run=true",
+        "model.atol=1e-7",
+        "model.rtol=1e-7",
+        "model.kinetic=0.5",
+        "model.jacobian=0.25",
+    )
     assert "train/reg/kinetic" not in plain and reg["train/reg/kinetic"] > 0 and reg["train/reg/jacobian"] > 0
     expected = plain["train/loss_step"] + 0.5 * reg["train/reg/kinetic"] + 0.25 * reg["train/reg/jacobian"]
     assert reg["train/loss_step"] == pytest.approx(expected, abs=1e-4)
@@ -99,8 +124,15 @@ def test_rnode_penalty_joins_the_loss_and_nfe_is_logged(tmp_path):
 @pytest.mark.parametrize("name", ["flow_matching_toy", "reverse_kl_mixture", "sphere_vmf", "ffjord_toy"])
 def test_cpu_experiments_run(name, tmp_path):
     """The CPU recipes of the README run end to end (one batch of each stage) and report their metrics."""
-    m = train(tmp_path, f"experiment={name}", "+trainer.fast_dev_run=true", "+dataset.limit=64",
-              "dataset.batch_size=32", "trainer.enable_progress_bar=false", "~callbacks.progress_bar")
+    m = train(
+        tmp_path,
+        f"experiment={name}",
+        "+trainer.fast_dev_run=true",
+        "+dataset.limit=64",
+        "dataset.batch_size=32",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+    )
     assert math.isfinite(m["test/loss"])
     if name == "reverse_kl_mixture":
         assert math.isfinite(m["test/log_z"]) and 0 < m["test/ess"] <= 1

@@ -39,10 +39,17 @@ def test_monotone_cifar10_layout_and_estimator():
     assert n_params(flow) == 28_546_670
 
 
-@pytest.mark.parametrize("experiment,family", [
-    ("monotone_mnist", MonotoneBlock), ("monotone_imagenet32", MonotoneBlock), ("monotone_imagenet64", MonotoneBlock),
-    ("idensenet_cifar10", ResidualBlock), ("impflow_toy", ImplicitBlock), ("impflow_tabular", ImplicitBlock),
-])
+@pytest.mark.parametrize(
+    "experiment,family",
+    [
+        ("monotone_mnist", MonotoneBlock),
+        ("monotone_imagenet32", MonotoneBlock),
+        ("monotone_imagenet64", MonotoneBlock),
+        ("idensenet_cifar10", ResidualBlock),
+        ("impflow_toy", ImplicitBlock),
+        ("impflow_tabular", ImplicitBlock),
+    ],
+)
 def test_recipes_build_at_reduced_size(experiment, family):
     cfg = compose([f"experiment={experiment}"])
     if "blocks_per_scale" in cfg.model and len(cfg.dataset.shape) == 3:

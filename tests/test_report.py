@@ -40,15 +40,43 @@ BPD_TABLE = {
         {"better": "Real NVP", "than": "Glow", "columns": ["MNIST"], "or_equal": True},
     ],
     "cells": [  # deliberately not in display order
-        {"match": {"experiment": "glow_cifar10"}, "row": "Glow", "column": "CIFAR-10", "published": 3.35,
-         "status": "paper", "source": "Kingma & Dhariwal 2018, Table 2", "quote": "Table 2, row Glow, CIFAR-10: 3.35",
-         "recipe": {"epochs": 1800}},
-        {"match": {"experiment": "realnvp_mnist"}, "row": "Real NVP", "column": "MNIST", "published": 1.06,
-         "status": "to-verify", "source": "Papamakarios et al. 2017", "recipe": {"epochs": 100, "batch_size": 64}},
-        {"match": {"experiment": "realnvp_cifar10"}, "row": "Real NVP", "column": "CIFAR-10", "published": 3.49,
-         "status": "two-copies", "source": "Dinh et al. 2017, Table 1", "recipe": {"steps": 500000}},
-        {"match": {"experiment": "glow_mnist"}, "row": "Glow", "column": "MNIST", "published": 1.05,
-         "status": "two-copies", "source": "Kingma & Dhariwal 2018, Table 2", "recipe": {"epochs": 100}},
+        {
+            "match": {"experiment": "glow_cifar10"},
+            "row": "Glow",
+            "column": "CIFAR-10",
+            "published": 3.35,
+            "status": "paper",
+            "source": "Kingma & Dhariwal 2018, Table 2",
+            "quote": "Table 2, row Glow, CIFAR-10: 3.35",
+            "recipe": {"epochs": 1800},
+        },
+        {
+            "match": {"experiment": "realnvp_mnist"},
+            "row": "Real NVP",
+            "column": "MNIST",
+            "published": 1.06,
+            "status": "to-verify",
+            "source": "Papamakarios et al. 2017",
+            "recipe": {"epochs": 100, "batch_size": 64},
+        },
+        {
+            "match": {"experiment": "realnvp_cifar10"},
+            "row": "Real NVP",
+            "column": "CIFAR-10",
+            "published": 3.49,
+            "status": "two-copies",
+            "source": "Dinh et al. 2017, Table 1",
+            "recipe": {"steps": 500000},
+        },
+        {
+            "match": {"experiment": "glow_mnist"},
+            "row": "Glow",
+            "column": "MNIST",
+            "published": 1.05,
+            "status": "two-copies",
+            "source": "Kingma & Dhariwal 2018, Table 2",
+            "recipe": {"epochs": 100},
+        },
     ],
 }
 LL_TABLE = {
@@ -61,49 +89,138 @@ LL_TABLE = {
     "rows": ["MAF", "NSF"],
     "claim": None,
     "cells": [
-        {"match": {"experiment": "maf_tabular", "dataset": "power"}, "row": "MAF", "column": "POWER",
-         "published": 0.24, "status": "paper", "source": "Papamakarios et al. 2017, Table 1",
-         "quote": "Table 1, row MAF, POWER: 0.24",
-         "recipe": {"steps": 400000}},
-        {"match": {"experiment": "maf_tabular", "dataset": "gas"}, "row": "MAF", "column": "GAS",
-         "published": 10.08, "status": "two-copies", "source": "Papamakarios et al. 2017, Table 1",
-         "recipe": {"steps": 400000}},
-        {"match": {"experiment": "nsf_tabular", "dataset": "power"}, "row": "NSF", "column": "POWER",
-         "published": 0.66, "status": "to-verify", "source": "Durkan et al. 2019", "recipe": {"steps": 400000}},
-        {"match": {"experiment": "nsf_tabular", "dataset": "gas"}, "row": "NSF", "column": "GAS",
-         "published": None, "status": "none", "source": "", "recipe": {"steps": 400000}},
+        {
+            "match": {"experiment": "maf_tabular", "dataset": "power"},
+            "row": "MAF",
+            "column": "POWER",
+            "published": 0.24,
+            "status": "paper",
+            "source": "Papamakarios et al. 2017, Table 1",
+            "quote": "Table 1, row MAF, POWER: 0.24",
+            "recipe": {"steps": 400000},
+        },
+        {
+            "match": {"experiment": "maf_tabular", "dataset": "gas"},
+            "row": "MAF",
+            "column": "GAS",
+            "published": 10.08,
+            "status": "two-copies",
+            "source": "Papamakarios et al. 2017, Table 1",
+            "recipe": {"steps": 400000},
+        },
+        {
+            "match": {"experiment": "nsf_tabular", "dataset": "power"},
+            "row": "NSF",
+            "column": "POWER",
+            "published": 0.66,
+            "status": "to-verify",
+            "source": "Durkan et al. 2019",
+            "recipe": {"steps": 400000},
+        },
+        {
+            "match": {"experiment": "nsf_tabular", "dataset": "gas"},
+            "row": "NSF",
+            "column": "GAS",
+            "published": None,
+            "status": "none",
+            "source": "",
+            "recipe": {"steps": 400000},
+        },
     ],
 }
 
 # the reference and departures blocks of some recipes, as composed into their runs' configs
 RECIPE_BLOCKS = {
-    "realnvp_mnist": {"reference": {"paper": "Dinh et al. 2017, Sec. 4.1",
-                                    "code": {"repo": "example/realnvp", "file": "train.py"}},
-                      "departures": [{"key": "optim.lr", "reason": "the paper's\n  schedule is not stated"},
-                                     {"key": "trainer.max_epochs", "reason": "100 as Glow"}]},
+    "realnvp_mnist": {
+        "reference": {"paper": "Dinh et al. 2017, Sec. 4.1", "code": {"repo": "example/realnvp", "file": "train.py"}},
+        "departures": [
+            {"key": "optim.lr", "reason": "the paper's\n  schedule is not stated"},
+            {"key": "trainer.max_epochs", "reason": "100 as Glow"},
+        ],
+    },
     "glow_mnist": {"reference": {"paper": "Kingma & Dhariwal 2018, Sec. 5"}, "departures": []},
 }
 
 # folder, table, overrides, smoke, metrics (None: unfinished), checkpoint ("ok", "truncated", None), W&B state
 RUNS = [
-    ("0", BPD_TABLE, ["experiment=realnvp_mnist"], False,
-     {"test/bpd": 1.0712, "test/loss": 1.0712, "test/loss_std": 0.0021, "test/nll": 580.4, "epochs_run": 100.0,
-      "global_step": 93800.0}, None, "finished"),
+    (
+        "0",
+        BPD_TABLE,
+        ["experiment=realnvp_mnist"],
+        False,
+        {
+            "test/bpd": 1.0712,
+            "test/loss": 1.0712,
+            "test/loss_std": 0.0021,
+            "test/nll": 580.4,
+            "epochs_run": 100.0,
+            "global_step": 93800.0,
+        },
+        None,
+        "finished",
+    ),
     ("1", BPD_TABLE, ["experiment=realnvp_cifar10"], False, None, "ok", "running"),
-    ("2", BPD_TABLE, ["experiment=glow_mnist", "seed=0"], False,
-     {"test/bpd": 1.052, "test/loss": 1.052, "epochs_run": 100.0, "global_step": 93800.0}, None, "finished"),
-    ("3", BPD_TABLE, ["experiment=glow_mnist", "seed=1"], False,
-     {"test/bpd": 1.058, "test/loss": 1.058, "epochs_run": 100.0, "global_step": 93800.0}, None, "finished"),
-    ("4", BPD_TABLE, ["experiment=glow_cifar10", "smoke=true"], True,
-     {"test/bpd": 5.8123, "test/loss": 5.8123, "epochs_run": 1.0, "global_step": 4.0}, None, "finished"),
+    (
+        "2",
+        BPD_TABLE,
+        ["experiment=glow_mnist", "seed=0"],
+        False,
+        {"test/bpd": 1.052, "test/loss": 1.052, "epochs_run": 100.0, "global_step": 93800.0},
+        None,
+        "finished",
+    ),
+    (
+        "3",
+        BPD_TABLE,
+        ["experiment=glow_mnist", "seed=1"],
+        False,
+        {"test/bpd": 1.058, "test/loss": 1.058, "epochs_run": 100.0, "global_step": 93800.0},
+        None,
+        "finished",
+    ),
+    (
+        "4",
+        BPD_TABLE,
+        ["experiment=glow_cifar10", "smoke=true"],
+        True,
+        {"test/bpd": 5.8123, "test/loss": 5.8123, "epochs_run": 1.0, "global_step": 4.0},
+        None,
+        "finished",
+    ),
     ("5", BPD_TABLE, ["experiment=glow_cifar10"], False, None, "truncated", "crashed"),
-    ("10", BPD_TABLE, ["experiment=nice_mnist"], False,
-     {"test/bpd": 1.3, "test/loss": 1.3, "epochs_run": 100.0, "global_step": 93800.0}, None, "finished"),
-    ("ll/0", LL_TABLE, ["experiment=maf_tabular", "dataset=power"], False,
-     {"test/nll": -0.2513, "test/loss": -0.2513, "test/loss_std": 0.0123, "epochs_run": 41.0,
-      "global_step": 400000.0}, None, "finished"),
-    ("ll/1", LL_TABLE, ["experiment=nsf_tabular", "+dataset=gas"], False,
-     {"test/nll": -12.871, "test/loss": -12.871, "epochs_run": 300.0, "global_step": 400000.0}, None, "finished"),
+    (
+        "10",
+        BPD_TABLE,
+        ["experiment=nice_mnist"],
+        False,
+        {"test/bpd": 1.3, "test/loss": 1.3, "epochs_run": 100.0, "global_step": 93800.0},
+        None,
+        "finished",
+    ),
+    (
+        "ll/0",
+        LL_TABLE,
+        ["experiment=maf_tabular", "dataset=power"],
+        False,
+        {
+            "test/nll": -0.2513,
+            "test/loss": -0.2513,
+            "test/loss_std": 0.0123,
+            "epochs_run": 41.0,
+            "global_step": 400000.0,
+        },
+        None,
+        "finished",
+    ),
+    (
+        "ll/1",
+        LL_TABLE,
+        ["experiment=nsf_tabular", "+dataset=gas"],
+        False,
+        {"test/nll": -12.871, "test/loss": -12.871, "epochs_run": 300.0, "global_step": 400000.0},
+        None,
+        "finished",
+    ),
     ("ll/2", LL_TABLE, ["experiment=maf_tabular", "dataset=gas"], False, None, None, "failed"),
 ]
 
@@ -196,13 +313,26 @@ Toy Table 1: test bits/dim,Real NVP,Glow,MNIST,true,not held,,MNIST
 
 
 def _recipes_from_csv(text: str) -> list[tuple]:
-    return [(r["table"][:12], r["recipe"], int(r["runs"]), json.loads(r["reference"]) if r["reference"] else None,
-             json.loads(r["departures"]) if r["departures"] else None) for r in csv.DictReader(io.StringIO(text))]
+    return [
+        (
+            r["table"][:12],
+            r["recipe"],
+            int(r["runs"]),
+            json.loads(r["reference"]) if r["reference"] else None,
+            json.loads(r["departures"]) if r["departures"] else None,
+        )
+        for r in csv.DictReader(io.StringIO(text))
+    ]
 
 
 EXPECTED_RECIPES = [
-    ("Toy Table 1:", "realnvp_mnist", 1, RECIPE_BLOCKS["realnvp_mnist"]["reference"],
-     RECIPE_BLOCKS["realnvp_mnist"]["departures"]),
+    (
+        "Toy Table 1:",
+        "realnvp_mnist",
+        1,
+        RECIPE_BLOCKS["realnvp_mnist"]["reference"],
+        RECIPE_BLOCKS["realnvp_mnist"]["departures"],
+    ),
     ("Toy Table 1:", "realnvp_cifar10", 1, None, None),
     ("Toy Table 1:", "glow_mnist", 2, RECIPE_BLOCKS["glow_mnist"]["reference"], []),
     ("Toy Table 1:", "glow_cifar10", 2, None, None),
@@ -214,9 +344,15 @@ EXPECTED_RECIPES = [
 
 def _config(table: dict, overrides: list[str], smoke: bool) -> dict:
     experiment = dict(o.split("=", 1) for o in overrides).get("experiment")
-    return {"task_name": "train", "smoke": smoke, "seed": 0, "trainer": {"max_epochs": 1 if smoke else 100},
-            "overrides": list(overrides), "table": copy.deepcopy(table),
-            **copy.deepcopy(RECIPE_BLOCKS.get(experiment, {}))}
+    return {
+        "task_name": "train",
+        "smoke": smoke,
+        "seed": 0,
+        "trainer": {"max_epochs": 1 if smoke else 100},
+        "overrides": list(overrides),
+        "table": copy.deepcopy(table),
+        **copy.deepcopy(RECIPE_BLOCKS.get(experiment, {})),
+    }
 
 
 def make_sweep(root: Path) -> Path:
@@ -237,8 +373,15 @@ def make_sweep(root: Path) -> Path:
         if ckpt is not None:
             (run / "checkpoints").mkdir()
             path = run / "checkpoints" / "last.ckpt"
-            torch.save({"epoch": 12, "global_step": 4700, "state_dict": {"w": torch.zeros(1000)},
-                        "hyper_parameters": {"config": {"smoke": False}}}, path)
+            torch.save(
+                {
+                    "epoch": 12,
+                    "global_step": 4700,
+                    "state_dict": {"w": torch.zeros(1000)},
+                    "hyper_parameters": {"config": {"smoke": False}},
+                },
+                path,
+            )
             if ckpt == "truncated":
                 path.write_bytes(path.read_bytes()[:300])
     (root / "0" / "wandb").mkdir()  # not searched
@@ -265,7 +408,7 @@ class FakeApi:
     def runs(self, path, filters=None):
         self.calls.append((path, filters))
         runs = []
-        for i, (folder, table, overrides, smoke, metrics, ckpt, state) in enumerate(RUNS):
+        for i, (_folder, table, overrides, smoke, metrics, ckpt, state) in enumerate(RUNS):
             summary = dict(metrics or {})
             if ckpt == "ok":  # what Lightning logged before the run stopped
                 summary.update({"epoch": 12, "trainer/global_step": 4700})
@@ -304,8 +447,10 @@ def test_wandb_source_with_fake_api_gives_the_same_table(sweep):
 def test_wandb_config_nested_under_module_hparams(sweep):
     class Api(FakeApi):
         def runs(self, path, filters=None):
-            return [FakeRun(r.path, {"config": r.config, "_wandb": {"value": {}}}, r.summary, r.state)
-                    for r in super().runs(path, filters)]
+            return [
+                FakeRun(r.path, {"config": r.config, "_wandb": {"value": {}}}, r.summary, r.state)
+                for r in super().runs(path, filters)
+            ]
 
     tables = report.build_tables(report.collect_wandb("ent/proj", api=Api()))
     assert _drop(report.render_csv(tables), "run_ids", "note") == _drop(EXPECTED_CSV, "run_ids", "note")
@@ -316,8 +461,15 @@ def test_checkpoint_progress(tmp_path):
     torch.save({"epoch": 12, "global_step": 4700}, path)
     assert report.checkpoint_progress(path) == (12.0, 4700.0, "checkpoint")
     # Lightning's loop state: the epoch saved at its end counts as run
-    torch.save({"epoch": 0, "global_step": 40, "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": 1}}}},
-                "optimizer_states": [{"state": {}}]}, path)
+    torch.save(
+        {
+            "epoch": 0,
+            "global_step": 40,
+            "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": 1}}}},
+            "optimizer_states": [{"state": {}}],
+        },
+        path,
+    )
     assert report.checkpoint_progress(path) == (1.0, 40.0, "checkpoint")
     path.write_bytes(path.read_bytes()[:100])
     assert report.checkpoint_progress(path) == (None, None, "checkpoint unreadable")
@@ -335,15 +487,32 @@ def test_std_of_bits_per_dim_converted_to_nats():
 
 
 def test_most_specific_cell_wins_and_booleans_match_as_hydra_writes_them():
-    cells = [{"match": {"experiment": "a"}, "row": "r", "column": "plain", "status": "none",
-              "recipe": {"epochs": 2}},
-             {"match": {"experiment": "a", "model.act": "cpila", "model.monotone": True}, "row": "r",
-              "column": "cpila", "status": "none", "recipe": {"epochs": 2}}]
-    table = {"name": "t", "metric": "test/loss", "unit": "nats", "rows": ["r"], "columns": ["plain", "cpila"],
-             "cells": cells}
-    runs = [report.Run("0", {"table": table, "overrides": ["experiment=a", "model.act=cpila", "model.monotone=true"]},
-                       metrics={"test/loss": 1.0, "epochs_run": 2.0}),
-            report.Run("1", {"table": table, "overrides": ["experiment=a"]}, metrics={"test/loss": 2.0})]
+    cells = [
+        {"match": {"experiment": "a"}, "row": "r", "column": "plain", "status": "none", "recipe": {"epochs": 2}},
+        {
+            "match": {"experiment": "a", "model.act": "cpila", "model.monotone": True},
+            "row": "r",
+            "column": "cpila",
+            "status": "none",
+            "recipe": {"epochs": 2},
+        },
+    ]
+    table = {
+        "name": "t",
+        "metric": "test/loss",
+        "unit": "nats",
+        "rows": ["r"],
+        "columns": ["plain", "cpila"],
+        "cells": cells,
+    }
+    runs = [
+        report.Run(
+            "0",
+            {"table": table, "overrides": ["experiment=a", "model.act=cpila", "model.monotone=true"]},
+            metrics={"test/loss": 1.0, "epochs_run": 2.0},
+        ),
+        report.Run("1", {"table": table, "overrides": ["experiment=a"]}, metrics={"test/loss": 2.0}),
+    ]
     rows = report.build_tables(runs)[0].rows
     assert [(r["column"], r["run_ids"], r["reproduced"]) for r in rows] == [("plain", "1", 2.0), ("cpila", "0", 1.0)]
 
@@ -386,8 +555,10 @@ def test_error_for_runs_without_table_block(tmp_path):
     for i in range(2):
         (tmp_path / str(i) / ".hydra").mkdir(parents=True)
         (tmp_path / str(i) / ".hydra" / "config.yaml").write_text("smoke: false\noverrides: [seed=1]\n")
-    with pytest.raises(SystemExit, match="none of the 2 runs .* has a `table` block.*was this sweep run from a "
-                                         "sweeps/ file with a table block"):
+    with pytest.raises(
+        SystemExit,
+        match="none of the 2 runs .* has a `table` block.*was this sweep run from a sweeps/ file with a table block",
+    ):
         report.main([str(tmp_path)])
     assert not (tmp_path / "report.md").exists()
 
@@ -401,14 +572,17 @@ def test_errors_for_bad_table_block_and_wandb_path(tmp_path):
         report.collect("wandb:justone", api=FakeApi())
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"status": "confirmed"}, "'confirmed' is not one of paper, two-copies, to-verify, none"),
-    ({"status": "to verify"}, "is not one of"),
-    ({"quote": None}, "status paper needs a `quote:`"),
-    ({"quote": " "}, "status paper needs a `quote:`"),
-    ({"status": "none"}, "status none with a published number"),
-    ({"status": "two-copies", "published": None, "quote": None}, "status two-copies without a published number"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"status": "confirmed"}, "'confirmed' is not one of paper, two-copies, to-verify, none"),
+        ({"status": "to verify"}, "is not one of"),
+        ({"quote": None}, "status paper needs a `quote:`"),
+        ({"quote": " "}, "status paper needs a `quote:`"),
+        ({"status": "none"}, "status none with a published number"),
+        ({"status": "two-copies", "published": None, "quote": None}, "status two-copies without a published number"),
+    ],
+)
 def test_provenance_rule_refuses_unbacked_cells(sweep, change, message):
     """Nothing is 'confirmed': a cell's status is paper (with a quote of the paper), two-copies, to-verify or none,
     and the report refuses a table that says otherwise, naming the cell."""
@@ -430,7 +604,12 @@ def test_recipes_listed_with_reference_and_departures_or_not_run(sweep):
     shutil.rmtree(sweep / "0")  # the only run of realnvp_mnist
     tables = report.build_tables(report.collect_multirun(sweep))
     assert [(r["recipe"], r["runs"]) for r in tables[0].recipes] == [
-        ("realnvp_mnist", 0), ("realnvp_cifar10", 1), ("glow_mnist", 2), ("glow_cifar10", 2), ("nice_mnist", 1)]
+        ("realnvp_mnist", 0),
+        ("realnvp_cifar10", 1),
+        ("glow_mnist", 2),
+        ("glow_cifar10", 2),
+        ("nice_mnist", 1),
+    ]
     glow = tables[0].recipes[2]
     assert glow["reference"] == RECIPE_BLOCKS["glow_mnist"]["reference"] and glow["departures"] == []
     markdown = report.render_markdown(tables)
@@ -448,7 +627,10 @@ def test_recipes_and_claims_the_same_from_wandb(sweep):
 def test_claims_held_not_held_not_run(sweep):
     tables = report.build_tables(report.collect_multirun(sweep))
     assert [(c["outcome"], c["missing"], c["failed"]) for c in tables[0].claims] == [
-        ("not run", ["CIFAR-10"], []), ("held", [], []), ("not held", [], ["MNIST"])]
+        ("not run", ["CIFAR-10"], []),
+        ("held", [], []),
+        ("not held", [], ["MNIST"]),
+    ]
     assert tables[1].claims == []
     rows = tables[0].rows
     spec = tables[0].spec
@@ -464,23 +646,40 @@ def test_claims_held_not_held_not_run(sweep):
     assert report.evaluate_claim(claim, spec, done)["missing"] == ["CIFAR-10"]
 
 
-@pytest.mark.parametrize("claims, message", [
-    ({"better": "Glow"}, r"`claims` must be a non-empty list"),
-    ([], r"`claims` must be a non-empty list"),
-    (["Glow > Real NVP"], r"claim 0: 'Glow > Real NVP' is not a mapping"),
-    ([{"better": "Glow", "than": "NICE", "columns": "all"}], r"claim 0: than: 'NICE' is not one of the table's "
-                                                             r"rows \(Real NVP, Glow\)"),
-    ([{"better": "Glow", "than": "Real NVP", "columns": "all"}, {"better": "Glow", "than": "Glow", "columns": "all"}],
-     r"claim 1: better and than name the same row 'Glow'"),
-    ([{"better": "Glow", "than": "Real NVP", "columns": ["MNIST", "SVHN"]}],
-     r"claim 0: columns 'SVHN' are not among the table's columns \(MNIST, CIFAR-10\)"),
-    ([{"better": "Glow", "than": "Real NVP"}], r"columns: None is neither `all` nor a non-empty list"),
-    ([{"better": "Glow", "than": "Real NVP", "columns": "all"}],  # (the Glow / MNIST cell removed below)
-     r"row 'Glow' has no cell in column 'MNIST', so the claim could never be settled"),
-    ([{"better": "Glow", "than": "Real NVP", "columns": "all", "lower_is_better": True}],
-     r"unknown key\(s\) lower_is_better \(allowed: better, than, columns, or_equal\)"),
-    ([{"better": "Glow", "than": "Real NVP", "columns": "all", "or_equal": "yes"}], r"or_equal: 'yes' is not true"),
-])
+@pytest.mark.parametrize(
+    "claims, message",
+    [
+        ({"better": "Glow"}, r"`claims` must be a non-empty list"),
+        ([], r"`claims` must be a non-empty list"),
+        (["Glow > Real NVP"], r"claim 0: 'Glow > Real NVP' is not a mapping"),
+        (
+            [{"better": "Glow", "than": "NICE", "columns": "all"}],
+            r"claim 0: than: 'NICE' is not one of the table's "
+            r"rows \(Real NVP, Glow\)",
+        ),
+        (
+            [
+                {"better": "Glow", "than": "Real NVP", "columns": "all"},
+                {"better": "Glow", "than": "Glow", "columns": "all"},
+            ],
+            r"claim 1: better and than name the same row 'Glow'",
+        ),
+        (
+            [{"better": "Glow", "than": "Real NVP", "columns": ["MNIST", "SVHN"]}],
+            r"claim 0: columns 'SVHN' are not among the table's columns \(MNIST, CIFAR-10\)",
+        ),
+        ([{"better": "Glow", "than": "Real NVP"}], r"columns: None is neither `all` nor a non-empty list"),
+        (
+            [{"better": "Glow", "than": "Real NVP", "columns": "all"}],  # (the Glow / MNIST cell removed below)
+            r"row 'Glow' has no cell in column 'MNIST', so the claim could never be settled",
+        ),
+        (
+            [{"better": "Glow", "than": "Real NVP", "columns": "all", "lower_is_better": True}],
+            r"unknown key\(s\) lower_is_better \(allowed: better, than, columns, or_equal\)",
+        ),
+        ([{"better": "Glow", "than": "Real NVP", "columns": "all", "or_equal": "yes"}], r"or_equal: 'yes' is not true"),
+    ],
+)
 def test_bad_claims_refused_with_the_reason(sweep, claims, message):
     config_path = sweep / "4" / ".hydra" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
@@ -498,8 +697,13 @@ def test_bad_claims_refused_with_the_reason(sweep, claims, message):
 def test_cli_prints_and_writes_report_without_importing_lightning(sweep, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "flowforge.report", str(sweep), "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "flowforge.report", str(sweep), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]  # incomplete runs do not fail the report
     assert proc.stdout == EXPECTED_MD
     assert (out / "report.md").read_text() == EXPECTED_MD
@@ -538,7 +742,8 @@ def test_wandb_table_logged_offline_and_read_back(sweep, tmp_path, monkeypatch):
         assert logged[0]["columns"] == report.CSV_COLUMNS
         rows = [dict(zip(report.CSV_COLUMNS, r)) for r in logged[0]["data"]]
         want = list(csv.DictReader(io.StringIO("\n".join([lines[0], *expected]))))
-        assert [(r["row"], r["column"], r["status"], r["runs"]) for r in rows] == \
-            [(w["row"], w["column"], w["status"], int(w["runs"])) for w in want]
+        assert [(r["row"], r["column"], r["status"], r["runs"]) for r in rows] == [
+            (w["row"], w["column"], w["status"], int(w["runs"])) for w in want
+        ]
         for r, w in zip(rows, want):
             assert report._csv_value(r["reproduced"]) == w["reproduced"]

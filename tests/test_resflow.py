@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flowforge.errors import ConfigError, ConvergenceError
 from flowforge.estimators import LogDetEstimator
-from flowforge.flows.residual import ResidualBlock
 from flowforge.flows.resflow import IResNet, ResidualFlow
+from flowforge.flows.residual import ResidualBlock
 from flowforge.nn.lipschitz import lipschitz_layers, update_lipschitz
 from flowforge.testing import batch_jacobian_logdet, exact_lipschitz
 from flowforge.training.module import FlowModule
@@ -106,13 +106,20 @@ def test_nonconverging_inverse_is_counted_and_raised(caplog):
 
 def test_spectral_norms_bounded_after_training_and_checkpoint_keeps_buffers(tmp_path):
     torch.manual_seed(0)
-    flow = small_image_flow((1, 8, 8), coeff=0.9, sn_rtol=1e-6, sn_max_iters=3000,
-                            estimator=LogDetEstimator("roulette", neumann_grad=True))
+    flow = small_image_flow(
+        (1, 8, 8), coeff=0.9, sn_rtol=1e-6, sn_max_iters=3000, estimator=LogDetEstimator("roulette", neumann_grad=True)
+    )
     data = torch.randint(0, 256, (64, 1, 8, 8)).float()
     loader = DataLoader(TensorDataset(data), batch_size=16)
     module = FlowModule(flow, optimizer=lambda p: torch.optim.Adam(p, lr=2e-2))
-    trainer = pl.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, loader)
     layers = lipschitz_layers(flow)
     assert len(layers) == 3 * 2 + 2  # two conv blocks of 3 convs, one FC block of 2 linears
@@ -234,8 +241,15 @@ def test_lightning_logs_sigma_and_estimator_std(tmp_path):
     for name in ("roulette", "exact"):
         flow = small_image_flow((1, 8, 8), estimator=LogDetEstimator(name))
         module = FlowModule(flow, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
-        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer = pl.Trainer(
+            max_steps=2,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        )
         trainer.fit(module, loader)
         assert float(trainer.callback_metrics["train/max_sigma"]) > 0
         trainer.test(module, loader, verbose=False)
@@ -252,8 +266,14 @@ def test_default_power_iteration_keeps_the_bound_during_training():
     from flowforge.data.toy2d import sample_toy
 
     torch.manual_seed(0)
-    flow = ResidualFlow((2,), estimator=LogDetEstimator("roulette", neumann_grad=True), num_blocks=10,
-                        hidden=[128, 128, 128, 128], coeff=0.9, actnorm=False)
+    flow = ResidualFlow(
+        (2,),
+        estimator=LogDetEstimator("roulette", neumann_grad=True),
+        num_blocks=10,
+        hidden=[128, 128, 128, 128],
+        coeff=0.9,
+        actnorm=False,
+    )
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
     worst = 0.0
     for i in range(80):

@@ -29,20 +29,51 @@ from flowforge.data.sampler import ResumableSampler
 from flowforge.training.checkpoint_io import atomic_torch_save, remove_partial_files
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["trainer.enable_progress_bar=false", "logger=csv", "trainer.max_epochs=3", "checkpoint_every_n_steps=4",
-          "optim.warmup_steps=10", "callbacks.sample_figures.every_n_epochs=100"]
+COMMON = [
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "trainer.max_epochs=3",
+    "checkpoint_every_n_steps=4",
+    "optim.warmup_steps=10",
+    "callbacks.sample_figures.every_n_epochs=100",
+]
 CONFIGS = {
     # spectral norms + subspaces, ActNorm init, roulette estimator, EMA, warm-up; 6 steps per epoch
-    "resflow": ["model=resflow", "dataset=toy2d", "dataset.n_train=600", "dataset.n_val=200", "dataset.n_test=200",
-                "dataset.batch_size=100", "dataset.eval_batch_size=200", "model.num_blocks=3", "model.hidden=[16]",
-                "estimator=roulette"],
+    "resflow": [
+        "model=resflow",
+        "dataset=toy2d",
+        "dataset.n_train=600",
+        "dataset.n_val=200",
+        "dataset.n_test=200",
+        "dataset.batch_size=100",
+        "dataset.eval_batch_size=200",
+        "model.num_blocks=3",
+        "model.hidden=[16]",
+        "estimator=roulette",
+    ],
     # images: dequantisation noise, random flips, Glow's ActNorm; 6 steps per epoch
-    "glow": ["model=glow", "dataset=digits", "+dataset.limit=300", "dataset.batch_size=50", "+dataset.flip=true",
-             "model.num_steps=2", "model.hidden=[16]", "model.channels=8"],
+    "glow": [
+        "model=glow",
+        "dataset=digits",
+        "+dataset.limit=300",
+        "dataset.batch_size=50",
+        "+dataset.flip=true",
+        "model.num_steps=2",
+        "model.hidden=[16]",
+        "model.channels=8",
+    ],
 }
 STEPS = 18  # 3 epochs x 6 steps
-STATE_KEYS = ("state_dict", "current_model_state", "averaging_state", "optimizer_states", "lr_schedulers",
-              "lipschitz_subspaces", "global_step", "epoch")
+STATE_KEYS = (
+    "state_dict",
+    "current_model_state",
+    "averaging_state",
+    "optimizer_states",
+    "lr_schedulers",
+    "lipschitz_subspaces",
+    "global_step",
+    "epoch",
+)
 
 
 def train(run_dir: Path, config: str, *extra: str, env: dict | None = None, wait: bool = True):
@@ -51,8 +82,9 @@ def train(run_dir: Path, config: str, *extra: str, env: dict | None = None, wait
         cmd.append(f"hydra.run.dir={run_dir}")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
     return p.returncode, p.stdout + p.stderr
 
@@ -111,9 +143,14 @@ def reference(tmp_path_factory):
 # step 13 resumes from the end of epoch 2, where an extra (sanity) validation on resume changed the EMA weights'
 # power-iteration state and so the result (resumed fits skip the sanity validation)
 _rng = random.Random(7)
-KILLS = [("resflow", "SIGKILL", _rng.randrange(5, 17)), ("resflow", "SIGTERM", _rng.randrange(1, 17)),
-         ("resflow", "SIGKILL", 6), ("resflow", "SIGKILL", 13), ("glow", "SIGKILL", _rng.randrange(5, 17)),
-         ("glow", "SIGTERM", 12)]
+KILLS = [
+    ("resflow", "SIGKILL", _rng.randrange(5, 17)),
+    ("resflow", "SIGTERM", _rng.randrange(1, 17)),
+    ("resflow", "SIGKILL", 6),
+    ("resflow", "SIGKILL", 13),
+    ("glow", "SIGKILL", _rng.randrange(5, 17)),
+    ("glow", "SIGTERM", 12),
+]
 
 
 @pytest.mark.parametrize("config,sig,step", KILLS, ids=[f"{c}-{s}-step{k}" for c, s, k in KILLS])
@@ -186,9 +223,16 @@ def test_slurm_preemption_requeues_and_resumes_bit_exactly(tmp_path, reference):
     stub = bin_dir / "scontrol"
     stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nkill -TERM $PPID\n')
     stub.chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
-           "SLURM_JOB_NAME": "flowforge-test", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-           "SLURM_NODELIST": "localhost"}
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "flowforge-test",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
     command = ["+faults.signal=SIGUSR1", "+faults.signal_at_step=9", f"paths.log_dir={tmp_path / 'logs'}"]
     code, out = train(None, "resflow", *command, env=env)
     run = tmp_path / "logs" / "train" / "runs" / "slurm-4242"  # the folder is named after the job, not the time
@@ -218,8 +262,9 @@ def test_resuming_a_finished_run_tests_the_same_weights(tmp_path, reference):
 
 
 def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path):
-    from flowforge.experiment import resolve_ckpt_path
     from omegaconf import OmegaConf
+
+    from flowforge.experiment import resolve_ckpt_path
 
     cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"output_dir": str(tmp_path)}})
     assert resolve_ckpt_path(cfg) is None
@@ -339,10 +384,21 @@ def test_sigterm_during_the_final_test_exits_143_with_the_way_on(tmp_path, monke
         return trainer
 
     monkeypatch.setattr(experiment, "make_trainer", with_signal)
-    cfg = compose(["trainer.enable_progress_bar=false", "logger=csv", "trainer.max_epochs=1", "dataset.n_train=200",
-                   "dataset.n_val=100", "dataset.n_test=300", "dataset.batch_size=50", "dataset.eval_batch_size=100",
-                   "model.num_steps=2",
-                   "model.hidden=[8]", f"paths.output_dir={tmp_path}"])
+    cfg = compose(
+        [
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "dataset.n_train=200",
+            "dataset.n_val=100",
+            "dataset.n_test=300",
+            "dataset.batch_size=50",
+            "dataset.eval_batch_size=100",
+            "model.num_steps=2",
+            "model.hidden=[8]",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     with pytest.raises(SystemExit) as info:
         experiment.main(experiment.train, cfg)
     assert info.value.code == 143

@@ -17,7 +17,10 @@ from flowforge.flows.base import Transform
 from flowforge.flows.distributions import StandardNormal
 from flowforge.flows.model import Flow
 from flowforge.objectives.reverse_kl import (
-    NonFiniteWeightsError, importance_log_z, reverse_kl_loss, skip_data_init,
+    NonFiniteWeightsError,
+    importance_log_z,
+    reverse_kl_loss,
+    skip_data_init,
 )
 from flowforge.targets import Banana, Funnel, GaussianMixture2D, Target, make_target
 
@@ -67,7 +70,10 @@ def grid(lo, hi, h):
 def quadrature_log_z(target):
     """log integral of exp(target.log_prob) over R^2 by the trapezoid rule on a grid wide enough that the
     omitted tails are < 1e-12 of the mass (funnel: x = a sinh(t), so the grid follows e^{v/2} scales)."""
-    lp = lambda a, b: target.log_prob(torch.stack([a.flatten(), b.flatten()], 1)).view(a.shape)
+
+    def lp(a, b):
+        return target.log_prob(torch.stack([a.flatten(), b.flatten()], 1)).view(a.shape)
+
     if isinstance(target, GaussianMixture2D):
         r = target.radius + 10 * target.std
         g, h = grid(-r, r, target.std / 10)
@@ -82,8 +88,11 @@ def quadrature_log_z(target):
         s, a = target.scale, 1e-8
         gv, hv = grid(-9 * s, 9 * s, s / 30)
         gt, ht = grid(-38.0, 38.0, 0.05)
+
         # x = a sinh(t), dx = a cosh(t) dt
-        log_f = lambda v, t: lp(v, a * torch.sinh(t)) + math.log(a) + torch.log(torch.cosh(t))
+        def log_f(v, t):
+            return lp(v, a * torch.sinh(t)) + math.log(a) + torch.log(torch.cosh(t))
+
         return trapezoid_2d(log_f, gv, gt) + math.log(hv * ht)
     raise TypeError(target)
 
@@ -122,7 +131,10 @@ def test_log_z_values():
 def _normalised_reference(target, x):
     """log p(x) from torch.distributions (independent of the target's own formula)."""
     D = torch.distributions
-    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # (python-float parameters would make float32 Normals)
+
+    def f64(v):
+        return torch.tensor(v, dtype=torch.float64)  # (python-float parameters would make float32 Normals)
+
     if isinstance(target, GaussianMixture2D):
         comp = D.Independent(D.Normal(target.centers, torch.full_like(target.centers, target.std)), 1)
         mix = D.Categorical(torch.ones(target.num_components, dtype=torch.float64))
@@ -208,7 +220,10 @@ def test_funnel_samples_match_density():
     frac = ((x2[:, 0] > 0) & (x2[:, 1].abs() < 1)).double()
     gv, hv = grid(0.0, 27.0, 0.05)
     gx, hx = grid(-1.0, 1.0, 0.002)
-    lp = lambda a, b: t2.log_prob(torch.stack([a.flatten(), b.flatten()], 1)).view(a.shape)
+
+    def lp(a, b):
+        return t2.log_prob(torch.stack([a.flatten(), b.flatten()], 1)).view(a.shape)
+
     mass = math.exp(trapezoid_2d(lp, gv, gx) + math.log(hv * hx) - t2.log_z)
     assert_mean(frac, mass)
 
@@ -376,8 +391,17 @@ def test_target_data_module_from_config():
     from conftest import compose
     from hydra.utils import instantiate
 
-    cfg = compose(["dataset=target", "dataset.name=funnel", "dataset.dim=4", "dataset.scale=1.5",
-                   "dataset.n_train=300", "dataset.n_val=200", "dataset.n_test=100"])
+    cfg = compose(
+        [
+            "dataset=target",
+            "dataset.name=funnel",
+            "dataset.dim=4",
+            "dataset.scale=1.5",
+            "dataset.n_train=300",
+            "dataset.n_val=200",
+            "dataset.n_test=100",
+        ]
+    )
     assert list(cfg.dataset.shape) == [4]
     dm = instantiate(cfg.dataset)
     dm.setup()

@@ -16,9 +16,18 @@ from flowforge import experiment
 from flowforge.errors import ConfigError
 from flowforge.training.run_lock import LOCK_NAME, acquire, release
 
-SLOW = ["trainer.enable_progress_bar=false", "logger=csv", "trainer.max_epochs=1000", "dataset.n_train=64",
-        "dataset.n_val=16", "dataset.n_test=16", "dataset.batch_size=32", "model.num_steps=2", "model.hidden=[8]",
-        "callbacks.sample_figures.every_n_epochs=10000"]
+SLOW = [
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "trainer.max_epochs=1000",
+    "dataset.n_train=64",
+    "dataset.n_val=16",
+    "dataset.n_test=16",
+    "dataset.batch_size=32",
+    "model.num_steps=2",
+    "model.hidden=[8]",
+    "callbacks.sample_figures.every_n_epochs=10000",
+]
 
 
 def _dead_pid():
@@ -30,15 +39,27 @@ def _dead_pid():
 def test_second_run_in_a_folder_in_use_is_refused(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "train.py", *SLOW, f"hydra.run.dir={run}"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "train.py", *SLOW, f"hydra.run.dir={run}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (run / LOCK_NAME).exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.1)
         assert (run / LOCK_NAME).exists()
-        second = subprocess.run([sys.executable, "train.py", *SLOW, f"hydra.run.dir={run}"], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [sys.executable, "train.py", *SLOW, f"hydra.run.dir={run}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         out = second.stdout + second.stderr
         assert second.returncode != 0
         assert f"the run directory {run} is in use by another run: pid {first.pid} on" in out
@@ -73,6 +94,9 @@ def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch, caplo
 def test_lock_of_another_host_is_not_taken_over(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     _write_lock(tmp_path, 12345, host="another-node", command="python train.py model=glow")
-    with pytest.raises(ConfigError, match=r"in use by another run: pid 12345 on another-node \(python train\.py "
-                                          r"model=glow\).*if it is gone, delete \S+\.flowforge\.lock"):
+    with pytest.raises(
+        ConfigError,
+        match=r"in use by another run: pid 12345 on another-node \(python train\.py "
+        r"model=glow\).*if it is gone, delete \S+\.flowforge\.lock",
+    ):
         acquire(tmp_path)

@@ -32,7 +32,9 @@ def tanh_contraction(b=6, n=20, lip=0.95, seed=0):
 @pytest.mark.parametrize("method", METHODS)
 def test_converges_on_contraction_to_tolerance(method):
     step, _ = tanh_contraction()
-    x, stats = Solver(method, atol=1e-11, rtol=0, max_iters=3000, memory=5)(step, torch.zeros(6, 20, dtype=torch.float64))
+    x, stats = Solver(method, atol=1e-11, rtol=0, max_iters=3000, memory=5)(
+        step, torch.zeros(6, 20, dtype=torch.float64)
+    )
     assert stats.converged.all() and stats.num_failed == 0
     res = (step(x, torch.arange(6)) - x).abs().amax(1)
     # the returned point is T(x_k) at a converged x_k: its own residual is at most lip * 1e-11
@@ -96,7 +98,9 @@ def test_accelerated_methods_need_far_fewer_iterations_on_a_slow_contraction():
     x0 = torch.zeros(4, 30, dtype=torch.float64)
     iters = {}
     for method in METHODS:
-        _, stats = Solver(method, atol=1e-9, rtol=0, max_iters=20000, memory=5 if method == "anderson" else 30)(step, x0)
+        _, stats = Solver(method, atol=1e-9, rtol=0, max_iters=20000, memory=5 if method == "anderson" else 30)(
+            step, x0
+        )
         assert stats.converged.all(), method
         iters[method] = float(stats.iterations.float().mean())
     assert iters["picard"] > 300, iters
@@ -107,9 +111,12 @@ def test_accelerated_methods_need_far_fewer_iterations_on_a_slow_contraction():
 def test_damping_tames_an_oscillating_map():
     """T(x) = -0.99 x + c oscillates: plain Picard converges at rate 0.99, damping 0.5 at rate 0.005."""
     c = torch.randn(3, 5, dtype=torch.float64)
-    plain = Solver("picard", atol=1e-10, rtol=0, max_iters=10000)(lambda x, idx: -0.99 * x + c[idx], torch.zeros_like(c))
-    damped = Solver("picard", atol=1e-10, rtol=0, max_iters=10000, damping=0.5)(lambda x, idx: -0.99 * x + c[idx],
-                                                                                torch.zeros_like(c))
+    plain = Solver("picard", atol=1e-10, rtol=0, max_iters=10000)(
+        lambda x, idx: -0.99 * x + c[idx], torch.zeros_like(c)
+    )
+    damped = Solver("picard", atol=1e-10, rtol=0, max_iters=10000, damping=0.5)(
+        lambda x, idx: -0.99 * x + c[idx], torch.zeros_like(c)
+    )
     assert plain[1].converged.all() and damped[1].converged.all()
     assert damped[1].iterations.max() * 50 < plain[1].iterations.min()
     torch.testing.assert_close(damped[0], c / 1.99, atol=1e-9, rtol=0)
@@ -117,7 +124,9 @@ def test_damping_tames_an_oscillating_map():
 
 def test_picard_fallback_finishes_what_the_accelerated_method_left():
     step, _ = tanh_contraction(lip=0.9)
-    x, stats = Solver("broyden", atol=1e-10, rtol=0, max_iters=2, fallback_iters=2000)(step, torch.zeros(6, 20, dtype=torch.float64))
+    x, stats = Solver("broyden", atol=1e-10, rtol=0, max_iters=2, fallback_iters=2000)(
+        step, torch.zeros(6, 20, dtype=torch.float64)
+    )
     assert stats.converged.all() and stats.method == "broyden+picard"
     assert (stats.iterations > 2).all()
     assert ((step(x, torch.arange(6)) - x).abs().amax(1) < 1e-9).all()
@@ -125,18 +134,23 @@ def test_picard_fallback_finishes_what_the_accelerated_method_left():
 
 def test_half_precision_input_is_solved_in_float32():
     c = torch.randn(2, 3)
-    x, stats = Solver("anderson", atol=1e-6, rtol=0)(lambda x, idx: 0.5 * torch.sin(x) + c[idx], torch.zeros(2, 3).bfloat16())
+    x, stats = Solver("anderson", atol=1e-6, rtol=0)(
+        lambda x, idx: 0.5 * torch.sin(x) + c[idx], torch.zeros(2, 3).bfloat16()
+    )
     assert x.dtype == torch.float32 and stats.converged.all()
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(method="newton"), "unknown solver method 'newton'"),
-    (dict(atol=0, rtol=0), "could never stop"),
-    (dict(max_iters=0), "max_iters"),
-    (dict(damping=0.0), "damping"),
-    (dict(memory=0), "memory"),
-    (dict(atol=-1), "atol"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(method="newton"), "unknown solver method 'newton'"),
+        (dict(atol=0, rtol=0), "could never stop"),
+        (dict(max_iters=0), "max_iters"),
+        (dict(damping=0.0), "damping"),
+        (dict(memory=0), "memory"),
+        (dict(atol=-1), "atol"),
+    ],
+)
 def test_bad_solver_config(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         Solver(**kwargs)
@@ -207,8 +221,13 @@ def test_backward_nonconvergence_is_reported():
     """An adjoint solve capped at one iteration cannot reach 1e-14: the record says so."""
     w, c, step = implicit_problem()
     records = []
-    x, _ = implicit_solve(step, torch.zeros(4, 5, dtype=torch.float64), Solver(atol=1e-12, rtol=0),
-                          Solver("picard", atol=1e-14, rtol=0, max_iters=1), records.append)
+    x, _ = implicit_solve(
+        step,
+        torch.zeros(4, 5, dtype=torch.float64),
+        Solver(atol=1e-12, rtol=0),
+        Solver("picard", atol=1e-14, rtol=0, max_iters=1),
+        records.append,
+    )
     loss_of(x, c).backward()
     assert records[0].num_failed == 4
 

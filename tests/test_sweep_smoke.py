@@ -34,8 +34,18 @@ def run(*args, timeout=900):
 def test_smoke_sweep_runs_every_cell_and_reports_it(sweep, fake_data, tmp_path):
     table = yaml.safe_load(sweep.read_text())["table"]
     out = tmp_path / "multirun"
-    p = run("train.py", "-m", "--config-dir", "sweeps", "--config-name", sweep.stem, "smoke=true",
-            f"paths.data_dir={fake_data}", f"hydra.sweep.dir={out}", "trainer.enable_progress_bar=false")
+    p = run(
+        "train.py",
+        "-m",
+        "--config-dir",
+        "sweeps",
+        "--config-name",
+        sweep.stem,
+        "smoke=true",
+        f"paths.data_dir={fake_data}",
+        f"hydra.sweep.dir={out}",
+        "trainer.enable_progress_bar=false",
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     p = run("-m", "flowforge.report", str(out))
     assert p.returncode == 0, p.stderr[-3000:]

@@ -25,7 +25,17 @@ SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 # flowforge.figures names these sweeps' runs by the recipe's own task_name, so they must not set one
 FIGURE_SWEEPS = {"fit1d", "toy2d_monotone"}
 TOP_KEYS = {"defaults", "hydra", "task_name", "table"}
-TABLE_KEYS = {"name", "metric", "sign", "unit", "better", "columns", "rows", "claim", "cells"}  # and `claims` (optional)
+TABLE_KEYS = {
+    "name",
+    "metric",
+    "sign",
+    "unit",
+    "better",
+    "columns",
+    "rows",
+    "claim",
+    "cells",
+}  # and `claims` (optional)
 CELL_KEYS = {"match", "row", "column", "published", "status", "source", "recipe"}  # and `quote` (status paper)
 # words that claim a check the provenance rule does not back (status paper with a quote is the only such claim)
 UNBACKED = re.compile(r"\b(confirmed|verified|recalled)\b", re.IGNORECASE)
@@ -67,7 +77,7 @@ def grid(path: Path) -> list[list[str]]:
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed(overrides: tuple):
     return compose(list(overrides))
 
@@ -86,8 +96,11 @@ def compose_sweep(path: Path, overrides, job_num: int = 0):
     from omegaconf import open_dict
 
     with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
-        cfg = hydra_compose(config_name=path.stem, return_hydra_config=True,
-                            overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", *overrides])
+        cfg = hydra_compose(
+            config_name=path.stem,
+            return_hydra_config=True,
+            overrides=[f"hydra.searchpath=[file://{ROOT / 'conf'}]", *overrides],
+        )
     with open_dict(cfg):
         cfg.hydra.job.num = job_num
     HydraConfig.instance().set_config(cfg)
@@ -110,7 +123,9 @@ def smoke_commands(path: Path) -> list[list[str]]:
                 i += 1
                 command = command[:-1].strip() + " " + lines[i].split("   #")[0].strip()
             args = command.split()
-            assert args[:7] == ["python", "train.py", "-m", "--config-dir", "sweeps", "--config-name", path.stem], command
+            assert args[:7] == ["python", "train.py", "-m", "--config-dir", "sweeps", "--config-name", path.stem], (
+                command
+            )
             commands.append(args[7:])
         i += 1
     return commands
@@ -330,4 +345,7 @@ def test_match_values_are_written_as_hydra_records_them():
     lambda column relies on 0, 1/D and 1 surviving verbatim."""
     jobs = grid(ROOT / "sweeps" / "resflow_hybrid.yaml")
     assert {o for job in jobs for o in job if o.startswith("objective.lam=")} == {
-        "objective.lam=0", "objective.lam=1/D", "objective.lam=1"}
+        "objective.lam=0",
+        "objective.lam=1/D",
+        "objective.lam=1",
+    }

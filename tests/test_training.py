@@ -2,7 +2,6 @@
 handling, seeding, accumulation and bf16 — run in-process through the real Hydra config tree."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +12,19 @@ from flowforge.errors import NonFiniteLossError
 from flowforge.training.module import FlowModule, linear_warmup
 
 FAST = [
-    "dataset=toy2d", "dataset.n_train=1000", "dataset.n_val=500", "dataset.n_test=500",
-    "dataset.batch_size=100", "dataset.eval_batch_size=500",
-    "model=realnvp", "model.num_steps=2", "model.hidden=[16]",
-    "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "callbacks.sample_figures.every_n_epochs=100",
+    "dataset=toy2d",
+    "dataset.n_train=1000",
+    "dataset.n_val=500",
+    "dataset.n_test=500",
+    "dataset.batch_size=100",
+    "dataset.eval_batch_size=500",
+    "model=realnvp",
+    "model.num_steps=2",
+    "model.hidden=[16]",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
+    "callbacks.sample_figures.every_n_epochs=100",
 ]
 
 
@@ -81,7 +89,8 @@ def test_ema_weights_are_used_and_checkpointed(tmp_path):
     assert "current_model_state" in ckpt  # raw weights kept apart from the averaged ones
     diffs = [
         float((ckpt["state_dict"][k] - ckpt["current_model_state"][k]).abs().max())
-        for k in ckpt["state_dict"] if k.endswith("weight")
+        for k in ckpt["state_dict"]
+        if k.endswith("weight")
     ]
     assert max(diffs) > 0  # the stored model is the average, not the last iterate
     metrics = experiment.evaluate(compose([f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"], "eval"))
@@ -156,6 +165,7 @@ def _poison_gradient_at(monkeypatch, step):
         original(self)
         name, p = next((n, q) for n, q in self.named_parameters() if n.endswith("weight"))
         p.register_hook(lambda g: g * float("nan") if self.global_step == step else g)
+
     monkeypatch.setattr(FlowModule, "on_train_start", on_train_start)
 
 
@@ -163,8 +173,11 @@ def test_nan_gradient_stops_with_the_step_and_the_layer(tmp_path, monkeypatch):
     """A NaN gradient under a finite loss: the update is dropped (every checkpoint stays finite) and the run
     stops naming the step and the parameter."""
     _poison_gradient_at(monkeypatch, 3)
-    with pytest.raises(NonFiniteLossError, match=r"gradients of 1 parameter tensors became NaN/inf with a finite loss "
-                                                 r"at step 3 in model\.\S+weight \(first\)"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"gradients of 1 parameter tensors became NaN/inf with a finite loss "
+        r"at step 3 in model\.\S+weight \(first\)",
+    ):
         experiment.train(compose([*FAST, f"paths.output_dir={tmp_path}", "trainer.max_epochs=3"]))
     for c in (tmp_path / "checkpoints").glob("*.ckpt"):
         state = torch.load(c, weights_only=False)["state_dict"]
@@ -183,8 +196,13 @@ def test_resume_override_of_the_learning_rate_is_applied_and_logged(tmp_path, ca
     Lightning restores with the optimizer state (and the warm-up scheduler's base rate), and the change is logged."""
     run(tmp_path / "a", "trainer.max_epochs=1")
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    run(tmp_path / "b", "trainer.max_epochs=2", f"ckpt_path={last}", "optim.optimizer.lr=0.0005",
-        "resume_overrides=[optim.optimizer.lr]")
+    run(
+        tmp_path / "b",
+        "trainer.max_epochs=2",
+        f"ckpt_path={last}",
+        "optim.optimizer.lr=0.0005",
+        "resume_overrides=[optim.optimizer.lr]",
+    )
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0005

@@ -7,7 +7,7 @@ Each check raises a :class:`flowforge.errors.ConfigError` that names the key, th
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -42,12 +42,13 @@ def positive_finite(key: str, value: Any, example: str, why: str = "") -> float:
     return float(value)
 
 
-def optional_nonnegative_finite(key: str, value: Any, example: str) -> Optional[float]:
+def optional_nonnegative_finite(key: str, value: Any, example: str) -> float | None:
     if value is None:
         return None
     if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{key} must be null (no clipping) or a finite number >= 0, got {value!r}; "
-                          f"e.g. {key}={example}")
+        raise ConfigError(
+            f"{key} must be null (no clipping) or a finite number >= 0, got {value!r}; e.g. {key}={example}"
+        )
     return float(value)
 
 
@@ -65,8 +66,12 @@ def check_run_config(cfg: DictConfig) -> None:
     optim = cfg.get("optim") or {}
     optimizer = optim.get("optimizer") or {}
     if "lr" in optimizer:
-        positive_finite("optim.optimizer.lr", optimizer.lr, "1e-3",
-                        " (0 would train nothing, inf or nan would destroy the weights at the first step)")
+        positive_finite(
+            "optim.optimizer.lr",
+            optimizer.lr,
+            "1e-3",
+            " (0 would train nothing, inf or nan would destroy the weights at the first step)",
+        )
     if "warmup_steps" in optim:
         nonnegative_int("optim.warmup_steps", optim.warmup_steps, "1000")
     trainer = cfg.get("trainer") or {}

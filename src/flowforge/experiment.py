@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import hydra.errors
@@ -26,14 +26,14 @@ from flowforge.data.base import broken_link
 from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.smoke import shrink
-from flowforge.trust import check_stored_targets, load_torch_file
-from flowforge.wandb_mode import wandb_mode
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
 from flowforge.training.faults import FaultInjection, locate_nonfinite, nonfinite_samples, nonfinite_tensors
+from flowforge.training.module import FlowModule, TrainingStopped
 from flowforge.training.resume import ExactResume, check_resume_config
 from flowforge.training.run_lock import run_lock
-from flowforge.training.module import FlowModule, TrainingStopped
+from flowforge.trust import check_stored_targets, load_torch_file
+from flowforge.wandb_mode import wandb_mode
 
 log = logging.getLogger("flowforge")
 
@@ -55,11 +55,13 @@ def _slurm_tasks(devices: Any) -> int:
     """SLURM tasks per node for ``trainer.devices``: Lightning's DDP under SLURM runs one task per device."""
     if isinstance(devices, int) and devices > 0:
         return devices
-    raise ConfigError(f"hydra/launcher=slurm needs trainer.devices as the number of GPUs per node (a positive "
-                      f"integer), got {devices!r}; e.g. trainer.devices=4")
+    raise ConfigError(
+        f"hydra/launcher=slurm needs trainer.devices as the number of GPUs per node (a positive "
+        f"integer), got {devices!r}; e.g. trainer.devices=4"
+    )
 
 
-def _slurm_gpus(accelerator: str, devices: Any) -> Optional[int]:
+def _slurm_gpus(accelerator: str, devices: Any) -> int | None:
     return None if str(accelerator) == "cpu" else _slurm_tasks(devices)
 
 
@@ -114,7 +116,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     return datamodule, module
 
 
-def apply_dequantization(cfg: DictConfig, model: torch.nn.Module) -> Optional[str]:
+def apply_dequantization(cfg: DictConfig, model: torch.nn.Module) -> str | None:
     """Give an image model the dequantiser ``cfg.dequantization`` names; returns its name (None for vectors).
 
     Models are built with uniform dequantisation; any other choice replaces ``model.dequantizer`` (so its
@@ -141,12 +143,13 @@ def check_estimator(cfg: DictConfig, model: torch.nn.Module) -> None:
     if name not in ("exact", "auto") and not any(hasattr(m, "logdet_estimator") for m in model.modules()):
         target = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
         raise ConfigError(
-            f"estimator={name} applies to flows whose log-det is estimated (model=resflow, iresnet, impflow, monotone, cnf); "
+            f"estimator={name} applies to flows whose log-det is estimated "
+            "(model=resflow, iresnet, impflow, monotone, cnf); "
             f"{target} has a closed-form log-det: use estimator=exact"
         )
 
 
-def _instantiate_group(node: Optional[DictConfig]) -> list:
+def _instantiate_group(node: DictConfig | None) -> list:
     if not node:
         return []
     return [hydra.utils.instantiate(v) for v in node.values() if v is not None and "_target_" in v]
@@ -155,8 +158,10 @@ def _instantiate_group(node: Optional[DictConfig]) -> list:
 def make_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
     every = cfg.get("checkpoint_every_n_steps", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ConfigError(f"checkpoint_every_n_steps must be a positive integer, got {every!r} (last.ckpt is rewritten "
-                          "that often; e.g. 200)")
+        raise ConfigError(
+            f"checkpoint_every_n_steps must be a positive integer, got {every!r} (last.ckpt is rewritten "
+            "that often; e.g. 200)"
+        )
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.trainer.get("enable_progress_bar") is False:  # the bar's callback would make Lightning refuse the option
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
@@ -166,8 +171,9 @@ def make_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     precision, accelerator = str(cfg.trainer.get("precision")), str(cfg.trainer.get("accelerator", "auto"))
-    if precision in ("16-mixed", "16", "16-true") and (accelerator == "cpu" or
-                                                        (accelerator == "auto" and not torch.cuda.is_available())):
+    if precision in ("16-mixed", "16", "16-true") and (
+        accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    ):
         raise ConfigError(
             f"trainer.precision={precision} (float16) needs a GPU, but this run trains on the CPU, where Lightning "
             "would silently switch to bfloat16; use trainer.precision=bf16-mixed on the CPU (or 32)"
@@ -176,7 +182,7 @@ def make_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """``ckpt_path`` as a file: a path is checked to exist; ``last`` is the newest ``last*.ckpt`` or SLURM
     ``hpc_ckpt_<n>.ckpt`` of this run's folder (None when there is none yet: a fresh start, so the same command
     can start and resume a job); null stays null."""
@@ -211,8 +217,11 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         stored, ckpt = load_checkpoint(ckpt_path)
         load_weights(module, ckpt_path, model_name(cfg), ckpt)
         module.resume_changes = check_resume_config(
-            OmegaConf.to_container(stored), OmegaConf.to_container(cfg, resolve=True), ckpt_path,
-            list(cfg.get("resume_overrides") or []))
+            OmegaConf.to_container(stored),
+            OmegaConf.to_container(cfg, resolve=True),
+            ckpt_path,
+            list(cfg.get("resume_overrides") or []),
+        )
     # A resumed fit skips the sanity validation: the run it continues did it at its start, and an extra
     # validation is not free of side effects (it can refine the power-iteration state of the EMA weights),
     # so it would make the resumed run differ from the uninterrupted one.
@@ -224,12 +233,19 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         except TrainingStopped:
             raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}") from None
         except SIGTERMException:
-            saved = [cb.saved_on_signal for cb in trainer.callbacks if isinstance(cb, ExactResume) and cb.saved_on_signal]
-            where = f"saved {saved[0]}; resume with ckpt_path={saved[0]}" if saved else \
-                f"resume from the newest checkpoint in {out_dir / 'checkpoints'} (ckpt_path=last)"
+            saved = [
+                cb.saved_on_signal for cb in trainer.callbacks if isinstance(cb, ExactResume) and cb.saved_on_signal
+            ]
+            where = (
+                f"saved {saved[0]}; resume with ckpt_path={saved[0]}"
+                if saved
+                else f"resume from the newest checkpoint in {out_dir / 'checkpoints'} (ckpt_path=last)"
+            )
             print(f"stopped by SIGTERM at step {trainer.global_step}: {where}", flush=True)
             raise SystemExit(143) from None
-        if ckpt_path and not any(getattr(cb, "trained", True) for cb in trainer.callbacks if isinstance(cb, ExactResume)):
+        if ckpt_path and not any(
+            getattr(cb, "trained", True) for cb in trainer.callbacks if isinstance(cb, ExactResume)
+        ):
             # resuming a run that had already finished: Lightning skips the fit loop and its hooks, so the
             # weights for testing are taken from the checkpoint (its EMA average when EMA was on)
             load_weights(module, ckpt_path, model_name(cfg))
@@ -255,9 +271,12 @@ def _final_test(trainer: pl.Trainer, module: FlowModule, datamodule: pl.Lightnin
     try:
         trainer.test(module, datamodule=datamodule)
     except SIGTERMException:
-        print(f"stopped by SIGTERM during the final test (training had finished at step {trainer.global_step}); no "
-              f"metrics.json was written. Test the trained weights by resuming with ckpt_path=last and "
-              f"hydra.run.dir={out_dir} (the resume only tests), or with eval.py", flush=True)
+        print(
+            f"stopped by SIGTERM during the final test (training had finished at step {trainer.global_step}); no "
+            f"metrics.json was written. Test the trained weights by resuming with ckpt_path=last and "
+            f"hydra.run.dir={out_dir} (the resume only tests), or with eval.py",
+            flush=True,
+        )
         raise SystemExit(143) from None
 
 
@@ -282,7 +301,7 @@ def _retire_hpc_checkpoints(root: Path, checkpoints: Path) -> None:
         os.replace(p, checkpoints / f"preempted-{p.name}")
 
 
-def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer, dequantization: Optional[str] = None) -> None:
+def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer, dequantization: str | None = None) -> None:
     """Write metrics.json (plus ``"dequantization": name`` for image models, whose bits/dim it qualifies)
     and print where the results are."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -307,8 +326,10 @@ def load_checkpoint(ckpt_path: str, map_location: str = "cpu") -> tuple[DictConf
     if path.is_dir():
         found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:3]
         hint = f" (it holds {', '.join(found)})" if found else ""
-        raise ConfigError(f"ckpt_path={ckpt_path} is a directory{hint}; pass the path of a .ckpt file written by "
-                          f"train.py, e.g. ckpt_path={path / 'checkpoints' / 'last.ckpt'}")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is a directory{hint}; pass the path of a .ckpt file written by "
+            f"train.py, e.g. ckpt_path={path / 'checkpoints' / 'last.ckpt'}"
+        )
     if not path.is_file():
         link = broken_link(path)
         if link:
@@ -338,7 +359,7 @@ def model_name(cfg: DictConfig) -> str:
     return str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
 
 
-def load_weights(module: FlowModule, ckpt_path: str, this_model: str, ckpt: Optional[dict] = None) -> None:
+def load_weights(module: FlowModule, ckpt_path: str, this_model: str, ckpt: dict | None = None) -> None:
     """Load a checkpoint's weights into ``module``; a ConfigError when they belong to another model."""
     if ckpt is None:
         run_cfg, ckpt = load_checkpoint(ckpt_path)
@@ -371,8 +392,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def check_finite_result(metrics: dict[str, float], module: FlowModule, datamodule: pl.LightningDataModule,
-                        what: str) -> None:
+def check_finite_result(
+    metrics: dict[str, float], module: FlowModule, datamodule: pl.LightningDataModule, what: str
+) -> None:
     """A validation or test metric that is NaN/inf is a failed result, never a finished one: raise a
     :class:`NonFiniteLossError` naming the metrics and the first non-finite layer on a test batch."""
     bad = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/")) and not math.isfinite(v)}

@@ -25,8 +25,8 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import matplotlib
 
@@ -69,8 +69,10 @@ def run_metrics(run_dir: Path) -> dict:
 def metric(run_dir: Path, key: str) -> float:
     value = run_metrics(run_dir).get(key)
     if value is None:
-        raise ConfigError(f"{Path(run_dir) / 'metrics.json'} has no '{key}'; was the run tested (test=true)"
-                          f"{' with objective=regression' if key == 'test/mse' else ''}?")
+        raise ConfigError(
+            f"{Path(run_dir) / 'metrics.json'} has no '{key}'; was the run tested (test=true)"
+            f"{' with objective=regression' if key == 'test/mse' else ''}?"
+        )
     return float(value)
 
 
@@ -84,8 +86,10 @@ def read_fit_csv(run_dir: Path) -> dict[str, np.ndarray]:
             if not rows or not {"x", "target", "prediction"} <= set(rows[0]):
                 raise ConfigError(f"{path} must have the columns x, target, prediction")
             return {k: np.array([float(r[k]) for r in rows]) for k in ("x", "target", "prediction")}
-    raise ConfigError(f"no fit.csv in {run_dir / 'figures'}; it is written by runs with objective=regression "
-                      f"(e.g. experiment=fit1d_monotone)")
+    raise ConfigError(
+        f"no fit.csv in {run_dir / 'figures'}; it is written by runs with objective=regression "
+        f"(e.g. experiment=fit1d_monotone)"
+    )
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -95,7 +99,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- fit1d
-def fit1d(run_dirs: Sequence[Path], out: Path, title: Optional[str] = None) -> str:
+def fit1d(run_dirs: Sequence[Path], out: Path, title: str | None = None) -> str:
     """One figure with the target and every run's fit (test MSE in the legend); returns the markdown table."""
     runs = [Path(r) for r in run_dirs]
     data = [(run_name(r), read_fit_csv(r), metric(r, "test/mse")) for r in runs]
@@ -124,7 +128,7 @@ def fit1d(run_dirs: Sequence[Path], out: Path, title: Optional[str] = None) -> s
 def _panel(img: np.ndarray, which: int) -> np.ndarray:
     """The ``which``-th of the three equal-width panels of a density_plot_2d figure."""
     w = img.shape[1] // 3
-    return img[:, which * w:(which + 1) * w]
+    return img[:, which * w : (which + 1) * w]
 
 
 def toy2d(run_dirs: Sequence[Path], out: Path, panel: str = "density") -> str:
@@ -167,7 +171,7 @@ def toy2d(run_dirs: Sequence[Path], out: Path, panel: str = "density") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flowforge.figures", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fit1d", help="1-D regression fits with test MSE")
@@ -177,8 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("toy2d", help="grid of 2-D toy density plots with test NLL")
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("toys.png"))
-    p.add_argument("--panel", choices=("density", "all"), default="density",
-                   help="density: the data column then each model's density panel; all: each run's full figure")
+    p.add_argument(
+        "--panel",
+        choices=("density", "all"),
+        default="density",
+        help="density: the data column then each model's density panel; all: each run's full figure",
+    )
     args = parser.parse_args(argv)
     # a shell glob over a multirun directory also matches its multirun.yaml: keep the directories
     skipped = [r for r in args.run_dirs if r.exists() and not r.is_dir()]

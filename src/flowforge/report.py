@@ -79,17 +79,35 @@ import os
 import re
 import statistics
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 from flowforge.errors import FlowforgeError
 from flowforge.wandb_mode import wandb_mode as _wandb_mode
 
 #: columns of report.csv and of the logged wandb.Table
 CSV_COLUMNS = [
-    "table", "row", "column", "status", "published", "published_status", "source", "reproduced", "std", "runs",
-    "spread", "progress", "target", "progress_unit", "difference", "unit", "overrides", "run_ids", "note",
+    "table",
+    "row",
+    "column",
+    "status",
+    "published",
+    "published_status",
+    "source",
+    "reproduced",
+    "std",
+    "runs",
+    "spread",
+    "progress",
+    "target",
+    "progress_unit",
+    "difference",
+    "unit",
+    "overrides",
+    "run_ids",
+    "note",
 ]
 #: columns of claims.csv (one line per checked claim) and recipes.csv (one line per recipe of a table)
 CLAIMS_CSV_COLUMNS = ["table", "better", "than", "columns", "or_equal", "outcome", "missing", "failed"]
@@ -123,9 +141,9 @@ class Run:
 
     id: str  # folder relative to the multirun directory, or the W&B run path
     config: dict
-    metrics: Optional[dict] = None
-    epochs: Optional[float] = None  # progress known without metrics (checkpoint, W&B summary)
-    steps: Optional[float] = None
+    metrics: dict | None = None
+    epochs: float | None = None  # progress known without metrics (checkpoint, W&B summary)
+    steps: float | None = None
     note: str = ""  # why it is not finished / how its progress is known
 
     @property
@@ -137,7 +155,7 @@ class Run:
         return bool(self.config.get("smoke"))
 
     @property
-    def table(self) -> Optional[dict]:
+    def table(self) -> dict | None:
         table = self.config.get("table")
         return table if isinstance(table, dict) else None
 
@@ -145,7 +163,7 @@ class Run:
     def overrides(self) -> list[str]:
         return [str(o) for o in (self.config.get("overrides") or [])]
 
-    def progress(self, unit: str) -> Optional[float]:
+    def progress(self, unit: str) -> float | None:
         """Epochs (``unit="epochs"``) or optimizer steps run."""
         if self.metrics is not None:
             key = "epochs_run" if unit == "epochs" else "global_step"
@@ -154,7 +172,7 @@ class Run:
         return self.epochs if unit == "epochs" else self.steps
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -202,7 +220,7 @@ def _run_config(run_dir: Path) -> dict:
     return raw
 
 
-def checkpoint_progress(path: Path) -> tuple[Optional[float], Optional[float], str]:
+def checkpoint_progress(path: Path) -> tuple[float | None, float | None, str]:
     """``(epoch, global_step, note)`` of a Lightning checkpoint; ``note`` is ``"checkpoint unreadable"`` for a
     truncated or foreign file and ``"torch not installed"`` when torch cannot be imported."""
     import importlib.util
@@ -228,7 +246,7 @@ def checkpoint_progress(path: Path) -> tuple[Optional[float], Optional[float], s
         return None, None, "checkpoint unreadable"
 
 
-def _find_checkpoint(run_dir: Path) -> Optional[Path]:
+def _find_checkpoint(run_dir: Path) -> Path | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         return last
@@ -250,19 +268,24 @@ def collect_multirun(root: str | os.PathLike) -> list[Run]:
     the directory may also be a single run's folder)."""
     root = Path(root)
     if not root.exists():
-        raise ReportError(f"{root} does not exist; pass the multirun directory of a sweep (Hydra's "
-                          "hydra.sweep.dir, e.g. logs/<sweep>/multiruns/<time>) or wandb:<entity>/<project>[/<group>]")
+        raise ReportError(
+            f"{root} does not exist; pass the multirun directory of a sweep (Hydra's "
+            "hydra.sweep.dir, e.g. logs/<sweep>/multiruns/<time>) or wandb:<entity>/<project>[/<group>]"
+        )
     if not root.is_dir():
-        raise ReportError(f"{root} is not a directory; pass the multirun directory of a sweep (the folder that holds "
-                          "the job folders 0/, 1/, ...)")
+        raise ReportError(
+            f"{root} is not a directory; pass the multirun directory of a sweep (the folder that holds "
+            "the job folders 0/, 1/, ...)"
+        )
     runs = []
     for run_dir in _hydra_run_dirs(root):
         rel = run_dir.relative_to(root).as_posix()
         try:
             config = _run_config(run_dir)
         except Exception as e:  # noqa: BLE001
-            raise ReportError(f"{run_dir / '.hydra' / 'config.yaml'} is not readable YAML ({e}); fix or remove "
-                              "that job folder") from e
+            raise ReportError(
+                f"{run_dir / '.hydra' / 'config.yaml'} is not readable YAML ({e}); fix or remove that job folder"
+            ) from e
         run = Run(id=rel if rel != "." else run_dir.name, config=config)
         metrics_path = run_dir / "metrics.json"
         if metrics_path.is_file():
@@ -279,9 +302,11 @@ def collect_multirun(root: str | os.PathLike) -> list[Run]:
                 run.note = run.note or note
         runs.append(run)
     if not runs:
-        raise ReportError(f"no Hydra run under {root}: no <job>/.hydra/config.yaml found; pass the multirun directory "
-                          "written by `python train.py -m ...` (hydra.sweep.dir: its job folders 0/, 1/, ... hold "
-                          ".hydra/config.yaml)")
+        raise ReportError(
+            f"no Hydra run under {root}: no <job>/.hydra/config.yaml found; pass the multirun directory "
+            "written by `python train.py -m ...` (hydra.sweep.dir: its job folders 0/, 1/, ... hold "
+            ".hydra/config.yaml)"
+        )
     return runs
 
 
@@ -303,8 +328,10 @@ def _mapping(obj: Any) -> dict:
 def _unwrap_config(config: dict) -> dict:
     """W&B configs: values may come as ``{"value": v}``; the table may sit under the module's ``config``
     hyperparameter or under flattened ``table/...`` / ``table.…`` keys."""
-    config = {k: (v["value"] if isinstance(v, dict) and set(v) <= {"value", "desc"} and "value" in v else v)
-              for k, v in config.items()}
+    config = {
+        k: (v["value"] if isinstance(v, dict) and set(v) <= {"value", "desc"} and "value" in v else v)
+        for k, v in config.items()
+    }
     inner = config.get("config")
     if not isinstance(config.get("table"), dict) and isinstance(inner, dict) and isinstance(inner.get("table"), dict):
         config = {**{k: v for k, v in config.items() if k != "config"}, **inner}
@@ -313,7 +340,7 @@ def _unwrap_config(config: dict) -> dict:
         for key, value in config.items():
             for sep in ("/", "."):
                 if key.startswith("table" + sep):
-                    nested[key[len("table") + 1:]] = value
+                    nested[key[len("table") + 1 :]] = value
         if nested:
             config["table"] = nested
     return config
@@ -322,7 +349,7 @@ def _unwrap_config(config: dict) -> dict:
 def collect_wandb(path: str, api: Any = None) -> list[Run]:
     """The runs of ``<entity>/<project>`` (optionally ``/<group>``; a leading ``wandb:`` is dropped) from the W&B
     public API; ``api``: a ``wandb.Api()`` stand-in (anything with ``runs(path, filters=...)``)."""
-    path = path[len("wandb:"):] if path.startswith("wandb:") else path
+    path = path[len("wandb:") :] if path.startswith("wandb:") else path
     parts = [p for p in path.split("/") if p]
     if len(parts) not in (2, 3):
         raise ReportError(f"wandb:{path}: expected wandb:<entity>/<project> or wandb:<entity>/<project>/<group>")
@@ -335,23 +362,34 @@ def collect_wandb(path: str, api: Any = None) -> list[Run]:
         try:
             api = wandb.Api()
         except Exception as e:  # noqa: BLE001
-            raise ReportError(f"cannot reach the W&B API ({e}); log in with `wandb login` (or set WANDB_API_KEY), "
-                              "or report from the multirun directory instead") from e
+            raise ReportError(
+                f"cannot reach the W&B API ({e}); log in with `wandb login` (or set WANDB_API_KEY), "
+                "or report from the multirun directory instead"
+            ) from e
     try:
         found = list(api.runs(project, filters={"group": group} if group else None))
     except Exception as e:  # noqa: BLE001
-        raise ReportError(f"cannot list the runs of wandb:{path} ({e}); check the entity/project name and "
-                          "that you are logged in (wandb login)") from e
+        raise ReportError(
+            f"cannot list the runs of wandb:{path} ({e}); check the entity/project name and "
+            "that you are logged in (wandb login)"
+        ) from e
     runs = []
     for wb in found:
         config = _unwrap_config(_mapping(getattr(wb, "config", None)))
         summary = _mapping(getattr(wb, "summary", None))
         state = str(getattr(wb, "state", "") or "unknown")
         run_path = getattr(wb, "path", None)
-        run_id = "/".join(run_path) if isinstance(run_path, (list, tuple)) else \
-            str(getattr(wb, "name", None) or getattr(wb, "id", "?"))
-        run = Run(id=run_id, config=config, metrics=summary if state == "finished" else None,
-                  note="" if state == "finished" else state)
+        run_id = (
+            "/".join(run_path)
+            if isinstance(run_path, (list, tuple))
+            else str(getattr(wb, "name", None) or getattr(wb, "id", "?"))
+        )
+        run = Run(
+            id=run_id,
+            config=config,
+            metrics=summary if state == "finished" else None,
+            note="" if state == "finished" else state,
+        )
         # how far it got: our final metrics, else what Lightning logged along the way
         run.epochs = _number(summary.get("epochs_run", summary.get("epoch")))
         run.steps = _number(summary.get("global_step", summary.get("trainer/global_step")))
@@ -416,31 +454,41 @@ def _match_items(cell: dict) -> set[tuple[str, str]]:
 def _check_spec(spec: dict, run: Run, source: str) -> None:
     missing = [k for k in ("name", "metric", "cells") if not spec.get(k)]
     if missing or not isinstance(spec.get("cells"), list):
-        raise ReportError(f"the table block of run {run.id} in {source} lacks {', '.join(missing) or 'a cells list'}; "
-                          "fix the sweep file's table block (name, metric, sign, unit, rows, columns, cells)")
+        raise ReportError(
+            f"the table block of run {run.id} in {source} lacks {', '.join(missing) or 'a cells list'}; "
+            "fix the sweep file's table block (name, metric, sign, unit, rows, columns, cells)"
+        )
     for i, cell in enumerate(spec["cells"]):
         if not isinstance(cell, dict) or not isinstance(cell.get("match"), dict) or not cell.get("match"):
-            raise ReportError(f"cell {i} of table {spec['name']!r} (run {run.id} in {source}) has no `match` mapping "
-                              "of overrides; give every cell e.g. match: {experiment: <name>}")
+            raise ReportError(
+                f"cell {i} of table {spec['name']!r} (run {run.id} in {source}) has no `match` mapping "
+                "of overrides; give every cell e.g. match: {experiment: <name>}"
+            )
         problem = provenance_problem(cell)
         if problem:
-            raise ReportError(f"cell {cell.get('row')!r} / {cell.get('column')!r} of table {spec['name']!r} (run "
-                              f"{run.id} in {source}): {problem}; fix the sweep file's cell and rerun, or edit "
-                              "the run's .hydra/config.yaml")
+            raise ReportError(
+                f"cell {cell.get('row')!r} / {cell.get('column')!r} of table {spec['name']!r} (run "
+                f"{run.id} in {source}): {problem}; fix the sweep file's cell and rerun, or edit "
+                "the run's .hydra/config.yaml"
+            )
     problem = claims_problem(spec)
     if problem:
-        raise ReportError(f"table {spec['name']!r} (run {run.id} in {source}): {problem}; fix the sweep file's "
-                          "`claims` and rerun, or edit the run's .hydra/config.yaml")
+        raise ReportError(
+            f"table {spec['name']!r} (run {run.id} in {source}): {problem}; fix the sweep file's "
+            "`claims` and rerun, or edit the run's .hydra/config.yaml"
+        )
 
 
-def provenance_problem(cell: dict) -> Optional[str]:
+def provenance_problem(cell: dict) -> str | None:
     """What is wrong with a cell's provenance (``status``, ``published``, ``quote``), or None: the status is one of
     :data:`PROVENANCE`, a ``paper`` cell quotes the paper (a non-empty ``quote``), a ``none`` cell has no number
     and ``paper`` / ``two-copies`` cells have one."""
     status, published, quote = cell.get("status"), cell.get("published"), cell.get("quote")
     if status not in PROVENANCE:
-        return (f"status {status!r} is not one of {', '.join(PROVENANCE)} (nothing is 'confirmed' without a quote "
-                "of the paper: status paper with quote:, else two-copies, to-verify or none)")
+        return (
+            f"status {status!r} is not one of {', '.join(PROVENANCE)} (nothing is 'confirmed' without a quote "
+            "of the paper: status paper with quote:, else two-copies, to-verify or none)"
+        )
     if status == "paper" and not (isinstance(quote, str) and quote.strip()):
         return "status paper needs a `quote:` of the paper's table row and where it is"
     if quote is not None and not (isinstance(quote, str) and quote.strip()):
@@ -457,8 +505,7 @@ CLAIM_KEYS = ("better", "than", "columns", "or_equal")
 _CLAIM_FORM = "{better: <row>, than: <row>, columns: all | [<column>, ...], or_equal: false}"
 
 
-def _claim_problem(claim: Any, rows: Sequence[str], columns: Sequence[str],
-                   places: set[tuple[Any, Any]]) -> Optional[str]:
+def _claim_problem(claim: Any, rows: Sequence[str], columns: Sequence[str], places: set[tuple[Any, Any]]) -> str | None:
     """What is wrong with one item of ``claims`` (``places``: the table's (row, column) cells), or None."""
     if not isinstance(claim, dict):
         return f"{claim!r} is not a mapping {_CLAIM_FORM}"
@@ -476,8 +523,10 @@ def _claim_problem(claim: Any, rows: Sequence[str], columns: Sequence[str],
             return f"columns: {chosen!r} is neither `all` nor a non-empty list of the table's columns"
         bad = [c for c in chosen if c not in columns]
         if bad:
-            return (f"columns {', '.join(map(repr, bad))} are not among the table's columns "
-                    f"({', '.join(map(str, columns))})")
+            return (
+                f"columns {', '.join(map(repr, bad))} are not among the table's columns "
+                f"({', '.join(map(str, columns))})"
+            )
     for column in columns if chosen == "all" else chosen:
         lacking = [row for row in (claim["better"], claim["than"]) if (row, column) not in places]
         if lacking:
@@ -487,7 +536,7 @@ def _claim_problem(claim: Any, rows: Sequence[str], columns: Sequence[str],
     return None
 
 
-def claims_problem(spec: dict) -> Optional[str]:
+def claims_problem(spec: dict) -> str | None:
     """What is wrong with a table's ``claims`` list, or None (no list is fine): each item orders two of the table's
     ``rows`` in each of its ``columns`` (``all`` or a list of the table's columns), in the table's ``better``
     direction; ``or_equal: true`` also accepts a tie."""
@@ -520,7 +569,7 @@ def _ordered_cells(spec: dict) -> list[dict]:
     return [cell for _, cell in sorted(enumerate(cells), key=key)]
 
 
-def _value(run: Run, spec: dict) -> tuple[Optional[float], Optional[float]]:
+def _value(run: Run, spec: dict) -> tuple[float | None, float | None]:
     """``(sign * metric, its estimator std)`` of a finished run (None where absent)."""
     metrics, metric = run.metrics or {}, str(spec["metric"])
     sign = _number(spec.get("sign"))
@@ -531,15 +580,19 @@ def _value(run: Run, spec: dict) -> tuple[Optional[float], Optional[float]]:
     std, loss = _number(metrics.get("test/loss_std")), _number(metrics.get("test/loss"))
     if std is not None and metric != "test/loss" and loss is not None and not math.isclose(value, loss, rel_tol=1e-9):
         other = {"test/nll": "test/bpd", "test/bpd": "test/nll"}.get(metric)
-        if other and loss and _number(metrics.get(other)) is not None and \
-                math.isclose(loss, _number(metrics.get(other)), rel_tol=1e-9):
+        if (
+            other
+            and loss
+            and _number(metrics.get(other)) is not None
+            and math.isclose(loss, _number(metrics.get(other)), rel_tol=1e-9)
+        ):
             std = std * abs(value / loss)  # bits/dim and nats are proportional
         else:
             std = None  # test/loss is in other units than the metric
     return sign * value, (abs(sign) * std if std is not None else None)
 
 
-def _target(cell: dict, runs: Sequence[Run]) -> tuple[Optional[float], str]:
+def _target(cell: dict, runs: Sequence[Run]) -> tuple[float | None, str]:
     recipe = cell.get("recipe") or {}
     if isinstance(recipe, dict):
         if _number(recipe.get("epochs")) is not None:
@@ -555,15 +608,27 @@ def _target(cell: dict, runs: Sequence[Run]) -> tuple[Optional[float], str]:
     return None, "epochs"
 
 
-def _row(spec: dict, cell: dict, status: str, runs: Sequence[Run], target: Optional[float], unit: str,
-         overrides: str) -> dict:
+def _row(
+    spec: dict, cell: dict, status: str, runs: Sequence[Run], target: float | None, unit: str, overrides: str
+) -> dict:
     row = {c: None for c in CSV_COLUMNS}
     published = _number(cell.get("published"))
-    row.update(table=str(spec["name"]), row=str(cell.get("row", "")), column=str(cell.get("column", "")),
-               status=status, published=published, published_status=str(cell.get("status") or ""),
-               source=str(cell.get("source") or ""), runs=len(runs), target=target, progress_unit=unit,
-               unit=str(spec.get("unit") or ""), overrides=overrides,
-               run_ids=";".join(r.id for r in runs), note="")
+    row.update(
+        table=str(spec["name"]),
+        row=str(cell.get("row", "")),
+        column=str(cell.get("column", "")),
+        status=status,
+        published=published,
+        published_status=str(cell.get("status") or ""),
+        source=str(cell.get("source") or ""),
+        runs=len(runs),
+        target=target,
+        progress_unit=unit,
+        unit=str(spec.get("unit") or ""),
+        overrides=overrides,
+        run_ids=";".join(r.id for r in runs),
+        note="",
+    )
     progress = [p for p in (r.progress(unit) for r in runs) if p is not None]
     row["progress"] = min(progress) if progress else None
     row["_progress_max"] = max(progress) if progress else None
@@ -588,7 +653,7 @@ def _row(spec: dict, cell: dict, status: str, runs: Sequence[Run], target: Optio
     return row
 
 
-def _reproduced(rows: Sequence[dict], row: str, column: str) -> Optional[float]:
+def _reproduced(rows: Sequence[dict], row: str, column: str) -> float | None:
     """The reproduced value of a cell's finished, comparable (``done``) runs, or None."""
     for r in rows:
         if r["status"] == "done" and r["row"] == row and r["column"] == column and r["reproduced"] is not None:
@@ -614,7 +679,7 @@ def evaluate_claim(claim: dict, spec: dict, rows: Sequence[dict]) -> dict:
     return {"claim": claim, "columns": columns, "outcome": outcome, "missing": missing, "failed": failed}
 
 
-def _experiment(run: Run) -> Optional[str]:
+def _experiment(run: Run) -> str | None:
     """The recipe a run composed: its ``experiment=`` override."""
     return dict(_override_items(run.overrides)).get("experiment")
 
@@ -629,8 +694,14 @@ def recipes(spec: dict, runs: Sequence[Run]) -> list[dict]:
     for name in dict.fromkeys(names):
         members = [r for r in runs if _experiment(r) == name]
         stated = next((r.config for r in members if r.config.get("reference") is not None), {})
-        found.append({"recipe": name, "runs": len(members), "reference": stated.get("reference"),
-                      "departures": stated.get("departures")})
+        found.append(
+            {
+                "recipe": name,
+                "runs": len(members),
+                "reference": stated.get("reference"),
+                "departures": stated.get("departures"),
+            }
+        )
     return found
 
 
@@ -646,10 +717,12 @@ def build_tables(runs: Sequence[Run], source: str = "") -> list[Table]:
         tables.setdefault(name, Table(spec=run.table))
         members.setdefault(name, []).append(run)
     if not tables:
-        raise ReportError(f"none of the {len(runs)} runs in {source or 'the source'} has a `table` block in its "
-                          "config; "
-                          "was this sweep run from a sweeps/ file with a table block? (python train.py -m "
-                          "--config-dir sweeps --config-name <sweep>)")
+        raise ReportError(
+            f"none of the {len(runs)} runs in {source or 'the source'} has a `table` block in its "
+            "config; "
+            "was this sweep run from a sweeps/ file with a table block? (python train.py -m "
+            "--config-dir sweeps --config-name <sweep>)"
+        )
     for name, table in tables.items():
         spec, table.runs = table.spec, len(members[name])
         cells = _ordered_cells(spec)
@@ -682,8 +755,9 @@ def build_tables(runs: Sequence[Run], source: str = "") -> list[Table]:
             cell = {"row": "extra", "column": "", "published": None, "status": "", "source": ""}
             target, unit = _target(cell, [run])
             row = _row(spec, cell, "extra", [run], target, unit, " ".join(run.overrides))
-            row["note"] = "; ".join(n for n in (row["note"], "smoke" if run.smoke else "",
-                                                "" if run.finished else "incomplete") if n)
+            row["note"] = "; ".join(
+                n for n in (row["note"], "smoke" if run.smoke else "", "" if run.finished else "incomplete") if n
+            )
             table.rows.append(row)
         table.recipes = recipes(spec, members[name])
         table.claims = [evaluate_claim(c, spec, table.rows) for c in spec.get("claims") or []]
@@ -691,17 +765,17 @@ def build_tables(runs: Sequence[Run], source: str = "") -> list[Table]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def _num(value: Optional[float], decimals: int) -> str:
+def _num(value: float | None, decimals: int) -> str:
     return DASH if value is None else f"{value:.{decimals}f}"
 
 
-def _count(value: Optional[float]) -> str:
+def _count(value: float | None) -> str:
     if value is None:
         return "?"
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def _published(value: Optional[float]) -> str:
+def _published(value: float | None) -> str:
     return DASH if value is None else f"{value:g}"
 
 
@@ -793,8 +867,12 @@ def render_markdown(tables: Sequence[Table]) -> str:
         metric = f"{'-' if sign is not None and sign < 0 else ''}{spec['metric']}"
         better = f", {spec['better']} is better" if spec.get("better") else ""
         unit = f" ({spec['unit']}{better})" if spec.get("unit") else (f" ({better[2:]})" if better else "")
-        lines = [f"## {spec['name']}", "", f"Reproduced: {metric}{unit}, from {table.runs} run"
-                 f"{'s' if table.runs != 1 else ''}.", ""]
+        lines = [
+            f"## {spec['name']}",
+            "",
+            f"Reproduced: {metric}{unit}, from {table.runs} run{'s' if table.runs != 1 else ''}.",
+            "",
+        ]
         lines.append("| " + " | ".join(MD_COLUMNS) + " |")
         lines.append("|" + "|".join(["---"] * len(MD_COLUMNS)) + "|")
         lines += ["| " + " | ".join(_md_row(row, d)) + " |" for row in table.rows]
@@ -809,24 +887,33 @@ def render_markdown(tables: Sequence[Table]) -> str:
         notes = []
         statuses = {r["status"] for r in table.rows}
         if any(r["std"] is not None and r["runs"] == 1 and r["reproduced"] is not None for r in table.rows):
-            notes.append("± after a single run: the estimator's standard deviation of the test-set mean "
-                         "(test/loss_std).")
+            notes.append(
+                "± after a single run: the estimator's standard deviation of the test-set mean (test/loss_std)."
+            )
         if any(r["runs"] > 1 and r["reproduced"] is not None for r in table.rows):
-            notes.append("± (n=k): the standard deviation over the k runs (seeds) of the cell; the value is their "
-                         "mean.")
+            notes.append(
+                "± (n=k): the standard deviation over the k runs (seeds) of the cell; the value is their mean."
+            )
         if "smoke" in statuses or any("smoke" in (r["note"] or "") for r in table.rows if r["status"] == "extra"):
-            notes.append("smoke: run with smoke=true (tiny model and data, flowforge.smoke); its numbers are not "
-                         "comparable with the published ones.")
+            notes.append(
+                "smoke: run with smoke=true (tiny model and data, flowforge.smoke); its numbers are not "
+                "comparable with the published ones."
+            )
         if "incomplete" in statuses:
-            notes.append("incomplete: the run has not written its final metrics (no metrics.json / W&B run not "
-                         "finished); Trained shows how far it got.")
+            notes.append(
+                "incomplete: the run has not written its final metrics (no metrics.json / W&B run not "
+                "finished); Trained shows how far it got."
+            )
         if "extra" in statuses:
             notes.append("extra: a run of this sweep whose overrides match no cell of the table.")
         shown = {r["published_status"] for r in table.rows if r["published_status"]} - {"none"}
         notes += [f"({status}): {PROVENANCE[status]}." for status in PROVENANCE if status in shown]
-        notes += [f"{c['row']} / {c['column']}, quoted: \"{c['quote']}\"" for c in _ordered_cells(spec)
-                  if c.get("status") == "paper" and any(r["row"] == c.get("row") and r["column"] == c.get("column")
-                                                        for r in table.rows)]
+        notes += [
+            f'{c["row"]} / {c["column"]}, quoted: "{c["quote"]}"'
+            for c in _ordered_cells(spec)
+            if c.get("status") == "paper"
+            and any(r["row"] == c.get("row") and r["column"] == c.get("column") for r in table.rows)
+        ]
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
         parts.append("\n".join(lines) + "\n")
@@ -862,37 +949,72 @@ def render_csv(tables: Sequence[Table]) -> str:
 
 def render_claims_csv(tables: Sequence[Table]) -> str:
     """claims.csv: :data:`CLAIMS_CSV_COLUMNS`, one line per checked claim; lists of columns joined by ``;``."""
-    return _csv_text(CLAIMS_CSV_COLUMNS, [
-        [t.name, c["claim"]["better"], c["claim"]["than"], ";".join(c["columns"]),
-         str(bool(c["claim"].get("or_equal", False))).lower(), c["outcome"], ";".join(c["missing"]),
-         ";".join(c["failed"])] for t in tables for c in t.claims])
+    return _csv_text(
+        CLAIMS_CSV_COLUMNS,
+        [
+            [
+                t.name,
+                c["claim"]["better"],
+                c["claim"]["than"],
+                ";".join(c["columns"]),
+                str(bool(c["claim"].get("or_equal", False))).lower(),
+                c["outcome"],
+                ";".join(c["missing"]),
+                ";".join(c["failed"]),
+            ]
+            for t in tables
+            for c in t.claims
+        ],
+    )
 
 
 def render_recipes_csv(tables: Sequence[Table]) -> str:
     """recipes.csv: :data:`RECIPES_CSV_COLUMNS`, one line per recipe of a table; ``reference`` and ``departures`` as
     JSON (empty when not stated)."""
-    def as_json(value: Any) -> Optional[str]:
+
+    def as_json(value: Any) -> str | None:
         return None if value is None else json.dumps(value, ensure_ascii=False)
 
-    return _csv_text(RECIPES_CSV_COLUMNS, [
-        [t.name, r["recipe"], r["runs"], as_json(r["reference"]), as_json(r["departures"])]
-        for t in tables for r in t.recipes])
+    return _csv_text(
+        RECIPES_CSV_COLUMNS,
+        [
+            [t.name, r["recipe"], r["runs"], as_json(r["reference"]), as_json(r["departures"])]
+            for t in tables
+            for r in t.recipes
+        ],
+    )
 
 
-
-def log_to_wandb(tables: Sequence[Table], project: str, entity: Optional[str] = None,
-                 dir: Optional[str | os.PathLike] = None, source: str = "") -> list[str]:  # noqa: A002
+def log_to_wandb(
+    tables: Sequence[Table],
+    project: str,
+    entity: str | None = None,
+    dir: str | os.PathLike | None = None,
+    source: str = "",
+) -> list[str]:  # noqa: A002
     """Log each table as a ``wandb.Table`` (key ``report``, the CSV's columns) in a new run (job_type ``report``,
     name ``report-<table name>``); returns the runs' local folders."""
     import wandb
 
     folders = []
     for table in tables:
-        data = [[(int(v) if c == "runs" else float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
-                  else v) for c, v in zip(CSV_COLUMNS, values)] for values in csv_rows([table])]
-        run = wandb.init(project=project, entity=entity, job_type="report", name=f"report-{table.name}",
-                         mode=_wandb_mode(), dir=str(dir) if dir is not None else None, reinit="create_new",
-                         config={"source": str(source), "table": table.spec})
+        data = [
+            [
+                (int(v) if c == "runs" else float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                for c, v in zip(CSV_COLUMNS, values)
+            ]
+            for values in csv_rows([table])
+        ]
+        run = wandb.init(
+            project=project,
+            entity=entity,
+            job_type="report",
+            name=f"report-{table.name}",
+            mode=_wandb_mode(),
+            dir=str(dir) if dir is not None else None,
+            reinit="create_new",
+            config={"source": str(source), "table": table.spec},
+        )
         try:
             run.log({"report": wandb.Table(columns=list(CSV_COLUMNS), data=data, allow_mixed_types=True)})
             folders.append(str(Path(run.dir).parent))
@@ -903,14 +1025,19 @@ def log_to_wandb(tables: Sequence[Table], project: str, entity: Optional[str] = 
     return folders
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flowforge.report",
-        description="Published-vs-reproduced table(s) of one sweep: prints Markdown, writes report.md and report.csv.")
-    parser.add_argument("source", help="multirun directory of a sweep (python train.py -m ...), or "
-                                       "wandb:<entity>/<project>[/<group>]")
-    parser.add_argument("--out", help="folder for report.md / report.csv (default: the multirun directory; "
-                                      "the current directory for W&B sources)")
+        description="Published-vs-reproduced table(s) of one sweep: prints Markdown, writes report.md and report.csv.",
+    )
+    parser.add_argument(
+        "source", help="multirun directory of a sweep (python train.py -m ...), or wandb:<entity>/<project>[/<group>]"
+    )
+    parser.add_argument(
+        "--out",
+        help="folder for report.md / report.csv (default: the multirun directory; "
+        "the current directory for W&B sources)",
+    )
     parser.add_argument("--wandb-project", help="also log the table(s) as a wandb.Table to a new run of this project")
     parser.add_argument("--wandb-entity", help="W&B entity of --wandb-project")
     args = parser.parse_args(argv)

@@ -4,7 +4,8 @@
 options but gets a tiny width and depth (:data:`SIZES`, by model class); training runs one epoch of at most
 ``train_batches`` batches of ``batch_size`` on the CPU in float32, validation and test one batch; the data
 module keeps at most ``limit`` examples per split, and image hold-outs shrink to what
-``python -m flowforge.data.fake`` writes (:data:`DATA_SIZES`; checksums are not verified).  Everything else (the estimator, the objective, the
+``python -m flowforge.data.fake`` writes (:data:`DATA_SIZES`; checksums are not verified).  Everything else (the
+estimator, the objective, the
 dequantisation, the callbacks, the sweep's table metadata) is left alone, so a smoke run exercises the same
 code path as the real one.  Sweep files document their smoke command; ``python -m flowforge.data.fake DIR``
 writes tiny files in every dataset's real format for sweeps over file-backed datasets.
@@ -22,16 +23,51 @@ SIZES: dict[str, dict] = {
     "NSF": {"num_steps": 2, "hidden": [16], "channels": 8, "bins": 4},
     "MAF": {"num_layers": 2, "hidden": [16]},
     "IAF": {"num_layers": 2, "hidden": [16]},
-    "ResidualFlow": {"num_blocks": 2, "hidden": [8], "blocks_per_scale": [1], "channels": 4, "fc_blocks": 1,
-                     "fc_hidden": [8], "depth": 2, "growth": 4, "fc_growth": 8},
-    "IResNet": {"num_blocks": 2, "hidden": [8], "blocks_per_scale": [1], "channels": 4, "fc_blocks": 1,
-                "fc_hidden": [8]},
-    "ImplicitFlow": {"num_blocks": 2, "hidden": [8], "blocks_per_scale": [1], "channels": 4, "fc_blocks": 1,
-                     "fc_hidden": [8]},
-    "MonotoneFlow": {"num_blocks": 2, "depth": 2, "growth": 4, "fc_g": "mlp", "fc_hidden": [8],
-                     "blocks_per_scale": [1], "fc_blocks": 1},
-    "FFJORD": {"num_blocks": 2, "hidden": [8], "channels": 4, "kernels": [3, 3], "blocks_per_scale": 1,
-               "method": "rk4", "step_size": 0.5},
+    "ResidualFlow": {
+        "num_blocks": 2,
+        "hidden": [8],
+        "blocks_per_scale": [1],
+        "channels": 4,
+        "fc_blocks": 1,
+        "fc_hidden": [8],
+        "depth": 2,
+        "growth": 4,
+        "fc_growth": 8,
+    },
+    "IResNet": {
+        "num_blocks": 2,
+        "hidden": [8],
+        "blocks_per_scale": [1],
+        "channels": 4,
+        "fc_blocks": 1,
+        "fc_hidden": [8],
+    },
+    "ImplicitFlow": {
+        "num_blocks": 2,
+        "hidden": [8],
+        "blocks_per_scale": [1],
+        "channels": 4,
+        "fc_blocks": 1,
+        "fc_hidden": [8],
+    },
+    "MonotoneFlow": {
+        "num_blocks": 2,
+        "depth": 2,
+        "growth": 4,
+        "fc_g": "mlp",
+        "fc_hidden": [8],
+        "blocks_per_scale": [1],
+        "fc_blocks": 1,
+    },
+    "FFJORD": {
+        "num_blocks": 2,
+        "hidden": [8],
+        "channels": 4,
+        "kernels": [3, 3],
+        "blocks_per_scale": 1,
+        "method": "rk4",
+        "step_size": 0.5,
+    },
     "planar_family": {"num_layers": 3},
     "radial_family": {"num_layers": 3},
 }

@@ -27,7 +27,7 @@ The densities (``c`` = ``log_constant``, an optional shift so that ``log Z`` can
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ class Target:
     def log_prob(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def options(self) -> dict[str, Any]:
@@ -96,7 +96,7 @@ class GaussianMixture2D(Target):
         sq = (x.unsqueeze(1) - mu).square().sum(-1)  # (B, K)
         return torch.logsumexp(sq * (-0.5 / self.std**2), dim=1) + self.log_constant
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         k = torch.randint(0, self.num_components, (n,), generator=generator)
         eps = torch.randn(n, 2, generator=generator, dtype=torch.float64)
         return (self.centers[k] + self.std * eps).to(dtype)
@@ -130,7 +130,7 @@ class Banana(Target):
             out = out - 0.5 * rest.square().sum(1)
         return out + self.log_constant
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         g = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         x1 = self.scale * g[:, 0]
         x2 = g[:, 1] + self._shift(x1)
@@ -161,7 +161,7 @@ class Funnel(Target):
         quad = rest.square().sum(1) * torch.exp(-v)
         return -0.5 * (v / self.scale).square() - 0.5 * (self.dim - 1) * v - 0.5 * quad + self.log_constant
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         g = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         v = self.scale * g[:, :1]
         return torch.cat([v, torch.exp(0.5 * v) * g[:, 1:]], 1).to(dtype)

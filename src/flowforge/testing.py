@@ -17,6 +17,7 @@ def jacobian_matrix(fn, x: Tensor) -> Tensor:
     """
     out = []
     for xi in x:
+
         def f(v: Tensor, shape=xi.shape) -> Tensor:
             return fn(v.reshape(1, *shape)).reshape(-1)
 
@@ -82,6 +83,7 @@ def _map_output(fn):
     def out(v: Tensor) -> Tensor:
         y = fn(v)
         return y[0] if isinstance(y, tuple) else y
+
     return out
 
 

@@ -15,8 +15,9 @@ import importlib
 import inspect
 import io
 import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,24 +30,43 @@ _FLOWFORGE_CALLABLE_PACKAGES = ("flowforge.flows.",)
 _REFUSED_FLOWFORGE_MODULES = ("flowforge.data.fake", "flowforge.training.checkpoint_io", "flowforge.report")
 
 # what numpy arrays and Python containers need to be rebuilt from a pickle (numpy 1.x and 2.x module names)
-NUMPY_ARRAY_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("builtins", "bytearray"), ("_codecs", "encode"),
-})
+NUMPY_ARRAY_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "bytearray"),
+        ("_codecs", "encode"),
+    }
+)
 
 # what a pandas DataFrame of floats needs on top (MAF's ethylene_CO.pickle); old pandas module names included
-PANDAS_FRAME_GLOBALS = NUMPY_ARRAY_GLOBALS | frozenset({
-    ("pandas.core.frame", "DataFrame"), ("pandas.core.internals.managers", "BlockManager"),
-    ("pandas.core.internals", "BlockManager"), ("pandas._libs.internals", "_unpickle_block"),
-    ("pandas.core.internals.blocks", "new_block"), ("pandas.core.indexes.base", "_new_Index"),
-    ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.range", "RangeIndex"),
-    ("pandas.core.indexes.numeric", "Int64Index"), ("pandas.core.indexes.numeric", "Float64Index"),
-    ("pandas.indexes.base", "_new_Index"), ("pandas.indexes.base", "Index"), ("pandas.indexes.range", "RangeIndex"),
-    ("builtins", "slice"), ("builtins", "object"), ("copyreg", "_reconstructor"),
-})
+PANDAS_FRAME_GLOBALS = NUMPY_ARRAY_GLOBALS | frozenset(
+    {
+        ("pandas.core.frame", "DataFrame"),
+        ("pandas.core.internals.managers", "BlockManager"),
+        ("pandas.core.internals", "BlockManager"),
+        ("pandas._libs.internals", "_unpickle_block"),
+        ("pandas.core.internals.blocks", "new_block"),
+        ("pandas.core.indexes.base", "_new_Index"),
+        ("pandas.core.indexes.base", "Index"),
+        ("pandas.core.indexes.range", "RangeIndex"),
+        ("pandas.core.indexes.numeric", "Int64Index"),
+        ("pandas.core.indexes.numeric", "Float64Index"),
+        ("pandas.indexes.base", "_new_Index"),
+        ("pandas.indexes.base", "Index"),
+        ("pandas.indexes.range", "RangeIndex"),
+        ("builtins", "slice"),
+        ("builtins", "object"),
+        ("copyreg", "_reconstructor"),
+    }
+)
+
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
@@ -65,7 +85,7 @@ def load_torch_file(path: Path, map_location: Any = "cpu") -> Any:
         ) from None
 
 
-def _refused_global(text: str) -> Optional[str]:
+def _refused_global(text: str) -> str | None:
     """The line of torch's weights-only error that names a refused global, or None for other failures."""
     for line in text.splitlines():
         if "GLOBAL" in line or "Unsupported global" in line:
@@ -76,8 +96,11 @@ def _refused_global(text: str) -> Optional[str]:
 def _detail(text: str) -> str:
     """The specific part of torch's weights-only error (its generic preamble left out)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    specific = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file an issue",
-                                                             "Check the documentation"))]
+    specific = [
+        ln
+        for ln in lines
+        if not ln.startswith(("Weights only load failed", "Please file an issue", "Check the documentation"))
+    ]
     return (specific or lines or [text])[0][:300]
 
 
@@ -112,7 +135,7 @@ def check_stored_targets(config: Any, source: str, sections: Iterable[str] = ("d
                 )
 
 
-def _target_problem(target: str) -> Optional[str]:
+def _target_problem(target: str) -> str | None:
     """Why ``target`` may not be instantiated from a stored config (None when it may)."""
     module_name, _, name = target.rpartition(".")
     if not module_name or not name.isidentifier():
@@ -129,8 +152,11 @@ def _target_problem(target: str) -> Optional[str]:
         if inspect.isclass(obj) and (issubclass(obj, torch.optim.Optimizer) or issubclass(obj, torch.nn.Module)):
             return None
         return "is not a torch.optim optimizer or a torch.nn module"
-    if inspect.isclass(obj) or (inspect.isfunction(obj) and module_name.startswith(_FLOWFORGE_CALLABLE_PACKAGES)
-                                and getattr(obj, "__module__", "").startswith("flowforge.")):
+    if inspect.isclass(obj) or (
+        inspect.isfunction(obj)
+        and module_name.startswith(_FLOWFORGE_CALLABLE_PACKAGES)
+        and getattr(obj, "__module__", "").startswith("flowforge.")
+    ):
         return None
     return "is a flowforge function, not a class or flow family"
 
@@ -156,8 +182,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def safe_unpickle(path: Path, dataset: str, fix: str, allowed: frozenset = NUMPY_ARRAY_GLOBALS,
-                  encoding: str = "latin1") -> Any:
+def safe_unpickle(
+    path: Path, dataset: str, fix: str, allowed: frozenset = NUMPY_ARRAY_GLOBALS, encoding: str = "latin1"
+) -> Any:
     """Unpickle the data file ``path`` resolving only ``allowed`` globals; a file that names any other global
     (code to run) is refused with a :class:`DataError` that names it and ``fix``."""
     with open(path, "rb") as f:
@@ -165,7 +192,7 @@ def safe_unpickle(path: Path, dataset: str, fix: str, allowed: frozenset = NUMPY
             return _RestrictedUnpickler(f, allowed, encoding=encoding).load()
         except pickle.UnpicklingError as err:
             if str(err).startswith("forbidden global"):
-                name = str(err)[len("forbidden global "):]
+                name = str(err)[len("forbidden global ") :]
                 raise DataError(
                     f"dataset '{dataset}': refused to read {path}: it asks to load {name}, "
                     f"which is not part of the data format (a crafted file could run code this way). {fix}"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -62,15 +62,15 @@ class FlowDataModule(pl.LightningDataModule):
     def __init__(
         self,
         shape: Sequence[int],
-        num_levels: Optional[int] = None,
-        logit_alpha: Optional[float] = None,
-        data_dir: Optional[str] = None,
+        num_levels: int | None = None,
+        logit_alpha: float | None = None,
+        data_dir: str | None = None,
         batch_size: int = 256,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         flip: bool = False,
-        limit: Optional[int] = None,
-        name: Optional[str] = None,
+        limit: int | None = None,
+        name: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -105,12 +105,12 @@ class FlowDataModule(pl.LightningDataModule):
         return self.name or type(self).__name__
 
     # ----------------------------------------------------------------- for subclasses
-    def load_splits(self) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Return ``{"train": (x, y), "val": (x, y), "test": (x, y)}``; ``y`` may be None."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- Lightning hooks
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         raw = self.load_splits()
@@ -167,8 +167,9 @@ class FlowDataModule(pl.LightningDataModule):
         if train:
             trainer = getattr(self, "trainer", None)
             replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = ResumableSampler(len(data), replicas, rank, shuffle=True, seed=self.order_seed,
-                                       mirrored=self.flip)
+            sampler = ResumableSampler(
+                len(data), replicas, rank, shuffle=True, seed=self.order_seed, mirrored=self.flip
+            )
             if self.flip:
                 data = Mirrored(data)
         return DataLoader(
@@ -211,13 +212,11 @@ def require_file(path: Path, dataset: str, how_to_get: str) -> Path:
         link = broken_link(path)
         if link:
             raise DataError(f"dataset '{dataset}': expected file {path} cannot be read: {link}. {how_to_get}")
-        raise DataError(
-            f"dataset '{dataset}': expected file {path} does not exist. {how_to_get}"
-        )
+        raise DataError(f"dataset '{dataset}': expected file {path} does not exist. {how_to_get}")
     return path
 
 
-def broken_link(path: Path) -> Optional[str]:
+def broken_link(path: Path) -> str | None:
     """When ``path`` does not resolve because it or a folder above it is a broken symbolic link: which one and why
     (a loop or a missing target); None otherwise (it simply does not exist)."""
     for p in (path, *path.parents):

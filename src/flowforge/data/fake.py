@@ -79,8 +79,8 @@ import importlib.util
 import pickle
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -353,9 +353,7 @@ def _h5py_available() -> bool:
 
 
 # --------------------------------------------------------------------------- entry points
-def write_fake_datasets(
-    root: str | Path, datasets: Optional[Iterable[str]] = None, n: int = DEFAULT_N
-) -> dict[str, Path]:
+def write_fake_datasets(root: str | Path, datasets: Iterable[str] | None = None, n: int = DEFAULT_N) -> dict[str, Path]:
     """Write fake files for ``datasets`` (default: all of :data:`DATASETS`) under the data folder ``root``.
 
     Args:
@@ -404,7 +402,7 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flowforge.data.fake",
         description="Write tiny fake datasets (random values, real file formats) for smoke runs and tests.",

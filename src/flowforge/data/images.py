@@ -17,8 +17,8 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ _8BIT_MODES = ("L", "P", "RGB", "RGBA")
 _DOWNLOAD_HINT = "or set dataset.download=true on a machine with network access to fetch them"
 
 
-def _bit_shift(num_levels: Optional[int]) -> int:
+def _bit_shift(num_levels: int | None) -> int:
     """The divisor that maps 8-bit pixels onto ``num_levels`` levels."""
     if num_levels is None or num_levels > 256 or 256 % num_levels:
         raise ConfigError(
@@ -94,7 +94,6 @@ class _ImageFileDataModule(FlowDataModule):
         if self.data_dir is None:
             raise ConfigError(f"dataset.data_dir must name the folder that holds the {self.label} files")
         self.bit_shift = _bit_shift(self.num_levels)
-
 
 
 # --------------------------------------------------------------------------- torchvision formats
@@ -197,8 +196,9 @@ class _CIFAR10Files(torchvision.datasets.CIFAR10):
         folder = Path(root) / self.base_folder
         data, labels = [], []
         for name, _ in self.train_list if train else self.test_list:
-            entry = safe_unpickle(folder / name, "cifar10", "Delete it and extract the official "
-                                  "cifar-10-python.tar.gz again")
+            entry = safe_unpickle(
+                folder / name, "cifar10", "Delete it and extract the official cifar-10-python.tar.gz again"
+            )
             data.append(np.asarray(entry["data"], dtype=np.uint8))
             labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
         self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
@@ -352,7 +352,7 @@ class _PerItemImageDataModule(_ImageFileDataModule):
     def build_splits(self) -> dict[str, Dataset]:
         raise NotImplementedError
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         for split, data in self.build_splits().items():

@@ -15,7 +15,7 @@ that are reproducible and survive a restart and multi-process loading.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -25,19 +25,26 @@ _MIRROR_STREAM = 0x5F3759DF  # separates the flip draws from the permutation dra
 
 class ResumableSampler(DistributedSampler):
     """Args:
-        num_examples: ``n``, the number of distinct examples (half the dataset's length when mirrored).
-        num_replicas / rank: DDP world size and this process's rank (1 / 0 without DDP).
-        shuffle: permute each epoch (False: ``0, 1, ..., n - 1``).
-        seed: the order's seed.
-        mirrored: also choose a random side (see module docstring).
+    num_examples: ``n``, the number of distinct examples (half the dataset's length when mirrored).
+    num_replicas / rank: DDP world size and this process's rank (1 / 0 without DDP).
+    shuffle: permute each epoch (False: ``0, 1, ..., n - 1``).
+    seed: the order's seed.
+    mirrored: also choose a random side (see module docstring).
     """
 
-    def __init__(self, num_examples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, mirrored: bool = False):
+    def __init__(
+        self,
+        num_examples: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        mirrored: bool = False,
+    ):
         super().__init__(range(num_examples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.num_examples = num_examples
         self.mirrored = mirrored
-        self._resume: Optional[tuple[int, int]] = None
+        self._resume: tuple[int, int] | None = None
 
     def resume_at(self, epoch: int, num_used: int) -> None:
         """Make the next iteration over epoch ``epoch`` skip its first ``num_used`` indices (of this rank)."""
@@ -51,5 +58,5 @@ class ResumableSampler(DistributedSampler):
             indices = [i + self.num_examples * side[i] for i in indices]
         resume, self._resume = self._resume, None
         if resume is not None and resume[0] == self.epoch:
-            indices = indices[resume[1]:]
+            indices = indices[resume[1] :]
         return iter(indices)

@@ -15,7 +15,7 @@ reproducible and splits never share points.  Both modules expose ``manifold`` (`
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,10 +26,11 @@ from flowforge.flows.manifold_distributions import sample_uniform_sphere, sample
 from flowforge.flows.manifold_flow import check_on_manifold
 
 
-def _per_component(value: Union[float, Sequence[float]], k: int, name: str) -> list[float]:
+def _per_component(value: float | Sequence[float], k: int, name: str) -> list[float]:
     values = [value] * k if isinstance(value, (int, float)) and not isinstance(value, bool) else list(value)
-    if len(values) != k or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
-                                   for v in values):
+    if len(values) != k or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v) for v in values
+    ):
         raise ConfigError(f"dataset.{name} must be a positive number or a list of {k} positive numbers, got {value!r}")
     return [float(v) for v in values]
 
@@ -45,7 +46,7 @@ class _ManifoldData(FlowDataModule):
 
     manifold: str = ""
 
-    def __init__(self, manifold: Optional[str] = None, tol: float = 1e-4, **kwargs):
+    def __init__(self, manifold: str | None = None, tol: float = 1e-4, **kwargs):
         if manifold is not None and manifold != self.manifold:
             raise ConfigError(
                 f"{type(self).__name__} generates data on the {self.manifold}; dataset.manifold must be "
@@ -53,7 +54,9 @@ class _ManifoldData(FlowDataModule):
             )
         super().__init__(**kwargs)
         if len(self.shape) != 1 or self.shape[0] < 2:
-            raise ConfigError(f"dataset.shape must be [d] with d >= 2 for data on the {self.manifold}, got {list(self.shape)}")
+            raise ConfigError(
+                f"dataset.shape must be [d] with d >= 2 for data on the {self.manifold}, got {list(self.shape)}"
+            )
         self.tol = tol
 
     def check(self, x: torch.Tensor, split: str) -> torch.Tensor:
@@ -67,8 +70,16 @@ class VMFMixtureDataModule(_ManifoldData):
 
     manifold = "sphere"
 
-    def __init__(self, name: str = "vmf_mixture", num_components: int = 4, kappa: Union[float, Sequence[float]] = 20.0,
-                 n_train: int = 20000, n_val: int = 2000, n_test: int = 2000, **kwargs):
+    def __init__(
+        self,
+        name: str = "vmf_mixture",
+        num_components: int = 4,
+        kappa: float | Sequence[float] = 20.0,
+        n_train: int = 20000,
+        n_val: int = 2000,
+        n_test: int = 2000,
+        **kwargs,
+    ):
         kwargs.setdefault("shape", [3])
         super().__init__(name=name, **kwargs)
         self.num_components = _check_components(num_components)
@@ -91,15 +102,19 @@ class VMFMixtureDataModule(_ManifoldData):
     def log_density(self, x: torch.Tensor) -> torch.Tensor:
         """The exact mixture log-density (w.r.t. surface measure) of points ``x``."""
         x = x.to(torch.float64)
-        terms = torch.stack([
-            float(vmf_log_normalizer(torch.tensor(k, dtype=torch.float64), self.shape[0])) + k * (x @ mu)
-            for mu, k in zip(self.mus, self.kappas)
-        ], 1)
+        terms = torch.stack(
+            [
+                float(vmf_log_normalizer(torch.tensor(k, dtype=torch.float64), self.shape[0])) + k * (x @ mu)
+                for mu, k in zip(self.mus, self.kappas)
+            ],
+            1,
+        )
         return torch.logsumexp(terms, 1) - math.log(self.num_components)
 
     def load_splits(self):
-        return {split: (self.sample(n, self.seed * 3 + i).float(), None)
-                for i, (split, n) in enumerate(self.sizes.items())}
+        return {
+            split: (self.sample(n, self.seed * 3 + i).float(), None) for i, (split, n) in enumerate(self.sizes.items())
+        }
 
 
 class DirichletMixtureDataModule(_ManifoldData):
@@ -107,12 +122,24 @@ class DirichletMixtureDataModule(_ManifoldData):
 
     manifold = "simplex"
 
-    def __init__(self, name: str = "dirichlet_mixture", num_components: int = 3, concentration: float = 20.0,
-                 n_train: int = 20000, n_val: int = 2000, n_test: int = 2000, **kwargs):
+    def __init__(
+        self,
+        name: str = "dirichlet_mixture",
+        num_components: int = 3,
+        concentration: float = 20.0,
+        n_train: int = 20000,
+        n_val: int = 2000,
+        n_test: int = 2000,
+        **kwargs,
+    ):
         kwargs.setdefault("shape", [3])
         super().__init__(name=name, **kwargs)
         self.num_components = _check_components(num_components)
-        if isinstance(concentration, bool) or not isinstance(concentration, (int, float)) or not 0 < concentration < math.inf:
+        if (
+            isinstance(concentration, bool)
+            or not isinstance(concentration, (int, float))
+            or not 0 < concentration < math.inf
+        ):
             raise ConfigError(f"dataset.concentration must be a positive number (e.g. 20.0), got {concentration!r}")
         conc = float(concentration)
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
@@ -138,5 +165,6 @@ class DirichletMixtureDataModule(_ManifoldData):
         return torch.logsumexp(terms, 1) - math.log(self.num_components)
 
     def load_splits(self):
-        return {split: (self.sample(n, self.seed * 3 + i).float(), None)
-                for i, (split, n) in enumerate(self.sizes.items())}
+        return {
+            split: (self.sample(n, self.seed * 3 + i).float(), None) for i, (split, n) in enumerate(self.sizes.items())
+        }

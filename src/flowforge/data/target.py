@@ -11,7 +11,7 @@ and ``H(p) = -E_p[log p~(x)] + log Z`` is known up to Monte Carlo error from the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -32,16 +32,16 @@ class TargetDataModule(FlowDataModule):
         self,
         name: str = "mixture2d",
         dim: int = 2,
-        shape: Optional[Sequence[int]] = None,
+        shape: Sequence[int] | None = None,
         n_train: int = 20000,
         n_val: int = 2000,
         n_test: int = 2000,
-        num_components: Optional[int] = None,
-        radius: Optional[float] = None,
-        std: Optional[float] = None,
-        curvature: Optional[float] = None,
-        scale: Optional[float] = None,
-        log_constant: Optional[float] = None,
+        num_components: int | None = None,
+        radius: float | None = None,
+        std: float | None = None,
+        curvature: float | None = None,
+        scale: float | None = None,
+        log_constant: float | None = None,
         **kwargs,
     ):
         if name not in TARGETS:
@@ -63,8 +63,14 @@ class TargetDataModule(FlowDataModule):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"dataset.{key} must be a positive integer, got {n!r}")
         self.target = make_target(
-            name, dim, num_components=num_components, radius=radius, std=std, curvature=curvature,
-            scale=scale, log_constant=log_constant,
+            name,
+            dim,
+            num_components=num_components,
+            radius=radius,
+            std=std,
+            curvature=curvature,
+            scale=scale,
+            log_constant=log_constant,
         )
         super().__init__(shape=shape, name=name, **kwargs)
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}

@@ -6,7 +6,6 @@ Each split is drawn from its own fixed seed, so runs are reproducible and splits
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -92,7 +91,9 @@ def sample_toy(name: str, n: int, seed: int = 0) -> torch.Tensor:
 class Toy2DDataModule(FlowDataModule):
     """2-D toy densities; ``name`` picks one of :data:`TOY_DENSITIES`."""
 
-    def __init__(self, name: str = "checkerboard", n_train: int = 20000, n_val: int = 2000, n_test: int = 2000, **kwargs):
+    def __init__(
+        self, name: str = "checkerboard", n_train: int = 20000, n_val: int = 2000, n_test: int = 2000, **kwargs
+    ):
         kwargs.setdefault("shape", [2])
         super().__init__(name=name, **kwargs)
         if name not in TOY_DENSITIES:
@@ -138,7 +139,7 @@ class Step1DDataModule(FlowDataModule):
             out[split] = (step_function(x), x)
         return out
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         from torch.utils.data import TensorDataset

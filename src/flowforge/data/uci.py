@@ -40,8 +40,8 @@ Points reconstructed from memory of the MAF code rather than checked against it:
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -133,7 +133,6 @@ class _MAFDataModule(FlowDataModule):
         if self.data_dir is None:
             raise ConfigError(f"dataset.data_dir must name the MAF data folder ({self.label}). {_HOW_TO_GET}")
 
-
     def prepare(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
@@ -161,11 +160,11 @@ class _MAFDataModule(FlowDataModule):
             raise _corrupt(self.label, path, err) from err
         if data.ndim != 2 or (columns is not None and data.shape[1] != columns):
             expected = "a 2-D table" if columns is None else f"a table with {columns} columns"
-            raise DataError(
-                f"dataset '{self.label}': {path} holds an array of shape {data.shape}; expected {expected}"
-            )
+            raise DataError(f"dataset '{self.label}': {path} holds an array of shape {data.shape}; expected {expected}")
         if len(data) == 0:
-            raise DataError(f"dataset '{self.label}': {path} holds no rows (the file is empty); extract it again. {_HOW_TO_GET}")
+            raise DataError(
+                f"dataset '{self.label}': {path} holds no rows (the file is empty); extract it again. {_HOW_TO_GET}"
+            )
         data = data.astype(np.float64, copy=False)
         _check_finite(self.label, path, data, ignored)
         return data
@@ -216,8 +215,10 @@ class GASDataModule(_MAFDataModule):
             f"{_HOW_TO_GET} (Also accepted: {folder}/ethylene_CO.npy or ethylene_CO.csv with the columns "
             "Time, Meth, Eth and the 16 sensors.)",
         )
-        convert = (f"Save it as {folder}/ethylene_CO.npy where pandas is available: "
-                   "numpy.save('ethylene_CO.npy', pandas.read_pickle('ethylene_CO.pickle').to_numpy())")
+        convert = (
+            f"Save it as {folder}/ethylene_CO.npy where pandas is available: "
+            "numpy.save('ethylene_CO.npy', pandas.read_pickle('ethylene_CO.pickle').to_numpy())"
+        )
         try:
             import pandas  # noqa: F401 - the frame's classes come from it
         except ImportError as err:
@@ -227,8 +228,12 @@ class GASDataModule(_MAFDataModule):
             ) from err
         try:
             # parsed without running code: only a DataFrame's and numpy's reconstruction globals are resolved
-            frame = safe_unpickle(path, self.label, f"Use the file from the MAF archive or a converted copy. {convert}",
-                                  allowed=PANDAS_FRAME_GLOBALS)
+            frame = safe_unpickle(
+                path,
+                self.label,
+                f"Use the file from the MAF archive or a converted copy. {convert}",
+                allowed=PANDAS_FRAME_GLOBALS,
+            )
             data = frame.drop(columns=["Time", "Meth", "Eth"]).to_numpy(dtype=np.float64)
         except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, OSError, TypeError) as err:
             if isinstance(err, DataError):

@@ -7,7 +7,7 @@ D-dimensional input), then ``slogdet``; differentiable, for low dimensions and f
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

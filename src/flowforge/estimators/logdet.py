@@ -20,7 +20,7 @@ Every J^k v product uses the network's linearisation (``g.linearize``) when it h
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -73,11 +73,19 @@ class LogDetEstimator:
         eval_exact_max_dim: int = 2,
     ):
         if name not in ESTIMATORS:
-            raise ConfigError("estimator=hutchinson is the CNF trace estimator; residual flows take exact, power_series or roulette" if name == "hutchinson" else f"unknown log-det estimator '{name}'; choose one of {ESTIMATORS}")
+            raise ConfigError(
+                "estimator=hutchinson is the CNF trace estimator; residual flows take exact, power_series or roulette"
+                if name == "hutchinson"
+                else f"unknown log-det estimator '{name}'; choose one of {ESTIMATORS}"
+            )
         if probe not in PROBES:
             raise ConfigError(f"unknown Hutchinson probe '{probe}'; choose one of {PROBES}")
-        for key, val, low in (("n_terms", n_terms, 1), ("n_exact_terms", n_exact_terms, 0),
-                              ("n_probes", n_probes, 1), ("eval_n_exact_terms", eval_n_exact_terms, 0)):
+        for key, val, low in (
+            ("n_terms", n_terms, 1),
+            ("n_exact_terms", n_exact_terms, 0),
+            ("n_probes", n_probes, 1),
+            ("eval_n_exact_terms", eval_n_exact_terms, 0),
+        ):
             if int(val) != val or val < low:
                 raise ConfigError(f"estimator.{key} must be an integer >= {low}, got {val}")
         if name == "exact" and (neumann_grad or mem_eff):
@@ -96,11 +104,13 @@ class LogDetEstimator:
         return self.name != "exact"
 
     def __repr__(self) -> str:
-        return (f"LogDetEstimator({self.name}, n_terms={self.n_terms}, n_exact={self.n_exact_terms}, "
-                f"dist={self.roulette.dist}, probe={self.probe}x{self.n_probes}, "
-                f"neumann_grad={self.neumann_grad}, mem_eff={self.mem_eff})")
+        return (
+            f"LogDetEstimator({self.name}, n_terms={self.n_terms}, n_exact={self.n_exact_terms}, "
+            f"dist={self.roulette.dist}, probe={self.probe}x{self.n_probes}, "
+            f"neumann_grad={self.neumann_grad}, mem_eff={self.mem_eff})"
+        )
 
-    def coefficients(self, training: bool, roulette: Optional[RouletteDistribution] = None) -> list[float]:
+    def coefficients(self, training: bool, roulette: RouletteDistribution | None = None) -> list[float]:
         """Term weights for one draw (the roulette draw is shared by the batch)."""
         if self.name == "power_series":
             return [1.0] * self.n_terms
@@ -109,7 +119,11 @@ class LogDetEstimator:
         return roulette.coefficients(n_exact, roulette.sample())
 
     def __call__(
-        self, g: nn.Module, x: Tensor, training: bool, roulette: Optional[RouletteDistribution] = None,
+        self,
+        g: nn.Module,
+        x: Tensor,
+        training: bool,
+        roulette: RouletteDistribution | None = None,
         kind: str = "residual",
     ) -> tuple[Tensor, Tensor, dict]:
         """``(g(x), log-det, info)`` with ``info = {"terms": number of series terms}``; the log-det is
@@ -136,7 +150,7 @@ class LogDetEstimator:
         return y, est, {"terms": len(coeffs)}
 
 
-def as_estimator(estimator: Union[None, dict, LogDetEstimator], dim: int) -> LogDetEstimator:
+def as_estimator(estimator: None | dict | LogDetEstimator, dim: int) -> LogDetEstimator:
     """The block estimator from its config; ``name: auto`` resolves to ``exact`` for inputs of at most
     ``auto_exact_max_dim`` dimensions and to ``roulette`` (with the configured gradient options) otherwise."""
     if estimator is None:

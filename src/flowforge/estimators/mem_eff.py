@@ -18,7 +18,7 @@ The input gradient is always ``a_b * d logdet_b / dx_b`` (samples do not interac
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor

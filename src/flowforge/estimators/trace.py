@@ -18,7 +18,7 @@ Both take ``v_out = v(x)`` already computed from an ``x`` that requires grad, an
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +30,12 @@ TRACES = ("exact", "hutchinson")
 
 def _vjp(v_out: Tensor, x: Tensor, cotangent: Tensor, create_graph: bool, batched: bool = False) -> Tensor:
     (g,) = torch.autograd.grad(
-        v_out, x, cotangent, create_graph=create_graph, retain_graph=True, allow_unused=True,
+        v_out,
+        x,
+        cotangent,
+        create_graph=create_graph,
+        retain_graph=True,
+        allow_unused=True,
         is_grads_batched=batched,
     )
     if g is None:  # v does not depend on x
@@ -80,7 +85,7 @@ def draw_probes(like: Tensor, kind: str = "gaussian", n: int = 1) -> Tensor:
 def hutchinson_divergence(
     v_out: Tensor,
     x: Tensor,
-    eps: Union[Tensor, Sequence[Tensor]],
+    eps: Tensor | Sequence[Tensor],
     create_graph: bool = True,
     return_frobenius: bool = False,
 ):

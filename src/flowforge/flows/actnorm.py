@@ -13,7 +13,7 @@ rank starts from the same parameters.  Whether the init happened is kept in the 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,9 @@ def _warn_small_init(batch: int, n: int) -> None:
         "ActNorm's data-dependent initialisation got a first batch of %d example(s) (%d values per channel), too few "
         "to estimate a scale (at least %d are needed: one example has variance 0, which would set scales of 100): "
         "the scales start at 1 and only the shift is taken from the data; use a larger dataset.batch_size (e.g. 64)",
-        batch, n, MIN_INIT_VALUES,
+        batch,
+        n,
+        MIN_INIT_VALUES,
     )
 
 

@@ -8,7 +8,7 @@ inverse is exact after D passes (pass k fixes the k-th variable in the order).  
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +18,9 @@ from flowforge.nn import MADE
 
 
 class MaskedAutoregressive(Transform):
-    def __init__(self, dim: int, elementwise, hidden: Sequence[int], order: Optional[Sequence[int]] = None, act: str = "relu"):
+    def __init__(
+        self, dim: int, elementwise, hidden: Sequence[int], order: Sequence[int] | None = None, act: str = "relu"
+    ):
         super().__init__()
         self.elementwise = elementwise
         self.made = MADE(dim, hidden, elementwise.num_params, order=order, act=act)

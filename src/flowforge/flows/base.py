@@ -9,9 +9,8 @@ shape ``(batch,)``); ``inverse(z)`` returns ``x = f^{-1}(z)``.  Composition foll
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from flowforge.errors import ConfigError

@@ -46,7 +46,7 @@ failures inside an adjoint backward solve surface as torchdiffeq's own Assertion
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -62,8 +62,21 @@ try:  # the solver table of the installed torchdiffeq (private module: fall back
 
     METHODS = tuple(sorted(k for k in _TORCHDIFFEQ_SOLVERS if k != "scipy_solver"))
 except ImportError:  # pragma: no cover
-    METHODS = ("adaptive_heun", "bosh3", "dopri5", "dopri8", "euler", "explicit_adams", "fehlberg2",
-               "fixed_adams", "heun2", "heun3", "implicit_adams", "midpoint", "rk4")
+    METHODS = (
+        "adaptive_heun",
+        "bosh3",
+        "dopri5",
+        "dopri8",
+        "euler",
+        "explicit_adams",
+        "fehlberg2",
+        "fixed_adams",
+        "heun2",
+        "heun3",
+        "implicit_adams",
+        "midpoint",
+        "rk4",
+    )
 FIXED_STEP = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 
 
@@ -106,7 +119,7 @@ class _Dynamics(nn.Module):
     ||eps^T J||^2)``.  A fresh instance per solve carries that solve's probes, so an adjoint backward pass
     run later uses exactly the probes of its forward pass."""
 
-    def __init__(self, cnf: "CNF", trace: Optional[str], probes: Optional[Tensor], regularize: bool):
+    def __init__(self, cnf: CNF, trace: str | None, probes: Tensor | None, regularize: bool):
         super().__init__()
         self.cnf = cnf
         self.trace, self.probes, self.regularize = trace, probes, regularize
@@ -182,8 +195,8 @@ class CNF(Transform):
     def __init__(
         self,
         velocity: nn.Module,
-        dim: Optional[int] = None,
-        shape: Optional[Sequence[int]] = None,
+        dim: int | None = None,
+        shape: Sequence[int] | None = None,
         trace: str = "exact",
         probe: str = "gaussian",
         n_probes: int = 1,
@@ -192,17 +205,17 @@ class CNF(Transform):
         method: str = "dopri5",
         atol: float = 1e-5,
         rtol: float = 1e-5,
-        step_size: Optional[float] = None,
+        step_size: float | None = None,
         adjoint: bool = True,
-        adjoint_atol: Optional[float] = None,
-        adjoint_rtol: Optional[float] = None,
+        adjoint_atol: float | None = None,
+        adjoint_rtol: float | None = None,
         adjoint_seminorm: bool = True,
         kinetic: float = 0.0,
         jacobian: float = 0.0,
         augment_dim: int = 0,
-        eval_trace: Optional[str] = None,
+        eval_trace: str | None = None,
         eval_exact_max_dim: int = 2,
-        max_num_steps: Optional[int] = None,
+        max_num_steps: int | None = None,
     ):
         super().__init__()
         if (dim is None) == (shape is None):
@@ -272,7 +285,7 @@ class CNF(Transform):
         if self.train_t1:
             self.t1_sqrt_scale = nn.Parameter(torch.tensor(1.0))
         self.nfe = {"forward": 0, "backward": 0}
-        self.last_regularization: Optional[Tensor] = None
+        self.last_regularization: Tensor | None = None
         self.last_reg_terms: dict = {}
 
     # ------------------------------------------------------------------ properties
@@ -308,8 +321,10 @@ class CNF(Transform):
         self.nfe["backward"] = 0
 
     def extra_repr(self) -> str:
-        return (f"shape={self.shape}, augment_dim={self.augment_dim}, trace={self.trace}/{self.eval_trace}, "
-                f"method={self.method}, atol={self.atol}, rtol={self.rtol}, adjoint={self.adjoint}")
+        return (
+            f"shape={self.shape}, augment_dim={self.augment_dim}, trace={self.trace}/{self.eval_trace}, "
+            f"method={self.method}, atol={self.atol}, rtol={self.rtol}, adjoint={self.adjoint}"
+        )
 
     # ------------------------------------------------------------------ solving
     def _check(self, x: Tensor, shape: tuple) -> Tensor:
@@ -321,7 +336,7 @@ class CNF(Transform):
             x = x.float()
         return x
 
-    def _solve(self, x0: Tensor, reverse: bool, with_logdet: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def _solve(self, x0: Tensor, reverse: bool, with_logdet: bool) -> tuple[Tensor, Tensor | None]:
         """Integrate the state from ``x0`` over ``[0, T]`` (``[T, 0]`` when ``reverse``); returns the end
         state and ``int tr`` along the path (None without ``with_logdet``); stores RNODE terms."""
         import torchdiffeq
@@ -351,8 +366,14 @@ class CNF(Transform):
                 if self.adjoint and torch.is_grad_enabled():
                     params = tuple(p for p in self.parameters() if p.requires_grad)
                     out = torchdiffeq.odeint_adjoint(
-                        func, state, grid, adjoint_params=params, adjoint_atol=self.adjoint_atol,
-                        adjoint_rtol=self.adjoint_rtol, adjoint_options=self._adjoint_options(options), **kwargs
+                        func,
+                        state,
+                        grid,
+                        adjoint_params=params,
+                        adjoint_atol=self.adjoint_atol,
+                        adjoint_rtol=self.adjoint_rtol,
+                        adjoint_options=self._adjoint_options(options),
+                        **kwargs,
                     )
                 else:
                     out = torchdiffeq.odeint(func, state, grid, **kwargs)
@@ -412,7 +433,7 @@ class CNF(Transform):
         x, neg_trace_integral = self._solve(z, reverse=True, with_logdet=True)
         if not self.augment_dim:
             return x, neg_trace_integral
-        return x[:, : self.shape[0]], neg_trace_integral + self._augment_logq(x[:, self.shape[0]:])
+        return x[:, : self.shape[0]], neg_trace_integral + self._augment_logq(x[:, self.shape[0] :])
 
 
 def cnf_blocks(model: nn.Module) -> list[CNF]:
@@ -446,7 +467,7 @@ def nfe_summary(model: nn.Module) -> dict[str, int]:
     }
 
 
-def cnf_regularization(model: nn.Module) -> Optional[Tensor]:
+def cnf_regularization(model: nn.Module) -> Tensor | None:
     """Sum over the CNF blocks of ``last_regularization`` (per sample), or None when no block has one."""
     terms = [m.last_regularization for m in cnf_blocks(model) if m.last_regularization is not None]
     if not terms:

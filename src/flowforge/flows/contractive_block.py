@@ -15,7 +15,7 @@ A :class:`ContractiveBlock` owns
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from flowforge.estimators.logdet import LogDetEstimator
 from flowforge.estimators.roulette import RouletteDistribution
 from flowforge.flows.base import Transform
-from flowforge.solvers import SolveRecord, Solver, SolverStats, check_convergence
+from flowforge.solvers import Solver, SolveRecord, SolverStats, check_convergence
 from flowforge.solvers.solver import check_on_fail
 
 # adjoint solves of implicit differentiation: tighter than the forward, few iterations (Lip(g) < 1)
@@ -33,7 +33,7 @@ BACKWARD_DEFAULTS = dict(method="anderson", atol=1e-8, rtol=1e-6, max_iters=100,
 class ContractiveBlock(Transform):
     hint = "check that Lip(g) < 1 (spectral norms) or raise the solver's max_iters"
 
-    def __init__(self, g: nn.Module, estimator: Optional[LogDetEstimator] = None, on_fail: str = "warn"):
+    def __init__(self, g: nn.Module, estimator: LogDetEstimator | None = None, on_fail: str = "warn"):
         super().__init__()
         self.on_fail = check_on_fail(on_fail)
         self.g = g
@@ -97,4 +97,3 @@ def clear_solve_records(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, ContractiveBlock):
             m.solves.last.clear()
-

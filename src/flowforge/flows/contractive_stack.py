@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from flowforge.errors import ConfigError
 from flowforge.flows.actnorm import ActNorm
@@ -45,8 +45,8 @@ def contractive_stack(
     squeeze_first: bool = False,
     factor_out: bool = False,
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
 ) -> Flow:
     shape = tuple(int(s) for s in shape)
 

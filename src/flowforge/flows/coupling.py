@@ -10,7 +10,7 @@ Masks: alternating for vectors, checkerboard or channel halves for images.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ class ImageConditioner(nn.Module):
         return self.net(x).view(b, self.out_channels, self.num_params, h, w).permute(0, 1, 3, 4, 2)
 
 
-Index = Union[slice, Tensor]
+Index = slice | Tensor
 
 
 def _index(positions: Tensor) -> Index:
@@ -85,7 +85,7 @@ def _count(index: Index, n: int) -> int:
     return len(range(n)[index]) if isinstance(index, slice) else index.numel()
 
 
-def feature_split(mask: Tensor) -> Optional[tuple[Index, Index]]:
+def feature_split(mask: Tensor) -> tuple[Index, Index] | None:
     """``(kept, transformed)`` indices along the feature axis (the first axis of ``mask``) when the mask
     is constant over the remaining axes (vector masks, channel masks); ``None`` otherwise (checkerboard)."""
     rows = mask.reshape(mask.shape[0], -1)

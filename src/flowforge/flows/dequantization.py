@@ -30,7 +30,7 @@ rounds to 0 or 1 only for ``|h| > ~16``, which the bound itself penalises (``-lo
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ def _positive_int(value, what: str, example: int) -> int:
 class ContextCoupling(nn.Module):
     """Affine coupling on the noise whose conditioner also sees the context features of ``x``:
 
-        h = m * e + (1 - m) * (e * exp(s) + t),   (t, s) = NN([m * e, c(x)]),   log |det| = sum_{m=0} s.
+    h = m * e + (1 - m) * (e * exp(s) + t),   (t, s) = NN([m * e, c(x)]),   log |det| = sum_{m=0} s.
     """
 
     def __init__(self, mask: Tensor, context_channels: int, hidden: int):
@@ -181,7 +181,9 @@ class VariationalDequantization(nn.Module):
 def check_dequantization(name: str) -> str:
     """``name`` if it is a known dequantisation, else a :class:`ConfigError` listing the choices."""
     if name not in DEQUANTIZATIONS:
-        raise ConfigError(f"unknown dequantization '{name}'; choose dequantization= one of {', '.join(DEQUANTIZATIONS)}")
+        raise ConfigError(
+            f"unknown dequantization '{name}'; choose dequantization= one of {', '.join(DEQUANTIZATIONS)}"
+        )
     return name
 
 
@@ -201,7 +203,5 @@ def make_dequantizer(name: str, shape: Sequence[int], num_levels: int, **kwargs)
     allowed = ("num_layers", "hidden", "context_channels")
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"unknown option(s) {unknown} for dequantization=variational; it takes {', '.join(allowed)}"
-        )
+        raise ConfigError(f"unknown option(s) {unknown} for dequantization=variational; it takes {', '.join(allowed)}")
     return VariationalDequantization(shape, int(num_levels), **kwargs)

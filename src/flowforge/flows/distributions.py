@@ -7,7 +7,7 @@ Sampling at temperature T draws ``z = mu + T sigma eps`` (T < 1 gives the usual 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

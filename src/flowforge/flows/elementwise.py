@@ -8,7 +8,6 @@ another elementwise map).  Parameters arrive with shape ``(*x.shape, num_params)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flowforge.errors import ConfigError

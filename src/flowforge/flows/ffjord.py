@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from flowforge.errors import ConfigError
 from flowforge.flows.base import Compose, Transform
@@ -44,7 +45,7 @@ RESIDUAL_ONLY = ("roulette", "power_series", "mem_eff", "neumann_grad")
 CNF_ESTIMATORS = ("exact", "hutchinson", "auto")
 
 
-def cnf_trace_options(estimator: Union[None, dict, Any], dim: int) -> dict:
+def cnf_trace_options(estimator: None | dict | Any, dim: int) -> dict:
     """The ``estimator`` config group as CNF trace options ``{trace, probe, n_probes[, eval_exact_max_dim]}``.
 
     ``exact`` | ``hutchinson`` | ``auto`` (exact for data of at most ``auto_exact_max_dim`` dimensions, else
@@ -71,8 +72,11 @@ def cnf_trace_options(estimator: Union[None, dict, Any], dim: int) -> dict:
         max_exact = int(estimator.get("auto_exact_max_dim", 2))
         name = "exact" if dim <= max_exact else "hutchinson"
         log.info("estimator=auto resolved to %s for %d-dimensional data (CNF trace)", name, dim)
-    out = {"trace": name, "probe": str(estimator.get("probe", "gaussian")),
-           "n_probes": int(estimator.get("n_probes", 1))}
+    out = {
+        "trace": name,
+        "probe": str(estimator.get("probe", "gaussian")),
+        "n_probes": int(estimator.get("n_probes", 1)),
+    }
     if estimator.get("eval_exact_max_dim") is not None:
         out["eval_exact_max_dim"] = int(estimator["eval_exact_max_dim"])
     return out
@@ -80,7 +84,7 @@ def cnf_trace_options(estimator: Union[None, dict, Any], dim: int) -> dict:
 
 def FFJORD(
     shape: Sequence[int],
-    estimator: Union[None, dict, Any] = None,
+    estimator: None | dict | Any = None,
     num_blocks: int = 1,
     hidden: Sequence[int] = (64, 64, 64),
     act: str = "softplus",
@@ -91,10 +95,10 @@ def FFJORD(
     method: str = "dopri5",
     atol: float = 1e-5,
     rtol: float = 1e-5,
-    step_size: Optional[float] = None,
+    step_size: float | None = None,
     adjoint: bool = True,
-    adjoint_atol: Optional[float] = None,
-    adjoint_rtol: Optional[float] = None,
+    adjoint_atol: float | None = None,
+    adjoint_rtol: float | None = None,
     adjoint_seminorm: bool = True,
     t1: float = 1.0,
     train_t1: bool = True,
@@ -102,11 +106,11 @@ def FFJORD(
     jacobian: float = 0.0,
     augment_dim: int = 0,
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
     eval_exact_max_dim: int = 2,
-    eval_trace: Optional[str] = None,
-    max_num_steps: Optional[int] = None,
+    eval_trace: str | None = None,
+    max_num_steps: int | None = None,
 ) -> Flow:
     """A FFJORD model for data of ``shape`` (see the module docstring).  ``eval_exact_max_dim`` in the
     ``estimator`` dict, when given, overrides the argument of the same name."""
@@ -116,9 +120,21 @@ def FFJORD(
     opts = cnf_trace_options(estimator, math.prod(shape))
     opts.setdefault("eval_exact_max_dim", int(eval_exact_max_dim))
     solver = dict(
-        method=method, atol=atol, rtol=rtol, step_size=step_size, adjoint=adjoint, adjoint_atol=adjoint_atol,
-        adjoint_rtol=adjoint_rtol, adjoint_seminorm=adjoint_seminorm, t1=t1, train_t1=train_t1, kinetic=kinetic, jacobian=jacobian,
-        eval_trace=eval_trace, max_num_steps=max_num_steps, **opts,
+        method=method,
+        atol=atol,
+        rtol=rtol,
+        step_size=step_size,
+        adjoint=adjoint,
+        adjoint_atol=adjoint_atol,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_seminorm=adjoint_seminorm,
+        t1=t1,
+        train_t1=train_t1,
+        kinetic=kinetic,
+        jacobian=jacobian,
+        eval_trace=eval_trace,
+        max_num_steps=max_num_steps,
+        **opts,
     )
     if int(augment_dim) != augment_dim or augment_dim < 0:
         raise ConfigError(f"augment_dim must be an integer >= 0, got {augment_dim}")
@@ -146,8 +162,9 @@ def FFJORD(
     check_squeezable(shape, int(num_scales) - 1, "FFJORD")
 
     def cnf_blocks(s: tuple) -> list[Transform]:
-        return [CNF(VelocityConvNet(s[0], channels, kernels, act), shape=s, **solver)
-                for _ in range(int(blocks_per_scale))]
+        return [
+            CNF(VelocityConvNet(s[0], channels, kernels, act), shape=s, **solver) for _ in range(int(blocks_per_scale))
+        ]
 
     def make_scale(s: tuple, is_last: bool) -> tuple[list, tuple]:
         layers = cnf_blocks(s)

@@ -5,7 +5,7 @@ at the identity (``lu_init``; images start from a random rotation as in the pape
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.elementwise import Affine
@@ -18,13 +18,21 @@ def Glow(
     hidden: Sequence[int] = (64, 64),
     channels: int = 64,
     num_scales: int = 2,
-    lu_init: Optional[str] = None,
+    lu_init: str | None = None,
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
 ) -> Flow:
     stack = coupling_stack(
-        shape, Affine("sigmoid"), num_steps, hidden, channels, num_scales, actnorm=True, lu=True, layout="glow",
+        shape,
+        Affine("sigmoid"),
+        num_steps,
+        hidden,
+        channels,
+        num_scales,
+        actnorm=True,
+        lu=True,
+        layout="glow",
         lu_init=lu_init,
     )
     return build_flow(shape, stack, base, num_levels, logit_alpha)

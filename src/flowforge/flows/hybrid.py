@@ -17,7 +17,6 @@ with ``D`` the data dimension; ``lam = 0`` is pure classification by an invertib
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -131,8 +130,10 @@ class HybridClassifier(nn.Module):
         feats: dict[int, Tensor] = {}
         handles = []
         for i, name in enumerate(self.point_names):
+
             def record(module: nn.Module, args: tuple, i: int = i) -> None:
                 feats[i] = args[0]
+
             handles.append(self.flow.transform.get_submodule(name).register_forward_pre_hook(record))
         try:
             z, log_det = self.flow(x)
@@ -141,7 +142,7 @@ class HybridClassifier(nn.Module):
                 h.remove()
         pooled = []
         for i, (head, s) in enumerate(zip(self.heads, self.point_shapes)):
-            f: Optional[Tensor] = feats.get(i)
+            f: Tensor | None = feats.get(i)
             if f is None or tuple(f.shape[1:]) != s:
                 got = None if f is None else tuple(f.shape[1:])
                 raise ConfigError(

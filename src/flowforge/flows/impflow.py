@@ -19,7 +19,7 @@ multiscale conv g and fully connected blocks).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,17 +43,27 @@ class ImplicitBlock(Transform):
         self,
         g_x: nn.Module,
         g_z: nn.Module,
-        estimator: Optional[LogDetEstimator] = None,
+        estimator: LogDetEstimator | None = None,
         forward_solver: SolverSpec = None,
         inverse_solver: SolverSpec = None,
         backward_solver: SolverSpec = None,
         on_fail: str = "warn",
     ):
         super().__init__()
-        self.residual_x = ResidualBlock(g_x, estimator, on_fail=on_fail, backward_solver=backward_solver,
-                                        inverse_solver=as_solver(inverse_solver, **INVERSE_DEFAULTS))
-        self.residual_z = ResidualBlock(g_z, estimator, on_fail=on_fail, backward_solver=backward_solver,
-                                        inverse_solver=as_solver(forward_solver, **FORWARD_DEFAULTS))
+        self.residual_x = ResidualBlock(
+            g_x,
+            estimator,
+            on_fail=on_fail,
+            backward_solver=backward_solver,
+            inverse_solver=as_solver(inverse_solver, **INVERSE_DEFAULTS),
+        )
+        self.residual_z = ResidualBlock(
+            g_z,
+            estimator,
+            on_fail=on_fail,
+            backward_solver=backward_solver,
+            inverse_solver=as_solver(forward_solver, **FORWARD_DEFAULTS),
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, ld_x = self.residual_x(x)
@@ -72,7 +82,7 @@ class ImplicitBlock(Transform):
 
 def ImplicitFlow(
     shape: Sequence[int],
-    estimator: Union[None, dict, LogDetEstimator] = None,
+    estimator: None | dict | LogDetEstimator = None,
     num_blocks: int = 6,
     hidden: Sequence[int] = (128, 128),
     blocks_per_scale: Sequence[int] = (2, 2, 2),
@@ -93,19 +103,41 @@ def ImplicitFlow(
     backward_solver: SolverSpec = None,
     on_fail: str = "warn",
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
 ) -> Flow:
     """An ImpFlow: :class:`ImplicitBlock` s with the residual-flow g networks (``sin`` activation and
     coeff 0.99 by default, as the paper's toy and tabular models)."""
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets("mlp", act, coeff, hidden, channels, kernels, fc_hidden, preact, "spectral", False,
-                           sn=dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters))
+    nets = ContractiveNets(
+        "mlp",
+        act,
+        coeff,
+        hidden,
+        channels,
+        kernels,
+        fc_hidden,
+        preact,
+        "spectral",
+        False,
+        sn=dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters),
+    )
     solvers = dict(forward_solver=forward_solver, inverse_solver=inverse_solver, backward_solver=backward_solver)
 
     def make_block(kind: str, s: tuple, first: bool) -> ImplicitBlock:
         return ImplicitBlock(nets.build(kind, s, first), nets.build(kind, s, first), est, on_fail=on_fail, **solvers)
 
-    return contractive_stack(shape, make_block, num_blocks, blocks_per_scale, fc_blocks, actnorm, squeeze_first,
-                             factor_out, base, num_levels, logit_alpha)
+    return contractive_stack(
+        shape,
+        make_block,
+        num_blocks,
+        blocks_per_scale,
+        fc_blocks,
+        actnorm,
+        squeeze_first,
+        factor_out,
+        base,
+        num_levels,
+        logit_alpha,
+    )

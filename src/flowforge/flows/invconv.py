@@ -7,7 +7,7 @@ strictly upper-triangular; ``z = W x`` over the channel axis at every pixel, so
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from flowforge.errors import ConfigError
 from flowforge.flows.base import Transform
-
 
 INITS = ("orthogonal", "permutation", "identity")
 

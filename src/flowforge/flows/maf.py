@@ -9,7 +9,7 @@ Images are flattened to vectors first.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from flowforge.errors import ConfigError
 from flowforge.flows.autoregressive import MaskedAutoregressive
@@ -36,8 +36,8 @@ def MAF(
     num_layers: int = 5,
     hidden: Sequence[int] = (64, 64),
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
     inverse: bool = False,
 ) -> Flow:
     stack = autoregressive_layers(shape, lambda: Affine("tanh"), num_layers, hidden, inverse)

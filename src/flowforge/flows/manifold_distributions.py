@@ -40,7 +40,7 @@ draws with ``alpha / T^2`` (same mean; for large ``alpha`` the covariance scales
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +99,7 @@ def _bessel_terms(kappa: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return log_h, ratios[steps]
 
 
-def mean_resultant_length(kappa: Union[float, Tensor], dim: int) -> Tensor:
+def mean_resultant_length(kappa: float | Tensor, dim: int) -> Tensor:
     """``A_d(kappa) = E[mu^T x] = I_{d/2}(kappa) / I_{d/2-1}(kappa)`` for ``x ~ vMF(mu, kappa)`` on S^{d-1}."""
     kappa = torch.as_tensor(kappa, dtype=torch.float64)
     _, s = _bessel_terms(kappa, dim)
@@ -120,28 +120,29 @@ class _LogNormalizer(torch.autograd.Function):
         return -grad * ctx.resultant, None
 
 
-def vmf_log_normalizer(kappa: Union[float, Tensor], dim: int) -> Tensor:
+def vmf_log_normalizer(kappa: float | Tensor, dim: int) -> Tensor:
     """``log C_d(kappa)``, differentiable in ``kappa`` (``d/d kappa = -A_d(kappa)``)."""
     kappa = torch.as_tensor(kappa, dtype=torch.get_default_dtype()) if not torch.is_tensor(kappa) else kappa
     return _LogNormalizer.apply(kappa, dim)
 
 
 # ----------------------------------------------------------------------------- samplers
-def _uniform_tangent(mu: Tensor, n: int, generator: Optional[torch.Generator]) -> Tensor:
+def _uniform_tangent(mu: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
     """``n`` unit vectors uniform on the sphere of ``mu^perp`` (projected standard normals)."""
     g = torch.randn(n, mu.shape[0], generator=generator, dtype=mu.dtype, device=mu.device)
     g = g - (g @ mu)[:, None] * mu
     return g / g.norm(dim=1, keepdim=True)
 
 
-def sample_uniform_sphere(n: int, dim: int, generator: Optional[torch.Generator] = None,
-                          dtype=torch.float32, device=None) -> Tensor:
+def sample_uniform_sphere(
+    n: int, dim: int, generator: torch.Generator | None = None, dtype=torch.float32, device=None
+) -> Tensor:
     """``n`` points uniform on S^{dim-1} (normalised standard normals)."""
     g = torch.randn(n, dim, generator=generator, dtype=dtype, device=device)
     return g / g.norm(dim=1, keepdim=True)
 
 
-def sample_vmf(mu: Tensor, kappa: Union[float, Tensor], n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+def sample_vmf(mu: Tensor, kappa: float | Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
     """``n`` draws of vMF(mu, kappa) on S^{d-1} by Wood's (1994) rejection algorithm (computed in float64,
     returned in ``mu``'s dtype); ``mu`` must be a unit vector."""
     out_dtype = mu.dtype
@@ -198,7 +199,7 @@ class VonMisesFisher(nn.Module):
 
     manifold = "sphere"
 
-    def __init__(self, dim: int, mu: Optional[Sequence[float]] = None, kappa: float = 1.0, learn: bool = True):
+    def __init__(self, dim: int, mu: Sequence[float] | None = None, kappa: float = 1.0, learn: bool = True):
         super().__init__()
         self.dim = _check_dim(dim, "VonMisesFisher")
         if mu is None:
@@ -207,12 +208,16 @@ class VonMisesFisher(nn.Module):
         else:
             mu_t = torch.as_tensor(mu, dtype=torch.float32).clone()
             if mu_t.shape != (dim,) or not torch.isfinite(mu_t).all() or float(mu_t.norm()) == 0:
-                raise ConfigError(f"the vMF mean direction mu must be a finite non-zero vector of length {dim}, got {mu!r}")
+                raise ConfigError(
+                    f"the vMF mean direction mu must be a finite non-zero vector of length {dim}, got {mu!r}"
+                )
             mu_t = mu_t / mu_t.norm()
         if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 <= kappa <= KAPPA_MAX:
             raise ConfigError(f"the vMF concentration kappa must be a number in [0, {KAPPA_MAX:g}], got {kappa!r}")
         if learn and kappa == 0:
-            raise ConfigError("a learned vMF concentration must start at kappa > 0 (e.g. 1.0); for kappa = 0 use base=uniform")
+            raise ConfigError(
+                "a learned vMF concentration must start at kappa > 0 (e.g. 1.0); for kappa = 0 use base=uniform"
+            )
         self.learn = learn
         if learn:
             self.mu_raw = nn.Parameter(mu_t)
@@ -236,7 +241,7 @@ class VonMisesFisher(nn.Module):
         return self.log_normalizer() + self.kappa * (z @ self.mu)
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         t = _check_temperature(temperature, "VonMisesFisher")
         mu = self.mu
         if t == 0:
@@ -253,7 +258,7 @@ class Dirichlet(nn.Module):
 
     manifold = "simplex"
 
-    def __init__(self, dim: int, concentration: Union[float, Sequence[float]] = 1.0, learn: bool = True):
+    def __init__(self, dim: int, concentration: float | Sequence[float] = 1.0, learn: bool = True):
         super().__init__()
         self.dim = _check_dim(dim, "Dirichlet", "the probability simplex in R^dim")
         alpha = torch.as_tensor(concentration, dtype=torch.float64)
@@ -261,7 +266,8 @@ class Dirichlet(nn.Module):
             alpha = alpha.expand(dim).clone()
         if alpha.shape != (dim,) or not torch.isfinite(alpha).all() or bool((alpha <= 0).any()):
             raise ConfigError(
-                f"the Dirichlet concentration must be a positive number or {dim} positive numbers, got {concentration!r}"
+                f"the Dirichlet concentration must be a positive number or {dim} positive numbers, "
+                f"got {concentration!r}"
             )
         log_alpha = torch.log(alpha).float()
         if learn:

@@ -18,7 +18,7 @@ tangent-space derivative, so the log-ratios are unchanged).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -80,8 +80,9 @@ def project(x: Tensor, manifold: str) -> Tensor:
 class ManifoldFlow(Flow):
     """A :class:`Flow` whose data and base live on ``manifold`` (``"sphere"`` or ``"simplex"``)."""
 
-    def __init__(self, transform: Transform, base: nn.Module, data_shape: Sequence[int], manifold: str,
-                 tol: float = 1e-4):
+    def __init__(
+        self, transform: Transform, base: nn.Module, data_shape: Sequence[int], manifold: str, tol: float = 1e-4
+    ):
         super().__init__(transform, base, data_shape)
         self.manifold = manifold
         self.tol = tol
@@ -91,7 +92,7 @@ class ManifoldFlow(Flow):
         return self.transform(project(x, self.manifold))
 
 
-def _check_manifold(model: str, expected: str, manifold: Optional[str]) -> None:
+def _check_manifold(model: str, expected: str, manifold: str | None) -> None:
     if manifold != expected:
         got = "a dataset without manifold: " + expected if manifold is None else f"a dataset with manifold: {manifold}"
         raise ConfigError(
@@ -122,8 +123,17 @@ def _jitter(layer: nn.Module, scale: float) -> None:
             p.add_(scale * torch.randn_like(p))
 
 
-def _layer_stack(manifold: str, shape: Sequence[int], data_manifold: Optional[str], num_layers: int, kind: str,
-                 kinds: dict, base: str, bases: tuple, init_scale: float) -> tuple[int, Compose]:
+def _layer_stack(
+    manifold: str,
+    shape: Sequence[int],
+    data_manifold: str | None,
+    num_layers: int,
+    kind: str,
+    kinds: dict,
+    base: str,
+    bases: tuple,
+    init_scale: float,
+) -> tuple[int, Compose]:
     """Check a manifold model's options and build its ``num_layers`` jittered ``kind`` layers."""
     _check_manifold(manifold, manifold, data_manifold)
     dim = _manifold_dim(manifold, shape)
@@ -145,7 +155,7 @@ def SphereFlow(
     num_layers: int = 4,
     kind: str = "affine",
     base: str = "vmf",
-    manifold: Optional[str] = None,
+    manifold: str | None = None,
     kappa: float = 1.0,
     learn_base: bool = True,
     init_scale: float = 0.1,
@@ -163,20 +173,26 @@ def SimplexFlow(
     num_layers: int = 1,
     kind: str = "calibration",
     base: str = "dirichlet",
-    manifold: Optional[str] = None,
-    concentration: Union[float, Sequence[float]] = 1.0,
+    manifold: str | None = None,
+    concentration: float | Sequence[float] = 1.0,
     learn_base: bool = True,
     init_scale: float = 0.1,
 ) -> ManifoldFlow:
     """``model=simplex``: ``num_layers`` ``kind`` (calibration | generalized) transforms on the simplex in
     R^n, ``n = shape[0]``, over a learned Dirichlet base starting at ``concentration``.  Each family is a
     group under composition, so one layer is as expressive as a stack (more layers only reparametrise)."""
-    n, layers = _layer_stack("simplex", shape, manifold, num_layers, kind, SIMPLEX_KINDS, base, SIMPLEX_BASES,
-                             init_scale)
+    n, layers = _layer_stack(
+        "simplex", shape, manifold, num_layers, kind, SIMPLEX_KINDS, base, SIMPLEX_BASES, init_scale
+    )
     return ManifoldFlow(layers, Dirichlet(n, concentration, learn=learn_base), (n,), "simplex")
 
 
 __all__ = [
-    "ManifoldFlow", "SphereFlow", "SimplexFlow", "check_on_manifold", "project",
-    "SPHERE_KINDS", "SIMPLEX_KINDS",
+    "ManifoldFlow",
+    "SphereFlow",
+    "SimplexFlow",
+    "check_on_manifold",
+    "project",
+    "SPHERE_KINDS",
+    "SIMPLEX_KINDS",
 ]

@@ -13,7 +13,7 @@ uniform dequantisation (a bound on the discrete model's bits per dimension).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,8 @@ class Flow(Transform):
         transform: Transform,
         base: DiagonalGaussian,
         data_shape: Sequence[int],
-        preprocess: Optional[Transform] = None,
-        dequantizer: Optional[nn.Module] = None,
+        preprocess: Transform | None = None,
+        dequantizer: nn.Module | None = None,
     ):
         super().__init__()
         self.data_shape = tuple(data_shape)
@@ -118,8 +118,8 @@ def build_flow(
     shape: Sequence[int],
     transform: Transform,
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
 ) -> Flow:
     """Wrap a transform into a :class:`Flow` for data of ``shape``.
 

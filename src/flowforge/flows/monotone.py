@@ -15,7 +15,8 @@ estimated with the ``estimator`` group (exact in low dimension; power series / R
 Hutchinson probes; the Neumann-style gradient of the odd series; backward-in-forward).  Gradients reach
 g's parameters and x through the solve by implicit differentiation (:func:`flowforge.solvers.implicit_solve`).
 Solvers: ``forward_solver`` (Anderson with two iterates, i.e. one secant step per iteration, tolerance
-1e-6, 2000 iterations, Picard fallback, as the reference), ``inverse_solver`` (the same by default) and ``backward_solver`` (the adjoint).
+1e-6, 2000 iterations, Picard fallback, as the reference), ``inverse_solver`` (the same by default)
+and ``backward_solver`` (the adjoint).
 
 :func:`MonotoneFlow` builds the model: i-DenseNet g networks with CPila (``g=dense``) by default, in the
 architecture shared with residual flows (:mod:`flowforge.flows.contractive_stack`).
@@ -24,7 +25,7 @@ architecture shared with residual flows (:mod:`flowforge.flows.contractive_stack
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,7 @@ class MonotoneBlock(ContractiveBlock):
     def __init__(
         self,
         g: nn.Module,
-        estimator: Optional[LogDetEstimator] = None,
+        estimator: LogDetEstimator | None = None,
         forward_solver: SolverSpec = None,
         inverse_solver: SolverSpec = None,
         backward_solver: SolverSpec = None,
@@ -65,8 +66,9 @@ class MonotoneBlock(ContractiveBlock):
 
         with torch.no_grad():
             w0 = rhs - sign * self.g(rhs)
-        w, stats = implicit_solve(step, w0, solver, self.backward_solver,
-                                  self.recorder(f"{kind} backward", self.backward_solver))
+        w, stats = implicit_solve(
+            step, w0, solver, self.backward_solver, self.recorder(f"{kind} backward", self.backward_solver)
+        )
         self.recorder(kind, solver)(stats)
         return w.to(rhs.dtype)
 
@@ -87,7 +89,7 @@ class MonotoneBlock(ContractiveBlock):
 
 def MonotoneFlow(
     shape: Sequence[int],
-    estimator: Union[None, dict, LogDetEstimator] = None,
+    estimator: None | dict | LogDetEstimator = None,
     num_blocks: int = 10,
     blocks_per_scale: Sequence[int] = (16, 16, 16),
     fc_blocks: int = 4,
@@ -97,7 +99,7 @@ def MonotoneFlow(
     depth: int = 3,
     growth: int = 16,
     fc_growth: int = 32,
-    fc_g: Optional[str] = None,
+    fc_g: str | None = None,
     lip_coeff: float = 0.98,
     hidden: Sequence[int] = (128, 128, 128),
     channels: int = 512,
@@ -114,19 +116,46 @@ def MonotoneFlow(
     backward_solver: SolverSpec = None,
     on_fail: str = "warn",
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
 ) -> Flow:
     """A Monotone Flow: :class:`MonotoneBlock` s (i-DenseNet g with CPila by default) in the residual-flow
     architecture (vectors: ``num_blocks`` blocks; images: ``blocks_per_scale`` and ``fc_blocks``)."""
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets(g, act, coeff, hidden, channels, kernels, fc_hidden, preact, "spectral", False, depth,
-                           growth, fc_growth, lip_coeff, dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters), fc_g)
+    nets = ContractiveNets(
+        g,
+        act,
+        coeff,
+        hidden,
+        channels,
+        kernels,
+        fc_hidden,
+        preact,
+        "spectral",
+        False,
+        depth,
+        growth,
+        fc_growth,
+        lip_coeff,
+        dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters),
+        fc_g,
+    )
     solvers = dict(forward_solver=forward_solver, inverse_solver=inverse_solver, backward_solver=backward_solver)
 
     def make_block(kind: str, s: tuple, first: bool) -> MonotoneBlock:
         return MonotoneBlock(nets.build(kind, s, first), est, on_fail=on_fail, **solvers)
 
-    return contractive_stack(shape, make_block, num_blocks, blocks_per_scale, fc_blocks, actnorm, squeeze_first,
-                             factor_out, base, num_levels, logit_alpha)
+    return contractive_stack(
+        shape,
+        make_block,
+        num_blocks,
+        blocks_per_scale,
+        fc_blocks,
+        actnorm,
+        squeeze_first,
+        factor_out,
+        base,
+        num_levels,
+        logit_alpha,
+    )

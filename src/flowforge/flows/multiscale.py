@@ -8,7 +8,7 @@ on through the next scale; the output is the flat concatenation ``[z_out, z_rest
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -99,7 +99,7 @@ def multiscale(
 def check_squeezable(shape: Sequence[int], times: int, family: str) -> None:
     """Raise a clear error when H and W cannot be halved ``times`` times."""
     _, h, w = shape
-    f = 2 ** times
+    f = 2**times
     if h % f or w % f:
         raise ConfigError(
             f"{family}: image size {h}x{w} cannot be squeezed {times} time(s) (needs multiples of {f}); "

@@ -5,7 +5,7 @@ whose log-determinant ``sum s`` is the model's only volume change."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from flowforge.flows.actnorm import ActNorm
 from flowforge.flows.architectures import coupling_stack
@@ -21,8 +21,8 @@ def NICE(
     channels: int = 64,
     num_scales: int = 2,
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
 ) -> Flow:
     stack = coupling_stack(shape, Additive(), num_steps, hidden, channels, num_scales, actnorm=False)
     scaling = ActNorm((math.prod(shape),), data_init=False)

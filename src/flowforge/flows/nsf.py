@@ -6,7 +6,7 @@ for the spline itself."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.maf import autoregressive_layers
@@ -23,11 +23,11 @@ def NSF(
     bins: int = 8,
     bound: float = 5.0,
     autoregressive: bool = False,
-    actnorm: Optional[bool] = None,
-    lu_init: Optional[str] = None,
+    actnorm: bool | None = None,
+    lu_init: str | None = None,
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
 ) -> Flow:
     def spline() -> RationalQuadraticSpline:
         return RationalQuadraticSpline(bins=bins, bound=bound)

@@ -10,13 +10,17 @@ bisection on the bracket ``|a - w^T z| <= |w^T u_hat|`` and polished with Newton
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.flows.base import Transform, oriented
+
+if TYPE_CHECKING:
+    from flowforge.flows.model import Flow
 
 
 class Planar(Transform):
@@ -44,8 +48,10 @@ class Planar(Transform):
         u = self.u_hat()
         wu, target = u @ self.w, z @ self.w
         lo, hi = target - wu.abs() - 1e-6, target + wu.abs() + 1e-6
+
         def g(a: Tensor) -> Tensor:
             return a + wu * torch.tanh(a + self.b) - target
+
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
             pos = g(mid) > 0
@@ -56,12 +62,14 @@ class Planar(Transform):
         return z - torch.tanh(a + self.b)[:, None] * u
 
 
-def planar_family(shape: Sequence[int], num_layers: int = 16, base: str = "normal",
-                  direction: str = "density", **kwargs) -> "Flow":
+def planar_family(
+    shape: Sequence[int], num_layers: int = 16, base: str = "normal", direction: str = "density", **kwargs
+) -> Flow:
     """Model config ``planar``: a stack of planar layers on vector data; ``direction=sampling`` puts the
     closed form on the sampling side (see :func:`flowforge.flows.base.oriented`)."""
     from flowforge.flows.model import build_flow, vector_dim
 
     dim = vector_dim(shape, "planar")
-    return build_flow(shape, oriented([Planar(dim) for _ in range(num_layers)], direction, "planar"), base=base,
-                      **kwargs)
+    return build_flow(
+        shape, oriented([Planar(dim) for _ in range(num_layers)], direction, "planar"), base=base, **kwargs
+    )

@@ -10,7 +10,7 @@ The inverse solves ``|z - x0| = r (1 + beta / (alpha + r))`` for r, a quadratic 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +50,14 @@ class Radial(Transform):
         return self.x0 + (r / rz.clamp_min(1e-30))[:, None] * diff
 
 
-def radial_family(shape: Sequence[int], num_layers: int = 16, base: str = "normal",
-                  direction: str = "density", **kwargs):
+def radial_family(
+    shape: Sequence[int], num_layers: int = 16, base: str = "normal", direction: str = "density", **kwargs
+):
     """Model config ``radial``: a stack of radial layers on vector data; ``direction=sampling`` puts the
     closed form on the sampling side (see :func:`flowforge.flows.base.oriented`)."""
     from flowforge.flows.model import build_flow, vector_dim
 
     dim = vector_dim(shape, "radial")
-    return build_flow(shape, oriented([Radial(dim) for _ in range(num_layers)], direction, "radial"), base=base,
-                      **kwargs)
+    return build_flow(
+        shape, oriented([Radial(dim) for _ in range(num_layers)], direction, "radial"), base=base, **kwargs
+    )

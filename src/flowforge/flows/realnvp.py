@@ -5,7 +5,7 @@ used on images only (:func:`flowforge.flows.architectures.vector_defaults`)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.elementwise import Affine
@@ -18,11 +18,11 @@ def RealNVP(
     hidden: Sequence[int] = (64, 64),
     channels: int = 64,
     num_scales: int = 2,
-    actnorm: Optional[bool] = None,
+    actnorm: bool | None = None,
     scale: str = "tanh",
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
 ) -> Flow:
     stack = coupling_stack(shape, Affine(scale), num_steps, hidden, channels, num_scales, actnorm=actnorm)
     return build_flow(shape, stack, base, num_levels, logit_alpha)

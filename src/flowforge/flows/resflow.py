@@ -9,7 +9,8 @@ followed by ActNorm, with log-det by the chosen estimator (``estimator`` config 
   ``[ResBlock(conv g) -> ActNorm] x n`` with g = ``[act ->] conv3x3 -> act -> conv1x1 -> act -> conv3x3``
   (hidden width ``channels``, pre-activation, the network's first block without the leading
   activation); a squeeze between scales (and, with ``factor_out``, half the channels leave after each of
-  these squeezes; ``squeeze_first`` adds one squeeze before the first scale); after the last scale ``fc_blocks`` fully connected blocks of width
+  these squeezes; ``squeeze_first`` adds one squeeze before the first scale); after the last scale
+  ``fc_blocks`` fully connected blocks of width
   ``fc_hidden`` on the flattened tensor, each followed by ActNorm.
 - :func:`IResNet`: the same skeleton with i-ResNet's choices (ELU, coeff 0.9, truncated series).
 """
@@ -17,7 +18,7 @@ followed by ActNorm, with log-det by the chosen estimator (``estimator`` config 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
 from flowforge.flows.contractive_stack import contractive_stack
@@ -25,9 +26,10 @@ from flowforge.flows.model import Flow
 from flowforge.flows.residual import ResidualBlock
 from flowforge.nn.contractive import ContractiveNets
 
+
 def ResidualFlow(
     shape: Sequence[int],
-    estimator: Union[None, dict, LogDetEstimator] = None,
+    estimator: None | dict | LogDetEstimator = None,
     num_blocks: int = 10,
     hidden: Sequence[int] = (128, 128, 128),
     blocks_per_scale: Sequence[int] = (16, 16, 16),
@@ -50,35 +52,67 @@ def ResidualFlow(
     inverse_max_iters: int = 1000,
     on_fail: str = "warn",
     base: str = "normal",
-    num_levels: Optional[int] = None,
-    logit_alpha: Optional[float] = None,
+    num_levels: int | None = None,
+    logit_alpha: float | None = None,
     g: str = "mlp",
     depth: int = 3,
     growth: int = 16,
     fc_growth: int = 32,
-    fc_g: Optional[str] = None,
+    fc_g: str | None = None,
     lip_coeff: float = 0.98,
-    inverse_solver: Union[None, str, dict] = "picard",
+    inverse_solver: None | str | dict = "picard",
 ) -> Flow:
     """``g=dense`` gives i-DenseNets (Perugachi-Diaz et al., 2021): the same flow with dense g networks
     (``depth``, ``growth``, ``fc_growth``, ``lip_coeff``)."""
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets(g, act, coeff, hidden, channels, kernels, fc_hidden, preact, norm, learn_p, depth,
-                           growth, fc_growth, lip_coeff, dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters), fc_g)
-    inv = dict(inverse_atol=inverse_atol, inverse_rtol=inverse_rtol, inverse_max_iters=inverse_max_iters,
-               on_fail=on_fail, inverse_solver=inverse_solver)
+    nets = ContractiveNets(
+        g,
+        act,
+        coeff,
+        hidden,
+        channels,
+        kernels,
+        fc_hidden,
+        preact,
+        norm,
+        learn_p,
+        depth,
+        growth,
+        fc_growth,
+        lip_coeff,
+        dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters),
+        fc_g,
+    )
+    inv = dict(
+        inverse_atol=inverse_atol,
+        inverse_rtol=inverse_rtol,
+        inverse_max_iters=inverse_max_iters,
+        on_fail=on_fail,
+        inverse_solver=inverse_solver,
+    )
 
     def make_block(kind: str, s: tuple, first: bool) -> ResidualBlock:
         return ResidualBlock(nets.build(kind, s, first), est, **inv)
 
-    return contractive_stack(shape, make_block, num_blocks, blocks_per_scale, fc_blocks, actnorm, squeeze_first,
-                             factor_out, base, num_levels, logit_alpha)
+    return contractive_stack(
+        shape,
+        make_block,
+        num_blocks,
+        blocks_per_scale,
+        fc_blocks,
+        actnorm,
+        squeeze_first,
+        factor_out,
+        base,
+        num_levels,
+        logit_alpha,
+    )
 
 
 def IResNet(
     shape: Sequence[int],
-    estimator: Union[None, dict, LogDetEstimator] = None,
+    estimator: None | dict | LogDetEstimator = None,
     act: str = "elu",
     coeff: float = 0.9,
     **kwargs,

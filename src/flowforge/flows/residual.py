@@ -18,8 +18,6 @@ The estimator, the roulette parameters and the solve records come from
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +33,7 @@ class ResidualBlock(ContractiveBlock):
     def __init__(
         self,
         g: nn.Module,
-        estimator: Optional[LogDetEstimator] = None,
+        estimator: LogDetEstimator | None = None,
         inverse_atol: float = 1e-6,
         inverse_rtol: float = 1e-5,
         inverse_max_iters: int = 1000,
@@ -44,11 +42,13 @@ class ResidualBlock(ContractiveBlock):
         backward_solver: SolverSpec = None,
     ):
         super().__init__(g, estimator, on_fail)
-        self.inverse_solver = as_solver(inverse_solver, atol=inverse_atol, rtol=inverse_rtol, max_iters=inverse_max_iters)
+        self.inverse_solver = as_solver(
+            inverse_solver, atol=inverse_atol, rtol=inverse_rtol, max_iters=inverse_max_iters
+        )
         self.backward_solver = as_solver(backward_solver, **BACKWARD_DEFAULTS)
 
     @property
-    def last_inverse(self) -> Optional[SolverStats]:
+    def last_inverse(self) -> SolverStats | None:
         return self.solves.get("inverse")
 
     @property
@@ -67,8 +67,9 @@ class ResidualBlock(ContractiveBlock):
 
         with torch.no_grad():
             x0 = y - self.g(y)
-        x, stats = implicit_solve(step, x0, self.inverse_solver, self.backward_solver,
-                                  self.recorder("inverse backward", self.backward_solver))
+        x, stats = implicit_solve(
+            step, x0, self.inverse_solver, self.backward_solver, self.recorder("inverse backward", self.backward_solver)
+        )
         self.recorder("inverse", self.inverse_solver)(stats)
         return x.to(y.dtype)
 

@@ -38,7 +38,7 @@ Numerics: log-probabilities through ``log_softmax`` (log-sum-exp), ``q = exp(log
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,7 @@ def helmert_basis(n: int, dtype=torch.float64, device=None) -> Tensor:
     return v / torch.sqrt(j * (j + 1))
 
 
-def _gauged_offset(b: Union[Sequence[float], Tensor], n: int) -> Tensor:
+def _gauged_offset(b: Sequence[float] | Tensor, n: int) -> Tensor:
     """The free part ``b_{1:n-1} - b_n`` of an offset (softmax forgets a common shift), in float64."""
     b = torch.as_tensor(b, dtype=torch.float64)
     if b.shape != (n,) or not torch.isfinite(b).all():
@@ -74,13 +74,13 @@ def _gauged_offset(b: Union[Sequence[float], Tensor], n: int) -> Tensor:
 class _Offset(Transform):
     """The gauged offset ``b = [b_free, 0]`` shared by both calibration transforms."""
 
-    def _init_offset(self, b: Optional[Union[Sequence[float], Tensor]]) -> None:
+    def _init_offset(self, b: Sequence[float] | Tensor | None) -> None:
         self.b_free = nn.Parameter(torch.zeros(self.dim - 1))
         if b is not None:
             self.set_offset(b)
 
     @torch.no_grad()
-    def set_offset(self, b: Union[Sequence[float], Tensor]) -> None:
+    def set_offset(self, b: Sequence[float] | Tensor) -> None:
         """Set ``b`` (any representative: ``b + c 1`` acts the same; stored as ``b_{1:n-1} - b_n``)."""
         self.b_free.copy_(_gauged_offset(b, self.dim).to(self.b_free.dtype))
 
@@ -92,11 +92,13 @@ class _Offset(Transform):
 class Calibration(_Offset):
     """``f(p) = softmax(a log p + b)``: ``a = exp(log_a) > 0``, ``b = [b_free, 0]``."""
 
-    def __init__(self, dim: int, a: float = 1.0, b: Optional[Sequence[float]] = None):
+    def __init__(self, dim: int, a: float = 1.0, b: Sequence[float] | None = None):
         super().__init__()
         self.dim = _check_dim(dim, "Calibration")
         if not (isinstance(a, (int, float)) and not isinstance(a, bool) and a > 0 and math.isfinite(a)):
-            raise ConfigError(f"the calibration scale a must be a finite number > 0 (a <= 0 is not invertible), got {a!r}")
+            raise ConfigError(
+                f"the calibration scale a must be a finite number > 0 (a <= 0 is not invertible), got {a!r}"
+            )
         self.log_a = nn.Parameter(torch.tensor(math.log(a)))
         self._init_offset(b)
 
@@ -123,7 +125,7 @@ class GeneralizedCalibration(_Offset):
     """``f(p) = softmax(A log p + b)`` with ``A = V B V^T + 1 1^T / n`` (only ``B`` matters, see the module
     docstring); ``B`` starts at the identity, or at ``V^T A V`` for a given ``matrix`` A with ``A 1 = lambda 1``."""
 
-    def __init__(self, dim: int, matrix: Optional[Tensor] = None, b: Optional[Sequence[float]] = None):
+    def __init__(self, dim: int, matrix: Tensor | None = None, b: Sequence[float] | None = None):
         super().__init__()
         self.dim = _check_dim(dim, "GeneralizedCalibration")
         self.log_ratio_map = InvertibleMatrix(dim - 1)

@@ -43,8 +43,6 @@ invertible for every parameter value.  All inverses are closed form and differen
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -88,7 +86,7 @@ class InvertibleMatrix(nn.Module):
     upper-triangular, ``sign`` a fixed +-1 vector; ``log |det M| = sum s``.  Starts at the identity
     (or at ``matrix`` when given, through its pivoted LU factorisation)."""
 
-    def __init__(self, dim: int, matrix: Optional[Tensor] = None):
+    def __init__(self, dim: int, matrix: Tensor | None = None):
         super().__init__()
         self.dim = dim
         self.lower = nn.Parameter(torch.zeros(dim, dim))
@@ -143,7 +141,7 @@ class InvertibleMatrix(nn.Module):
 class NormalizedTranslation(Transform):
     """``f(x) = (x + k) / ||x + k||`` on S^{d-1}, ``k = v / sqrt(1 + ||v||^2)`` (so ``||k|| < 1``)."""
 
-    def __init__(self, dim: int, k: Optional[Tensor] = None):
+    def __init__(self, dim: int, k: Tensor | None = None):
         super().__init__()
         self.dim = _check_dim(dim, "NormalizedTranslation")
         self.v = nn.Parameter(torch.zeros(dim))
@@ -186,7 +184,7 @@ class NormalizedTranslation(Transform):
 class NormalizedLinear(Transform):
     """``f(x) = M x / ||M x||`` on S^{d-1}, ``M`` an :class:`InvertibleMatrix` (identity at init)."""
 
-    def __init__(self, dim: int, matrix: Optional[Tensor] = None):
+    def __init__(self, dim: int, matrix: Tensor | None = None):
         super().__init__()
         self.dim = _check_dim(dim, "NormalizedLinear")
         self.linear = InvertibleMatrix(dim, matrix)
@@ -210,7 +208,7 @@ class NormalizedAffine(Transform):
     """``f(x) = (M x + k) / ||M x + k||`` on S^{d-1} with ``k = M u``, ``u = v / sqrt(1 + ||v||^2)``, so the
     invertibility condition ``||M^{-1} k|| < 1`` holds for every parameter value."""
 
-    def __init__(self, dim: int, matrix: Optional[Tensor] = None, k: Optional[Tensor] = None):
+    def __init__(self, dim: int, matrix: Tensor | None = None, k: Tensor | None = None):
         super().__init__()
         self.dim = _check_dim(dim, "NormalizedAffine")
         self.linear = InvertibleMatrix(dim, matrix)

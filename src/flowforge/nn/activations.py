@@ -38,7 +38,7 @@ mode is on, so the JVP is differentiable in x and in the parameters (needed by t
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -173,8 +173,10 @@ class Pila(ElementwiseActivation):
     def __init__(self, k: float = 5.0):
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
-            raise ConfigError(f"Pila: k must be a finite number > 0 (it sets the decay rate e^(kz) on z < 0), "
-                              f"got {k!r}; use the default k=5")
+            raise ConfigError(
+                f"Pila: k must be a finite number > 0 (it sets the decay rate e^(kz) on z < 0), "
+                f"got {k!r}; use the default k=5"
+            )
         self.k = float(k)
 
     def value_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:

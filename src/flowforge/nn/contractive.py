@@ -13,8 +13,8 @@ CIFAR-10's 3072 features), while Residual Flows' ``D-128-128-D`` has 0.8M.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from torch import nn
 
@@ -42,7 +42,7 @@ class ContractiveNets:
     fc_growth: int = 32
     lip_coeff: float = 0.98
     sn: dict = field(default_factory=dict)
-    fc_kind: Optional[str] = None  # the FC blocks' g (default: kind)
+    fc_kind: str | None = None  # the FC blocks' g (default: kind)
 
     def __post_init__(self):
         self.fc_kind = self.fc_kind or self.kind
@@ -94,4 +94,3 @@ class ContractiveNets:
         if kind == "image":
             return self.image(shape, first)
         return self.fc(shape[0])
-

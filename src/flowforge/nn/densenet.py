@@ -28,7 +28,7 @@ once per call (frozen at ``x``), differentiable in x and the parameters when gra
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,13 +121,23 @@ def _check_sizes(depth: int, growth: int, act: str, mult: int) -> int:
             f"{mult} copies of its input channels, got growth={growth}; use an even growth such as {growth + 1}"
         )
     if act == "maxmin" and growth % 2:
-        raise ConfigError(f"dense network: act='maxmin' sorts channel pairs, so growth must be even, "
-                          f"got {growth}; use {growth + 1}")
+        raise ConfigError(
+            f"dense network: act='maxmin' sorts channel pairs, so growth must be even, got {growth}; use {growth + 1}"
+        )
     return growth // mult
 
 
-def _assemble(channels: int, depth: int, growth: int, act: str, mult: int, lip_coeff: float, coeff: float,
-              dense: Callable[[int, int], nn.Module], out: Callable[[int], nn.Module]) -> DenseNet:
+def _assemble(
+    channels: int,
+    depth: int,
+    growth: int,
+    act: str,
+    mult: int,
+    lip_coeff: float,
+    coeff: float,
+    dense: Callable[[int, int], nn.Module],
+    out: Callable[[int], nn.Module],
+) -> DenseNet:
     """``depth`` dense layers around ``dense(width, growth / mult)`` then ``out(channels + depth * growth)``."""
     lip_coeff = _check_lip_coeff(lip_coeff)
     hidden = _check_sizes(depth, growth, act, mult)
@@ -137,7 +147,7 @@ def _assemble(channels: int, depth: int, growth: int, act: str, mult: int, lip_c
         layers.append(DenseLayer(dense(width, hidden), lipschitz_activation(act), lip_coeff))
         width += growth
     layers.append(out(width))
-    return DenseNet(*layers, lipschitz_bound=coeff * lip_coeff ** depth)
+    return DenseNet(*layers, lipschitz_bound=coeff * lip_coeff**depth)
 
 
 def dense_mlp(
@@ -154,9 +164,17 @@ def dense_mlp(
     """i-DenseNet ``g`` on vectors: ``features -> features + depth * growth -> features`` with
     Lip(g) <= coeff * lip_coeff^depth.  ``zero_last`` starts the block at the identity."""
     cls, sn, mult = _layer_setup("linear", act, coeff, "spectral", 2.0, 2.0, False, sn_rtol, sn_max_iters)
-    return _assemble(features, depth, growth, act, mult, lip_coeff, sn["coeff"],
-                     dense=lambda width, hidden: cls(width, hidden, **sn),
-                     out=lambda width: cls(width, features, zero_init=zero_last, **sn))
+    return _assemble(
+        features,
+        depth,
+        growth,
+        act,
+        mult,
+        lip_coeff,
+        sn["coeff"],
+        dense=lambda width, hidden: cls(width, hidden, **sn),
+        out=lambda width: cls(width, features, zero_init=zero_last, **sn),
+    )
 
 
 def dense_convnet(
@@ -177,9 +195,17 @@ def dense_convnet(
         raise ConfigError(f"dense_convnet: shape must be (C, H, W), got {shape!r}")
     c, h, w = (int(s) for s in shape)
     cls, sn, mult = _layer_setup("conv", act, coeff, "spectral", 2.0, 2.0, False, sn_rtol, sn_max_iters)
-    return _assemble(c, depth, growth, act, mult, lip_coeff, sn["coeff"],
-                     dense=lambda width, hidden: cls(width, hidden, 3, input_size=(h, w), padding=1, **sn),
-                     out=lambda width: cls(width, c, 1, input_size=(h, w), padding=0, zero_init=zero_last, **sn))
+    return _assemble(
+        c,
+        depth,
+        growth,
+        act,
+        mult,
+        lip_coeff,
+        sn["coeff"],
+        dense=lambda width, hidden: cls(width, hidden, 3, input_size=(h, w), padding=1, **sn),
+        out=lambda width: cls(width, c, 1, input_size=(h, w), padding=0, zero_init=zero_last, **sn),
+    )
 
 
 __all__ = ["DenseLayer", "DenseNet", "dense_convnet", "dense_mlp", "set_concat_weights_learnable"]

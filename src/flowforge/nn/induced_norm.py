@@ -26,8 +26,8 @@ derivative of the norm w.r.t. p equals that of the ratio at the fixed maximiser 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from flowforge.errors import ConfigError
 from flowforge.nn.lipschitz import _TINY, LipschitzLayer, _LipschitzConv2d, _LipschitzLinear, _no_autocast
 
-Order = Union[float, Tensor]
+Order = float | Tensor
 
 
 def _lp_norm(x: Tensor, r: Order) -> Tensor:
@@ -80,8 +80,10 @@ class _InducedNorm:
             if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or p < 1:
                 raise ConfigError(f"{name}: {label} norm order must be a number in [1, inf], got {p!r}")
             if learn_p and not 1.0 < p < 5.0:
-                raise ConfigError(f"{name}: with learn_p=True the {label} order is 1 + 4 sigmoid(raw) in (1, 5), "
-                                  f"so its initial value must lie in (1, 5), got {p!r}")
+                raise ConfigError(
+                    f"{name}: with learn_p=True the {label} order is 1 + 4 sigmoid(raw) in (1, 5), "
+                    f"so its initial value must lie in (1, 5), got {p!r}"
+                )
         self.learn_p = bool(learn_p)
         if self.learn_p:
             self.raw_domain = nn.Parameter(torch.tensor(_raw_order(float(domain))))
@@ -132,8 +134,9 @@ class _InducedNorm:
     #: random restarts (besides the spectral start) of the first, uninitialised power iteration
     restarts: int = 16
 
-    def power_iteration(self, max_iters: Optional[int] = None, rtol: Optional[float] = None,
-                        atol: Optional[float] = None) -> int:
+    def power_iteration(
+        self, max_iters: int | None = None, rtol: float | None = None, atol: float | None = None
+    ) -> int:
         """Generalised power method (see module docstring); returns the iterations run (0 for the closed
         forms p = 1 or q = inf, which set ``sigma`` exactly).
 
@@ -143,8 +146,9 @@ class _InducedNorm:
         """
         return super().power_iteration(max_iters=max_iters, rtol=rtol, atol=atol)
 
-    def _run(self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float,
-             first: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _run(
+        self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float, first: bool
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
         if self._closed_form():
             return u, v, self._exact_norm(w), 0
         if not first or self._orders() == (2.0, 2.0):
@@ -185,11 +189,30 @@ class InducedNormLinear(_InducedNorm, _LipschitzLinear):
     ``learn_p=True``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, coeff: float = 0.97,
-                 atol: Optional[float] = None, rtol: float = 1e-3, max_iters: int = 200, zero_init: bool = False,
-                 domain: float = 2.0, codomain: float = 2.0, learn_p: bool = False):
-        super().__init__(in_features, out_features, bias=bias, coeff=coeff, atol=atol, rtol=rtol,
-                         max_iters=max_iters, zero_init=zero_init)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        coeff: float = 0.97,
+        atol: float | None = None,
+        rtol: float = 1e-3,
+        max_iters: int = 200,
+        zero_init: bool = False,
+        domain: float = 2.0,
+        codomain: float = 2.0,
+        learn_p: bool = False,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            bias=bias,
+            coeff=coeff,
+            atol=atol,
+            rtol=rtol,
+            max_iters=max_iters,
+            zero_init=zero_init,
+        )
         self._setup_orders(domain, codomain, learn_p)
 
     def _max_column_norm(self, w: Tensor, r: float) -> Tensor:
@@ -206,14 +229,38 @@ class InducedNormConv2d(_InducedNorm, _LipschitzConv2d):
     Parameters: those of ``nn.Conv2d``, plus ``raw_domain``/``raw_codomain`` only when ``learn_p=True``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
-                 input_size: Optional[Sequence[int]] = None, stride: int = 1, padding: Optional[int] = None,
-                 bias: bool = True, coeff: float = 0.97, atol: Optional[float] = None, rtol: float = 1e-3,
-                 max_iters: int = 200, zero_init: bool = False, domain: float = 2.0, codomain: float = 2.0,
-                 learn_p: bool = False):
-        super().__init__(in_channels, out_channels, kernel_size, input_size=input_size, stride=stride,
-                         padding=padding, bias=bias, coeff=coeff, atol=atol, rtol=rtol, max_iters=max_iters,
-                         zero_init=zero_init)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        input_size: Sequence[int] | None = None,
+        stride: int = 1,
+        padding: int | None = None,
+        bias: bool = True,
+        coeff: float = 0.97,
+        atol: float | None = None,
+        rtol: float = 1e-3,
+        max_iters: int = 200,
+        zero_init: bool = False,
+        domain: float = 2.0,
+        codomain: float = 2.0,
+        learn_p: bool = False,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            input_size=input_size,
+            stride=stride,
+            padding=padding,
+            bias=bias,
+            coeff=coeff,
+            atol=atol,
+            rtol=rtol,
+            max_iters=max_iters,
+            zero_init=zero_init,
+        )
         self._setup_orders(domain, codomain, learn_p)
 
     def _abs_kernel_power_max(self, w: Tensor, r: float, columns: bool) -> Tensor:

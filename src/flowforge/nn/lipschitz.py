@@ -14,7 +14,8 @@ where ``u``, ``v`` are unit vectors (buffers, no gradient; renormalised before u
 stopped when ``sigma * ||v_k - v_{k-1}||`` (to first order the residual ``||A^T u - sigma v||``) is at most
 ``atol + rtol * sigma``.  The iteration runs on a block of ``power_block`` (4) vectors with
 Rayleigh-Ritz extraction (subspace iteration), so clustered top singular values, common in
-convolutions, cost a few iterations instead of hundreds.  ``sigma_hat`` is a lower bound of ``||A(W)||_2`` that is tight at convergence, and
+convolutions, cost a few iterations instead of hundreds.  ``sigma_hat`` is a lower bound of
+``||A(W)||_2`` that is tight at convergence, and
 ``||A(W_hat)||_2 = ||A(W)||_2 / max(1, sigma_hat / coeff) <= coeff`` up to the power-iteration error.
 Weights whose norm is already below ``coeff`` pass through unchanged.  Gradients flow through
 ``sigma_hat`` (``d sigma_hat / dW = u v^T`` for a matrix), with ``u``, ``v`` held fixed.
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ class LipschitzLayer(nn.Module):
     """
 
     weight: Tensor
-    bias: Optional[Tensor]
+    bias: Tensor | None
     u: Tensor
     v: Tensor
     sigma: Tensor
@@ -136,7 +137,7 @@ class LipschitzLayer(nn.Module):
     def _adj(self, y: Tensor, w: Tensor) -> Tensor:  # A(w)^T y, y shaped like u
         raise NotImplementedError
 
-    def _layer_map(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:  # the layer on a batch
+    def _layer_map(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # the layer on a batch
         raise NotImplementedError
 
     # ------------------------------------------------------------------ norm (2 -> 2 here)
@@ -189,8 +190,9 @@ class LipschitzLayer(nn.Module):
             ) from err
 
     @torch.no_grad()
-    def power_iteration(self, max_iters: Optional[int] = None, rtol: Optional[float] = None,
-                        atol: Optional[float] = None) -> int:
+    def power_iteration(
+        self, max_iters: int | None = None, rtol: float | None = None, atol: float | None = None
+    ) -> int:
         """Refine ``u``, ``v`` and ``sigma`` by warm-started power iteration; return the iterations run.
 
         Stops when ``sigma * ||v_k - v_{k-1}|| <= atol + rtol * sigma`` or after ``max_iters`` (defaults: the
@@ -206,8 +208,9 @@ class LipschitzLayer(nn.Module):
         ``initialized``.  Buffers are updated in place.  Raises
         :class:`~flowforge.errors.ConvergenceError` when the weight is not finite.
         """
-        max_iters = self.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters,
-                                                                                   type(self).__name__)
+        max_iters = (
+            self.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters, type(self).__name__)
+        )
         rtol = self.rtol if rtol is None else float(rtol)
         atol = (self.atol if atol is None else float(atol)) or 0.0
         first = not self._is_initialized()
@@ -228,8 +231,9 @@ class LipschitzLayer(nn.Module):
     #: whether the latest power iteration met its stopping test (False: it stopped at ``max_iters``)
     power_converged = True
 
-    def _run(self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float,
-             first: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _run(
+        self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float, first: bool
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
         """The whole estimate from the current ``u``, ``v`` (overridden by the induced-norm layers)."""
         if min(self.power_block, u.numel(), v.numel()) > 1:
             return self._block_iterate(w, u, v, max_iters, rtol, atol)
@@ -241,8 +245,9 @@ class LipschitzLayer(nn.Module):
     def _batch_adj(self, y: Tensor, w: Tensor) -> Tensor:  # A^T y for k vectors stacked on dim 0
         return self._adj(y.reshape(y.shape[0], -1).t(), w).t() if y.dim() == 2 else self._adj(y, w)
 
-    def _block_iterate(self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float,
-                       atol: float) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _block_iterate(
+        self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
         """Subspace iteration with Rayleigh-Ritz extraction (block power method on ``A^T A``).
 
         ``V`` holds k orthonormal right vectors (the first one ``v``); each iteration ``Y = A V``,
@@ -267,7 +272,7 @@ class LipschitzLayer(nn.Module):
         y = self._batch_op(basis, w)
         iters = 0
         self.power_converged = False
-        for iters in range(1, max_iters + 1):
+        for iters in range(1, max_iters + 1):  # noqa: B007 (the count is returned)
             # refresh the subspace with the current weight first, so that the stopping test never compares
             # two Ritz vectors of a stale subspace (which would stop below a newly dominant direction)
             basis = torch.linalg.qr(self._batch_adj(y, w).reshape(k, -1).t())[0].t().reshape(k, *vshape)
@@ -297,13 +302,14 @@ class LipschitzLayer(nn.Module):
         self.__dict__["_subspace"] = ((self.v.data_ptr(), self.v._version + 1), basis.detach())
         return u_out, v_out, sigma, iters
 
-    def _iterate(self, step, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float,
-                 atol: float) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _iterate(
+        self, step, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
         """Apply ``step(u, v, w) -> (u, v, sigma)`` until ``sigma * ||dv|| / ||v|| <= atol + rtol * sigma``."""
         iters = 0
         sigma = torch.zeros((), dtype=w.dtype, device=w.device)
         self.power_converged = False
-        for iters in range(1, max_iters + 1):
+        for iters in range(1, max_iters + 1):  # noqa: B007 (the count is returned)
             u_old, v_old = u, v
             u, v, sigma = step(u, v, w)
             moved = torch.linalg.vector_norm(v - v_old) / torch.linalg.vector_norm(v).clamp_min(_TINY)
@@ -347,8 +353,17 @@ class LipschitzLayer(nn.Module):
 class _LipschitzLinear(LipschitzLayer):
     """Geometry of a dense layer ``y = W_hat x + b``: ``A(W) = W`` with ``u`` (out,), ``v`` (in,)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, coeff: float = 0.97,
-                 atol: Optional[float] = None, rtol: float = 1e-3, max_iters: int = 200, zero_init: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        coeff: float = 0.97,
+        atol: float | None = None,
+        rtol: float = 1e-3,
+        max_iters: int = 200,
+        zero_init: bool = False,
+    ):
         super().__init__()
         name = type(self).__name__
         self.in_features = _check_positive_int("in_features", in_features, name)
@@ -364,12 +379,14 @@ class _LipschitzLinear(LipschitzLayer):
     def _adj(self, y: Tensor, w: Tensor) -> Tensor:
         return w.t() @ y
 
-    def _layer_map(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    def _layer_map(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.linear(x, w, b)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, coeff={self.coeff}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, coeff={self.coeff}"
+        )
 
 
 class _LipschitzConv2d(LipschitzLayer):
@@ -380,10 +397,21 @@ class _LipschitzConv2d(LipschitzLayer):
     ``(1, in, H, W)`` inputs (zero padding included), ``A^T`` its transposed convolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
-                 input_size: Optional[Sequence[int]] = None, stride: int = 1, padding: Optional[int] = None,
-                 bias: bool = True, coeff: float = 0.97, atol: Optional[float] = None, rtol: float = 1e-3,
-                 max_iters: int = 200, zero_init: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        input_size: Sequence[int] | None = None,
+        stride: int = 1,
+        padding: int | None = None,
+        bias: bool = True,
+        coeff: float = 0.97,
+        atol: float | None = None,
+        rtol: float = 1e-3,
+        max_iters: int = 200,
+        zero_init: bool = False,
+    ):
         super().__init__()
         name = type(self).__name__
         self.in_channels = _check_positive_int("in_channels", in_channels, name)
@@ -392,12 +420,16 @@ class _LipschitzConv2d(LipschitzLayer):
         self.stride = _check_positive_int("stride", stride, name)
         padding = kernel_size // 2 if padding is None else padding
         if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding < kernel_size:
-            raise ConfigError(f"{name}: padding must be an integer in [0, kernel_size - 1] = [0, {kernel_size - 1}], "
-                              f"got {padding!r}")
+            raise ConfigError(
+                f"{name}: padding must be an integer in [0, kernel_size - 1] = [0, {kernel_size - 1}], got {padding!r}"
+            )
         self.padding = padding
         if input_size is not None:
-            if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
-                    or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_size)):
+            if (
+                not isinstance(input_size, (tuple, list))
+                or len(input_size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_size)
+            ):
                 raise ConfigError(f"{name}: input_size must be a pair (H, W) of positive integers, got {input_size!r}")
             input_size = (int(input_size[0]), int(input_size[1]))
         elif kernel_size > 1:
@@ -412,11 +444,14 @@ class _LipschitzConv2d(LipschitzLayer):
         if input_size is not None:
             out = tuple((s + 2 * padding - kernel_size) // self.stride + 1 for s in input_size)
             if min(out) < 1:
-                raise ConfigError(f"{name}: input_size={input_size} is smaller than the kernel ({kernel_size}, "
-                                  f"padding {padding}): the output would be empty")
+                raise ConfigError(
+                    f"{name}: input_size={input_size} is smaller than the kernel ({kernel_size}, "
+                    f"padding {padding}): the output would be empty"
+                )
             self.output_size = out
             self._output_padding = tuple(
-                s - ((o - 1) * self.stride - 2 * padding + kernel_size) for s, o in zip(input_size, out))
+                s - ((o - 1) * self.stride - 2 * padding + kernel_size) for s, o in zip(input_size, out)
+            )
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self._init_parameters(zero_init, in_channels * kernel_size * kernel_size)
@@ -425,8 +460,9 @@ class _LipschitzConv2d(LipschitzLayer):
         else:
             u_shape, v_shape = (1, out_channels, *self.output_size), (1, in_channels, *input_size)
         self._setup_normalisation(coeff, atol, rtol, max_iters, u_shape, v_shape)
-        self.register_buffer("input_hw", torch.tensor(input_size if input_size is not None else (0, 0),
-                                                      dtype=torch.float32))
+        self.register_buffer(
+            "input_hw", torch.tensor(input_size if input_size is not None else (0, 0), dtype=torch.float32)
+        )
 
     @property
     def _is_matrix(self) -> bool:
@@ -461,7 +497,7 @@ class _LipschitzConv2d(LipschitzLayer):
         with _no_autocast(self.weight.device):
             return (self.weight.to(dt) * cache[1]).sum().abs()
 
-    def _layer_map(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    def _layer_map(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
             raise ConfigError(
                 f"{type(self).__name__} was built for inputs of spatial size {self.input_size} (its norm is "
@@ -470,8 +506,9 @@ class _LipschitzConv2d(LipschitzLayer):
             )
         return F.conv2d(x, w, b, self.stride, self.padding)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         saved = state_dict.get(prefix + "input_hw")
         if saved is not None and not torch.equal(saved.to(self.input_hw), self.input_hw):
             raise ConfigError(
@@ -479,13 +516,16 @@ class _LipschitzConv2d(LipschitzLayer):
                 f"{tuple(int(s) for s in saved.tolist())} but this layer is configured for "
                 f"{tuple(int(s) for s in self.input_hw.tolist())} (0, 0 = any); build it with the same input_size"
             )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, input_size={self.input_size}, bias={self.bias is not None}, "
-                f"coeff={self.coeff}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, input_size={self.input_size}, bias={self.bias is not None}, "
+            f"coeff={self.coeff}"
+        )
 
 
 class SpectralNormLinear(_LipschitzLinear):
@@ -517,18 +557,29 @@ def _group_key(layer: nn.Module):
     w = layer.weight
     conv = isinstance(layer, _LipschitzConv2d) and not layer._is_matrix
     geometry = ("conv", layer.input_size, layer.stride, layer.padding, layer._output_padding) if conv else ("matrix",)
-    return (geometry, tuple(w.shape), w.dtype, w.device, layer.rtol, layer.atol, layer.max_iters, layer.power_block,
-            layer._is_initialized())
+    return (
+        geometry,
+        tuple(w.shape),
+        w.dtype,
+        w.device,
+        layer.rtol,
+        layer.atol,
+        layer.max_iters,
+        layer.power_block,
+        layer._is_initialized(),
+    )
 
 
 @torch.no_grad()
-def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optional[float]) -> int:
+def _batched_block_iteration(layers: list, max_iters: int | None, rtol: float | None) -> int:
     """:meth:`LipschitzLayer._block_iterate` for G layers of one geometry at once: stacked matrices with
     batched products, or convolutions as one grouped convolution; batched QR and k x k eigenproblems.
     The group iterates until every layer passes its own stopping test (more iterations only refine the
     others).  Returns the iterations run."""
     first, g = layers[0], len(layers)
-    max_iters = first.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters, "update_lipschitz")
+    max_iters = (
+        first.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters, "update_lipschitz")
+    )
     rtol = first.rtol if rtol is None else float(rtol)
     atol = first.atol or 0.0
     if not first._is_initialized():
@@ -544,13 +595,21 @@ def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optio
             wc = w.reshape(g * out_c, in_c, kh, kw)
 
             def op(b):  # (g, k, C, H, W) -> (g, k, O, H', W')
-                y = F.conv2d(b.transpose(0, 1).reshape(k, g * in_c, *vshape[1:]), wc, None, first.stride,
-                             first.padding, 1, g)
+                y = F.conv2d(
+                    b.transpose(0, 1).reshape(k, g * in_c, *vshape[1:]), wc, None, first.stride, first.padding, 1, g
+                )
                 return y.reshape(k, g, out_c, *y.shape[-2:]).transpose(0, 1)
 
             def adj(y):
-                x = F.conv_transpose2d(y.transpose(0, 1).reshape(k, g * out_c, *y.shape[-2:]), wc, None,
-                                       first.stride, first.padding, first._output_padding, g)
+                x = F.conv_transpose2d(
+                    y.transpose(0, 1).reshape(k, g * out_c, *y.shape[-2:]),
+                    wc,
+                    None,
+                    first.stride,
+                    first.padding,
+                    first._output_padding,
+                    g,
+                )
                 return x.reshape(k, g, in_c, *x.shape[-2:]).transpose(0, 1)
         else:
             wm = w.reshape(g, w.shape[1], -1)
@@ -564,8 +623,12 @@ def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optio
         bases = []
         for layer in layers:
             cache = layer.__dict__.get("_subspace")
-            if cache is not None and cache[0] == (layer.v.data_ptr(), layer.v._version) and cache[1].shape[0] == k \
-                    and cache[1].dtype == dt:
+            if (
+                cache is not None
+                and cache[0] == (layer.v.data_ptr(), layer.v._version)
+                and cache[1].shape[0] == k
+                and cache[1].dtype == dt
+            ):
                 bases.append(cache[1])
             else:
                 gen = torch.Generator(device=layer.v.device).manual_seed(0)
@@ -577,7 +640,7 @@ def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optio
         y = op(basis)
         iters = 0
         done = torch.zeros(g, dtype=torch.bool, device=w.device)
-        for iters in range(1, max_iters + 1):
+        for iters in range(1, max_iters + 1):  # noqa: B007 (the count is returned)
             z = adj(y).reshape(g, k, -1)
             basis = torch.linalg.qr(z.transpose(1, 2))[0].transpose(1, 2).reshape(g, k, *vshape)
             y = op(basis)
@@ -612,7 +675,7 @@ def _batched_block_iteration(layers: list, max_iters: Optional[int], rtol: Optio
 
 
 @torch.no_grad()
-def update_lipschitz(module: nn.Module, max_iters: Optional[int] = None, rtol: Optional[float] = None) -> dict:
+def update_lipschitz(module: nn.Module, max_iters: int | None = None, rtol: float | None = None) -> dict:
     """Run power iteration on every normalised layer (after each optimiser step, before validation).
 
     Spectral-norm layers of the same geometry are iterated together (one batched product or grouped

@@ -11,7 +11,7 @@ product ``J^k v`` is one pass of matrix products and elementwise scalings (no au
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from flowforge.nn.activations import channel_multiplier, lipschitz_activation
 Jvp = Callable[[Tensor], Tensor]
 
 
-def _weight_op(layer: nn.Module) -> tuple[Callable[[Tensor, Tensor, Optional[Tensor]], Tensor], Tensor]:
+def _weight_op(layer: nn.Module) -> tuple[Callable[[Tensor, Tensor, Tensor | None], Tensor], Tensor]:
     """The layer's normalised weight and the functional op ``op(input, weight, bias)`` applying it."""
     w = layer.normalized_weight()
     if w.dim() == 2:
@@ -91,13 +91,23 @@ def _conv_cls(norm: str):
     return InducedNormConv2d
 
 
-def _layer_setup(kind: str, act: str, coeff: float, norm: str, domain: float, codomain: float, learn_p: bool,
-                 sn_rtol: float, sn_max_iters: int) -> tuple[type, dict, int]:
+def _layer_setup(
+    kind: str,
+    act: str,
+    coeff: float,
+    norm: str,
+    domain: float,
+    codomain: float,
+    learn_p: bool,
+    sn_rtol: float,
+    sn_max_iters: int,
+) -> tuple[type, dict, int]:
     """The Lipschitz layer class (``kind`` linear or conv), its keyword arguments, and the channel
     multiplier of the activation."""
     cls = _linear_cls(norm) if kind == "linear" else _conv_cls(norm)
-    sn = dict(coeff=_check_coeff(coeff), rtol=sn_rtol, max_iters=sn_max_iters,
-              **_norm_kwargs(norm, domain, codomain, learn_p))
+    sn = dict(
+        coeff=_check_coeff(coeff), rtol=sn_rtol, max_iters=sn_max_iters, **_norm_kwargs(norm, domain, codomain, learn_p)
+    )
     return cls, sn, channel_multiplier(act)
 
 

@@ -9,7 +9,7 @@ returned with shape ``(batch, D, num_params)``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ class MADE(nn.Module):
         features: int,
         hidden: Sequence[int],
         num_params: int,
-        order: Optional[Sequence[int]] = None,
+        order: Sequence[int] | None = None,
         act: str = "relu",
         zero_last: bool = True,
     ):

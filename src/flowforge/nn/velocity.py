@@ -18,7 +18,7 @@ identity map, which would hide errors in tests of log-determinants and adjoints.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +33,7 @@ def velocity_activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ConfigError(
-            f"unknown CNF activation '{name}'; choose one of {sorted(ACTIVATIONS)} (model.act)"
-        ) from None
+        raise ConfigError(f"unknown CNF activation '{name}'; choose one of {sorted(ACTIVATIONS)} (model.act)") from None
 
 
 def time_column(t: Tensor, x: Tensor) -> Tensor:
@@ -89,7 +87,7 @@ class VelocityConvNet(nn.Module):
     def __init__(
         self,
         channels_in: int,
-        hidden_channels: Union[int, Sequence[int]] = 64,
+        hidden_channels: int | Sequence[int] = 64,
         kernels: Sequence[int] = (3, 3, 3),
         act: str = "softplus",
     ):

@@ -15,8 +15,6 @@ the trained CNF's forward ODE maps data to the base and its likelihood can be ev
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +29,7 @@ SINGLE_CNF_HINT = (
 )
 
 
-def flow_matching_loss(cnf: CNF, x: Tensor, t: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
+def flow_matching_loss(cnf: CNF, x: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     """Per-sample conditional flow matching loss ``||v(x_t, t) - (eps - x)/T||^2``, shape ``(B,)``.
 
     ``x``: a batch in the CNF's input space ``(B, *cnf.shape)``; ``t``: ``(B,)`` times in ``[0, T]`` (drawn
@@ -89,7 +87,6 @@ def cnf_inputs(flow: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-def flow_matching_flow_loss(flow: nn.Module, x: Tensor, t: Optional[Tensor] = None,
-                            noise: Optional[Tensor] = None) -> Tensor:
+def flow_matching_flow_loss(flow: nn.Module, x: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     """:func:`flow_matching_loss` of the flow's single CNF on a data batch ``x`` (see :func:`cnf_inputs`)."""
     return flow_matching_loss(single_cnf(flow), cnf_inputs(flow, x), t, noise)

@@ -23,7 +23,6 @@ the weights, ``se = sd(w) / (sqrt(n) mean(w))``, reliable only when the ESS is n
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -85,7 +84,7 @@ def _log_weights(flow, target, n: int, chunk: int) -> Tensor:
         flow.train(was_training)
 
 
-def importance_log_z(flow, target, n: int, chunk: int = 4096, generator_seed: Optional[int] = None) -> dict:
+def importance_log_z(flow, target, n: int, chunk: int = 4096, generator_seed: int | None = None) -> dict:
     """Importance-sampling estimate of ``log Z`` with ``n`` samples from the flow (no gradient).
 
     Samples are drawn ``chunk`` at a time with the flow in eval mode (its mode is restored after);

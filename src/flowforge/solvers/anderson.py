@@ -22,8 +22,16 @@ from torch import Tensor
 class Anderson:
     name = "anderson"
 
-    def __init__(self, batch: int, dim: int, dtype: torch.dtype, device: torch.device, memory: int = 5,
-                 damping: float = 1.0, regularization: float = 1e-8):
+    def __init__(
+        self,
+        batch: int,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        memory: int = 5,
+        damping: float = 1.0,
+        regularization: float = 1e-8,
+    ):
         self.m, self.beta, self.lam = int(memory), float(damping), float(regularization)
         self.X = torch.zeros(batch, self.m, dim, dtype=dtype, device=device)
         self.F = torch.zeros_like(self.X)

@@ -14,7 +14,7 @@ that of one evaluation of T, whatever the number of forward iterations.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ def implicit_solve(
     x0: Tensor,
     forward: Solver,
     backward: Solver,
-    on_backward: Optional[Callable[[SolverStats], None]] = None,
+    on_backward: Callable[[SolverStats], None] | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Solve ``x = T(x)`` (``T`` given by ``step(x_sub, idx)``) and attach implicit gradients.
 

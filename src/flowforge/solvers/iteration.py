@@ -19,7 +19,8 @@ iterates of size ~10 in float32 with a contraction constant near 1.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -38,8 +39,15 @@ class Method(Protocol):
     def next(self, idx: Tensor, k: int, x: Tensor, f: Tensor) -> Tensor: ...
 
 
-def iterate(method_factory: Callable[[int, int, torch.dtype, torch.device], Method], step: Step, x0: Tensor,
-            atol: float, rtol: float, max_iters: int, patience: int = 0) -> tuple[Tensor, SolverStats]:
+def iterate(
+    method_factory: Callable[[int, int, torch.dtype, torch.device], Method],
+    step: Step,
+    x0: Tensor,
+    atol: float,
+    rtol: float,
+    max_iters: int,
+    patience: int = 0,
+) -> tuple[Tensor, SolverStats]:
     """Run a method from ``x0`` (shape ``(B, ...)``); returns ``(x, stats)`` with ``x`` of ``x0``'s shape
     (float32 when ``x0`` was half precision)."""
     with torch.autocast(device_type=x0.device.type, enabled=False):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any
 
 from torch import Tensor
 
@@ -78,15 +78,16 @@ class Solver:
             def sub_step(x_sub: Tensor, j: Tensor) -> Tensor:
                 return step(x_sub, idx[j])
 
-            x_fb, fb = iterate(self._factory("picard"), sub_step, x[idx], self.atol, self.rtol, self.fallback_iters,
-                               self.patience)
+            x_fb, fb = iterate(
+                self._factory("picard"), sub_step, x[idx], self.atol, self.rtol, self.fallback_iters, self.patience
+            )
             x = x.clone()
             x[idx] = x_fb.to(x.dtype)
             stats = stats.merge(fb, idx)
         return x, stats
 
 
-SolverSpec = Union[None, str, dict, Solver]
+SolverSpec = None | str | dict | Solver
 
 
 def as_solver(spec: SolverSpec, **defaults: Any) -> Solver:
@@ -119,11 +120,16 @@ def check_convergence(stats: SolverStats, what: str, solver: Solver, on_fail: st
     if not stats.num_failed:
         return
     n = stats.converged.numel()
-    stalled = f", {stats.num_stalled} of them stopped after {solver.patience} iterations without progress" \
-        if stats.num_stalled else ""
-    msg = (f"{what}: {stats.num_failed} of {n} samples did not converge in {stats.max_iters} {stats.method} "
-           f"iterations{stalled} (largest residual {float(stats.residual.max()):.3g}; tolerance atol={solver.atol}, "
-           f"rtol={solver.rtol})")
+    stalled = (
+        f", {stats.num_stalled} of them stopped after {solver.patience} iterations without progress"
+        if stats.num_stalled
+        else ""
+    )
+    msg = (
+        f"{what}: {stats.num_failed} of {n} samples did not converge in {stats.max_iters} {stats.method} "
+        f"iterations{stalled} (largest residual {float(stats.residual.max()):.3g}; tolerance atol={solver.atol}, "
+        f"rtol={solver.rtol})"
+    )
     if stats.num_stalled:
         msg += "; the tolerance may be below what the precision resolves: loosen atol/rtol or solve in float64"
     if hint:
@@ -145,5 +151,5 @@ class SolveRecord:
         self.last[kind] = stats
         self.failures[kind] = self.failures.get(kind, 0) + stats.num_failed
 
-    def get(self, kind: str) -> Optional[SolverStats]:
+    def get(self, kind: str) -> SolverStats | None:
         return self.last.get(kind)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ class SolverStats:
     residual: Tensor
     max_iters: int
     method: str = "picard"
-    stalled: Optional[Tensor] = None
+    stalled: Tensor | None = None
 
     @property
     def num_stalled(self) -> int:
@@ -34,7 +33,7 @@ class SolverStats:
     def max_iterations(self) -> int:
         return int(self.iterations.max()) if self.iterations.numel() else 0
 
-    def merge(self, other: "SolverStats", idx: Tensor) -> "SolverStats":
+    def merge(self, other: SolverStats, idx: Tensor) -> SolverStats:
         """These stats with the samples ``idx`` continued by a second run (``other``, over ``idx`` only)."""
         iterations = self.iterations.clone()
         iterations[idx] += other.iterations
@@ -42,5 +41,6 @@ class SolverStats:
         converged[idx], residual[idx] = other.converged, other.residual
         stalled = torch.zeros_like(converged)
         stalled[idx] = other.stalled if other.stalled is not None else False
-        return SolverStats(iterations, converged, residual, self.max_iters + other.max_iters,
-                           f"{self.method}+{other.method}", stalled)
+        return SolverStats(
+            iterations, converged, residual, self.max_iters + other.max_iters, f"{self.method}+{other.method}", stalled
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import pytorch_lightning as pl
 import torch
@@ -33,7 +32,7 @@ class SampleFigures(pl.Callback):
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.temperature = temperature
-        self.last_path: Optional[Path] = None
+        self.last_path: Path | None = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -44,7 +43,7 @@ class SampleFigures(pl.Callback):
         self.draw(trainer, pl_module, "test")
 
     @torch.no_grad()
-    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Optional[Path]:
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Path | None:
         if not trainer.is_global_zero:
             return None
         model = pl_module.model
@@ -58,19 +57,32 @@ class SampleFigures(pl.Callback):
             except (FloatingPointError, ValueError, RuntimeError):
                 found = None
             where = found[1] if found else None
-            cause = (f"sampling produced {found[0]} NaN/inf values" + (f", first in the inverse of {where}" if where
-                                                                        else "")) if found else str(e)
+            cause = (
+                (
+                    f"sampling produced {found[0]} NaN/inf values"
+                    + (f", first in the inverse of {where}" if where else "")
+                )
+                if found
+                else str(e)
+            )
             message = f"figure {tag} skipped at step {trainer.global_step}: {cause}"
             log.warning(message)
             events = getattr(pl_module, "fault_events", None)
             if events is not None:
-                events.append({"step": int(trainer.global_step), "kind": "sampling", "what": message,
-                               "where": where, "policy": "warn"})
+                events.append(
+                    {
+                        "step": int(trainer.global_step),
+                        "kind": "sampling",
+                        "what": message,
+                        "where": where,
+                        "policy": "warn",
+                    }
+                )
             return None
         finally:
             model.train(was_training)
 
-    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str) -> Optional[Path]:
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str) -> Path | None:
         path = self.dirpath / f"{tag}.png"
         if not model.is_image and not _is_regression(pl_module) and nonfinite_samples(model, 256, self.temperature):
             raise FloatingPointError("samples contain NaN/inf")  # density plots would draw them without complaint
@@ -82,8 +94,14 @@ class SampleFigures(pl.Callback):
                 dm = trainer.datamodule
                 split = dm.splits.get("test") or dm.splits.get("val")
                 y, x = split.tensors[0][:5000].float(), split.tensors[1][:5000].float()
-                visualize.fit_plot_1d(_OnDevice(model, pl_module.device), x, y, path,
-                                      target_fn=_target_function(dm), csv_path=self.dirpath / "fit.csv")
+                visualize.fit_plot_1d(
+                    _OnDevice(model, pl_module.device),
+                    x,
+                    y,
+                    path,
+                    target_fn=_target_function(dm),
+                    csv_path=self.dirpath / "fit.csv",
+                )
             elif model.is_image:
                 images = model.sample(self.num_images, self.temperature).cpu()
                 if not torch.isfinite(images).all():
@@ -91,8 +109,10 @@ class SampleFigures(pl.Callback):
                 visualize.image_grid(images, path)
             elif getattr(model, "manifold", None) is not None:
                 # manifold models: S^2 / S^1 / ternary figures, never the Euclidean density plots
-                if visualize.manifold_figure(_OnDevice(model, pl_module.device), model.manifold, model.dim,
-                                             data, path) is None:
+                if (
+                    visualize.manifold_figure(_OnDevice(model, pl_module.device), model.manifold, model.dim, data, path)
+                    is None
+                ):
                     return None
             elif model.dim == 2:
                 visualize.density_plot_2d(_OnDevice(model, pl_module.device), data, path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -69,15 +69,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     resume Lightning performs (``trainer.fit(ckpt_path=...)``, SLURM's ``hpc_ckpt``) reads tensors and plain data
     only, never objects that run code."""
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
         if "://" in str(path):
-            return super().load_checkpoint(path, map_location=map_location or (lambda storage, loc: storage),
-                                           weights_only=True)
+            return super().load_checkpoint(
+                path, map_location=map_location or (lambda storage, loc: storage), weights_only=True
+            )
         from flowforge.trust import load_torch_file
 
         return load_torch_file(Path(path), map_location)
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)

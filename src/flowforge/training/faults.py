@@ -27,8 +27,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal as signal_module
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -63,7 +64,7 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
     return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def locate_nonfinite(root: nn.Module, run: Callable[[], Any], prefix: str = "") -> Optional[str]:
+def locate_nonfinite(root: nn.Module, run: Callable[[], Any], prefix: str = "") -> str | None:
     """Run ``run()`` (without gradient) watching every submodule of ``root``; return ``"<name> (<Type>)"`` of the
     first module to finish a ``forward`` or ``inverse`` with finite inputs and a NaN/inf output, or None when
     no module did (the fault did not recur, or arose outside any module)."""
@@ -109,8 +110,9 @@ def _watched(module: nn.Module, method: str, note: Callable) -> Iterator[None]:
             module.__dict__.pop(method, None)
 
 
-def nonfinite_samples(flow: nn.Module, n: int, temperature: float = 1.0,
-                      prefix: str = "model.") -> Optional[tuple[int, Optional[str]]]:
+def nonfinite_samples(
+    flow: nn.Module, n: int, temperature: float = 1.0, prefix: str = "model."
+) -> tuple[int, str | None] | None:
     """None when ``flow.sample(n)`` is finite; else ``(number of NaN/inf values, the module whose inverse produced
     them first or None)``, replayed from the same random state; module names get ``prefix`` (the flow's name in
     the LightningModule, as training faults are reported)."""
@@ -127,28 +129,44 @@ class FaultInjection(pl.Callback):
     when the batch starts); ``layer`` / ``parameter`` are names in the LightningModule (e.g.
     ``model.transform.layers.2``, as faults are reported)."""
 
-    def __init__(self, signal: Optional[str] = None, signal_at_step: Optional[int] = None,
-                 layer: Optional[str] = None, parameter: Optional[str] = None,
-                 signal_after_step: Optional[int] = None, **at_step: Optional[int]):
+    def __init__(
+        self,
+        signal: str | None = None,
+        signal_at_step: int | None = None,
+        layer: str | None = None,
+        parameter: str | None = None,
+        signal_after_step: int | None = None,
+        **at_step: int | None,
+    ):
         unknown = sorted(set(at_step) - set(KINDS))
         if unknown:
             raise ConfigError(f"unknown fault kind(s) {unknown}; choose from {list(KINDS)} (or signal/signal_at_step)")
         if (signal is None) != (signal_at_step is None and signal_after_step is None) or (
             signal_at_step is not None and signal_after_step is not None
         ):
-            raise ConfigError("faults.signal and faults.signal_at_step go together (or faults.signal and "
-                              "faults.signal_after_step, not both steps), e.g. faults.signal=SIGKILL "
-                              "faults.signal_at_step=7")
+            raise ConfigError(
+                "faults.signal and faults.signal_at_step go together (or faults.signal and "
+                "faults.signal_after_step, not both steps), e.g. faults.signal=SIGKILL "
+                "faults.signal_at_step=7"
+            )
         if signal is not None and signal not in SIGNALS:
             raise ConfigError(f"faults.signal must be one of {SIGNALS}, got {signal!r}")
-        needs = {"nan_output": layer, "solver_failure": layer, "power_iteration_failure": layer,
-                 "exploding_inverse": layer, "nan_grad": parameter}
+        needs = {
+            "nan_output": layer,
+            "solver_failure": layer,
+            "power_iteration_failure": layer,
+            "exploding_inverse": layer,
+            "nan_grad": parameter,
+        }
         for kind, step in at_step.items():
             if step is not None and needs.get(kind, "ok") is None:
                 what = "parameter" if kind == "nan_grad" else "layer"
                 raise ConfigError(f"faults.{kind} needs faults.{what}: the name of the {what} to break")
-        for kind, step in [("signal_at_step", signal_at_step), ("signal_after_step", signal_after_step),
-                           *at_step.items()]:
+        for kind, step in [
+            ("signal_at_step", signal_at_step),
+            ("signal_after_step", signal_after_step),
+            *at_step.items(),
+        ]:
             if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
                 raise ConfigError(f"faults.{kind} must be an optimizer step (an integer >= 0), got {step!r}")
         self.signal, self.signal_at_step, self.signal_after_step = signal, signal_at_step, signal_after_step
@@ -161,11 +179,17 @@ class FaultInjection(pl.Callback):
         """Check the targets now, not when their step comes."""
         if self.layer is not None:
             module = self._module(pl_module)
-            checks = {"solver_failure": (lambda m: any(isinstance(v, Solver) for v in vars(m).values()),
-                                         "has no iterative solver (choose an implicit block)"),
-                      "power_iteration_failure": (lambda m: hasattr(m, "power_iteration"),
-                                                  "is not a spectrally normalised layer"),
-                      "exploding_inverse": (lambda m: isinstance(m, Transform), "is not a flow transform (no inverse)")}
+            checks = {
+                "solver_failure": (
+                    lambda m: any(isinstance(v, Solver) for v in vars(m).values()),
+                    "has no iterative solver (choose an implicit block)",
+                ),
+                "power_iteration_failure": (
+                    lambda m: hasattr(m, "power_iteration"),
+                    "is not a spectrally normalised layer",
+                ),
+                "exploding_inverse": (lambda m: isinstance(m, Transform), "is not a flow transform (no inverse)"),
+            }
             for kind, (ok, problem) in checks.items():
                 if kind in self.at_step and not ok(module):
                     raise ConfigError(f"faults.layer={self.layer!r} {problem}, but faults.{kind} needs one")
@@ -184,8 +208,9 @@ class FaultInjection(pl.Callback):
         except AttributeError:
             raise ConfigError(f"faults.parameter={self.parameter!r} is not a parameter of this model") from None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.signal is not None and step == self.signal_at_step:
             self.injected.append((self.signal, step))
@@ -195,8 +220,9 @@ class FaultInjection(pl.Callback):
             self.injected.append((kind, step))
             getattr(self, f"_inject_{kind}")(pl_module, batch)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         while self._undo:
             self._undo.pop()()
 

@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -82,6 +83,7 @@ class TrainingStopped(Exception):
     """Raised at the end of a batch to end a fit under the ``stop`` fault policy (``experiment.train`` turns it
     into the fault's own error)."""
 
+
 SOLVER_POLICIES = ("warn", "stop", "skip", "reduce_lr")
 POWER_POLICIES = ("warn", "stop", "reduce_lr")
 
@@ -93,53 +95,64 @@ def linear_warmup(step: int, warmup_steps: int) -> float:
 
 class FlowModule(pl.LightningModule):
     """Args:
-        model: the flow.
-        optimizer: a callable ``params -> torch.optim.Optimizer`` (Hydra ``_partial_``).
-        warmup_steps: linear learning-rate warm-up length in optimizer steps.
-        on_nonfinite: ``stop`` (default: end the run cleanly, weights untouched, last good checkpoint
-            kept) or ``skip`` (drop the batch and go on); either way the event is logged and counted.
-        config: the resolved run configuration (stored in checkpoints so ``eval.py`` can rebuild the model).
-        objective: ``None`` (or ``name: mle``) for maximum likelihood, else the parsed options of the
-            objective (:func:`flowforge.training.objectives.parse_objective`; see the module docstring).
-        target: the unnormalised density ``objective=reverse_kl`` fits (``dataset=target`` provides it).
+    model: the flow.
+    optimizer: a callable ``params -> torch.optim.Optimizer`` (Hydra ``_partial_``).
+    warmup_steps: linear learning-rate warm-up length in optimizer steps.
+    on_nonfinite: ``stop`` (default: end the run cleanly, weights untouched, last good checkpoint
+        kept) or ``skip`` (drop the batch and go on); either way the event is logged and counted.
+    config: the resolved run configuration (stored in checkpoints so ``eval.py`` can rebuild the model).
+    objective: ``None`` (or ``name: mle``) for maximum likelihood, else the parsed options of the
+        objective (:func:`flowforge.training.objectives.parse_objective`; see the module docstring).
+    target: the unnormalised density ``objective=reverse_kl`` fits (``dataset=target`` provides it).
     """
 
     def __init__(
         self,
         model: Flow,
-        optimizer: Optional[Callable] = None,
+        optimizer: Callable | None = None,
         warmup_steps: int = 0,
         on_nonfinite: str = "stop",
-        config: Optional[dict] = None,
-        objective: Optional[dict] = None,
-        lipschitz_step_iters: Optional[int] = None,
-        target: Optional[Any] = None,
+        config: dict | None = None,
+        objective: dict | None = None,
+        lipschitz_step_iters: int | None = None,
+        target: Any | None = None,
         on_solver_failure: str = "warn",
         on_power_iteration_failure: str = "warn",
         fault_lr_factor: float = 0.5,
         max_fault_events: int = 20,
         lipschitz_check_every: int = 1000,
-        checkpoint_every: Optional[int] = None,
+        checkpoint_every: int | None = None,
     ):
         super().__init__()
-        if lipschitz_step_iters is not None and (isinstance(lipschitz_step_iters, bool)
-                                                 or not isinstance(lipschitz_step_iters, int) or lipschitz_step_iters < 1):
+        if lipschitz_step_iters is not None and (
+            isinstance(lipschitz_step_iters, bool)
+            or not isinstance(lipschitz_step_iters, int)
+            or lipschitz_step_iters < 1
+        ):
             raise ConfigError(f"lipschitz_step_iters must be null or a positive integer, got {lipschitz_step_iters!r}")
         self.lipschitz_step_iters = lipschitz_step_iters
         self.lipschitz_check_every = positive_int("lipschitz_check_every", lipschitz_check_every, "1000")
         self.checkpoint_every = checkpoint_every
-        for key, value, allowed in (("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
-                                    ("on_solver_failure", on_solver_failure, SOLVER_POLICIES),
-                                    ("on_power_iteration_failure", on_power_iteration_failure, POWER_POLICIES)):
+        for key, value, allowed in (
+            ("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
+            ("on_solver_failure", on_solver_failure, SOLVER_POLICIES),
+            ("on_power_iteration_failure", on_power_iteration_failure, POWER_POLICIES),
+        ):
             if value not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got '{value}'")
-        if isinstance(fault_lr_factor, bool) or not isinstance(fault_lr_factor, (int, float)) \
-                or not 0 < fault_lr_factor < 1:
+        if (
+            isinstance(fault_lr_factor, bool)
+            or not isinstance(fault_lr_factor, (int, float))
+            or not 0 < fault_lr_factor < 1
+        ):
             raise ConfigError(f"fault_lr_factor must be a number in (0, 1), got {fault_lr_factor!r}")
         if isinstance(max_fault_events, bool) or not isinstance(max_fault_events, int) or max_fault_events < 1:
             raise ConfigError(f"max_fault_events must be a positive integer, got {max_fault_events!r}")
-        self.policies = {"nonfinite": on_nonfinite, "solver": on_solver_failure,
-                         "power_iteration": on_power_iteration_failure}
+        self.policies = {
+            "nonfinite": on_nonfinite,
+            "solver": on_solver_failure,
+            "power_iteration": on_power_iteration_failure,
+        }
         self.fault_lr_factor = float(fault_lr_factor)
         self.max_fault_events = max_fault_events
         nonnegative_int("warmup_steps", warmup_steps, "1000")
@@ -150,11 +163,11 @@ class FlowModule(pl.LightningModule):
         self.save_hyperparameters({"config": config or {}})
         self.fault_events: list[dict] = []
         self.resume_changes: dict[str, Any] = {}  # settings changed on resume (resume_overrides), applied at the start
-        self.stop_reason: Optional[str] = None
+        self.stop_reason: str | None = None
         self.stop_error: type = NonFiniteLossError
         self._save_on_stop = False
         self._drop_step = False
-        self._step_rng: Optional[Tensor] = None
+        self._step_rng: Tensor | None = None
         self._lipschitz_stats: dict = {}
         self.stochastic_logdet = any(
             getattr(getattr(m, "logdet_estimator", None), "stochastic", False) for m in model.modules()
@@ -175,11 +188,9 @@ class FlowModule(pl.LightningModule):
             )
         if self.objective_name == "flow_matching":
             single_cnf(model)  # a clear error now, not at the first step
-        self.classifier: Optional[HybridClassifier] = None
+        self.classifier: HybridClassifier | None = None
         if self.objective_name in ("hybrid", "classification"):
-            self.classifier = HybridClassifier(
-                model, self.objective["num_classes"], self.objective["head_channels"]
-            )
+            self.classifier = HybridClassifier(model, self.objective["num_classes"], self.objective["head_channels"])
 
     # ------------------------------------------------------------------ objective
     @property
@@ -191,7 +202,8 @@ class FlowModule(pl.LightningModule):
         self.model.check_input(x)
         if not torch.is_floating_point(x):
             raise DataError(
-                f"batch at step {self.global_step} has dtype {x.dtype}, but flows take real-valued inputs of a floating "
+                f"batch at step {self.global_step} has dtype {x.dtype}, "
+                "but flows take real-valued inputs of a floating "
                 f"dtype (image pixels as integer-valued floats); convert the data with .float() in the data module"
             )
         if stage != "train" and not torch.isfinite(x).all():
@@ -252,8 +264,7 @@ class FlowModule(pl.LightningModule):
             return
         with torch.no_grad():
             est = importance_log_z(self.model, self.target, self.objective["eval_samples"])
-        values = {"log_z": est["log_z"], "log_z_se": est["log_z_se"], "elbo": est["elbo"],
-                  "ess": est["ess_fraction"]}
+        values = {"log_z": est["log_z"], "log_z_se": est["log_z_se"], "elbo": est["elbo"], "ess": est["ess_fraction"]}
         if getattr(self.target, "log_z", None) is not None:
             values["log_z_error"] = float(est["log_z"]) - float(self.target.log_z)
         for k, v in values.items():
@@ -274,7 +285,7 @@ class FlowModule(pl.LightningModule):
         se = (z - batch[0]).pow(2).flatten(1).sum(1)
         return {"loss": se, "mse": se / self.model.dim}
 
-    def metrics(self, x: Tensor, y: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def metrics(self, x: Tensor, y: Tensor | None = None) -> dict[str, Tensor]:
         """Per-example ``nll`` (nats) and, for images, ``bpd``; ``loss`` is the quantity minimised.
         With a hybrid objective ``y`` holds the labels and ``ce`` and ``acc`` join them."""
         if self.classifier is not None:
@@ -285,7 +296,7 @@ class FlowModule(pl.LightningModule):
         nll = -self.model.log_prob(x)
         return {"loss": nll, "nll": nll}
 
-    def _hybrid_metrics(self, x: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:
+    def _hybrid_metrics(self, x: Tensor, y: Tensor | None) -> dict[str, Tensor]:
         if y is None:
             raise ConfigError(f"objective={self.objective['name']} needs labels: call metrics(x, y)")
         model, lam = self.model, self.objective["lam"]
@@ -310,22 +321,32 @@ class FlowModule(pl.LightningModule):
     def _log(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
         for k, v in values.items():
             self.log(
-                f"{stage}/{k}", v.mean(), on_step=stage == "train", on_epoch=True,
-                prog_bar=k == "loss", sync_dist=stage != "train", batch_size=batch_size,
+                f"{stage}/{k}",
+                v.mean(),
+                on_step=stage == "train",
+                on_epoch=True,
+                prog_bar=k == "loss",
+                sync_dist=stage != "train",
+                batch_size=batch_size,
             )
 
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x = self._batch_input(batch)
         if not torch.isfinite(x).all():
-            self._fault("nonfinite", f"the training batch contains {int((~torch.isfinite(x)).sum())} NaN/inf values",
-                        "the data (check the dataset files or the augmentation)")
+            self._fault(
+                "nonfinite",
+                f"the training batch contains {int((~torch.isfinite(x)).sum())} NaN/inf values",
+                "the data (check the dataset files or the augmentation)",
+            )
             return None  # Lightning skips backward and the optimizer step
         values = self._step_metrics(batch, x, "train")
         values.update(self._regularization(values["loss"]))
         loss = values["loss"].mean()
         if not torch.isfinite(loss):
-            self._fault("nonfinite", f"the training loss became {float(loss.detach())}", self._locate_loss_fault(batch, x))
+            self._fault(
+                "nonfinite", f"the training loss became {float(loss.detach())}", self._locate_loss_fault(batch, x)
+            )
             return None
         self._log("train", values, x.shape[0])
         return loss
@@ -350,7 +371,7 @@ class FlowModule(pl.LightningModule):
     def nonfinite_events(self) -> list[dict]:
         return [e for e in self.fault_events if e["kind"] == "nonfinite"]
 
-    def _fault(self, kind: str, what: str, where: Optional[str], droppable: bool = True) -> None:
+    def _fault(self, kind: str, what: str, where: str | None, droppable: bool = True) -> None:
         """Record a fault of ``kind`` (nonfinite, solver, power_iteration) found at this step and apply its policy:
         ``stop`` (end the run after this batch; ``last.ckpt`` is written there), ``skip`` (drop this step's
         update), ``reduce_lr`` (drop it and multiply the learning rates by ``fault_lr_factor``) or ``warn`` (only
@@ -377,13 +398,21 @@ class FlowModule(pl.LightningModule):
         elif dropped and policy == "skip":
             message += "; update dropped"
         key = "on_nonfinite" if kind == "nonfinite" else f"on_{kind}_failure"
-        log.warning("%s (%s=%s%s)", message, key, configured,
-                    f", stopping: fault number {n} > max_fault_events" if escalated else "")
+        log.warning(
+            "%s (%s=%s%s)",
+            message,
+            key,
+            configured,
+            f", stopping: fault number {n} > max_fault_events" if escalated else "",
+        )
         if policy == "stop" and self.stop_reason is None:
             self.stop_error = NonFiniteLossError if kind == "nonfinite" else ConvergenceError
-            cause = (f"that is fault number {n} (max_fault_events={self.max_fault_events})" if escalated
-                     else f"policy {key}=stop")
-            state = ("the update of that step was dropped" if dropped else "the update of that step was applied")
+            cause = (
+                f"that is fault number {n} (max_fault_events={self.max_fault_events})"
+                if escalated
+                else f"policy {key}=stop"
+            )
+            state = "the update of that step was dropped" if dropped else "the update of that step was applied"
             self.stop_reason = f"{message}; the run stopped ({cause}); {state}"
             self._save_on_stop = True
 
@@ -400,10 +429,11 @@ class FlowModule(pl.LightningModule):
             )
         elif dirs:
             self.trainer.save_checkpoint(f"{dirs[0]}/last.ckpt")
-            self.stop_reason += (" and last.ckpt holds the weights after that batch, so a resume continues with the "
-                                 "next batch")
+            self.stop_reason += (
+                " and last.ckpt holds the weights after that batch, so a resume continues with the next batch"
+            )
 
-    def _unusable_weights(self, batch: Any) -> Optional[str]:
+    def _unusable_weights(self, batch: Any) -> str | None:
         """Why the current weights cannot be used (NaN/inf entries, or a non-finite loss on ``batch`` replayed from
         the step's random state), or None when they evaluate finite."""
         bad = nonfinite_tensors(self)
@@ -435,8 +465,15 @@ class FlowModule(pl.LightningModule):
             return
         bad = nonfinite_tensors(self)
         lrs = [float(g["lr"]) for opt in self.trainer.optimizers for g in opt.param_groups]
-        self.fault_events.append({"step": int(self.global_step), "kind": "nonfinite", "policy": "stop",
-                                  "what": "the weights became NaN/inf in the update", "where": bad[0] if bad else None})
+        self.fault_events.append(
+            {
+                "step": int(self.global_step),
+                "kind": "nonfinite",
+                "policy": "stop",
+                "what": "the weights became NaN/inf in the update",
+                "where": bad[0] if bad else None,
+            }
+        )
         self.stop_error = NonFiniteLossError
         self.stop_reason = (
             f"the weights of {len(bad)} parameter tensors became NaN/inf in the update of step {int(self.global_step)} "
@@ -461,7 +498,7 @@ class FlowModule(pl.LightningModule):
                 lrs.append(float(group["lr"]))
         return lrs
 
-    def _locate_loss_fault(self, batch: Any, x: Tensor) -> Optional[str]:
+    def _locate_loss_fault(self, batch: Any, x: Tensor) -> str | None:
         """Replay the step's forward pass from the random state it started with and name the first module whose
         output was NaN/inf from finite inputs."""
         if self._step_rng is None:
@@ -477,8 +514,12 @@ class FlowModule(pl.LightningModule):
     def _step_solver_failures(self) -> list[str]:
         """Blocks whose solves of this step (forward, inverse, adjoint) left samples unconverged (one device sync
         for all of them)."""
-        records = [(name, kind, stats) for name, m in self.named_modules()
-                   if hasattr(getattr(m, "solves", None), "last") for kind, stats in m.solves.last.items()]
+        records = [
+            (name, kind, stats)
+            for name, m in self.named_modules()
+            if hasattr(getattr(m, "solves", None), "last")
+            for kind, stats in m.solves.last.items()
+        ]
         if not records:
             return []
         failed = torch.stack([(~stats.converged).any() for _, _, stats in records]).tolist()
@@ -498,8 +539,11 @@ class FlowModule(pl.LightningModule):
             # one fused max|g| over all gradients (NaN and inf propagate, finite values cannot overflow), one sync
             if named and not bool(torch.isfinite(get_total_norm([g for _, g in named], norm_type=float("inf")))):
                 bad = [n for n, g in named if not bool(torch.isfinite(g).all())]
-                self._fault("nonfinite", f"the gradients of {len(bad)} parameter tensors became NaN/inf with a "
-                            f"finite loss", f"{bad[0]} (first)")
+                self._fault(
+                    "nonfinite",
+                    f"the gradients of {len(bad)} parameter tensors became NaN/inf with a finite loss",
+                    f"{bad[0]} (first)",
+                )
         failed = self._step_solver_failures()
         if failed:
             self._fault("solver", "a fixed-point solve did not converge", ", ".join(failed))
@@ -517,8 +561,12 @@ class FlowModule(pl.LightningModule):
         self._check_weights_finite()
         self._lipschitz_stats = update_lipschitz(self.model, max_iters=self.lipschitz_step_iters)
         if self._lipschitz_stats.get("unconverged") and self.lipschitz_step_iters is None:
-            self._fault("power_iteration", "power iteration stopped at its iteration cap before its tolerance",
-                        ", ".join(f"model.{n}" for n in self._lipschitz_stats["unconverged"]), droppable=False)
+            self._fault(
+                "power_iteration",
+                "power iteration stopped at its iteration cap before its tolerance",
+                ", ".join(f"model.{n}" for n in self._lipschitz_stats["unconverged"]),
+                droppable=False,
+            )
         if self.lipschitz_step_iters is not None and self._lipschitz_check_due():
             self._check_lipschitz_guarantee()
 
@@ -551,7 +599,8 @@ class FlowModule(pl.LightningModule):
                 f"the Lipschitz bound was exceeded in {len(breaches)} of {len(layers)} layers (worst: true norm "
                 f"{worst[1]:.4f} > coeff {worst[2]}; lipschitz_step_iters={self.lipschitz_step_iters} iterations per "
                 f"step did not keep up, raise it); the norms are exact again after a power iteration to tolerance",
-                ", ".join(f"model.{b[0]}" for b in breaches), droppable=False,
+                ", ".join(f"model.{b[0]}" for b in breaches),
+                droppable=False,
             )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -594,9 +643,12 @@ class FlowModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         stats = update_lipschitz(self.model)
         if stats.get("unconverged") and not self.trainer.sanity_checking:
-            log.warning("power iteration before validation at step %d stopped at its cap before its tolerance in %s; "
-                        "the Lipschitz bound of those layers may be exceeded (raise model.sn_max_iters)",
-                        self.global_step, ", ".join(f"model.{n}" for n in stats["unconverged"]))
+            log.warning(
+                "power iteration before validation at step %d stopped at its cap before its tolerance in %s; "
+                "the Lipschitz bound of those layers may be exceeded (raise model.sn_max_iters)",
+                self.global_step,
+                ", ".join(f"model.{n}" for n in stats["unconverged"]),
+            )
 
     def on_validation_epoch_end(self) -> None:
         self._log_importance("val")

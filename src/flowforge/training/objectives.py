@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from flowforge.errors import ConfigError
 
@@ -36,7 +36,7 @@ def resolve_lam(lam: Any, dim: int) -> float:
     return float(lam)
 
 
-def parse_objective(objective: Optional[dict], dim: int) -> Optional[dict]:
+def parse_objective(objective: dict | None, dim: int) -> dict | None:
     """``None`` for maximum likelihood, else the objective's options, checked."""
     if objective is None:
         return None

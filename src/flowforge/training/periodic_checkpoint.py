@@ -20,8 +20,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 class PeriodicCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint(every_n_train_steps=N)`` that skips the save on the last batch of an epoch."""
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -34,7 +34,7 @@ import random
 import signal
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -43,8 +43,8 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from flowforge.data.base import FlowDataModule
-from flowforge.errors import ConfigError
 from flowforge.data.sampler import ResumableSampler
+from flowforge.errors import ConfigError
 from flowforge.training.checkpoint_io import remove_partial_files
 
 log = logging.getLogger("flowforge")
@@ -67,14 +67,14 @@ class ExactResume(pl.Callback):
     """See the module docstring.  Args: ``dirpath``: the checkpoint folder (``last.ckpt`` on SIGTERM);
     ``seed``: the run's seed (None: one is drawn and stored in the checkpoints)."""
 
-    def __init__(self, dirpath: str, seed: Optional[int] = None):
+    def __init__(self, dirpath: str, seed: int | None = None):
         self.dirpath = Path(dirpath)
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
-        self._position: Optional[tuple[int, int]] = None  # (epoch, batches used) from a loaded checkpoint
-        self._requeue: Optional[tuple[Any, int]] = None  # (Lightning's handler, signal) waiting for a batch end
+        self._position: tuple[int, int] | None = None  # (epoch, batches used) from a loaded checkpoint
+        self._requeue: tuple[Any, int] | None = None  # (Lightning's handler, signal) waiting for a batch end
         self._handler: Any = None
-        self._trainer: Optional[pl.Trainer] = None
-        self.saved_on_signal: Optional[Path] = None
+        self._trainer: pl.Trainer | None = None
+        self.saved_on_signal: Path | None = None
         self.trained = False  # whether the fit loop ran (it is skipped when resuming a finished run)
 
     @property
@@ -118,7 +118,9 @@ class ExactResume(pl.Callback):
                     "resuming inside epoch %d after %d batches, but the training loader's sampler (%s) cannot skip "
                     "the examples already used: this epoch starts over from its first batch (use a "
                     "flowforge.data.FlowDataModule, whose ResumableSampler restores the position)",
-                    position[0], position[1], type(sampler).__name__,
+                    position[0],
+                    position[1],
+                    type(sampler).__name__,
                 )
         self._defer_requeue_signal(trainer)
 
@@ -141,12 +143,14 @@ class ExactResume(pl.Callback):
             return
         self._handler = defer
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         seed_all(stream_seed(self.seed, "train", trainer.fit_loop.total_batch_idx, trainer.global_rank))
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.received_sigterm and self.saved_on_signal is None:
             self._save_on_signal(trainer)  # at the batch boundary; Lightning stops after this batch
         if self._requeue is not None:
@@ -179,7 +183,8 @@ class ExactResume(pl.Callback):
         if trainer.sanity_checking or trainer.validating or not inside_epoch:
             log.warning(
                 "SIGTERM arrived during validation or at an epoch's end: resume from the newest checkpoint in %s "
-                "(ckpt_path=last)", self.dirpath,
+                "(ckpt_path=last)",
+                self.dirpath,
             )
             return
         self._save_on_signal(trainer)
@@ -189,12 +194,37 @@ class ExactResume(pl.Callback):
 #: settings that a resume may change freely: where things go, what is logged and shown, how long to train (to
 #: extend a run), fault policies and fault injection; every other difference would change the experiment
 FREE_ON_RESUME = (
-    "paths", "ckpt_path", "overrides", "tags", "task_name", "logger", "faults", "train", "test", "resume_overrides",
-    "optimized_metric", "trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar",
-    "trainer.enable_model_summary", "trainer.log_every_n_steps", "callbacks.progress_bar", "callbacks.sample_figures",
-    "callbacks.lr_monitor", "callbacks.model_checkpoint", "callbacks.last_checkpoint", "checkpoint_every_n_steps",
-    "on_nonfinite", "on_solver_failure", "on_power_iteration_failure", "fault_lr_factor", "max_fault_events",
-    "dataset.data_dir", "dataset.num_workers", "trainer.default_root_dir", "callbacks.exact_resume.dirpath",
+    "paths",
+    "ckpt_path",
+    "overrides",
+    "tags",
+    "task_name",
+    "logger",
+    "faults",
+    "train",
+    "test",
+    "resume_overrides",
+    "optimized_metric",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "callbacks.progress_bar",
+    "callbacks.sample_figures",
+    "callbacks.lr_monitor",
+    "callbacks.model_checkpoint",
+    "callbacks.last_checkpoint",
+    "checkpoint_every_n_steps",
+    "on_nonfinite",
+    "on_solver_failure",
+    "on_power_iteration_failure",
+    "fault_lr_factor",
+    "max_fault_events",
+    "dataset.data_dir",
+    "dataset.num_workers",
+    "trainer.default_root_dir",
+    "callbacks.exact_resume.dirpath",
 )
 #: settings no resume may change, even on request: the random streams, the data and the architecture
 FIXED_ON_RESUME = ("seed", "dataset", "model")

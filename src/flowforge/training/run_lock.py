@@ -14,9 +14,9 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 from flowforge.errors import ConfigError
 
@@ -32,11 +32,15 @@ def is_rank_zero() -> bool:
 
 
 def _me() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([sys.executable, *sys.argv]),
-            "slurm_job": os.environ.get("SLURM_JOB_ID")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    }
 
 
-def _read(path: Path) -> Optional[dict]:
+def _read(path: Path) -> dict | None:
     try:
         holder = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -54,7 +58,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _stale(holder: dict) -> Optional[str]:
+def _stale(holder: dict) -> str | None:
     """Why the lock of ``holder`` is stale, or None when its run may still be going."""
     me = _me()
     if holder.get("slurm_job") and holder["slurm_job"] == me["slurm_job"] and holder["pid"] != me["pid"]:
@@ -79,8 +83,10 @@ def acquire(folder: Path) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(_me(), f)
         return path
-    raise ConfigError(f"could not take the lock {path} of the run directory (other runs keep taking it); "
-                      "use another run directory (hydra.run.dir=...)")
+    raise ConfigError(
+        f"could not take the lock {path} of the run directory (other runs keep taking it); "
+        "use another run directory (hydra.run.dir=...)"
+    )
 
 
 def _handle_existing(path: Path, folder: Path) -> None:
@@ -124,7 +130,7 @@ def release(path: Path) -> None:
 
 
 @contextmanager
-def run_lock(folder: Path) -> Iterator[Optional[Path]]:
+def run_lock(folder: Path) -> Iterator[Path | None]:
     """Hold the lock of ``folder`` for the ``with`` block (rank 0 only; other ranks get None)."""
     if not is_rank_zero():
         yield None

@@ -92,7 +92,9 @@ def write_fit_csv(path: Path, x: Tensor, target: Tensor, prediction: Tensor) -> 
     """A CSV with header ``x,target,prediction`` and one row per grid point."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = ["x,target,prediction"] + [f"{a:.6g},{b:.6g},{c:.6g}" for a, b, c in zip(x.tolist(), target.tolist(), prediction.tolist())]
+    rows = ["x,target,prediction"] + [
+        f"{a:.6g},{b:.6g},{c:.6g}" for a, b, c in zip(x.tolist(), target.tolist(), prediction.tolist())
+    ]
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -107,7 +109,9 @@ def image_grid(images: Tensor, path: Path) -> Path:
         ax.axis("off")
         if i < n:
             img = images[i].clamp(0, 1).permute(1, 2, 0).numpy()
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
+            ax.imshow(
+                img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1
+            )
     return save_figure(fig, path)
 
 
@@ -165,8 +169,14 @@ def circle_plot(model, data: Tensor, path: Path, n_grid: int = 400, n_samples: i
     fig, ax = plt.subplots(figsize=(6, 4))
     for pts, label in ((data, "data"), (samples, "model samples")):
         pts = pts.double()
-        ax.hist(torch.atan2(pts[:, 1], pts[:, 0]).numpy(), bins=100, range=(-math.pi, math.pi), density=True,
-                alpha=0.4, label=label)
+        ax.hist(
+            torch.atan2(pts[:, 1], pts[:, 0]).numpy(),
+            bins=100,
+            range=(-math.pi, math.pi),
+            density=True,
+            alpha=0.4,
+            label=label,
+        )
     ax.plot(theta.numpy(), density.numpy(), label="model density")
     ax.set_xlabel("angle")
     ax.legend()
