@@ -44,6 +44,7 @@ CELLS = {
     "fit1d": (4, 0),
     "impflow_cifar10": (8, 8),
     "impflow_tabular": (5, 5),
+    "iresnet_bias": (4, 0),
     "monotone_cifar10_ablation": (4, 0),
     "monotone_density": (10, 6),
     "resflow_ablation": (9, 9),
@@ -59,6 +60,7 @@ FIRST_SUBDIR = {
     "toy2d_monotone": "0_idensenet_toy_2spirals",
     "monotone_cifar10_ablation": "0_idensenet_cifar10_ablation_clipswish",
     "impflow_tabular": "0_power",
+    "iresnet_bias": "0_power_series_0.9",
 }
 
 
@@ -143,7 +145,9 @@ def test_every_sweep_point_composes(path):
         cfg = composed(overrides)
         for o in overrides:
             key, value = o.split("=", 1)
-            if key not in ("experiment", "dataset"):
+            if key == "estimator":  # a config group: its config names itself
+                assert cfg.estimator.name == value, (path.name, o)
+            elif key not in ("experiment", "dataset"):
                 node = cfg
                 for part in key.split("."):
                     node = node[part]
