@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowforge.flows.registry import model_configs
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -19,87 +21,19 @@ def _seed():
     yield
 
 
-MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+# model configs: conf/model/*.yaml, and <dir>/model/*.yaml for every dir of FLOWFORGE_CONFIG_PATH (families
+# outside flowforge, their modules on PYTHONPATH), each paired with its family's declaration
+# (flowforge.flows.registry): capabilities, shape limits and test sizes.  A config without a family is a clear error.
+CONFIG_PATH = [Path(d) for d in os.environ.get("FLOWFORGE_CONFIG_PATH", "").split(os.pathsep) if d]
+FAMILIES = model_configs(ROOT / "conf", *CONFIG_PATH)
+MODELS = sorted(FAMILIES)
 DATASETS = sorted(p.stem for p in (ROOT / "conf" / "dataset").glob("*.yaml"))
 
 # small sizes so every model builds and runs fast in tests
-SMALL = {
-    "planar": ["model.num_layers=3"],
-    "radial": ["model.num_layers=3"],
-    "nice": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8"],
-    "realnvp": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8"],
-    "glow": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8"],
-    "nsf": ["model.num_steps=2", "model.hidden=[16]", "model.channels=8", "model.bins=4"],
-    "maf": ["model.num_layers=2", "model.hidden=[16]"],
-    "iaf": ["model.num_layers=2", "model.hidden=[16]", "model.max_density_passes=64"],
-    "resflow": [
-        "model.num_blocks=2",
-        "model.hidden=[8]",
-        "model.blocks_per_scale=[1]",
-        "model.channels=4",
-        "model.fc_blocks=1",
-        "model.fc_hidden=[8]",
-    ],
-    "iresnet": [
-        "model.num_blocks=2",
-        "model.hidden=[8]",
-        "model.blocks_per_scale=[1]",
-        "model.channels=4",
-        "model.fc_blocks=1",
-        "model.fc_hidden=[8]",
-    ],
-    "impflow": [
-        "model.num_blocks=2",
-        "model.hidden=[8]",
-        "model.blocks_per_scale=[1]",
-        "model.channels=4",
-        "model.fc_blocks=1",
-        "model.fc_hidden=[8]",
-    ],
-    "monotone": [
-        "model.num_blocks=2",
-        "model.depth=2",
-        "model.growth=4",
-        "model.fc_g=mlp",
-        "model.fc_hidden=[8]",
-        "model.blocks_per_scale=[1]",
-        "model.fc_blocks=1",
-    ],
-    "cnf": [
-        "model.num_blocks=2",
-        "model.hidden=[8]",
-        "model.channels=4",
-        "model.kernels=[3,3]",
-        "model.num_scales=2",
-        "model.blocks_per_scale=1",
-        "model.method=rk4",
-        "model.step_size=0.5",
-    ],
-    "sphere": ["model.num_layers=2"],
-    "simplex": [],
-}
-# models whose log-det is estimated: exact-reference tests select estimator=exact and tight inverses
-# tight solves, adjoints included (the brute-force Jacobian differentiates through them)
-_TIGHT_SOLVES = [f"model.{s}_solver.{t}=1e-13" for s in ("forward", "inverse", "backward") for t in ("atol", "rtol")]
-_TIGHT_SOLVES.append("model.backward_solver.max_iters=1000")
-EXACT_OVERRIDES = {
-    "resflow": ["estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"],
-    "iresnet": ["estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"],
-    "impflow": ["estimator=exact", *_TIGHT_SOLVES],
-    "monotone": ["estimator=exact", *_TIGHT_SOLVES],
-    "cnf": [
-        "estimator=exact",
-        "model.method=dopri5",
-        "model.step_size=null",
-        "model.atol=1e-10",
-        "model.rtol=1e-10",
-        "model.adjoint=false",
-    ],
-}
-ESTIMATED = set(EXACT_OVERRIDES)
-VECTOR_ONLY = {"planar", "radial"}
-MANIFOLD = {"sphere": "sphere", "simplex": "simplex"}  # model -> the dataset.manifold it needs
-NEEDS_2D = {"nice", "realnvp", "glow", "nsf"}
+SMALL = {name: list(f.test) for name, f in FAMILIES.items()}
+# models whose log-det is estimated: exact-reference tests add these (estimator=exact, tight inverses and solves,
+# adjoints included: the brute-force Jacobian differentiates through them)
+EXACT_OVERRIDES = {name: list(f.exact_test) for name, f in FAMILIES.items() if f.exact_test}
 
 
 def compose(overrides=(), config_name="train"):
@@ -109,8 +43,11 @@ def compose(overrides=(), config_name="train"):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    overrides = list(overrides)
+    if CONFIG_PATH:
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{d.resolve()}" for d in CONFIG_PATH) + "]")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
     with open_dict(cfg):
         del cfg["hydra"]  # as in a real run, the job config carries no hydra node

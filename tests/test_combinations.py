@@ -3,7 +3,7 @@ training/validation/test step, and the ones that cannot fail with a clear messag
 
 import pytest
 import torch
-from conftest import DATASETS, MANIFOLD, MODELS, NEEDS_2D, SMALL, VECTOR_ONLY, compose, fast_dev_run, instantiate_model
+from conftest import DATASETS, FAMILIES, MODELS, SMALL, compose, fast_dev_run, instantiate_model
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class
 
@@ -34,20 +34,18 @@ class SyntheticData(FlowDataModule):
         return {s: (draw(4), None) for s in ("train", "val", "test")}
 
 
+# what the error names when a model cannot take a dataset, by the limit its family declares it breaks
+REFUSALS = {
+    "manifold": "models data on the",
+    "image": "acts on vector data",
+    "min_dim": "at least 2 dimensions",
+    "max_dim": "sequential passes",
+}
+
+
 def expected_error(model, cfg):
-    shape = tuple(cfg.dataset.shape)
-    dim = 1
-    for s in shape:
-        dim *= s
-    if model in MANIFOLD and cfg.dataset.get("manifold") != MANIFOLD[model]:
-        return "models data on the"
-    if model in VECTOR_ONLY and len(shape) == 3:
-        return "acts on vector data"
-    if model in NEEDS_2D and dim < 2:
-        return "at least 2 dimensions"
-    if model == "iaf" and dim > cfg.model.max_density_passes:
-        return "sequential passes"
-    return None
+    limit = FAMILIES[model].shape_limit(cfg.dataset.shape, cfg.dataset.get("manifold"), cfg.model)
+    return REFUSALS[limit] if limit else None
 
 
 @pytest.mark.parametrize("dataset", DATASETS)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import EXACT_OVERRIDES, MANIFOLD, MODELS, SMALL, VECTOR_ONLY, compose, instantiate_model
+from conftest import EXACT_OVERRIDES, FAMILIES, MODELS, SMALL, compose, instantiate_model
 
 from flowforge.testing import batch_jacobian_logdet
 
@@ -35,8 +35,8 @@ def settled(flow, x):
 
 
 # manifold models (sphere, simplex) are checked against the tangent-space volume formula in test_manifold_flows
-CASES = [(m, "toy2d") for m in MODELS if m not in MANIFOLD] + [
-    (m, "digits") for m in MODELS if m not in VECTOR_ONLY | set(MANIFOLD)
+CASES = [(m, "toy2d") for m in MODELS if not FAMILIES[m].manifold] + [
+    (m, "digits") for m in MODELS if FAMILIES[m].images
 ]
 
 

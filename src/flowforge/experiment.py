@@ -25,6 +25,7 @@ from flowforge.checks import check_run_config, positive_finite, positive_int
 from flowforge.data.base import broken_link
 from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
+from flowforge.flows.registry import family_names
 from flowforge.smoke import shrink
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
@@ -144,7 +145,7 @@ def check_estimator(cfg: DictConfig, model: torch.nn.Module) -> None:
         target = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
         raise ConfigError(
             f"estimator={name} applies to flows whose log-det is estimated "
-            "(model=resflow, iresnet, impflow, monotone, cnf); "
+            f"(model={family_names(lambda f: f.log_det == 'estimated')}); "
             f"{target} has a closed-form log-det: use estimator=exact"
         )
 

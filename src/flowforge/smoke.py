@@ -1,77 +1,23 @@
 """``+smoke=true``: the same run at a tiny size, to prove a recipe or a whole sweep end to end on a CPU.
 
 :func:`shrink` rewrites a composed run configuration in place: the model keeps its family, data shape and
-options but gets a tiny width and depth (:data:`SIZES`, by model class); training runs one epoch of at most
+options but gets a tiny width and depth (the ``smoke`` sizes its family declares in
+:mod:`flowforge.flows.registry`, found from the model's ``_target_``); training runs one epoch of at most
 ``train_batches`` batches of ``batch_size`` on the CPU in float32, validation and test one batch; the data
 module keeps at most ``limit`` examples per split, and image hold-outs shrink to what
-``python -m flowforge.data.fake`` writes (:data:`DATA_SIZES`; checksums are not verified).  Everything else (the
-estimator, the objective, the
-dequantisation, the callbacks, the sweep's table metadata) is left alone, so a smoke run exercises the same
-code path as the real one.  Sweep files document their smoke command; ``python -m flowforge.data.fake DIR``
-writes tiny files in every dataset's real format for sweeps over file-backed datasets.
+``python -m flowforge.data.fake`` writes (:data:`DATA_SIZES`; checksums are not verified).  Everything else
+(the estimator, the objective, the dequantisation, the callbacks, the sweep's table metadata) is left alone, so
+a smoke run exercises the same code path as the real one.  Sweep files document their smoke command;
+``python -m flowforge.data.fake DIR`` writes tiny files in every dataset's real format for sweeps over
+file-backed datasets.
 """
 
 from __future__ import annotations
 
 from omegaconf import DictConfig, ListConfig, open_dict
 
-#: tiny constructor arguments per model class (only keys the model config has are set)
-SIZES: dict[str, dict] = {
-    "RealNVP": {"num_steps": 2, "hidden": [16], "channels": 8, "num_scales": 2},
-    "Glow": {"num_steps": 2, "hidden": [16], "channels": 8, "num_scales": 2},
-    "NICE": {"num_steps": 2, "hidden": [16], "channels": 8},
-    "NSF": {"num_steps": 2, "hidden": [16], "channels": 8, "bins": 4},
-    "MAF": {"num_layers": 2, "hidden": [16]},
-    "IAF": {"num_layers": 2, "hidden": [16]},
-    "ResidualFlow": {
-        "num_blocks": 2,
-        "hidden": [8],
-        "blocks_per_scale": [1],
-        "channels": 4,
-        "fc_blocks": 1,
-        "fc_hidden": [8],
-        "depth": 2,
-        "growth": 4,
-        "fc_growth": 8,
-    },
-    "IResNet": {
-        "num_blocks": 2,
-        "hidden": [8],
-        "blocks_per_scale": [1],
-        "channels": 4,
-        "fc_blocks": 1,
-        "fc_hidden": [8],
-    },
-    "ImplicitFlow": {
-        "num_blocks": 2,
-        "hidden": [8],
-        "blocks_per_scale": [1],
-        "channels": 4,
-        "fc_blocks": 1,
-        "fc_hidden": [8],
-    },
-    "MonotoneFlow": {
-        "num_blocks": 2,
-        "depth": 2,
-        "growth": 4,
-        "fc_g": "mlp",
-        "fc_hidden": [8],
-        "blocks_per_scale": [1],
-        "fc_blocks": 1,
-    },
-    "FFJORD": {
-        "num_blocks": 2,
-        "hidden": [8],
-        "channels": 4,
-        "kernels": [3, 3],
-        "blocks_per_scale": 1,
-        "method": "rk4",
-        "step_size": 0.5,
-    },
-    "planar_family": {"num_layers": 3},
-    "radial_family": {"num_layers": 3},
-}
-
+from flowforge.errors import ConfigError
+from flowforge.flows.registry import family_of
 
 #: tiny evaluation hold-outs per data module class (the smoke files of ``flowforge.data.fake`` have 16 val and
 #: test images; checksums of the official files cannot match them)
@@ -82,11 +28,23 @@ DATA_SIZES: dict[str, dict] = {
 }
 
 
+def smoke_sizes(target: str) -> dict:
+    """The smoke constructor arguments of the family whose factory ``target`` names ({} without a target)."""
+    if not target:
+        return {}
+    family = family_of(target)
+    if family is None:
+        raise ConfigError(
+            f"smoke=true needs the smoke sizes of the model's family, but {target} (model._target_) is no registered "
+            "flow family's factory: declare the family next to it with register_family (flowforge.flows.registry)"
+        )
+    return dict(family.smoke)
+
+
 def shrink(cfg: DictConfig, limit: int = 32, batch_size: int = 16, train_batches: int = 2) -> DictConfig:
     """Make ``cfg`` a smoke run (see the module docstring); returns it."""
     with open_dict(cfg):
-        model_class = str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1]
-        for key, value in SIZES.get(model_class, {}).items():
+        for key, value in smoke_sizes(str(cfg.model.get("_target_") or "")).items():
             if key in cfg.model:
                 current = cfg.model[key]
                 if key == "blocks_per_scale" and isinstance(value, list) and isinstance(current, ListConfig):

@@ -37,6 +37,7 @@ from flowforge.flows.cnf import CNF
 from flowforge.flows.distributions import make_base
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.multiscale import Squeeze, check_squeezable, multiscale
+from flowforge.flows.registry import register_family
 from flowforge.nn.velocity import VelocityConvNet, VelocityMLP
 
 log = logging.getLogger("flowforge")
@@ -174,3 +175,38 @@ def FFJORD(
         return layers + [Squeeze()] + cnf_blocks(s2), s2
 
     return build_flow(shape, multiscale(shape, int(num_scales), make_scale), base, num_levels, logit_alpha)
+
+
+register_family(
+    FFJORD,
+    "cnf",
+    title="FFJORD continuous flow (Grathwohl et al., 2019)",
+    log_det="estimated",
+    test=(
+        "model.num_blocks=2",
+        "model.hidden=[8]",
+        "model.channels=4",
+        "model.kernels=[3,3]",
+        "model.num_scales=2",
+        "model.blocks_per_scale=1",
+        "model.method=rk4",
+        "model.step_size=0.5",
+    ),
+    exact_test=(
+        "estimator=exact",
+        "model.method=dopri5",
+        "model.step_size=null",
+        "model.atol=1e-10",
+        "model.rtol=1e-10",
+        "model.adjoint=false",
+    ),
+    smoke={
+        "num_blocks": 2,
+        "hidden": [8],
+        "channels": 4,
+        "kernels": [3, 3],
+        "blocks_per_scale": 1,
+        "method": "rk4",
+        "step_size": 0.5,
+    },
+)

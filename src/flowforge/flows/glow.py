@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow
+from flowforge.flows.registry import register_family
 
 
 def Glow(
@@ -36,3 +37,13 @@ def Glow(
         lu_init=lu_init,
     )
     return build_flow(shape, stack, base, num_levels, logit_alpha)
+
+
+register_family(
+    Glow,
+    "glow",
+    title="Glow (Kingma & Dhariwal, 2018)",
+    min_dim=2,
+    test=("model.num_steps=2", "model.hidden=[16]", "model.channels=8"),
+    smoke={"num_steps": 2, "hidden": [16], "channels": 8, "num_scales": 2},
+)

@@ -141,3 +141,28 @@ def ImplicitFlow(
         num_levels,
         logit_alpha,
     )
+
+
+from flowforge.flows.registry import register_family  # noqa: E402 (the declaration closes the module)
+
+register_family(
+    ImplicitFlow,
+    "impflow",
+    title="Implicit Flow (Lu et al., 2021)",
+    log_det="estimated",
+    maintenance=True,
+    test=(
+        "model.num_blocks=2",
+        "model.hidden=[8]",
+        "model.blocks_per_scale=[1]",
+        "model.channels=4",
+        "model.fc_blocks=1",
+        "model.fc_hidden=[8]",
+    ),
+    exact_test=(
+        "estimator=exact",
+        *(f"model.{s}_solver.{t}=1e-13" for s in ("forward", "inverse", "backward") for t in ("atol", "rtol")),
+        "model.backward_solver.max_iters=1000",
+    ),
+    smoke={"num_blocks": 2, "hidden": [8], "blocks_per_scale": [1], "channels": 4, "fc_blocks": 1, "fc_hidden": [8]},
+)

@@ -16,6 +16,7 @@ from flowforge.flows.autoregressive import MaskedAutoregressive
 from flowforge.flows.base import Inverse, Transform
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow, flatten_images
+from flowforge.flows.registry import register_family
 
 
 def autoregressive_layers(
@@ -57,3 +58,20 @@ def IAF(shape: Sequence[int], max_density_passes: int = 1024, **kwargs) -> Flow:
             f"(> model.max_density_passes={max_density_passes}), too slow for likelihood training: use maf"
         )
     return MAF(shape, inverse=True, **kwargs)
+
+
+register_family(
+    MAF,
+    "maf",
+    title="MAF (Papamakarios et al., 2017)",
+    test=("model.num_layers=2", "model.hidden=[16]"),
+    smoke={"num_layers": 2, "hidden": [16]},
+)
+register_family(
+    IAF,
+    "iaf",
+    title="IAF (Kingma et al., 2016)",
+    max_dim_option="max_density_passes",
+    test=("model.num_layers=2", "model.hidden=[16]", "model.max_density_passes=64"),
+    smoke={"num_layers": 2, "hidden": [16]},
+)

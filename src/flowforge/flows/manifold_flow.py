@@ -27,6 +27,7 @@ from flowforge.errors import ConfigError, DataError
 from flowforge.flows.base import Compose, Transform
 from flowforge.flows.manifold_distributions import Dirichlet, UniformSphere, VonMisesFisher
 from flowforge.flows.model import Flow
+from flowforge.flows.registry import register_family
 from flowforge.flows.simplex import Calibration, GeneralizedCalibration
 from flowforge.flows.sphere import NormalizedAffine, NormalizedLinear, NormalizedTranslation
 
@@ -196,3 +197,19 @@ __all__ = [
     "SPHERE_KINDS",
     "SIMPLEX_KINDS",
 ]
+
+register_family(
+    SphereFlow,
+    "sphere",
+    title="Flow on the sphere: normalised translation, linear and affine layers",
+    data=("sphere",),
+    min_dim=2,
+    test=("model.num_layers=2",),
+)
+register_family(
+    SimplexFlow,
+    "simplex",
+    title="Calibration flow on the probability simplex",
+    data=("simplex",),
+    min_dim=2,
+)

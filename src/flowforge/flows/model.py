@@ -107,9 +107,11 @@ def vector_dim(shape: Sequence[int], family: str) -> int:
     """The dimension of vector data, or a clear error for image data."""
     shape = tuple(shape)
     if len(shape) != 1:
+        from flowforge.flows.registry import family_names
+
         raise ConfigError(
             f"model '{family}' acts on vector data, but the dataset has image shape {shape}; "
-            f"use an image-capable model (nice, realnvp, glow, nsf, maf, iaf) or a vector dataset"
+            f"use an image-capable model ({family_names(lambda f: f.images)}) or a vector dataset"
         )
     return shape[0]
 

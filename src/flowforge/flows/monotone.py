@@ -159,3 +159,37 @@ def MonotoneFlow(
         num_levels,
         logit_alpha,
     )
+
+
+from flowforge.flows.registry import register_family  # noqa: E402 (the declaration closes the module)
+
+register_family(
+    MonotoneFlow,
+    "monotone",
+    title="Monotone Flow (Ahn et al., 2022)",
+    log_det="estimated",
+    maintenance=True,
+    test=(
+        "model.num_blocks=2",
+        "model.depth=2",
+        "model.growth=4",
+        "model.fc_g=mlp",
+        "model.fc_hidden=[8]",
+        "model.blocks_per_scale=[1]",
+        "model.fc_blocks=1",
+    ),
+    exact_test=(
+        "estimator=exact",
+        *(f"model.{s}_solver.{t}=1e-13" for s in ("forward", "inverse", "backward") for t in ("atol", "rtol")),
+        "model.backward_solver.max_iters=1000",
+    ),
+    smoke={
+        "num_blocks": 2,
+        "depth": 2,
+        "growth": 4,
+        "fc_g": "mlp",
+        "fc_hidden": [8],
+        "blocks_per_scale": [1],
+        "fc_blocks": 1,
+    },
+)

@@ -12,6 +12,7 @@ from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.base import Compose
 from flowforge.flows.elementwise import Additive
 from flowforge.flows.model import Flow, build_flow
+from flowforge.flows.registry import register_family
 
 
 def NICE(
@@ -27,3 +28,13 @@ def NICE(
     stack = coupling_stack(shape, Additive(), num_steps, hidden, channels, num_scales, actnorm=False)
     scaling = ActNorm((math.prod(shape),), data_init=False)
     return build_flow(shape, Compose([stack, scaling]), base, num_levels, logit_alpha)
+
+
+register_family(
+    NICE,
+    "nice",
+    title="NICE (Dinh et al., 2015)",
+    min_dim=2,
+    test=("model.num_steps=2", "model.hidden=[16]", "model.channels=8"),
+    smoke={"num_steps": 2, "hidden": [16], "channels": 8},
+)

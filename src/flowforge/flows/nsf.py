@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.maf import autoregressive_layers
 from flowforge.flows.model import Flow, build_flow
+from flowforge.flows.registry import register_family
 from flowforge.flows.spline import RationalQuadraticSpline
 
 
@@ -39,3 +40,13 @@ def NSF(
             shape, spline(), num_steps, hidden, channels, num_scales, actnorm, lu=True, layout="glow", lu_init=lu_init
         )
     return build_flow(shape, stack, base, num_levels, logit_alpha)
+
+
+register_family(
+    NSF,
+    "nsf",
+    title="Neural spline flow, coupling or autoregressive (Durkan et al., 2019)",
+    min_dim=2,
+    test=("model.num_steps=2", "model.hidden=[16]", "model.channels=8", "model.bins=4"),
+    smoke={"num_steps": 2, "hidden": [16], "channels": 8, "bins": 4},
+)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.flows.base import Transform, oriented
+from flowforge.flows.registry import register_family
 
 if TYPE_CHECKING:
     from flowforge.flows.model import Flow
@@ -73,3 +74,14 @@ def planar_family(
     return build_flow(
         shape, oriented([Planar(dim) for _ in range(num_layers)], direction, "planar"), base=base, **kwargs
     )
+
+
+register_family(
+    planar_family,
+    "planar",
+    title="Planar flow (Rezende & Mohamed, 2015)",
+    data=("vector",),
+    pathwise="model.direction=sampling",
+    test=("model.num_layers=3",),
+    smoke={"num_layers": 3},
+)

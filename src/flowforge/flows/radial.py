@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.flows.base import Transform, oriented
+from flowforge.flows.registry import register_family
 
 
 class Radial(Transform):
@@ -61,3 +62,13 @@ def radial_family(
     return build_flow(
         shape, oriented([Radial(dim) for _ in range(num_layers)], direction, "radial"), base=base, **kwargs
     )
+
+
+register_family(
+    radial_family,
+    "radial",
+    title="Radial flow (Rezende & Mohamed, 2015)",
+    data=("vector",),
+    test=("model.num_layers=3",),
+    smoke={"num_layers": 3},
+)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow
+from flowforge.flows.registry import register_family
 
 
 def RealNVP(
@@ -26,3 +27,13 @@ def RealNVP(
 ) -> Flow:
     stack = coupling_stack(shape, Affine(scale), num_steps, hidden, channels, num_scales, actnorm=actnorm)
     return build_flow(shape, stack, base, num_levels, logit_alpha)
+
+
+register_family(
+    RealNVP,
+    "realnvp",
+    title="RealNVP (Dinh et al., 2017)",
+    min_dim=2,
+    test=("model.num_steps=2", "model.hidden=[16]", "model.channels=8"),
+    smoke={"num_steps": 2, "hidden": [16], "channels": 8, "num_scales": 2},
+)

@@ -119,3 +119,51 @@ def IResNet(
 ) -> Flow:
     """i-ResNet: a residual flow with ELU, coeff 0.9 and (by its config) the truncated power series."""
     return ResidualFlow(shape, estimator=estimator, act=act, coeff=coeff, **kwargs)
+
+
+from flowforge.flows.registry import register_family  # noqa: E402 (the declaration closes the module)
+
+register_family(
+    ResidualFlow,
+    "resflow",
+    title="Residual Flow (Chen et al., 2019); i-DenseNet with `model.g=dense` (Perugachi-Diaz et al., 2021)",
+    log_det="estimated",
+    maintenance=True,
+    test=(
+        "model.num_blocks=2",
+        "model.hidden=[8]",
+        "model.blocks_per_scale=[1]",
+        "model.channels=4",
+        "model.fc_blocks=1",
+        "model.fc_hidden=[8]",
+    ),
+    exact_test=("estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"),
+    smoke={
+        "num_blocks": 2,
+        "hidden": [8],
+        "blocks_per_scale": [1],
+        "channels": 4,
+        "fc_blocks": 1,
+        "fc_hidden": [8],
+        "depth": 2,
+        "growth": 4,
+        "fc_growth": 8,
+    },
+)
+register_family(
+    IResNet,
+    "iresnet",
+    title="i-ResNet (Behrmann et al., 2019)",
+    log_det="estimated",
+    maintenance=True,
+    test=(
+        "model.num_blocks=2",
+        "model.hidden=[8]",
+        "model.blocks_per_scale=[1]",
+        "model.channels=4",
+        "model.fc_blocks=1",
+        "model.fc_hidden=[8]",
+    ),
+    exact_test=("estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"),
+    smoke={"num_blocks": 2, "hidden": [8], "blocks_per_scale": [1], "channels": 4, "fc_blocks": 1, "fc_hidden": [8]},
+)
