@@ -261,3 +261,28 @@ def test_options_a_family_cannot_use_are_refused():
         MonotoneFlow((2,), lipschitz=Lipschitz(norm="induced"))
     with pytest.raises(TypeError, match="nosuch"):
         ImplicitFlow((2,), nosuch=1)
+
+
+def test_solver_options_reach_every_solve():
+    solvers = Solvers(forward={"max_iters": 11}, inverse={"max_iters": 12}, backward={"max_iters": 13}, on_fail="raise")
+    imp = ImplicitFlow((2,), EXACT, g=GNet(hidden=(4,)), stack=Stack(num_blocks=2), solvers=solvers)
+    blocks = [m for m in imp.modules() if isinstance(m, ImplicitBlock)]
+    got = {
+        (b.residual_z.inverse_solver.max_iters, b.residual_x.inverse_solver.max_iters)
+        + (b.residual_z.backward_solver.max_iters, b.residual_x.backward_solver.max_iters)
+        + (b.residual_z.on_fail, b.residual_x.on_fail)
+        for b in blocks
+    }
+    assert len(blocks) == 2 and got == {(11, 12, 13, 13, "raise", "raise")}
+    mono = MonotoneFlow((2,), EXACT, g=GNet(hidden=(4,), kind="mlp"), stack=Stack(num_blocks=2), solvers=solvers)
+    blocks = [m for m in mono.modules() if isinstance(m, MonotoneBlock)]
+    got = {
+        (b.forward_solver.max_iters, b.inverse_solver.max_iters, b.backward_solver.max_iters, b.on_fail) for b in blocks
+    }
+    assert len(blocks) == 2 and got == {(11, 12, 13, "raise")}
+    res = ResidualFlow(
+        (2,), EXACT, g=GNet(hidden=(4,)), stack=Stack(num_blocks=2), solvers=replace(solvers, forward=None)
+    )
+    blocks = [m for m in res.modules() if isinstance(m, ResidualBlock)]
+    got = {(b.inverse_solver.max_iters, b.backward_solver.max_iters, b.on_fail) for b in blocks}
+    assert len(blocks) == 2 and got == {(12, 13, "raise")}
