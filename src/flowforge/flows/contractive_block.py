@@ -64,7 +64,7 @@ class ContractiveBlock(Transform):
 
         def record(stats: SolverStats) -> None:
             self.solves.add(kind, stats)
-            check_convergence(stats, f"{type(self).__name__} {kind}", solver, self.on_fail, self.hint)
+            check_convergence(stats, f"{type(self).__name__} {kind}", solver, on_fail=self.on_fail, hint=self.hint)
 
         return record
 

@@ -73,9 +73,8 @@ class MonotoneBlock(ContractiveBlock):
 
         with torch.no_grad():
             w0 = rhs - sign * self.g(rhs)
-        w, stats = implicit_solve(
-            step, w0, solver, self.backward_solver, self.recorder(f"{kind} backward", self.backward_solver)
-        )
+        on_backward = self.recorder(f"{kind} backward", self.backward_solver)
+        w, stats = implicit_solve(step, w0, forward=solver, backward=self.backward_solver, on_backward=on_backward)
         self.recorder(kind, solver)(stats)
         return w.to(rhs.dtype)
 

@@ -73,8 +73,9 @@ class ResidualBlock(ContractiveBlock):
 
         with torch.no_grad():
             x0 = y - self.g(y)
+        on_backward = self.recorder("inverse backward", self.backward_solver)
         x, stats = implicit_solve(
-            step, x0, self.inverse_solver, self.backward_solver, self.recorder("inverse backward", self.backward_solver)
+            step, x0, forward=self.inverse_solver, backward=self.backward_solver, on_backward=on_backward
         )
         self.recorder("inverse", self.inverse_solver)(stats)
         return x.to(y.dtype)
