@@ -11,7 +11,9 @@ A family takes its options in groups, each a frozen dataclass whose fields hold 
 The model configs (``conf/model/<family>.yaml``) are flat: each of their keys names one field of one group
 (:func:`config_keys`), and a family sets the keys it is given on its groups with :func:`with_config`.  So
 ``ResidualFlow(shape, g=GNet(hidden=(64, 64)), stack=Stack(num_blocks=4))`` and
-``ResidualFlow(shape, hidden=[64, 64], num_blocks=4)`` build the same model.
+``ResidualFlow(shape, hidden=[64, 64], num_blocks=4)`` build the same model.  A group passed whole
+replaces the family's default group (``MonotoneFlow(shape, g=GNet(...))`` starts from :class:`GNet`'s
+defaults, not from ``MONOTONE_G``); a config key changes one field of the family's default.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def with_config(config: Mapping[str, Any], **groups: Any) -> dict[str, Any]:
 def as_config(**groups: object) -> dict[str, Any]:
     """The flat config (``{config key: value}``) of the option groups given by name: the inverse of
     :func:`with_config`."""
-    return {key: getattr(groups[name], field) for key, (name, field) in config_keys(**groups).items()}
+    return {key: getattr(groups[name], attr) for key, (name, attr) in config_keys(**groups).items()}
 
 
 def g_net(g: GNet | str, default: GNet) -> GNet:
