@@ -26,9 +26,6 @@ from flowforge.flows.base import Transform
 from flowforge.solvers import Solver, SolveRecord, SolverStats, check_convergence
 from flowforge.solvers.solver import check_on_fail
 
-# adjoint solves of implicit differentiation: tighter than the forward, few iterations (Lip(g) < 1)
-BACKWARD_DEFAULTS = dict(method="anderson", atol=1e-8, rtol=1e-6, max_iters=100, fallback_iters=100)
-
 
 class ContractiveBlock(Transform):
     hint = "check that Lip(g) < 1 (spectral norms) or raise the solver's max_iters"
@@ -67,7 +64,7 @@ class ContractiveBlock(Transform):
 
         def record(stats: SolverStats) -> None:
             self.solves.add(kind, stats)
-            check_convergence(stats, f"{type(self).__name__} {kind}", solver, self.on_fail, self.hint)
+            check_convergence(stats, f"{type(self).__name__} {kind}", solver, on_fail=self.on_fail, hint=self.hint)
 
         return record
 

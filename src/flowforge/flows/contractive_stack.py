@@ -6,8 +6,9 @@
   leave after each of these squeezes); after the last scale ``fc_blocks`` fully connected blocks on the
   flattened tensor, each followed by ActNorm.
 
-``make_block(kind, shape, first)`` builds one block for ``kind`` in ``vector | image | fc`` on inputs of
-``shape`` (``first``: the network's first image block).  ActNorm uses Residual Flows' variance floor.
+The arrangement is a :class:`flowforge.flows.options.Stack`; ``make_block(kind, shape, first)`` builds
+one block for ``kind`` in ``vector | image | fc`` on inputs of ``shape`` (``first``: the network's first
+image block).  ActNorm uses Residual Flows' variance floor.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flowforge.flows.actnorm import ActNorm
 from flowforge.flows.base import Compose, Transform
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.multiscale import FactorOut, Reshape, Squeeze
+from flowforge.flows.options import Stack
 
 # ActNorm's variance floor in Residual Flows' data-dependent init: s = -1/2 log(max(var, 0.2))
 RESFLOW_ACTNORM_MIN_VAR = 0.2
@@ -38,41 +40,40 @@ def max_scales(h: int, w: int) -> int:
 def contractive_stack(
     shape: Sequence[int],
     make_block: MakeBlock,
-    num_blocks: int = 10,
-    blocks_per_scale: Sequence[int] = (16, 16, 16),
-    fc_blocks: int = 4,
-    actnorm: bool = True,
-    squeeze_first: bool = False,
-    factor_out: bool = False,
+    stack: Stack = Stack(),
+    *,
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
 ) -> Flow:
+    """The flow on data of ``shape``: blocks from ``make_block`` arranged as ``stack`` says, and the base
+    distribution and image preprocessing of :func:`flowforge.flows.model.build_flow`."""
     shape = tuple(int(s) for s in shape)
+    actnorm, fc_blocks, factor_out = stack.actnorm, stack.fc_blocks, stack.factor_out
 
     def an(s: Sequence[int]) -> ActNorm:
         return ActNorm(s, min_var=RESFLOW_ACTNORM_MIN_VAR)
 
     if len(shape) == 1:
-        if num_blocks < 1:
-            raise ConfigError(f"num_blocks must be >= 1, got {num_blocks}")
+        if stack.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be >= 1, got {stack.num_blocks}")
         layers: list[Transform] = [an(shape)] if actnorm else []
-        for _ in range(num_blocks):
+        for _ in range(stack.num_blocks):
             layers.append(make_block("vector", shape, False))
             if actnorm:
                 layers.append(an(shape))
-        return build_flow(shape, Compose(layers), base, num_levels, logit_alpha)
+        return build_flow(shape, Compose(layers), base=base, num_levels=num_levels, logit_alpha=logit_alpha)
     if len(shape) != 3:
         raise ConfigError(f"these flows take vectors (D,) or images (C, H, W); got shape {shape}")
 
     layers = []
     c, h, w = shape
-    if squeeze_first:
+    if stack.squeeze_first:
         if h % 2 or w % 2:
             raise ConfigError(f"squeeze_first needs even image sizes, got {h}x{w}")
         layers.append(Squeeze())
         c, h, w = 4 * c, h // 2, w // 2
-    blocks_per_scale = [int(b) for b in blocks_per_scale]
+    blocks_per_scale = [int(b) for b in stack.blocks_per_scale]
     n_scales = len(blocks_per_scale)
     if n_scales < 1 or min(blocks_per_scale) < 1:
         raise ConfigError(f"blocks_per_scale must list >= 1 blocks per scale, got {blocks_per_scale}")
@@ -116,4 +117,4 @@ def contractive_stack(
         return out + build_scales(s, index + 1)
 
     layers += build_scales((c, h, w), 0)
-    return build_flow(shape, Compose(layers), base, num_levels, logit_alpha)
+    return build_flow(shape, Compose(layers), base=base, num_levels=num_levels, logit_alpha=logit_alpha)

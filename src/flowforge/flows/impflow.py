@@ -6,20 +6,23 @@ an inverse residual block, so
     log |det df/dx| = log det(I + J_gx(x)) - log det(I + J_gz(z)),
 
 each term from the ``estimator`` group.  Forward: ``a = x + g_x(x)`` then the root ``z`` of
-``z = a - g_z(z)`` (``forward_solver``: Broyden, tolerance 1e-6, as the reference, with a Picard
-fallback); gradients reach ``g_x``, ``g_z`` and ``x`` by implicit differentiation, the adjoint
-``u (I + J_gz(z)) = dL/dz`` solved by ``backward_solver`` and fed through one re-attached step.  Inverse:
-``a = z + g_z(z)`` then ``x = a - g_x(x)`` (``inverse_solver``, tolerance 1e-5).  Its function class
-strictly contains residual flows'; in 1-D every strongly monotone differentiable function.
+``z = a - g_z(z)`` (``forward_solver``, :data:`flowforge.solvers.presets.IMPLICIT_FORWARD` by default:
+Broyden, tolerance 1e-6, as the reference, with a Picard fallback); gradients reach ``g_x``, ``g_z`` and
+``x`` by implicit differentiation, the adjoint ``u (I + J_gz(z)) = dL/dz`` solved by ``backward_solver``
+and fed through one re-attached step.  Inverse: ``a = z + g_z(z)`` then ``x = a - g_x(x)``
+(``inverse_solver``, :data:`flowforge.solvers.presets.IMPLICIT_INVERSE`: tolerance 1e-5).  Its function
+class strictly contains residual flows'; in 1-D every strongly monotone differentiable function.
 
 :func:`ImplicitFlow` builds the model in the residual-flow architecture (vectors: MLP g; images:
-multiscale conv g and fully connected blocks).
+multiscale conv g and fully connected blocks) with the typed options of :mod:`flowforge.flows.options`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +31,16 @@ from flowforge.estimators.logdet import LogDetEstimator, as_estimator
 from flowforge.flows.base import Transform
 from flowforge.flows.contractive_stack import contractive_stack
 from flowforge.flows.model import Flow
+from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
 from flowforge.flows.residual import ResidualBlock
 from flowforge.nn.contractive import ContractiveNets
+from flowforge.solvers.presets import IMPLICIT_FORWARD, IMPLICIT_INVERSE
 from flowforge.solvers.solver import SolverSpec, as_solver
 
-FORWARD_DEFAULTS = dict(method="broyden", atol=1e-6, rtol=1e-6, max_iters=100, memory=30, fallback_iters=1000)
-INVERSE_DEFAULTS = dict(method="broyden", atol=1e-5, rtol=1e-5, max_iters=100, memory=30, fallback_iters=1000)
+#: the g networks of Implicit Flows' toy and tabular models (Lu et al., 2021): sin activation, coeff 0.99
+IMPLICIT_G = GNet(act="sin", coeff=0.99, hidden=(128, 128))
+#: their arrangement: 6 blocks on vectors; 2 blocks per scale and 2 fully connected blocks on images
+IMPLICIT_STACK = Stack(num_blocks=6, blocks_per_scale=(2, 2, 2), fc_blocks=2)
 
 
 class ImplicitBlock(Transform):
@@ -55,14 +62,14 @@ class ImplicitBlock(Transform):
             estimator,
             on_fail=on_fail,
             backward_solver=backward_solver,
-            inverse_solver=as_solver(inverse_solver, **INVERSE_DEFAULTS),
+            inverse_solver=as_solver(inverse_solver, **asdict(IMPLICIT_INVERSE)),
         )
         self.residual_z = ResidualBlock(
             g_z,
             estimator,
             on_fail=on_fail,
             backward_solver=backward_solver,
-            inverse_solver=as_solver(forward_solver, **FORWARD_DEFAULTS),
+            inverse_solver=as_solver(forward_solver, **asdict(IMPLICIT_FORWARD)),
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,63 +90,43 @@ class ImplicitBlock(Transform):
 def ImplicitFlow(
     shape: Sequence[int],
     estimator: None | dict | LogDetEstimator = None,
-    num_blocks: int = 6,
-    hidden: Sequence[int] = (128, 128),
-    blocks_per_scale: Sequence[int] = (2, 2, 2),
-    channels: int = 512,
-    kernels: Sequence[int] = (3, 1, 3),
-    fc_blocks: int = 2,
-    fc_hidden: Sequence[int] = (128, 128),
-    act: str = "sin",
-    coeff: float = 0.99,
-    actnorm: bool = True,
-    preact: bool = True,
-    squeeze_first: bool = False,
-    factor_out: bool = False,
-    sn_rtol: float = 1e-3,
-    sn_max_iters: int = 200,
-    forward_solver: SolverSpec = None,
-    inverse_solver: SolverSpec = None,
-    backward_solver: SolverSpec = None,
-    on_fail: str = "warn",
+    *,
+    g: GNet | str = IMPLICIT_G,
+    lipschitz: Lipschitz = Lipschitz(),
+    stack: Stack = IMPLICIT_STACK,
+    solvers: Solvers = Solvers(),
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    **config: Any,
 ) -> Flow:
-    """An ImpFlow: :class:`ImplicitBlock` s with the residual-flow g networks (``sin`` activation and
-    coeff 0.99 by default, as the paper's toy and tabular models)."""
+    """An ImpFlow: :class:`ImplicitBlock` s, each with two g networks of ``g`` (``sin`` activation and
+    coeff 0.99 by default, as the paper's toy and tabular models).
+
+    ``config`` holds flat keys of ``conf/model/impflow.yaml`` (``hidden=[64, 64]``, ``forward_solver={...}``,
+    ...), set on the groups by :func:`flowforge.flows.options.with_config`.
+    """
+    opts = with_config(config, g=g_net(g, IMPLICIT_G), lipschitz=lipschitz, stack=stack, solvers=solvers)
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets(
-        "mlp",
-        act,
-        coeff,
-        hidden,
-        channels,
-        kernels,
-        fc_hidden,
-        preact,
-        "spectral",
-        False,
-        sn=dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters),
-    )
-    solvers = dict(forward_solver=forward_solver, inverse_solver=inverse_solver, backward_solver=backward_solver)
+    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"])
+    solvers = opts["solvers"]
 
     def make_block(kind: str, s: tuple, first: bool) -> ImplicitBlock:
-        return ImplicitBlock(nets.build(kind, s, first), nets.build(kind, s, first), est, on_fail=on_fail, **solvers)
+        g_x = nets.build(kind, s, first)
+        g_z = nets.build(kind, s, first)
+        return ImplicitBlock(
+            g_x,
+            g_z,
+            est,
+            forward_solver=solvers.forward,
+            inverse_solver=solvers.inverse,
+            backward_solver=solvers.backward,
+            on_fail=solvers.on_fail,
+        )
 
     return contractive_stack(
-        shape,
-        make_block,
-        num_blocks,
-        blocks_per_scale,
-        fc_blocks,
-        actnorm,
-        squeeze_first,
-        factor_out,
-        base,
-        num_levels,
-        logit_alpha,
+        shape, make_block, stack=opts["stack"], base=base, num_levels=num_levels, logit_alpha=logit_alpha
     )
 
 

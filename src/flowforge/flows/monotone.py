@@ -14,32 +14,39 @@ solve  ``w - g(w) = sqrt(2) y``,  return  ``x = sqrt(2) w - y``  (the same w as 
 estimated with the ``estimator`` group (exact in low dimension; power series / Russian roulette with
 Hutchinson probes; the Neumann-style gradient of the odd series; backward-in-forward).  Gradients reach
 g's parameters and x through the solve by implicit differentiation (:func:`flowforge.solvers.implicit_solve`).
-Solvers: ``forward_solver`` (Anderson with two iterates, i.e. one secant step per iteration, tolerance
-1e-6, 2000 iterations, Picard fallback, as the reference), ``inverse_solver`` (the same by default)
-and ``backward_solver`` (the adjoint).
+Solvers: ``forward_solver`` and ``inverse_solver`` (:data:`flowforge.solvers.presets.MONOTONE` by default:
+Anderson with two iterates, i.e. one secant step per iteration, tolerance 1e-6, 2000 iterations, Picard
+fallback, as the reference) and ``backward_solver`` (the adjoint, :data:`flowforge.solvers.presets.ADJOINT`).
 
-:func:`MonotoneFlow` builds the model: i-DenseNet g networks with CPila (``g=dense``) by default, in the
-architecture shared with residual flows (:mod:`flowforge.flows.contractive_stack`).
+:func:`MonotoneFlow` builds the model: i-DenseNet g networks with CPila (:data:`MONOTONE_G`) by default, in
+the architecture shared with residual flows (:mod:`flowforge.flows.contractive_stack`), with the typed
+options of :mod:`flowforge.flows.options`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from flowforge.errors import ConfigError
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
-from flowforge.flows.contractive_block import BACKWARD_DEFAULTS, ContractiveBlock
+from flowforge.flows.contractive_block import ContractiveBlock
 from flowforge.flows.contractive_stack import contractive_stack
 from flowforge.flows.model import Flow
+from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
 from flowforge.nn.contractive import ContractiveNets
 from flowforge.solvers import as_solver, implicit_solve
+from flowforge.solvers.presets import ADJOINT, MONOTONE
 from flowforge.solvers.solver import SolverSpec
 
 SQRT2 = math.sqrt(2.0)
-FORWARD_DEFAULTS = dict(method="anderson", atol=1e-6, rtol=1e-6, max_iters=2000, memory=2, fallback_iters=2000)
+#: Monotone Flows' g (Ahn et al., 2022): an i-DenseNet with CPila
+MONOTONE_G = GNet(kind="dense", act="cpila")
 
 
 class MonotoneBlock(ContractiveBlock):
@@ -53,9 +60,9 @@ class MonotoneBlock(ContractiveBlock):
         on_fail: str = "warn",
     ):
         super().__init__(g, estimator, on_fail)
-        self.forward_solver = as_solver(forward_solver, **FORWARD_DEFAULTS)
-        self.inverse_solver = as_solver(inverse_solver, **FORWARD_DEFAULTS)
-        self.backward_solver = as_solver(backward_solver, **BACKWARD_DEFAULTS)
+        self.forward_solver = as_solver(forward_solver, **asdict(MONOTONE))
+        self.inverse_solver = as_solver(inverse_solver, **asdict(MONOTONE))
+        self.backward_solver = as_solver(backward_solver, **asdict(ADJOINT))
 
     def _solve(self, rhs: Tensor, sign: float, kind: str) -> Tensor:
         """``w`` with ``w + sign * g(w) = rhs`` (implicit gradients when grad mode is on)."""
@@ -66,9 +73,8 @@ class MonotoneBlock(ContractiveBlock):
 
         with torch.no_grad():
             w0 = rhs - sign * self.g(rhs)
-        w, stats = implicit_solve(
-            step, w0, solver, self.backward_solver, self.recorder(f"{kind} backward", self.backward_solver)
-        )
+        on_backward = self.recorder(f"{kind} backward", self.backward_solver)
+        w, stats = implicit_solve(step, w0, forward=solver, backward=self.backward_solver, on_backward=on_backward)
         self.recorder(kind, solver)(stats)
         return w.to(rhs.dtype)
 
@@ -90,74 +96,45 @@ class MonotoneBlock(ContractiveBlock):
 def MonotoneFlow(
     shape: Sequence[int],
     estimator: None | dict | LogDetEstimator = None,
-    num_blocks: int = 10,
-    blocks_per_scale: Sequence[int] = (16, 16, 16),
-    fc_blocks: int = 4,
-    g: str = "dense",
-    act: str = "cpila",
-    coeff: float = 0.98,
-    depth: int = 3,
-    growth: int = 16,
-    fc_growth: int = 32,
-    fc_g: str | None = None,
-    lip_coeff: float = 0.98,
-    hidden: Sequence[int] = (128, 128, 128),
-    channels: int = 512,
-    kernels: Sequence[int] = (3, 1, 3),
-    fc_hidden: Sequence[int] = (128, 128),
-    preact: bool = True,
-    actnorm: bool = True,
-    squeeze_first: bool = False,
-    factor_out: bool = False,
-    sn_rtol: float = 1e-3,
-    sn_max_iters: int = 200,
-    forward_solver: SolverSpec = None,
-    inverse_solver: SolverSpec = None,
-    backward_solver: SolverSpec = None,
-    on_fail: str = "warn",
+    *,
+    g: GNet | str = MONOTONE_G,
+    lipschitz: Lipschitz = Lipschitz(),
+    stack: Stack = Stack(),
+    solvers: Solvers = Solvers(),
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    **config: Any,
 ) -> Flow:
-    """A Monotone Flow: :class:`MonotoneBlock` s (i-DenseNet g with CPila by default) in the residual-flow
-    architecture (vectors: ``num_blocks`` blocks; images: ``blocks_per_scale`` and ``fc_blocks``)."""
+    """A Monotone Flow: :class:`MonotoneBlock` s in the residual-flow architecture (vectors:
+    ``stack.num_blocks`` blocks; images: ``stack.blocks_per_scale`` and ``stack.fc_blocks``).
+
+    ``config`` holds flat keys of ``conf/model/monotone.yaml`` (``growth=8``, ``g="mlp"``, ...), set on the
+    groups by :func:`flowforge.flows.options.with_config`.  The blocks are monotone when Lip(g) < 1 in the
+    Euclidean norm, so ``lipschitz.norm`` must be ``spectral``.
+    """
+    opts = with_config(config, g=g_net(g, MONOTONE_G), lipschitz=lipschitz, stack=stack, solvers=solvers)
+    if opts["lipschitz"].norm != "spectral":
+        raise ConfigError(
+            f"monotone blocks need Lip(g) < 1 in the Euclidean norm: norm=spectral, got {opts['lipschitz'].norm}"
+        )
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets(
-        g,
-        act,
-        coeff,
-        hidden,
-        channels,
-        kernels,
-        fc_hidden,
-        preact,
-        "spectral",
-        False,
-        depth,
-        growth,
-        fc_growth,
-        lip_coeff,
-        dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters),
-        fc_g,
-    )
-    solvers = dict(forward_solver=forward_solver, inverse_solver=inverse_solver, backward_solver=backward_solver)
+    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"])
+    solvers = opts["solvers"]
 
     def make_block(kind: str, s: tuple, first: bool) -> MonotoneBlock:
-        return MonotoneBlock(nets.build(kind, s, first), est, on_fail=on_fail, **solvers)
+        return MonotoneBlock(
+            nets.build(kind, s, first),
+            est,
+            forward_solver=solvers.forward,
+            inverse_solver=solvers.inverse,
+            backward_solver=solvers.backward,
+            on_fail=solvers.on_fail,
+        )
 
     return contractive_stack(
-        shape,
-        make_block,
-        num_blocks,
-        blocks_per_scale,
-        fc_blocks,
-        actnorm,
-        squeeze_first,
-        factor_out,
-        base,
-        num_levels,
-        logit_alpha,
+        shape, make_block, stack=opts["stack"], base=base, num_levels=num_levels, logit_alpha=logit_alpha
     )
 
 

@@ -13,112 +13,85 @@ followed by ActNorm, with log-det by the chosen estimator (``estimator`` config 
   ``fc_blocks`` fully connected blocks of width
   ``fc_hidden`` on the flattened tensor, each followed by ActNorm.
 - :func:`IResNet`: the same skeleton with i-ResNet's choices (ELU, coeff 0.9, truncated series).
+
+The options come in typed groups (:mod:`flowforge.flows.options`): ``g`` (:class:`GNet`), ``lipschitz``,
+``stack``, ``solvers`` (only ``inverse`` and ``backward``: a residual block's forward pass is explicit).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
+from flowforge.errors import ConfigError
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
 from flowforge.flows.contractive_stack import contractive_stack
 from flowforge.flows.model import Flow
+from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
 from flowforge.flows.residual import ResidualBlock
 from flowforge.nn.contractive import ContractiveNets
+
+#: i-ResNet's g (Behrmann et al., 2019): ELU and layer norms of at most 0.9
+IRESNET_G = GNet(act="elu", coeff=0.9)
+#: the config keys of the inverse solver's options that ``inverse_solver`` leaves out
+INVERSE_TOLERANCES = ("inverse_atol", "inverse_rtol", "inverse_max_iters")
 
 
 def ResidualFlow(
     shape: Sequence[int],
     estimator: None | dict | LogDetEstimator = None,
-    num_blocks: int = 10,
-    hidden: Sequence[int] = (128, 128, 128),
-    blocks_per_scale: Sequence[int] = (16, 16, 16),
-    channels: int = 512,
-    kernels: Sequence[int] = (3, 1, 3),
-    fc_blocks: int = 4,
-    fc_hidden: Sequence[int] = (128, 128),
-    act: str = "lipswish",
-    coeff: float = 0.98,
-    actnorm: bool = True,
-    preact: bool = True,
-    squeeze_first: bool = False,
-    factor_out: bool = False,
-    norm: str = "spectral",
-    learn_p: bool = False,
-    sn_rtol: float = 1e-3,
-    sn_max_iters: int = 200,
-    inverse_atol: float = 1e-6,
-    inverse_rtol: float = 1e-5,
-    inverse_max_iters: int = 1000,
-    on_fail: str = "warn",
+    *,
+    g: GNet | str = GNet(),
+    lipschitz: Lipschitz = Lipschitz(),
+    stack: Stack = Stack(),
+    solvers: Solvers = Solvers(),
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
-    g: str = "mlp",
-    depth: int = 3,
-    growth: int = 16,
-    fc_growth: int = 32,
-    fc_g: str | None = None,
-    lip_coeff: float = 0.98,
-    inverse_solver: None | str | dict = "picard",
+    **config: Any,
 ) -> Flow:
-    """``g=dense`` gives i-DenseNets (Perugachi-Diaz et al., 2021): the same flow with dense g networks
-    (``depth``, ``growth``, ``fc_growth``, ``lip_coeff``)."""
+    """A Residual Flow on data of ``shape``: :class:`ResidualBlock` s with log-det by ``estimator``.
+
+    ``g=GNet(kind="dense", ...)`` gives i-DenseNets (Perugachi-Diaz et al., 2021): the same flow with
+    dense g networks.  ``config`` holds flat keys of ``conf/model/resflow.yaml`` (``hidden=[64, 64]``,
+    ``g="dense"``, ...), set on the groups by :func:`flowforge.flows.options.with_config`, and
+    ``inverse_atol``, ``inverse_rtol``, ``inverse_max_iters``: the options ``inverse_solver`` leaves out.
+    """
+    tolerances = {key: config.pop(key) for key in INVERSE_TOLERANCES if key in config}
+    opts = with_config(config, g=g_net(g, GNet()), lipschitz=lipschitz, stack=stack, solvers=solvers)
+    solvers = opts["solvers"]
+    if solvers.forward is not None:
+        raise ConfigError("residual blocks have no forward solve (y = x + g(x)); set solvers.inverse instead")
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets(
-        g,
-        act,
-        coeff,
-        hidden,
-        channels,
-        kernels,
-        fc_hidden,
-        preact,
-        norm,
-        learn_p,
-        depth,
-        growth,
-        fc_growth,
-        lip_coeff,
-        dict(sn_rtol=sn_rtol, sn_max_iters=sn_max_iters),
-        fc_g,
-    )
-    inv = dict(
-        inverse_atol=inverse_atol,
-        inverse_rtol=inverse_rtol,
-        inverse_max_iters=inverse_max_iters,
-        on_fail=on_fail,
-        inverse_solver=inverse_solver,
-    )
+    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"])
 
     def make_block(kind: str, s: tuple, first: bool) -> ResidualBlock:
-        return ResidualBlock(nets.build(kind, s, first), est, **inv)
+        return ResidualBlock(
+            nets.build(kind, s, first),
+            est,
+            inverse_solver=solvers.inverse,
+            backward_solver=solvers.backward,
+            on_fail=solvers.on_fail,
+            **tolerances,
+        )
 
     return contractive_stack(
-        shape,
-        make_block,
-        num_blocks,
-        blocks_per_scale,
-        fc_blocks,
-        actnorm,
-        squeeze_first,
-        factor_out,
-        base,
-        num_levels,
-        logit_alpha,
+        shape, make_block, stack=opts["stack"], base=base, num_levels=num_levels, logit_alpha=logit_alpha
     )
 
 
 def IResNet(
     shape: Sequence[int],
     estimator: None | dict | LogDetEstimator = None,
-    act: str = "elu",
-    coeff: float = 0.9,
-    **kwargs,
+    *,
+    g: GNet | str = IRESNET_G,
+    **options: Any,
 ) -> Flow:
-    """i-ResNet: a residual flow with ELU, coeff 0.9 and (by its config) the truncated power series."""
-    return ResidualFlow(shape, estimator=estimator, act=act, coeff=coeff, **kwargs)
+    """i-ResNet: a residual flow with ELU, coeff 0.9 (:data:`IRESNET_G`) and (by its config) the
+    truncated power series; ``options`` as :func:`ResidualFlow` takes them."""
+    return ResidualFlow(shape, estimator, g=g_net(g, IRESNET_G), **options)
 
 
 from flowforge.flows.registry import register_family  # noqa: E402 (the declaration closes the module)

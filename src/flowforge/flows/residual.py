@@ -2,11 +2,11 @@
 
 Forward: ``(x + g(x), log det(I + J_g(x)))`` with the configured :class:`LogDetEstimator`.
 Inverse: the fixed point of ``x = y - g(x)`` from ``x_0 = y - g(y)`` with the block's ``inverse_solver``
-(Picard by default, the Banach iteration of Behrmann et al., 2019; Anderson or Broyden on request),
-per-sample convergence masks and the tolerance ``|T(x) - x| <= atol + rtol |T(x)|``; iterations and
-failures are kept in ``last_inverse`` and counted in ``inverse_failures``.  With ``on_fail="raise"`` an
-unconverged sample raises :class:`ConvergenceError`; with ``"warn"`` (default) a warning names the count
-and the result is returned with its record.
+(:data:`flowforge.solvers.presets.RESIDUAL_INVERSE` by default: Picard, the Banach iteration of Behrmann
+et al., 2019; Anderson or Broyden on request), per-sample convergence masks and the tolerance
+``|T(x) - x| <= atol + rtol |T(x)|``; iterations and failures are kept in ``last_inverse`` and counted in
+``inverse_failures``.  With ``on_fail="raise"`` an unconverged sample raises :class:`ConvergenceError`;
+with ``"warn"`` (default) a warning names the count and the result is returned with its record.
 
 :meth:`inverse_and_log_det` is differentiable: gradients reach ``g``'s parameters and ``y`` by implicit
 differentiation (:func:`flowforge.solvers.implicit_solve`, adjoint solved by ``backward_solver``), which
@@ -18,12 +18,15 @@ The estimator, the roulette parameters and the solve records come from
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torch import Tensor, nn
 
 from flowforge.estimators.logdet import LogDetEstimator
-from flowforge.flows.contractive_block import BACKWARD_DEFAULTS, ContractiveBlock
+from flowforge.flows.contractive_block import ContractiveBlock
 from flowforge.solvers import SolverStats, as_solver, implicit_solve
+from flowforge.solvers.presets import ADJOINT, RESIDUAL_INVERSE
 from flowforge.solvers.solver import SolverSpec
 
 
@@ -34,18 +37,21 @@ class ResidualBlock(ContractiveBlock):
         self,
         g: nn.Module,
         estimator: LogDetEstimator | None = None,
-        inverse_atol: float = 1e-6,
-        inverse_rtol: float = 1e-5,
-        inverse_max_iters: int = 1000,
+        inverse_atol: float | None = None,
+        inverse_rtol: float | None = None,
+        inverse_max_iters: int | None = None,
         on_fail: str = "warn",
-        inverse_solver: SolverSpec = "picard",
+        inverse_solver: SolverSpec = None,
         backward_solver: SolverSpec = None,
     ):
+        """``inverse_solver`` takes the options it leaves out from ``inverse_atol``, ``inverse_rtol``,
+        ``inverse_max_iters`` where given, else from :data:`flowforge.solvers.presets.RESIDUAL_INVERSE`;
+        ``backward_solver`` from :data:`flowforge.solvers.presets.ADJOINT`."""
         super().__init__(g, estimator, on_fail)
-        self.inverse_solver = as_solver(
-            inverse_solver, atol=inverse_atol, rtol=inverse_rtol, max_iters=inverse_max_iters
-        )
-        self.backward_solver = as_solver(backward_solver, **BACKWARD_DEFAULTS)
+        given = dict(atol=inverse_atol, rtol=inverse_rtol, max_iters=inverse_max_iters)
+        tolerances = {k: v for k, v in given.items() if v is not None}
+        self.inverse_solver = as_solver(inverse_solver, **{**asdict(RESIDUAL_INVERSE), **tolerances})
+        self.backward_solver = as_solver(backward_solver, **asdict(ADJOINT))
 
     @property
     def last_inverse(self) -> SolverStats | None:
@@ -67,8 +73,9 @@ class ResidualBlock(ContractiveBlock):
 
         with torch.no_grad():
             x0 = y - self.g(y)
+        on_backward = self.recorder("inverse backward", self.backward_solver)
         x, stats = implicit_solve(
-            step, x0, self.inverse_solver, self.backward_solver, self.recorder("inverse backward", self.backward_solver)
+            step, x0, forward=self.inverse_solver, backward=self.backward_solver, on_backward=on_backward
         )
         self.recorder("inverse", self.inverse_solver)(stats)
         return x.to(y.dtype)

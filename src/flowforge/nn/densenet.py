@@ -163,15 +163,25 @@ def dense_mlp(
 ) -> DenseNet:
     """i-DenseNet ``g`` on vectors: ``features -> features + depth * growth -> features`` with
     Lip(g) <= coeff * lip_coeff^depth.  ``zero_last`` starts the block at the identity."""
-    cls, sn, mult = _layer_setup("linear", act, coeff, "spectral", 2.0, 2.0, False, sn_rtol, sn_max_iters)
+    cls, sn, mult = _layer_setup(
+        "linear",
+        act,
+        coeff,
+        norm="spectral",
+        domain=2.0,
+        codomain=2.0,
+        learn_p=False,
+        sn_rtol=sn_rtol,
+        sn_max_iters=sn_max_iters,
+    )
     return _assemble(
         features,
-        depth,
-        growth,
-        act,
-        mult,
-        lip_coeff,
-        sn["coeff"],
+        depth=depth,
+        growth=growth,
+        act=act,
+        mult=mult,
+        lip_coeff=lip_coeff,
+        coeff=sn["coeff"],
         dense=lambda width, hidden: cls(width, hidden, **sn),
         out=lambda width: cls(width, features, zero_init=zero_last, **sn),
     )
@@ -194,15 +204,25 @@ def dense_convnet(
     if not isinstance(shape, (tuple, list)) or len(shape) != 3:
         raise ConfigError(f"dense_convnet: shape must be (C, H, W), got {shape!r}")
     c, h, w = (int(s) for s in shape)
-    cls, sn, mult = _layer_setup("conv", act, coeff, "spectral", 2.0, 2.0, False, sn_rtol, sn_max_iters)
+    cls, sn, mult = _layer_setup(
+        "conv",
+        act,
+        coeff,
+        norm="spectral",
+        domain=2.0,
+        codomain=2.0,
+        learn_p=False,
+        sn_rtol=sn_rtol,
+        sn_max_iters=sn_max_iters,
+    )
     return _assemble(
         c,
-        depth,
-        growth,
-        act,
-        mult,
-        lip_coeff,
-        sn["coeff"],
+        depth=depth,
+        growth=growth,
+        act=act,
+        mult=mult,
+        lip_coeff=lip_coeff,
+        coeff=sn["coeff"],
         dense=lambda width, hidden: cls(width, hidden, 3, input_size=(h, w), padding=1, **sn),
         out=lambda width: cls(width, c, 1, input_size=(h, w), padding=0, zero_init=zero_last, **sn),
     )

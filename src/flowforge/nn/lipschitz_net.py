@@ -95,6 +95,7 @@ def _layer_setup(
     kind: str,
     act: str,
     coeff: float,
+    *,
     norm: str,
     domain: float,
     codomain: float,
@@ -106,7 +107,10 @@ def _layer_setup(
     multiplier of the activation."""
     cls = _linear_cls(norm) if kind == "linear" else _conv_cls(norm)
     sn = dict(
-        coeff=_check_coeff(coeff), rtol=sn_rtol, max_iters=sn_max_iters, **_norm_kwargs(norm, domain, codomain, learn_p)
+        coeff=_check_coeff(coeff),
+        rtol=sn_rtol,
+        max_iters=sn_max_iters,
+        **_norm_kwargs(norm, domain=domain, codomain=codomain, learn_p=learn_p),
     )
     return cls, sn, channel_multiplier(act)
 
@@ -127,7 +131,17 @@ def lipschitz_mlp(
 ) -> LipschitzNet:
     """``features -> hidden... -> features`` with Lipschitz constant <= coeff (the toy/tabular g and
     the fully connected blocks at the end of the image model)."""
-    cls, sn, mult = _layer_setup("linear", act, coeff, norm, domain, codomain, learn_p, sn_rtol, sn_max_iters)
+    cls, sn, mult = _layer_setup(
+        "linear",
+        act,
+        coeff,
+        norm=norm,
+        domain=domain,
+        codomain=codomain,
+        learn_p=learn_p,
+        sn_rtol=sn_rtol,
+        sn_max_iters=sn_max_iters,
+    )
     layers: list[nn.Module] = [lipschitz_activation(act)] if preact else []
     width = features * (mult if preact else 1)
     for h in hidden:
@@ -155,7 +169,17 @@ def lipschitz_convnet(
     """Residual Flows' image ``g``: ``[a ->] conv k1 -> a -> conv k2 -> a -> ... -> conv kn`` at the
     input resolution (stride 1, same padding), hidden width ``width``."""
     c, h, w = (int(s) for s in shape)
-    cls, sn, mult = _layer_setup("conv", act, coeff, norm, domain, codomain, learn_p, sn_rtol, sn_max_iters)
+    cls, sn, mult = _layer_setup(
+        "conv",
+        act,
+        coeff,
+        norm=norm,
+        domain=domain,
+        codomain=codomain,
+        learn_p=learn_p,
+        sn_rtol=sn_rtol,
+        sn_max_iters=sn_max_iters,
+    )
     layers: list[nn.Module] = [lipschitz_activation(act)] if preact else []
     cin = c * (mult if preact else 1)
     kernels = [int(k) for k in kernels]
