@@ -609,3 +609,54 @@ def test_block_power_iteration_conv_and_warm_start_after_reload():
     fresh.load_state_dict(layer.state_dict())
     assert fresh.power_iteration() <= 3  # the stored top pair is already converged; the subspace is rebuilt
     assert abs(float(fresh.sigma) - exact) < 1e-6 * exact
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_subspace_state_round_trip_gives_the_same_next_iteration(kind):
+    """A fresh layer given the state dict and the subspace of another continues exactly as the original."""
+
+    def make():
+        if kind == "linear":
+            return SpectralNormLinear(64, 64, coeff=0.9, rtol=1e-9, max_iters=7).double()
+        return SpectralNormConv2d(3, 5, 3, input_size=(6, 6), coeff=0.9, rtol=1e-9, max_iters=7).double()
+
+    torch.manual_seed(0)
+    layer = make()
+    if kind == "linear":
+        with torch.no_grad():
+            layer.weight.copy_(_clustered_matrix())
+    layer.power_iteration()  # capped: the subspace carries what the next call continues from
+    state = layer.subspace_state()
+    assert state is not None and state.shape[0] == layer.power_block
+    fresh, without = make(), make()
+    fresh.load_state_dict(layer.state_dict())
+    without.load_state_dict(layer.state_dict())
+    assert fresh.subspace_state() is None  # nothing stored yet, and a loaded v is not the one it was built on
+    fresh.load_subspace_state(state.float())  # converted to the precision of the iteration
+    assert fresh.subspace_state().dtype == F64
+    fresh.load_subspace_state(state)
+
+    results = []
+    for m in (layer, fresh, without):
+        iters = m.power_iteration()
+        results.append((iters, m.u.clone(), m.v.clone(), m.sigma.clone()))
+    (i0, u0, v0, s0), (i1, u1, v1, s1), (i2, u2, v2, s2) = results
+    assert i0 == i1 and torch.equal(u0, u1) and torch.equal(v0, v1) and torch.equal(s0, s1)
+    assert not (torch.equal(v0, v2) and torch.equal(s0, s2)), "the test needs the subspace to matter"
+
+
+def test_subspace_state_is_none_when_stale_and_load_checks_the_shape():
+    layer = SpectralNormLinear(8, 6, coeff=0.9)
+    assert layer.subspace_state() is None  # never iterated
+    layer.power_iteration()
+    basis = layer.subspace_state()
+    assert basis.shape == (4, 8)
+    with torch.no_grad():
+        layer.v.mul_(1.0)  # any in-place change of v
+    assert layer.subspace_state() is None
+    with pytest.raises(ConfigError, match=r"shape \(4, 8\).*got \(3, 8\)"):
+        layer.load_subspace_state(basis[:3])
+    with pytest.raises(ConfigError, match="shape"):
+        layer.load_subspace_state(basis.reshape(8, 4))
+    layer.load_subspace_state(basis)
+    assert torch.equal(layer.subspace_state(), basis)

@@ -239,6 +239,43 @@ class LipschitzLayer(nn.Module):
             return self._block_iterate(w, u, v, max_iters, rtol, atol)
         return self._iterate(self._power_step, w, u, v, max_iters, rtol, atol)
 
+    def _subspace_shape(self) -> tuple[int, ...]:
+        """Shape ``(k, *vector)`` of the subspace basis: k vectors shaped like ``v`` (without a conv batch dim)."""
+        vshape = self.v.shape[1:] if self.v.dim() == 4 else self.v.shape
+        return (min(self.power_block, self.u.numel(), self.v.numel()), *vshape)
+
+    def subspace_state(self) -> Tensor | None:
+        """The warm-start basis of the block power iteration, shaped ``(k, *v_shape)``, or None.
+
+        The subspace iterated by the block power iteration is kept between calls outside the state dict (it
+        is not needed to evaluate the layer).  It is returned only while it belongs to the current ``v``: any
+        change of ``v`` (a new power iteration, loading a state dict, weight averaging, a device move) makes it
+        stale, and the next iteration rebuilds it from ``v``.  Save it with the model's state to resume a run
+        with exactly the iterations an uninterrupted one would take; restore it with
+        :meth:`load_subspace_state` after the state dict has been loaded.
+        """
+        cache = self.__dict__.get("_subspace")
+        if cache is None or cache[0] != (self.v.data_ptr(), self.v._version):
+            return None
+        return cache[1]
+
+    def load_subspace_state(self, basis: Tensor) -> None:
+        """Install ``basis`` (from :meth:`subspace_state`) as the warm start of the next block power iteration.
+
+        Call it after the state dict has been loaded: the basis belongs to the ``v`` it was saved with.  It is
+        moved to ``v``'s device and to the precision of the iteration; a basis of another shape raises
+        :class:`~flowforge.errors.ConfigError`.
+        """
+        expected = self._subspace_shape()
+        if not isinstance(basis, Tensor) or tuple(basis.shape) != expected:
+            got = tuple(basis.shape) if isinstance(basis, Tensor) else type(basis).__name__
+            raise ConfigError(
+                f"{type(self).__name__}: a power-iteration subspace must have shape {expected} (power_block "
+                f"vectors shaped like v), got {got}; was it saved from a layer of another size?"
+            )
+        basis = basis.detach().to(device=self.v.device, dtype=self._iteration_dtype())
+        self.__dict__["_subspace"] = ((self.v.data_ptr(), self.v._version), basis)
+
     def _batch_op(self, x: Tensor, w: Tensor) -> Tensor:  # A x for k vectors stacked on dim 0
         return self._op(x.reshape(x.shape[0], -1).t(), w).t() if x.dim() == 2 else self._op(x, w)
 
