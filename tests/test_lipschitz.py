@@ -660,3 +660,40 @@ def test_subspace_state_is_none_when_stale_and_load_checks_the_shape():
         layer.load_subspace_state(basis.reshape(8, 4))
     layer.load_subspace_state(basis)
     assert torch.equal(layer.subspace_state(), basis)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3_stride2"])
+def test_grouped_power_iteration_equals_one_layer_at_a_time(kind):
+    """update_lipschitz iterates layers of one geometry together; each ends where it would alone, with
+    u^T A v = +sigma, and a warm start on unchanged weights stops after one iteration for the whole group."""
+
+    def make():
+        if kind == "linear":
+            return SpectralNormLinear(7, 5, coeff=0.9)
+        if kind == "conv1x1":
+            return SpectralNormConv2d(3, 4, 1, coeff=0.9)
+        return SpectralNormConv2d(2, 3, 3, input_size=(5, 4), stride=2, coeff=0.9)
+
+    torch.manual_seed(0)
+    grouped = nn.Sequential(*[_scaled(make(), 1.0 + i) for i in range(3)]).to(F64)
+    alone = [make().to(F64) for _ in range(3)]
+    for a, g in zip(alone, grouped):
+        a.load_state_dict(g.state_dict())
+    update_lipschitz(grouped, rtol=1e-10, max_iters=5000)
+    for a, g in zip(alone, grouped):
+        a.power_iteration(rtol=1e-10, max_iters=5000)
+        exact = _raw_exact(g)
+        assert abs(float(g.sigma) - exact) <= 1e-9 * exact and abs(float(a.sigma) - exact) <= 1e-9 * exact
+        torch.testing.assert_close(g.v, a.v, atol=1e-6, rtol=0)
+        torch.testing.assert_close(g.u, a.u, atol=1e-6, rtol=0)
+        w = g.weight.detach()
+        assert float((g.u * g._op(g.v, w)).sum()) == pytest.approx(float(g.sigma), rel=1e-9)
+    assert update_lipschitz(grouped, rtol=1e-6)["power_iterations"] == 1
+    for flip in (-1.0, -1.0):  # (u, v) and (-u, -v) are the same pair: v keeps its sign, so averages stay meaningful
+        with torch.no_grad():
+            for g in grouped:
+                g.u.mul_(flip)
+                g.v.mul_(flip)
+        before = [g.v.clone() for g in grouped]
+        update_lipschitz(grouped)
+        assert all(float((g.v * v).sum()) > 0.99 for g, v in zip(grouped, before))
