@@ -200,7 +200,8 @@ class LipschitzLayer(nn.Module):
         convolutions), whereas the change of ``sigma`` itself is only of order residual^2 / sigma there, so the
         plain test ``|s_k - s_{k-1}| <= atol + rtol * s_k`` (implied by this one) stops far from the limit.  Like
         any power method it can still rest near a singular value just below the top one when the two nearly
-        coincide; the error is then at most their gap.
+        coincide; the error is then at most their gap.  With ``power_block > 1`` this is the block power
+        iteration of :func:`update_lipschitz` on a group of one layer.
         A warm-started call on an unchanged weight stops after one iteration.  The first call on an
         uninitialised layer (random ``u``, ``v``) may run up to ``max(max_iters, 200)`` iterations and sets
         ``initialized``.  Buffers are updated in place.  Raises
