@@ -609,3 +609,91 @@ def test_block_power_iteration_conv_and_warm_start_after_reload():
     fresh.load_state_dict(layer.state_dict())
     assert fresh.power_iteration() <= 3  # the stored top pair is already converged; the subspace is rebuilt
     assert abs(float(fresh.sigma) - exact) < 1e-6 * exact
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_subspace_state_round_trip_gives_the_same_next_iteration(kind):
+    """A fresh layer given the state dict and the subspace of another continues exactly as the original."""
+
+    def make():
+        if kind == "linear":
+            return SpectralNormLinear(64, 64, coeff=0.9, rtol=1e-9, max_iters=7).double()
+        return SpectralNormConv2d(3, 5, 3, input_size=(6, 6), coeff=0.9, rtol=1e-9, max_iters=7).double()
+
+    torch.manual_seed(0)
+    layer = make()
+    if kind == "linear":
+        with torch.no_grad():
+            layer.weight.copy_(_clustered_matrix())
+    layer.power_iteration()  # capped: the subspace carries what the next call continues from
+    state = layer.subspace_state()
+    assert state is not None and state.shape[0] == layer.power_block
+    fresh, without = make(), make()
+    fresh.load_state_dict(layer.state_dict())
+    without.load_state_dict(layer.state_dict())
+    assert fresh.subspace_state() is None  # nothing stored yet, and a loaded v is not the one it was built on
+    fresh.load_subspace_state(state.float())  # converted to the precision of the iteration
+    assert fresh.subspace_state().dtype == F64
+    fresh.load_subspace_state(state)
+
+    results = []
+    for m in (layer, fresh, without):
+        iters = m.power_iteration()
+        results.append((iters, m.u.clone(), m.v.clone(), m.sigma.clone()))
+    (i0, u0, v0, s0), (i1, u1, v1, s1), (i2, u2, v2, s2) = results
+    assert i0 == i1 and torch.equal(u0, u1) and torch.equal(v0, v1) and torch.equal(s0, s1)
+    assert not (torch.equal(v0, v2) and torch.equal(s0, s2)), "the test needs the subspace to matter"
+
+
+def test_subspace_state_is_none_when_stale_and_load_checks_the_shape():
+    layer = SpectralNormLinear(8, 6, coeff=0.9)
+    assert layer.subspace_state() is None  # never iterated
+    layer.power_iteration()
+    basis = layer.subspace_state()
+    assert basis.shape == (4, 8)
+    with torch.no_grad():
+        layer.v.mul_(1.0)  # any in-place change of v
+    assert layer.subspace_state() is None
+    with pytest.raises(ConfigError, match=r"shape \(4, 8\).*got \(3, 8\)"):
+        layer.load_subspace_state(basis[:3])
+    with pytest.raises(ConfigError, match="shape"):
+        layer.load_subspace_state(basis.reshape(8, 4))
+    layer.load_subspace_state(basis)
+    assert torch.equal(layer.subspace_state(), basis)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3_stride2"])
+def test_grouped_power_iteration_equals_one_layer_at_a_time(kind):
+    """update_lipschitz iterates layers of one geometry together; each ends where it would alone, with
+    u^T A v = +sigma, and a warm start on unchanged weights stops after one iteration for the whole group."""
+
+    def make():
+        if kind == "linear":
+            return SpectralNormLinear(7, 5, coeff=0.9)
+        if kind == "conv1x1":
+            return SpectralNormConv2d(3, 4, 1, coeff=0.9)
+        return SpectralNormConv2d(2, 3, 3, input_size=(5, 4), stride=2, coeff=0.9)
+
+    torch.manual_seed(0)
+    grouped = nn.Sequential(*[_scaled(make(), 1.0 + i) for i in range(3)]).to(F64)
+    alone = [make().to(F64) for _ in range(3)]
+    for a, g in zip(alone, grouped):
+        a.load_state_dict(g.state_dict())
+    update_lipschitz(grouped, rtol=1e-10, max_iters=5000)
+    for a, g in zip(alone, grouped):
+        a.power_iteration(rtol=1e-10, max_iters=5000)
+        exact = _raw_exact(g)
+        assert abs(float(g.sigma) - exact) <= 1e-9 * exact and abs(float(a.sigma) - exact) <= 1e-9 * exact
+        torch.testing.assert_close(g.v, a.v, atol=1e-6, rtol=0)
+        torch.testing.assert_close(g.u, a.u, atol=1e-6, rtol=0)
+        w = g.weight.detach()
+        assert float((g.u * g._op(g.v, w)).sum()) == pytest.approx(float(g.sigma), rel=1e-9)
+    assert update_lipschitz(grouped, rtol=1e-6)["power_iterations"] == 1
+    for flip in (-1.0, -1.0):  # (u, v) and (-u, -v) are the same pair: v keeps its sign, so averages stay meaningful
+        with torch.no_grad():
+            for g in grouped:
+                g.u.mul_(flip)
+                g.v.mul_(flip)
+        before = [g.v.clone() for g in grouped]
+        update_lipschitz(grouped)
+        assert all(float((g.v * v).sum()) > 0.99 for g, v in zip(grouped, before))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from flowforge.estimators.logdet import LogDetEstimator
 from flowforge.estimators.roulette import RouletteDistribution
 from flowforge.flows.base import Transform
+from flowforge.nn.version_cache import VersionCache
 from flowforge.solvers import Solver, SolveRecord, SolverStats, check_convergence
 from flowforge.solvers.solver import check_on_fail
 
@@ -41,16 +42,17 @@ class ContractiveBlock(Transform):
         self.solves = SolveRecord()
         self.last_terms = 0
 
+    _roulette_cache = VersionCache()
+
     def _roulette(self) -> RouletteDistribution:
         """The distribution from the block's parameters; rebuilt only when they change (saves two device
         synchronisations per block and step)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.roulette_logit_p, self.roulette_lam))
-        cached = self.__dict__.get("_roulette_cache")
-        if cached is None or cached[0] != key:
+
+        def build() -> RouletteDistribution:
             r = self.logdet_estimator.roulette
-            dist = RouletteDistribution(r.dist, float(torch.sigmoid(self.roulette_logit_p)), float(self.roulette_lam))
-            cached = self.__dict__["_roulette_cache"] = (key, dist)
-        return cached[1]
+            return RouletteDistribution(r.dist, float(torch.sigmoid(self.roulette_logit_p)), float(self.roulette_lam))
+
+        return self._roulette_cache.get_or_compute((self.roulette_logit_p, self.roulette_lam), build)
 
     def estimate(self, x: Tensor, kind: str = "residual") -> tuple[Tensor, Tensor]:
         """``(g(x), log-det of the given kind at x)`` with the block's estimator."""

@@ -133,6 +133,8 @@ class _InducedNorm:
 
     #: random restarts (besides the spectral start) of the first, uninitialised power iteration
     restarts: int = 16
+    #: the generalised power method iterates one vector pair (the block method is for the spectral norm)
+    power_block = 1
 
     def power_iteration(
         self, max_iters: int | None = None, rtol: float | None = None, atol: float | None = None

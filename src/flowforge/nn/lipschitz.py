@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.errors import ConfigError, ConvergenceError
+from flowforge.nn.version_cache import VersionCache
 
 #: buffers that are kept at float32 or higher precision whatever the module is cast to
 _STATE_BUFFERS = ("u", "v", "sigma", "initialized", "input_hw")
@@ -165,15 +166,12 @@ class LipschitzLayer(nn.Module):
         dt = torch.promote_types(self.weight.dtype, torch.float32)
         return torch.promote_types(dt, self.u.dtype)
 
+    #: the ``initialized`` flag as read back from its device (one synchronisation per change, not per forward)
+    _initialized_flag = VersionCache()
+
     def _is_initialized(self) -> bool:
-        # EMA/weight averaging swaps buffer data in place (and may average the 0/1 flag, hence the
-        # threshold), so the flag is re-read whenever the buffer's storage or version changes; otherwise a
-        # cached answer saves one device synchronisation per layer and forward
-        key = (self.initialized.data_ptr(), self.initialized._version)
-        cached = self.__dict__.get("_initialized_cache")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_initialized_cache"] = (key, float(self.initialized) >= 0.5)
-        return cached[1]
+        # EMA/weight averaging updates the buffer in place and may average the 0/1 flag, hence the threshold
+        return self._initialized_flag.get_or_compute((self.initialized,), lambda: float(self.initialized) >= 0.5)
 
     def _ensure_initialized(self) -> None:
         if self._is_initialized():
@@ -202,17 +200,16 @@ class LipschitzLayer(nn.Module):
         convolutions), whereas the change of ``sigma`` itself is only of order residual^2 / sigma there, so the
         plain test ``|s_k - s_{k-1}| <= atol + rtol * s_k`` (implied by this one) stops far from the limit.  Like
         any power method it can still rest near a singular value just below the top one when the two nearly
-        coincide; the error is then at most their gap.
+        coincide; the error is then at most their gap.  With ``power_block > 1`` this is the block power
+        iteration of :func:`update_lipschitz` on a group of one layer.
         A warm-started call on an unchanged weight stops after one iteration.  The first call on an
         uninitialised layer (random ``u``, ``v``) may run up to ``max(max_iters, 200)`` iterations and sets
         ``initialized``.  Buffers are updated in place.  Raises
         :class:`~flowforge.errors.ConvergenceError` when the weight is not finite.
         """
-        max_iters = (
-            self.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters, type(self).__name__)
-        )
-        rtol = self.rtol if rtol is None else float(rtol)
-        atol = (self.atol if atol is None else float(atol)) or 0.0
+        max_iters, rtol, atol = self._settings(max_iters, rtol, atol, type(self).__name__)
+        if self._subspace_shape()[0] > 1:
+            return _block_power_iteration([self], max_iters, rtol, atol)
         first = not self._is_initialized()
         if first:
             max_iters = max(max_iters, 200)
@@ -226,81 +223,75 @@ class LipschitzLayer(nn.Module):
         self.initialized.fill_(1.0)
         return iters
 
-    #: width of the subspace iterated by :meth:`_block_iterate` (1 = plain power iteration)
+    def _settings(self, max_iters, rtol, atol, owner: str) -> tuple[int, float, float]:
+        """``(max_iters, rtol, atol)`` of one power iteration: the given values, else the constructor's
+        (``atol=None`` means 0)."""
+        max_iters = self.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters, owner)
+        rtol = self.rtol if rtol is None else float(rtol)
+        atol = (self.atol if atol is None else float(atol)) or 0.0
+        return max_iters, rtol, atol
+
+    #: width of the subspace iterated by :func:`_block_power_iteration` (1 = plain power iteration)
     power_block = 4
     #: whether the latest power iteration met its stopping test (False: it stopped at ``max_iters``)
     power_converged = True
+    #: the subspace of the latest block power iteration, valid while ``v`` is the one it ended with
+    _subspace_cache = VersionCache()
 
     def _run(
         self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float, first: bool
     ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """The whole estimate from the current ``u``, ``v`` (overridden by the induced-norm layers)."""
-        if min(self.power_block, u.numel(), v.numel()) > 1:
-            return self._block_iterate(w, u, v, max_iters, rtol, atol)
+        """The whole estimate from the current ``u``, ``v`` by plain power iteration, for a subspace of width 1
+        (overridden by the induced-norm layers)."""
         return self._iterate(self._power_step, w, u, v, max_iters, rtol, atol)
 
-    def _batch_op(self, x: Tensor, w: Tensor) -> Tensor:  # A x for k vectors stacked on dim 0
-        return self._op(x.reshape(x.shape[0], -1).t(), w).t() if x.dim() == 2 else self._op(x, w)
+    def _subspace_shape(self) -> tuple[int, ...]:
+        """Shape ``(k, *vector)`` of the subspace basis: k vectors shaped like ``v`` (without a conv batch dim)."""
+        vshape = self.v.shape[1:] if self.v.dim() == 4 else self.v.shape
+        return (min(self.power_block, self.u.numel(), self.v.numel()), *vshape)
 
-    def _batch_adj(self, y: Tensor, w: Tensor) -> Tensor:  # A^T y for k vectors stacked on dim 0
-        return self._adj(y.reshape(y.shape[0], -1).t(), w).t() if y.dim() == 2 else self._adj(y, w)
+    def subspace_state(self) -> Tensor | None:
+        """The warm-start basis of the block power iteration, shaped ``(k, *v_shape)``, or None.
 
-    def _block_iterate(
-        self, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float
-    ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Subspace iteration with Rayleigh-Ritz extraction (block power method on ``A^T A``).
+        The subspace iterated by the block power iteration is kept between calls outside the state dict (it
+        is not needed to evaluate the layer).  It is returned only while it belongs to the current ``v``: any
+        change of ``v`` (a new power iteration, loading a state dict, weight averaging, a device move) makes it
+        stale, and the next iteration rebuilds it from ``v``.  Save it with the model's state to resume a run
+        with exactly the iterations an uninterrupted one would take; restore it with
+        :meth:`load_subspace_state` after the state dict has been loaded.
+        """
+        basis = self._subspace_cache.get((self.v,))
+        if basis is None or tuple(basis.shape) != self._subspace_shape():
+            return None
+        return basis
 
-        ``V`` holds k orthonormal right vectors (the first one ``v``); each iteration ``Y = A V``,
-        the Ritz pair from the k x k Gram matrix ``Y Y^T`` gives ``sigma`` (its largest eigenvalue's root),
-        ``v = V^T y`` and ``u = Y^T y / sigma``; then ``V <- orth(A^T Y)``.  The top Ritz vector converges at
-        rate ``(sigma_{k+1} / sigma_1)^2`` instead of plain power iteration's ``(sigma_2 / sigma_1)^2``, which
-        matters because the top singular values of these layers (convolutions above all) cluster.  The
-        same stopping test as :meth:`_iterate` applies to the top pair.  The other k - 1 vectors are kept
-        between calls (not in the state dict; rebuilt from ``v`` and a fixed-seed draw when missing)."""
-        vshape = v.shape[1:] if v.dim() == 4 else v.shape  # conv vectors are (1, C, H, W)
-        k = min(self.power_block, u.numel(), v.numel())
-        key = (self.v.data_ptr(), self.v._version)
-        cache = self.__dict__.get("_subspace")
-        if cache is not None and cache[0] == key and cache[1].dtype == v.dtype and cache[1].shape[0] == k:
-            basis = cache[1]
-        else:
-            gen = torch.Generator(device=v.device).manual_seed(0)
-            extra = torch.randn((k - 1, *vshape), generator=gen, device=v.device, dtype=v.dtype)
-            basis = torch.cat([v.reshape(1, *vshape), extra])
-        v_prev = v.reshape(-1)
-        sigma = torch.zeros((), dtype=w.dtype, device=w.device)
-        y = self._batch_op(basis, w)
-        iters = 0
-        self.power_converged = False
-        for iters in range(1, max_iters + 1):  # noqa: B007 (the count is returned)
-            # refresh the subspace with the current weight first, so that the stopping test never compares
-            # two Ritz vectors of a stale subspace (which would stop below a newly dominant direction)
-            basis = torch.linalg.qr(self._batch_adj(y, w).reshape(k, -1).t())[0].t().reshape(k, *vshape)
-            y = self._batch_op(basis, w)
-            yf = y.reshape(k, -1)
-            evals, evecs = torch.linalg.eigh(yf @ yf.t())
-            top = evecs[:, -1]
-            sigma = evals[-1].clamp_min(0).sqrt()
-            v_new = top @ basis.reshape(k, -1)
-            v_new = v_new * torch.sign(torch.dot(v_new, v_prev) + _TINY)  # eigenvectors have no sign
-            moved = torch.linalg.vector_norm(v_new - v_prev)
-            s, m = torch.stack([sigma, moved]).tolist()  # one device sync per iteration
-            if not math.isfinite(s):
-                raise ConvergenceError(
-                    f"{type(self).__name__}: power iteration produced a non-finite norm estimate ({s}); the "
-                    "weight contains NaN/inf values (lower the learning rate or check the loss)"
-                )
-            if s <= _TINY:  # zero weight: keep the unit vectors we had
-                self.power_converged = True
-                return u, v, sigma, iters
-            v_prev = v_new
-            u_new = (top @ yf) / sigma
-            if s * m <= atol + rtol * s:
-                self.power_converged = True
-                break
-        u_out, v_out = u_new.reshape(u.shape), v_new.reshape(v.shape)
-        self.__dict__["_subspace"] = ((self.v.data_ptr(), self.v._version + 1), basis.detach())
-        return u_out, v_out, sigma, iters
+    def load_subspace_state(self, basis: Tensor) -> None:
+        """Install ``basis`` (from :meth:`subspace_state`) as the warm start of the next block power iteration.
+
+        Call it after the state dict has been loaded: the basis belongs to the ``v`` it was saved with.  It is
+        moved to ``v``'s device and to the precision of the iteration; a basis of another shape raises
+        :class:`~flowforge.errors.ConfigError`.
+        """
+        expected = self._subspace_shape()
+        if not isinstance(basis, Tensor) or tuple(basis.shape) != expected:
+            got = tuple(basis.shape) if isinstance(basis, Tensor) else type(basis).__name__
+            raise ConfigError(
+                f"{type(self).__name__}: a power-iteration subspace must have shape {expected} (power_block "
+                f"vectors shaped like v), got {got}; was it saved from a layer of another size?"
+            )
+        basis = basis.detach().to(device=self.v.device, dtype=self._iteration_dtype())
+        self._subspace_cache.put((self.v,), basis)
+
+    def _warm_basis(self, dt: torch.dtype) -> Tensor:
+        """The basis the next block power iteration starts from: the stored subspace while it belongs to the
+        current ``v``, else ``v`` completed by ``k - 1`` vectors of a fixed-seed draw."""
+        basis = self.subspace_state()
+        if basis is not None and basis.dtype == dt:
+            return basis
+        k, *vshape = self._subspace_shape()
+        gen = torch.Generator(device=self.v.device).manual_seed(0)
+        extra = torch.randn((k - 1, *vshape), generator=gen, device=self.v.device, dtype=dt)
+        return torch.cat([self.v.to(dt).reshape(1, *vshape), extra])
 
     def _iterate(
         self, step, w: Tensor, u: Tensor, v: Tensor, max_iters: int, rtol: float, atol: float
@@ -478,6 +469,9 @@ class _LipschitzConv2d(LipschitzLayer):
             return w.reshape(w.shape[0], -1).t() @ y
         return F.conv_transpose2d(y, w, None, self.stride, self.padding, self._output_padding)
 
+    #: ``M(u, v)`` of :meth:`sigma_hat`, valid while ``u`` and ``v`` are unchanged
+    _sigma_direction_cache = VersionCache()
+
     def sigma_hat(self) -> Tensor:
         """For k x k kernels ``<u, conv(v, W)>`` is linear in W: ``= <W, M(u, v)>`` with ``M`` the weight
         gradient of the convolution at (v, u).  ``M`` is computed once per power-iteration update (keyed
@@ -487,15 +481,15 @@ class _LipschitzConv2d(LipschitzLayer):
         if self._is_matrix:
             return super().sigma_hat()
         dt = self._iteration_dtype()
-        key = (self.u.data_ptr(), self.u._version, self.v.data_ptr(), self.v._version, dt)
-        cache = self.__dict__.get("_sigma_direction")
-        if cache is None or cache[0] != key:
+
+        def direction() -> Tensor:
             with torch.no_grad(), _no_autocast(self.weight.device):
                 u, v = _normalize(self.u.to(dt)), _normalize(self.v.to(dt))
-                m = torch.nn.grad.conv2d_weight(v, self.weight.shape, u, self.stride, self.padding)
-            cache = self.__dict__["_sigma_direction"] = (key, m)
+                return torch.nn.grad.conv2d_weight(v, self.weight.shape, u, self.stride, self.padding)
+
+        m = self._sigma_direction_cache.get_or_compute((self.u, self.v), direction, extra=dt)
         with _no_autocast(self.weight.device):
-            return (self.weight.to(dt) * cache[1]).sum().abs()
+            return (self.weight.to(dt) * m).sum().abs()
 
     def _layer_map(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
@@ -571,23 +565,32 @@ def _group_key(layer: nn.Module):
 
 
 @torch.no_grad()
-def _batched_block_iteration(layers: list, max_iters: int | None, rtol: float | None) -> int:
-    """:meth:`LipschitzLayer._block_iterate` for G layers of one geometry at once: stacked matrices with
-    batched products, or convolutions as one grouped convolution; batched QR and k x k eigenproblems.
-    The group iterates until every layer passes its own stopping test (more iterations only refine the
-    others).  Returns the iterations run."""
+def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: float, atol: float) -> int:
+    """Block power iteration of G >= 1 spectral-norm layers of one geometry at once; returns the iterations run.
+
+    Subspace iteration with Rayleigh-Ritz extraction (block power method on ``A^T A``): ``V`` holds k
+    orthonormal right vectors (the first one ``v``); each iteration ``V <- orth(A^T A V)``, ``Y = A V``, and the
+    Ritz pair from the k x k Gram matrix ``Y Y^T`` gives ``sigma`` (its largest eigenvalue's root),
+    ``v = V^T y`` and ``u = Y^T y / sigma``.  The top Ritz vector converges at rate
+    ``(sigma_{k+1} / sigma_1)^2`` instead of plain power iteration's ``(sigma_2 / sigma_1)^2``, which matters
+    because the top singular values of these layers (convolutions above all) cluster.  The subspace is
+    refreshed with the current weight before each test, so the test never compares two Ritz vectors of a stale
+    subspace (which would stop below a newly dominant direction).  Each layer stops being tested once
+    ``sigma * ||v_k - v_{k-1}|| <= atol + rtol * sigma`` (see :meth:`LipschitzLayer.power_iteration`); the
+    group iterates until all pass (more iterations only refine the others), with one device synchronisation
+    per iteration.  The other k - 1 vectors are kept between calls (:meth:`LipschitzLayer.subspace_state`;
+    rebuilt from ``v`` and a fixed-seed draw when missing).
+
+    The G operators are applied together: stacked matrices with batched products, or convolutions as one
+    grouped convolution; QR and the k x k eigenproblems are batched.  The first call on uninitialised layers
+    runs up to ``max(max_iters, 200)`` iterations.
+    """
     first, g = layers[0], len(layers)
-    max_iters = (
-        first.max_iters if max_iters is None else _check_positive_int("max_iters", max_iters, "update_lipschitz")
-    )
-    rtol = first.rtol if rtol is None else float(rtol)
-    atol = first.atol or 0.0
     if not first._is_initialized():
         max_iters = max(max_iters, 200)
     dt = first._iteration_dtype()
+    k, *vshape = first._subspace_shape()
     conv = isinstance(first, _LipschitzConv2d) and not first._is_matrix
-    vshape = first.v.shape[1:] if conv else first.v.shape
-    k = min(first.power_block, first.u.numel(), first.v.numel())
     with _no_autocast(first.weight.device):
         w = torch.stack([layer.weight.detach().to(dt) for layer in layers])
         if conv:
@@ -620,57 +623,42 @@ def _batched_block_iteration(layers: list, max_iters: int | None, rtol: float | 
             def adj(y):
                 return torch.bmm(y, wm)
 
-        bases = []
-        for layer in layers:
-            cache = layer.__dict__.get("_subspace")
-            if (
-                cache is not None
-                and cache[0] == (layer.v.data_ptr(), layer.v._version)
-                and cache[1].shape[0] == k
-                and cache[1].dtype == dt
-            ):
-                bases.append(cache[1])
-            else:
-                gen = torch.Generator(device=layer.v.device).manual_seed(0)
-                extra = torch.randn((k - 1, *vshape), generator=gen, device=layer.v.device, dtype=dt)
-                bases.append(torch.cat([layer.v.to(dt).reshape(1, *vshape), extra]))
-        basis = torch.stack(bases)  # (g, k, *vshape)
-        v_old = torch.stack([layer.v.to(dt).reshape(-1) for layer in layers])
-        v_prev = v_old / torch.linalg.vector_norm(v_old, dim=1, keepdim=True).clamp_min(_TINY)
+        basis = torch.stack([layer._warm_basis(dt) for layer in layers])  # (g, k, *vshape)
+        v_prev = torch.stack([_normalize(layer.v.to(dt).reshape(-1)) for layer in layers])
         y = op(basis)
         iters = 0
-        done = torch.zeros(g, dtype=torch.bool, device=w.device)
         for iters in range(1, max_iters + 1):  # noqa: B007 (the count is returned)
             z = adj(y).reshape(g, k, -1)
             basis = torch.linalg.qr(z.transpose(1, 2))[0].transpose(1, 2).reshape(g, k, *vshape)
             y = op(basis)
             yf = y.reshape(g, k, -1)
             evals, evecs = torch.linalg.eigh(yf @ yf.transpose(1, 2))
-            top = evecs[:, :, -1]  # (g, k)
             sigma = evals[:, -1].clamp_min(0).sqrt()
+            top = evecs[:, :, -1]  # (g, k)
             v_new = torch.einsum("gk,gkn->gn", top, basis.reshape(g, k, -1))
-            cos = (v_new * v_prev).sum(1).abs().clamp_max(1.0)
-            moved = torch.sqrt((2 - 2 * cos).clamp_min(0))  # ||v_new -+ v_prev|| for unit vectors
-            finite = bool(torch.isfinite(sigma).all())
-            if not finite:
-                bad = next(layer for layer, s_ in zip(layers, sigma.tolist()) if not math.isfinite(s_))
+            sign = torch.sign((v_new * v_prev).sum(1, keepdim=True) + _TINY)  # eigenvectors have no sign: keep v's
+            top, v_new = top * sign, v_new * sign
+            moved = torch.linalg.vector_norm(v_new - v_prev, dim=1)
+            done = (sigma * moved <= atol + rtol * sigma) | (sigma <= _TINY)  # zero weight: nothing to refine
+            sigmas, passed = torch.stack([sigma, done.to(sigma.dtype)]).tolist()  # one device sync per iteration
+            bad = [(layer, s_) for layer, s_ in zip(layers, sigmas) if not math.isfinite(s_)]
+            if bad:
                 raise ConvergenceError(
-                    f"{type(bad).__name__}: power iteration produced a non-finite norm estimate; the weight "
-                    "contains NaN/inf values (lower the learning rate or check the loss)"
+                    f"{type(bad[0][0]).__name__}: power iteration produced a non-finite norm estimate ({bad[0][1]}); "
+                    "the weight contains NaN/inf values (lower the learning rate or check the loss)"
                 )
             v_prev = v_new
-            done = (sigma * moved <= atol + rtol * sigma) | (sigma <= _TINY)
-            if bool(done.all()):
+            if all(passed):
                 break
         u_new = torch.einsum("gk,gkn->gn", top, yf) / sigma.clamp_min(_TINY)[:, None]
     for i, layer in enumerate(layers):
-        if float(sigma[i]) > _TINY:  # a zero weight keeps the unit vectors it had
+        if sigmas[i] > _TINY:  # a zero weight keeps the unit vectors it had
             layer.u.copy_(u_new[i].reshape(layer.u.shape))
             layer.v.copy_(v_new[i].reshape(layer.v.shape))
-            layer.sigma.copy_(sigma[i])
+        layer.sigma.copy_(sigma[i])
         layer.initialized.fill_(1.0)
-        layer.power_converged = bool(done[i])
-        layer.__dict__["_subspace"] = ((layer.v.data_ptr(), layer.v._version), basis[i])
+        layer.power_converged = bool(passed[i])
+        layer._subspace_cache.put((layer.v,), basis[i])
     return iters
 
 
@@ -700,7 +688,8 @@ def update_lipschitz(module: nn.Module, max_iters: int | None = None, rtol: floa
         if len(group) == 1:
             iters.append(group[0].power_iteration(max_iters=max_iters, rtol=rtol))
         else:
-            iters.append(_batched_block_iteration(group, max_iters, rtol))
+            settings = group[0]._settings(max_iters, rtol, None, "update_lipschitz")
+            iters.append(_block_power_iteration(group, *settings))
     return {
         "max_sigma": max(float(layer.sigma) for layer in layers),
         "power_iterations": int(max(iters)),
