@@ -57,7 +57,7 @@ class ContractiveBlock(Transform):
     def estimate(self, x: Tensor, kind: str = "residual") -> tuple[Tensor, Tensor]:
         """``(g(x), log-det of the given kind at x)`` with the block's estimator."""
         roulette = self._roulette() if self.logdet_estimator.name == "roulette" else None
-        gx, log_det, info = self.logdet_estimator(self.g, x, self.training, roulette, kind)
+        gx, log_det, info = self.logdet_estimator(self.g, x, training=self.training, roulette=roulette, kind=kind)
         self.last_terms = info["terms"]
         return gx, log_det
 
