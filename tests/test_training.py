@@ -145,7 +145,7 @@ def test_nan_loss_skip_policy_continues(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(FlowModule, "metrics", poisoned)
-    metrics = run(tmp_path, "on_nonfinite=skip")
+    metrics = run(tmp_path, "faults.on_nonfinite=skip")
     assert math.isfinite(metrics["test/nll"])
     assert metrics["train/faults/nonfinite"] == 1.0
 
@@ -186,7 +186,7 @@ def test_nan_gradient_stops_with_the_step_and_the_layer(tmp_path, monkeypatch):
 
 def test_nan_gradient_skip_policy_drops_only_that_update(tmp_path, monkeypatch):
     _poison_gradient_at(monkeypatch, 3)
-    metrics = run(tmp_path, "on_nonfinite=skip", "trainer.max_epochs=1")
+    metrics = run(tmp_path, "faults.on_nonfinite=skip", "trainer.max_epochs=1")
     assert math.isfinite(metrics["test/nll"])
     assert metrics["train/faults/nonfinite"] == 1.0
 
