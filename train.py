@@ -1,9 +1,13 @@
 """Train a flow: ``python train.py model=glow dataset=digits`` (see README for all choices)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from flowforge import experiment
+from flowforge.checks import check_moved_keys
+from flowforge.errors import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -13,4 +17,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        check_moved_keys(sys.argv[1:])
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     main()

@@ -442,25 +442,35 @@ CASES = [
     ("warmup-negative", ["optim.warmup_steps=-1"], ConfigError, r"warmup_steps must be >= 0, got -1"),
     (
         "on-nonfinite-unknown",
-        ["on_nonfinite=explode"],
+        ["faults.on_nonfinite=explode"],
         ConfigError,
         r"on_nonfinite must be one of .*stop.*got 'explode'",
     ),
     # fault policies, fault injection and checkpoint cadence
     (
         "on-solver-failure-unknown",
-        ["on_solver_failure=explode"],
+        ["faults.on_solver_failure=explode"],
         ConfigError,
         r"on_solver_failure must be one of \('warn', 'stop', 'skip', 'reduce_lr'\), got 'explode'",
     ),
     (
         "on-power-iteration-skip",
-        ["on_power_iteration_failure=skip"],
+        ["faults.on_power_iteration_failure=skip"],
         ConfigError,
         r"on_power_iteration_failure must be one of \('warn', 'stop', 'reduce_lr'\), got 'skip'",
     ),
-    ("fault-lr-factor-2", ["fault_lr_factor=2"], ConfigError, r"fault_lr_factor must be a number in \(0, 1\), got 2"),
-    ("max-fault-events-0", ["max_fault_events=0"], ConfigError, r"max_fault_events must be a positive integer, got 0"),
+    (
+        "fault-lr-factor-2",
+        ["faults.fault_lr_factor=2"],
+        ConfigError,
+        r"fault_lr_factor must be a number in \(0, 1\), got 2",
+    ),
+    (
+        "max-fault-events-0",
+        ["faults.max_fault_events=0"],
+        ConfigError,
+        r"max_fault_events must be a positive integer, got 0",
+    ),
     (
         "faults-unknown-kind",
         _train("+faults.bogus=1"),

@@ -38,7 +38,7 @@ def regression_module(dim=2):
 def test_regression_loss_is_the_squared_error_by_hand():
     module = regression_module(dim=2)
     x, y = torch.randn(64, 2), torch.randn(64, 2)
-    values = module._step_metrics((y, x), y)
+    values = module.step_metrics((y, x), y)
     with torch.no_grad():
         z = module.model(x)[0]
     by_hand = (z[:, 0] - y[:, 0]) ** 2 + (z[:, 1] - y[:, 1]) ** 2  # summed over the 2 dims
@@ -61,7 +61,7 @@ def test_regression_without_inputs_names_step1d(batch):
     module = regression_module(dim=2)
     b = batch()
     with pytest.raises(ConfigError, match="dataset=step1d"):
-        module._step_metrics(b, b[0])
+        module.step_metrics(b, b[0])
 
 
 def test_regression_on_toy2d_run_fails_with_the_fix(tmp_path):

@@ -144,7 +144,7 @@ def test_nan_batch_stops_naming_the_step_and_the_data(tmp_path, train):
 
 
 def test_nan_batch_skip_drops_that_step_and_finishes(tmp_path, train, step_changes):
-    metrics, module = train(tmp_path, *REALNVP, f"+faults.nan_batch={K}", "on_nonfinite=skip")
+    metrics, module = train(tmp_path, *REALNVP, f"+faults.nan_batch={K}", "faults.on_nonfinite=skip")
     assert metrics["train/faults/nonfinite"] == 1.0
     assert math.isfinite(metrics["test/nll"]) and math.isfinite(metrics["test/loss"])
     assert [(e["step"], e["policy"]) for e in module.fault_events] == [(K, "skip")]
@@ -207,7 +207,12 @@ def test_nan_gradient_stop_names_the_parameter(tmp_path, train):
 
 def test_nan_gradient_skip_drops_only_that_update(tmp_path, train, step_changes):
     metrics, module = train(
-        tmp_path, *REALNVP, f"+faults.nan_grad={K}", f"+faults.parameter={WEIGHT}", "on_nonfinite=skip", "test=false"
+        tmp_path,
+        *REALNVP,
+        f"+faults.nan_grad={K}",
+        f"+faults.parameter={WEIGHT}",
+        "faults.on_nonfinite=skip",
+        "test=false",
     )
     assert metrics["train/faults/nonfinite"] == 1.0
     assert [(e["step"], e["where"], e["policy"]) for e in module.fault_events] == [(K, f"{WEIGHT} (first)", "skip")]
@@ -224,7 +229,7 @@ def test_nan_gradient_reduce_lr_halves_the_learning_rate(tmp_path, train, step_c
         *overrides,
         f"+faults.nan_grad={K}",
         f"+faults.parameter={WEIGHT}",
-        "on_nonfinite=reduce_lr",
+        "faults.on_nonfinite=reduce_lr",
         "test=false",
     )
     assert metrics["train/faults/nonfinite"] == 1.0
@@ -270,7 +275,7 @@ def test_resume_after_a_stop_trains_the_rest_of_the_interrupted_epoch(tmp_path, 
     resume.write_bytes((tmp_path / "checkpoints" / "last.ckpt").read_bytes())
     assert torch.load(resume, weights_only=False)["global_step"] == K + 1
     metrics, module = train(
-        tmp_path / "resumed", *REALNVP, "trainer.max_epochs=2", f"ckpt_path={resume}", "on_nonfinite=skip"
+        tmp_path / "resumed", *REALNVP, "trainer.max_epochs=2", f"ckpt_path={resume}", "faults.on_nonfinite=skip"
     )
     assert module.fault_events == [] and math.isfinite(metrics["test/nll"])
     # 12 batches in 2 epochs: steps 0..K-1 and K (the faulty one) before the stop, K+1..11 after the resume
@@ -283,8 +288,8 @@ def test_more_faults_than_max_fault_events_stop_the_run(tmp_path, train):
     err, module = train(
         tmp_path,
         *REALNVP,
-        "on_nonfinite=skip",
-        "max_fault_events=1",
+        "faults.on_nonfinite=skip",
+        "faults.max_fault_events=1",
         f"+faults.nan_grad={K}",
         f"+faults.parameter={WEIGHT}",
         f"+faults.nan_batch={K + 2}",
@@ -300,8 +305,8 @@ def test_faults_up_to_max_fault_events_go_on(tmp_path, train):
     metrics, module = train(
         tmp_path,
         *REALNVP,
-        "on_nonfinite=skip",
-        "max_fault_events=2",
+        "faults.on_nonfinite=skip",
+        "faults.max_fault_events=2",
         "test=false",
         f"+faults.nan_grad={K}",
         f"+faults.parameter={WEIGHT}",
@@ -317,7 +322,7 @@ def test_solver_failure_stop_names_the_step_and_the_block(tmp_path, train):
         *MONOTONE,
         f"+faults.solver_failure={K}",
         f"+faults.layer={BLOCK}",
-        "on_solver_failure=stop",
+        "faults.on_solver_failure=stop",
         error=ConvergenceError,
         match=rf"a fixed-point solve did not converge at step {K} in {re.escape(BLOCK)} \(forward",
     )
@@ -332,7 +337,7 @@ def test_solver_failure_warn_goes_on(tmp_path, train, step_changes):
         *MONOTONE,
         f"+faults.solver_failure={K}",
         f"+faults.layer={BLOCK}",
-        "on_solver_failure=warn",
+        "faults.on_solver_failure=warn",
         "test=false",
     )
     assert metrics["train/faults/solver"] >= 1
@@ -346,7 +351,7 @@ def test_solver_failure_skip_drops_the_update(tmp_path, train, step_changes):
         *MONOTONE,
         f"+faults.solver_failure={K}",
         f"+faults.layer={BLOCK}",
-        "on_solver_failure=skip",
+        "faults.on_solver_failure=skip",
         "test=false",
     )
     assert metrics["train/faults/solver"] == 1.0
@@ -362,7 +367,7 @@ def test_power_iteration_failure_stop_names_the_step_and_the_layer(tmp_path, tra
         *RESFLOW,
         f"+faults.power_iteration_failure={K}",
         f"+faults.layer={SN_LAYER}",
-        "on_power_iteration_failure=stop",
+        "faults.on_power_iteration_failure=stop",
         error=ConvergenceError,
         match=rf"power iteration stopped at its iteration cap before its tolerance at step {K} in "
         rf"{re.escape(SN_LAYER)};",
@@ -385,7 +390,7 @@ def test_power_iteration_failure_warn_goes_on(tmp_path, train):
         *RESFLOW,
         f"+faults.power_iteration_failure={K}",
         f"+faults.layer={SN_LAYER}",
-        "on_power_iteration_failure=warn",
+        "faults.on_power_iteration_failure=warn",
     )
     assert metrics["train/faults/power_iteration"] >= 1 and math.isfinite(metrics["test/nll"])
     assert [(e["step"], e["where"]) for e in module.fault_events] == [(K, SN_LAYER)]
@@ -400,7 +405,7 @@ def test_power_iteration_failure_reduce_lr_keeps_the_applied_update(tmp_path, tr
         "optim.warmup_steps=0",
         f"+faults.power_iteration_failure={K}",
         f"+faults.layer={SN_LAYER}",
-        "on_power_iteration_failure=reduce_lr",
+        "faults.on_power_iteration_failure=reduce_lr",
     )
     assert step_changes[K] > 0 and math.isfinite(metrics["test/nll"])
     lr = compose([*FAST, *RESFLOW]).optim.optimizer.lr
@@ -411,7 +416,7 @@ def test_power_iteration_failure_reduce_lr_keeps_the_applied_update(tmp_path, tr
         *RESFLOW,
         f"+faults.power_iteration_failure={K}",
         f"+faults.layer={SN_LAYER}",
-        "on_power_iteration_failure=stop",
+        "faults.on_power_iteration_failure=stop",
         error=ConvergenceError,
     )
     assert "the update of that step was applied" in str(err)
@@ -468,7 +473,7 @@ def test_exploding_inverse_under_reverse_kl_stops_naming_the_layer(tmp_path, tra
 
 def test_exploding_inverse_under_reverse_kl_skip_finishes(tmp_path, train, step_changes):
     metrics, module = train(
-        tmp_path, *RADIAL_RKL, f"+faults.exploding_inverse={K}", f"+faults.layer={RADIAL}", "on_nonfinite=skip"
+        tmp_path, *RADIAL_RKL, f"+faults.exploding_inverse={K}", f"+faults.layer={RADIAL}", "faults.on_nonfinite=skip"
     )
     assert metrics["train/faults/nonfinite"] == 1.0
     assert math.isfinite(metrics["test/loss"]) and math.isfinite(metrics["test/log_z"])
@@ -586,10 +591,10 @@ def test_sample_figures_of_a_2d_flow_with_an_exploded_inverse_are_reported(tmp_p
             [f"+faults.power_iteration_failure={K}", f"+faults.layer={COUPLING}"],
             r"is not a spectrally normalised layer",
         ),
-        (["on_nonfinite=warn"], r"on_nonfinite must be one of \('stop', 'skip', 'reduce_lr'\)"),
-        (["fault_lr_factor=1"], r"fault_lr_factor must be a number in \(0, 1\), got 1"),
-        (["fault_lr_factor=0"], r"fault_lr_factor must be a number in \(0, 1\), got 0"),
-        (["max_fault_events=1.5"], r"max_fault_events must be a positive integer, got 1.5"),
+        (["faults.on_nonfinite=warn"], r"on_nonfinite must be one of \('stop', 'skip', 'reduce_lr'\)"),
+        (["faults.fault_lr_factor=1"], r"fault_lr_factor must be a number in \(0, 1\), got 1"),
+        (["faults.fault_lr_factor=0"], r"fault_lr_factor must be a number in \(0, 1\), got 0"),
+        (["faults.max_fault_events=1.5"], r"max_fault_events must be a positive integer, got 1.5"),
         (
             [f"+faults.exploding_inverse={K}", "+faults.layer=model.transform.transforms.1.conditioner"],
             r"faults.layer='model.transform.transforms.1.conditioner' is not a flow transform \(no inverse\), but "
@@ -634,7 +639,7 @@ def test_a_run_with_nan_results_fails_naming_the_layer(tmp_path, train, policy):
         tmp_path,
         *REALNVP,
         "optim.optimizer.lr=1e6",
-        f"on_nonfinite={policy}",
+        f"faults.on_nonfinite={policy}",
         error=NonFiniteLossError,
         match=r"gives non-finite results \(test/loss=nan.*first non-finite layer: model\.transform\.transforms\.\d+ "
         r"\(\w+\).*lower optim\.optimizer\.lr",
@@ -658,7 +663,7 @@ def test_weights_that_become_nan_in_an_update_stop_before_any_save(tmp_path, tra
     err, module = train(
         tmp_path,
         *REALNVP,
-        "on_nonfinite=skip",
+        "faults.on_nonfinite=skip",
         "checkpoint_every_n_steps=1",
         error=NonFiniteLossError,
         match=rf"the weights of 1 parameter tensors became NaN/inf in the update of step {K} in "
@@ -751,7 +756,7 @@ def _exact_normalized_norms(module):
 def stale_capped_iteration(monkeypatch):
     """The capped per-step power iteration (``lipschitz_step_iters``) leaves the estimates where they were, as a cap
     that cannot keep up with large updates does."""
-    import flowforge.training.module as module_mod
+    import flowforge.training.lipschitz_maintenance as module_mod
 
     full = module_mod.update_lipschitz
 
@@ -772,7 +777,7 @@ LIP_CAP = [
 
 
 def test_capped_power_iteration_breach_is_found_and_handled(tmp_path, train, stale_capped_iteration):
-    metrics, module = train(tmp_path, *LIP_CAP, "on_power_iteration_failure=warn", "test=false")
+    metrics, module = train(tmp_path, *LIP_CAP, "faults.on_power_iteration_failure=warn", "test=false")
     events = [e for e in module.fault_events if e["kind"] == "power_iteration"]
     assert re.match(
         r"the Lipschitz bound was exceeded in 2 of 4 layers \(worst: true norm 0\.9\d+ > coeff 0\.9; "
@@ -787,7 +792,7 @@ def test_capped_power_iteration_breach_stops_under_stop(tmp_path, train, stale_c
     train(
         tmp_path,
         *LIP_CAP,
-        "on_power_iteration_failure=stop",
+        "faults.on_power_iteration_failure=stop",
         error=ConvergenceError,
         match=r"the Lipschitz bound was exceeded .* at step 2 in model\.transform\..*on_power_iteration_failure=stop",
     )

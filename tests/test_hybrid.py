@@ -15,7 +15,8 @@ from flowforge.estimators import LogDetEstimator
 from flowforge.flows.hybrid import HybridClassifier
 from flowforge.flows.resflow import ResidualFlow
 from flowforge.nn.lipschitz import update_lipschitz
-from flowforge.training.module import FlowModule, parse_objective
+from flowforge.training.module import FlowModule
+from flowforge.training.objectives import parse_objective
 
 SMALL_RESFLOW = [
     "model.blocks_per_scale=[1,1]",
@@ -180,7 +181,7 @@ def test_build_and_fast_dev_run(tmp_path, overrides):
     )
     datamodule, module = experiment.build(cfg)
     assert module.classifier is not None and len(module.classifier.heads) == 2
-    assert module.objective["lam"] == 1 / 64
+    assert module.objective.lam == 1 / 64
     trainer = pl.Trainer(
         fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )

@@ -118,15 +118,15 @@ def test_same_seed_same_result(tmp_path):
 
 
 def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    original = FlowModule.metrics
+    original = FlowModule.step_metrics
 
-    def poisoned(self, x):
-        out = original(self, x)
+    def poisoned(self, batch, x, stage="train"):
+        out = original(self, batch, x, stage)
         if self.training and self.global_step >= 13:  # in the second epoch
             out = {k: v * float("nan") for k, v in out.items()}
         return out
 
-    monkeypatch.setattr(FlowModule, "metrics", poisoned)
+    monkeypatch.setattr(FlowModule, "step_metrics", poisoned)
     run(tmp_path, "trainer.max_epochs=3", expect_error=NonFiniteLossError)
     ckpts = list((tmp_path / "checkpoints").glob("*.ckpt"))
     assert ckpts
@@ -136,16 +136,16 @@ def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeyp
 
 
 def test_nan_loss_skip_policy_continues(tmp_path, monkeypatch):
-    original = FlowModule.metrics
+    original = FlowModule.step_metrics
 
-    def poisoned(self, x):
-        out = original(self, x)
+    def poisoned(self, batch, x, stage="train"):
+        out = original(self, batch, x, stage)
         if self.training and self.global_step == 3:
             out = {k: v * float("nan") for k, v in out.items()}
         return out
 
-    monkeypatch.setattr(FlowModule, "metrics", poisoned)
-    metrics = run(tmp_path, "on_nonfinite=skip")
+    monkeypatch.setattr(FlowModule, "step_metrics", poisoned)
+    metrics = run(tmp_path, "faults.on_nonfinite=skip")
     assert math.isfinite(metrics["test/nll"])
     assert metrics["train/faults/nonfinite"] == 1.0
 
@@ -186,7 +186,7 @@ def test_nan_gradient_stops_with_the_step_and_the_layer(tmp_path, monkeypatch):
 
 def test_nan_gradient_skip_policy_drops_only_that_update(tmp_path, monkeypatch):
     _poison_gradient_at(monkeypatch, 3)
-    metrics = run(tmp_path, "on_nonfinite=skip", "trainer.max_epochs=1")
+    metrics = run(tmp_path, "faults.on_nonfinite=skip", "trainer.max_epochs=1")
     assert math.isfinite(metrics["test/nll"])
     assert metrics["train/faults/nonfinite"] == 1.0
 

@@ -86,3 +86,27 @@ def check_run_config(cfg: DictConfig) -> None:
     for key in ("hidden", "fc_hidden"):
         if key in model:
             layer_widths(f"model.{key}", model[key], "[64,64]")
+
+
+#: top-level keys of earlier configurations and where they are now
+MOVED_KEYS = {
+    key: f"faults.{key}"
+    for key in (
+        "on_nonfinite",
+        "on_solver_failure",
+        "on_power_iteration_failure",
+        "fault_lr_factor",
+        "max_fault_events",
+    )
+}
+
+
+def check_moved_keys(keys: list[str]) -> None:
+    """A ConfigError for an override (``key=value``, ``+key=value``) or a config key that has moved."""
+    for item in keys:
+        key = str(item).lstrip("+~").split("=", 1)[0]
+        if key in MOVED_KEYS:
+            raise ConfigError(
+                f"{key} is now {MOVED_KEYS[key]} (the faults config group); e.g. {MOVED_KEYS[key]}="
+                f"{str(item).split('=', 1)[1] if '=' in str(item) else '...'}"
+            )

@@ -21,7 +21,7 @@ from lightning_fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from flowforge.checks import check_run_config, positive_finite, positive_int
+from flowforge.checks import check_moved_keys, check_run_config, positive_finite, positive_int
 from flowforge.data.base import broken_link
 from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
@@ -29,8 +29,11 @@ from flowforge.flows.registry import family_names
 from flowforge.smoke import shrink
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
+from flowforge.training.fault_policy import POLICY_KEYS, FaultPolicy, TrainingStopped, fault_policy
 from flowforge.training.faults import FaultInjection, locate_nonfinite, nonfinite_samples, nonfinite_tensors
-from flowforge.training.module import FlowModule, TrainingStopped
+from flowforge.training.lipschitz_maintenance import LipschitzMaintenance
+from flowforge.training.module import FlowModule
+from flowforge.training.objectives import make_objective
 from flowforge.training.resume import ExactResume, check_resume_config
 from flowforge.training.run_lock import run_lock
 from flowforge.trust import check_stored_targets, load_torch_file
@@ -93,28 +96,32 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     model = instantiate(cfg.model)
     apply_dequantization(cfg, model)
     check_estimator(cfg, model)
-    objective = None
-    if cfg.get("objective") is not None and cfg.objective.get("name", "mle") != "mle":
-        objective = OmegaConf.to_container(cfg.objective, resolve=True)
-        if objective.get("num_classes") is None and cfg.dataset.get("num_classes") is not None:
-            objective["num_classes"] = cfg.dataset.num_classes
     module = FlowModule(
         model=model,
         optimizer=hydra.utils.instantiate(cfg.optim.optimizer),
         warmup_steps=cfg.optim.warmup_steps,
-        on_nonfinite=cfg.on_nonfinite,
-        on_solver_failure=cfg.get("on_solver_failure", "warn"),
-        on_power_iteration_failure=cfg.get("on_power_iteration_failure", "warn"),
-        fault_lr_factor=cfg.get("fault_lr_factor", 0.5),
-        max_fault_events=cfg.get("max_fault_events", 20),
         config=OmegaConf.to_container(cfg, resolve=True),
-        objective=objective,
-        lipschitz_step_iters=cfg.get("lipschitz_step_iters"),
-        lipschitz_check_every=cfg.get("lipschitz_check_every", 1000),
-        checkpoint_every=cfg.get("checkpoint_every_n_steps"),
+        objective=make_objective(OmegaConf.to_container(cfg.objective, resolve=True) if cfg.get("objective") else None),
         target=getattr(datamodule, "target", None),
+        callbacks=[
+            FaultPolicy(**_fault_options(cfg)[0]),
+            LipschitzMaintenance(
+                **{arg: cfg[key] for arg, key in LIPSCHITZ_KEYS.items() if key in cfg},
+                checkpoint_every=cfg.get("checkpoint_every_n_steps"),
+            ),
+        ],
     )
     return datamodule, module
+
+
+#: top-level keys of ``conf/train.yaml`` that configure :class:`LipschitzMaintenance`
+LIPSCHITZ_KEYS = {"step_iters": "lipschitz_step_iters", "check_every": "lipschitz_check_every"}
+
+
+def _fault_options(cfg: DictConfig) -> tuple[dict, dict]:
+    """The ``faults`` group split into the :class:`FaultPolicy` options and the :class:`FaultInjection` ones."""
+    faults = OmegaConf.to_container(cfg.faults, resolve=True) if cfg.get("faults") else {}
+    return {k: faults.pop(k) for k in POLICY_KEYS if k in faults}, faults
 
 
 def apply_dequantization(cfg: DictConfig, model: torch.nn.Module) -> str | None:
@@ -166,8 +173,9 @@ def make_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.trainer.get("enable_progress_bar") is False:  # the bar's callback would make Lightning refuse the option
         callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
-    if cfg.get("faults"):
-        callbacks.append(FaultInjection(**OmegaConf.to_container(cfg.faults, resolve=True)))
+    injection = _fault_options(cfg)[1]
+    if injection:
+        callbacks.append(FaultInjection(**injection))
     loggers = _instantiate_group(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -201,6 +209,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) the configured model, holding the lock of its run directory
     (:mod:`flowforge.training.run_lock`: one run per folder); returns the final metrics."""
+    check_moved_keys(list(cfg.keys()))
     if cfg.get("smoke"):
         shrink(cfg)
     _record_overrides(cfg)
@@ -231,8 +240,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except TrainingStopped:
-            raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}") from None
+        except TrainingStopped as stop:
+            raise stop.error(f"{stop.reason}. Checkpoints: {out_dir / 'checkpoints'}") from None
         except SIGTERMException:
             saved = [
                 cb.saved_on_signal for cb in trainer.callbacks if isinstance(cb, ExactResume) and cb.saved_on_signal
@@ -252,8 +261,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             load_weights(module, ckpt_path, model_name(cfg))
         _retire_hpc_checkpoints(Path(trainer.default_root_dir), out_dir / "checkpoints")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if module.stop_reason:
-        raise module.stop_error(f"{module.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}")
+    policy = fault_policy(trainer)
+    if policy is not None and policy.stop_reason:
+        raise policy.stop_error(f"{policy.stop_reason}. Checkpoints: {out_dir / 'checkpoints'}")
     if cfg.get("test", True):
         _final_test(trainer, module, datamodule, out_dir)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
@@ -421,10 +431,10 @@ def first_nonfinite_layer(module: FlowModule, datamodule: pl.LightningDataModule
         batch = next(iter(datamodule.test_dataloader()))
         device = next(module.parameters()).device
         batch = move_data_to_device(batch, device)
-        x = module._batch_input(batch, "test")
+        x = module.batch_input(batch, "test")
     except (FlowforgeError, StopIteration, RuntimeError) as e:
         return f"unknown (the test batch could not be replayed: {e})"
-    where = locate_nonfinite(module, lambda: module._step_metrics(batch, x, "test"))
+    where = locate_nonfinite(module, lambda: module.step_metrics(batch, x, "test"))
     return where or "none found on the first test batch (the NaN/inf arose in the reduction over the test set)"
 
 
@@ -456,20 +466,14 @@ def sample(cfg: DictConfig) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     torch.save(x, out / "samples.pt")
-    if model.is_image:
-        path = visualize.image_grid(x[:64], out / "samples.png")
-    elif getattr(model, "manifold", None) is not None:
+    data = None
+    if not model.is_image:
         datamodule.setup("test")
         data = datamodule.splits["test"].tensors[0]
-        path = visualize.manifold_figure(model, model.manifold, model.dim, data, out / "density.png")
-        if path is None:
-            path = "(no figure for a model on this manifold in this dimension; samples.pt holds the samples)"
-    elif model.dim == 2:
-        datamodule.setup("test")
-        path = visualize.density_plot_2d(model, datamodule.splits["test"].tensors[0], out / "density.png")
-    else:
-        datamodule.setup("test")
-        path = visualize.density_plot_1d(model, datamodule.splits["test"].tensors[0][:, :1], out / "density.png")
+    name = "samples.png" if model.is_image else "density.png"
+    path = visualize.model_figure(model, out / name, data, x[:64])
+    if path is None:
+        path = "(no figure for a model of this dimension or on this manifold; samples.pt holds the samples)"
     print(f"samples: {out / 'samples.pt'}\nfigure: {path}")
     return path
 

@@ -2,8 +2,9 @@
 
 - :func:`load_torch_file` reads a checkpoint with ``torch.load(weights_only=True)``: tensors and plain data
   only, so an object whose ``__reduce__`` would run code is refused instead of run.
-- :func:`check_stored_targets` vets the ``_target_`` entries of a configuration read from a checkpoint before
-  anything is instantiated: only flowforge's own classes and flow families, ``torch.nn`` modules and
+- :func:`check_stored_targets` vets the ``_target_`` entries of a configuration read from a checkpoint (its
+  dataset, model, optimizer and objective) before anything is instantiated: only flowforge's own classes (the
+  objectives of :mod:`flowforge.training.objectives` among them) and flow families, ``torch.nn`` modules and
   ``torch.optim`` optimizers; anything else (``numpy.savetxt``, ``os.system``, ...) is refused by name.
 - :func:`safe_unpickle` parses a pickle-format dataset file with an unpickler that resolves only the globals
   the format needs (numpy array reconstruction, a few builtins), so a crafted file cannot run a payload.
@@ -119,7 +120,9 @@ def iter_targets(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
             yield from iter_targets(value, f"{where}[{i}]")
 
 
-def check_stored_targets(config: Any, source: str, sections: Iterable[str] = ("dataset", "model", "optim")) -> None:
+def check_stored_targets(
+    config: Any, source: str, sections: Iterable[str] = ("dataset", "model", "optim", "objective")
+) -> None:
     """Refuse a configuration read from ``source`` (a checkpoint) whose ``sections`` name a ``_target_`` outside
     flowforge, ``torch.nn`` modules and ``torch.optim`` optimizers, before anything is instantiated."""
     if isinstance(config, DictConfig):

@@ -20,9 +20,10 @@ class SampleFigures(pl.Callback):
     manifold (``model.manifold``) get :func:`flowforge.training.visualize.manifold_figure` (S^2 in an
     equal-area projection, S^1 over the angle, the 3-simplex as a ternary plot; none in other dimensions).
 
-    With ``objective=regression`` the figure is the fit instead: the target curve and the model's ``F(x)`` on a
-    dense grid of ``[-2, 2]`` (:func:`flowforge.training.visualize.fit_plot_1d`), and ``<dirpath>/fit.csv``
-    (columns ``x, target, prediction`` on 400 grid points) is rewritten with it.
+    With an objective whose ``figure`` is ``"fit"`` (``objective=regression``) the figure is the fit instead: the
+    target curve and the model's ``F(x)`` on a dense grid of ``[-2, 2]``
+    (:func:`flowforge.training.visualize.fit_plot_1d`), and ``<dirpath>/fit.csv`` (columns ``x, target,
+    prediction`` on 400 grid points) is rewritten with it.
 
     Figures go to ``<dirpath>/<stage>_epoch{E}.png`` and to W&B / TensorBoard when those log.
     """
@@ -84,11 +85,12 @@ class SampleFigures(pl.Callback):
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str) -> Path | None:
         path = self.dirpath / f"{tag}.png"
-        if not model.is_image and not _is_regression(pl_module) and nonfinite_samples(model, 256, self.temperature):
+        fit = pl_module.objective.figure == "fit"
+        if not model.is_image and not fit and nonfinite_samples(model, 256, self.temperature):
             raise FloatingPointError("samples contain NaN/inf")  # density plots would draw them without complaint
         data = None if model.is_image else self._data(trainer)  # (image splits need not be tensor datasets)
         with torch.autocast(device_type=pl_module.device.type, enabled=False):
-            if _is_regression(pl_module):
+            if fit:
                 if model.dim != 1:
                     return None  # the fit figure plots 1-D functions only
                 dm = trainer.datamodule
@@ -102,24 +104,14 @@ class SampleFigures(pl.Callback):
                     target_fn=_target_function(dm),
                     csv_path=self.dirpath / "fit.csv",
                 )
-            elif model.is_image:
-                images = model.sample(self.num_images, self.temperature).cpu()
-                if not torch.isfinite(images).all():
-                    raise FloatingPointError("sampled images contain NaN/inf")
-                visualize.image_grid(images, path)
-            elif getattr(model, "manifold", None) is not None:
-                # manifold models: S^2 / S^1 / ternary figures, never the Euclidean density plots
-                if (
-                    visualize.manifold_figure(_OnDevice(model, pl_module.device), model.manifold, model.dim, data, path)
-                    is None
-                ):
-                    return None
-            elif model.dim == 2:
-                visualize.density_plot_2d(_OnDevice(model, pl_module.device), data, path)
-            elif model.dim == 1:
-                visualize.density_plot_1d(_OnDevice(model, pl_module.device), data, path)
             else:
-                return None
+                images = None
+                if model.is_image:
+                    images = model.sample(self.num_images, self.temperature).cpu()
+                    if not torch.isfinite(images).all():
+                        raise FloatingPointError("sampled images contain NaN/inf")
+                if visualize.model_figure(_OnDevice(model, pl_module.device), path, data, images) is None:
+                    return None
         self.last_path = path
         for logger in trainer.loggers:
             _log_image(logger, f"samples/{tag.split('_')[0]}", path, trainer.global_step)
@@ -130,11 +122,6 @@ class SampleFigures(pl.Callback):
         dm = trainer.datamodule
         split = dm.splits.get("test") or dm.splits.get("val")
         return split.tensors[0][:5000].float()
-
-
-def _is_regression(pl_module: pl.LightningModule) -> bool:
-    objective = getattr(pl_module, "objective", None)
-    return isinstance(objective, dict) and objective.get("name") == "regression"
 
 
 def _target_function(datamodule):
@@ -149,6 +136,8 @@ class _OnDevice:
 
     def __init__(self, model, device):
         self.model, self.device = model, device
+        self.is_image, self.dim = model.is_image, model.dim
+        self.manifold = getattr(model, "manifold", None)
 
     def __call__(self, x):
         z, log_det = self.model(x.to(self.device))

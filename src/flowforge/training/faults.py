@@ -4,10 +4,11 @@
 transforms, ``inverse``) and names the first module whose inputs were finite but whose output was not:
 the layer where a NaN/inf was born.
 
-:class:`FaultInjection` (``+faults.<kind>=<step>`` on the command line, see ``conf/train.yaml``) causes
-one fault of each configured kind at a given optimizer step, so that the detection, the report and the
-configured policy (``on_nonfinite``, ``on_solver_failure``, ``on_power_iteration_failure``) can be
-tested end to end, and so that a cluster setup's kill / pre-emption handling can be rehearsed:
+:class:`FaultInjection` (``+faults.<kind>=<step>`` on the command line, see ``conf/faults/default.yaml``)
+causes one fault of each configured kind at a given optimizer step, so that the detection, the report and the
+configured policy (``faults.on_nonfinite``, ``faults.on_solver_failure``, ``faults.on_power_iteration_failure``,
+:class:`flowforge.training.fault_policy.FaultPolicy`) can be tested end to end, and so that a cluster setup's
+kill / pre-emption handling can be rehearsed:
 
 - ``signal`` / ``signal_at_step``: send ``SIGTERM``, ``SIGKILL`` or ``SIGUSR1`` to this process as that step
   starts; ``signal_after_step`` instead sends it once that many steps are done and every step-end hook has run

@@ -46,6 +46,7 @@ from flowforge.data.base import FlowDataModule
 from flowforge.data.sampler import ResumableSampler
 from flowforge.errors import ConfigError
 from flowforge.training.checkpoint_io import remove_partial_files
+from flowforge.training.objectives import BY_NAME
 
 log = logging.getLogger("flowforge")
 
@@ -125,7 +126,7 @@ class ExactResume(pl.Callback):
         self._defer_requeue_signal(trainer)
 
     def _defer_requeue_signal(self, trainer: pl.Trainer) -> None:
-        env = trainer._accelerator_connector.cluster_environment
+        env = cluster_environment(trainer)
         if not (isinstance(env, SLURMEnvironment) and env.auto_requeue) or env.requeue_signal is None:
             return
         signum = env.requeue_signal
@@ -190,6 +191,36 @@ class ExactResume(pl.Callback):
         self._save_on_signal(trainer)
 
 
+def cluster_environment(trainer: pl.Trainer) -> Any:
+    """The cluster environment the run's strategy uses (multi-device strategies), else the SLURM environment
+    Lightning detects for a single-device run inside a SLURM job (None outside one)."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None and SLURMEnvironment.detect():
+        env = SLURMEnvironment()
+    return env
+
+
+def apply_resume_changes(trainer: pl.Trainer, changes: dict[str, Any]) -> None:
+    """Optimizer settings changed on resume (``resume_overrides``, ``{key: new value}``): Lightning has just
+    restored the old ones with the optimizer state, so set the new ones in every parameter group (a learning rate
+    also as the scheduler's base rate, the warm-up factor applied)."""
+    for key, value in changes.items():
+        if not key.startswith("optim.optimizer.") or key.count(".") != 2:
+            continue
+        name = key.rsplit(".", 1)[1]
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                if name in group:
+                    group[name] = tuple(value) if isinstance(group[name], tuple) else value
+        if name == "lr":
+            for config in trainer.lr_scheduler_configs:
+                sched = config.scheduler
+                sched.base_lrs = [float(value)] * len(sched.base_lrs)
+                for group, fn in zip(sched.optimizer.param_groups, getattr(sched, "lr_lambdas", [])):
+                    group["lr"] = float(value) * fn(sched.last_epoch)
+        log.warning("resume: %s = %r applied to the optimizer", key, value)
+
+
 # ---------------------------------------------------------------------------------------------- config guard
 #: settings that a resume may change freely: where things go, what is logged and shown, how long to train (to
 #: extend a run), fault policies and fault injection; every other difference would change the experiment
@@ -231,6 +262,17 @@ FIXED_ON_RESUME = ("seed", "dataset", "model")
 _ABSENT = "<absent>"
 
 
+def with_objective_target(config: dict) -> dict:
+    """``config`` with the ``_target_`` of its objective filled in from the objective's name, as configurations
+    stored before objectives had one lack it."""
+    objective = config.get("objective")
+    if not isinstance(objective, dict) or "_target_" in objective:
+        return config
+    cls = BY_NAME.get(objective.get("name", "mle"))
+    target = f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" if cls else None
+    return {**config, "objective": {"_target_": target, **objective}}
+
+
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
@@ -246,7 +288,7 @@ def _under(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
 
 def config_differences(stored: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``(key, stored value, new value)`` for every setting outside :data:`FREE_ON_RESUME` that differs."""
-    a, b = _flatten(stored), _flatten(new)
+    a, b = _flatten(with_objective_target(stored)), _flatten(new)
     keys = sorted(k for k in set(a) | set(b) if not _under(k, FREE_ON_RESUME))
     return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 

@@ -225,3 +225,18 @@ def manifold_figure(model, manifold: str, dim: int, data: Tensor, path: Path):
     if manifold == "simplex" and dim == 3:
         return ternary_plot(model, data, path)
     return None
+
+
+def model_figure(model, path: Path, data: Tensor | None = None, images: Tensor | None = None) -> Path | None:
+    """The figure of a flow: a grid of ``images`` (its samples in [0, 1]) for image models, the figure of its manifold
+    (:func:`manifold_figure`) for models on one, else a density plot next to ``data`` in 2-D and 1-D; None when
+    there is no figure for the model (other dimensions)."""
+    if model.is_image:
+        return image_grid(images, path)
+    if getattr(model, "manifold", None) is not None:
+        return manifold_figure(model, model.manifold, model.dim, data, path)
+    if model.dim == 2:
+        return density_plot_2d(model, data, path)
+    if model.dim == 1:
+        return density_plot_1d(model, data, path)
+    return None

@@ -1,14 +1,10 @@
-"""The ``objective`` config group: what the Lightning module minimises, parsed and checked.
+"""Options of the ``objective`` config group, parsed and checked (each objective class applies them).
 
 - ``mle`` (default): ``-log p(x)`` (nats, or bits/dim for images).
 - ``hybrid`` / ``classification`` (Residual Flows, Sec. 6): ``lam * (-log p(x)) + CE(logits(x), y)``.
 - ``regression`` (Implicit / Monotone Flows' 1-D fits): ``sum_d (F(x)_d - y_d)^2``.
-- ``flow_matching`` (Lipman et al., 2023): the conditional flow-matching regression of a CNF's velocity on the
-  linear path between data and noise (:func:`flowforge.objectives.flow_matching.flow_matching_loss`); the
-  likelihood is still evaluated through the ODE for validation and test.
-- ``reverse_kl``: ``E_q[log q(x) - log p~(x)]`` for an unnormalised target ``p~`` (variational inference,
-  :mod:`flowforge.objectives.reverse_kl`); validation adds importance-sampling estimates of ``log Z`` and the
-  effective sample size from ``eval_samples`` draws.
+- ``flow_matching`` (Lipman et al., 2023): the conditional flow-matching regression of a CNF's velocity.
+- ``reverse_kl``: ``E_q[log q(x) - log p~(x)]`` for an unnormalised target ``p~`` (variational inference).
 """
 
 from __future__ import annotations
