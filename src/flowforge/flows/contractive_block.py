@@ -15,7 +15,8 @@ A :class:`ContractiveBlock` owns
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,21 +72,29 @@ class ContractiveBlock(Transform):
         return record
 
 
+def solve_records(module: nn.Module) -> Iterator[tuple[str, str, Any]]:
+    """``(block name, kind, stats)`` of every solve the blocks of ``module`` recorded in their latest step: the
+    one walk over the records (kinds such as ``forward``, ``inverse``, ``forward backward``; ``stats`` has
+    ``iterations`` and ``converged`` per sample)."""
+    for name, m in module.named_modules():
+        if isinstance(m, ContractiveBlock):
+            for kind, stats in m.solves.last.items():
+                yield name, kind, stats
+
+
 def solver_summary(module: nn.Module) -> dict[str, float]:
     """Mean iterations per sample of the latest solve of each kind, averaged over the blocks in ``module``
     (``iters/<kind>``, kinds such as ``forward``, ``inverse``, ``forward backward``), and the samples
     that failed to converge so far, over all blocks and kinds (``failures``); ``{}`` without solves."""
     per_kind: dict[str, list[float]] = {}
-    failures, found = 0, False
-    for m in module.modules():
-        if isinstance(m, ContractiveBlock):
-            for kind, stats in m.solves.last.items():
-                found = True
-                if stats.iterations.numel():
-                    per_kind.setdefault(kind, []).append(float(stats.iterations.float().mean()))
-            failures += sum(m.solves.failures.values())
+    found = False
+    for _, kind, stats in solve_records(module):
+        found = True
+        if stats.iterations.numel():
+            per_kind.setdefault(kind, []).append(float(stats.iterations.float().mean()))
     if not found:
         return {}
+    failures = sum(sum(m.solves.failures.values()) for m in module.modules() if isinstance(m, ContractiveBlock))
     out = {f"iters/{k.replace(' ', '_')}": sum(v) / len(v) for k, v in per_kind.items()}
     out["failures"] = float(failures)
     return out

@@ -2,26 +2,19 @@
 
 Blocks with iterative solvers (residual inverses, implicit and monotone flows) keep a ``solves`` record whose
 ``last`` maps each kind of solve of the latest step (``forward``, ``inverse``, ``... backward``) to its statistics
-(``iterations`` and ``converged`` per sample).  :func:`solve_records` is the one walk over them; the fault policy
-reads the failures of a step from it and the module logs the iteration counts from it.
+(``iterations`` and ``converged`` per sample).  :func:`flowforge.flows.contractive_block.solve_records` is the one
+walk over them; the fault policy reads the failures of a step from it, and the module logs the iteration counts
+through :func:`~flowforge.flows.contractive_block.solver_summary`, which walks them with it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 from torch import nn
 
+from flowforge.flows.contractive_block import solve_records
 
-def solve_records(module: nn.Module) -> Iterator[tuple[str, str, Any]]:
-    """``(block name, kind, stats)`` of every solve recorded in this step by the blocks of ``module``."""
-    for name, m in module.named_modules():
-        last = getattr(getattr(m, "solves", None), "last", None)
-        if last is not None:
-            for kind, stats in last.items():
-                yield name, kind, stats
+__all__ = ["failed_solves", "solve_records"]
 
 
 def failed_solves(module: nn.Module) -> list[str]:
