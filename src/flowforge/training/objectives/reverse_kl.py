@@ -13,6 +13,7 @@ from torch import Tensor
 
 from flowforge.errors import ConfigError
 from flowforge.flows.base import samples_pathwise
+from flowforge.flows.registry import families
 from flowforge.objectives.reverse_kl import importance_log_z, reverse_kl_loss
 from flowforge.training.objectives.base import Objective
 
@@ -39,10 +40,13 @@ class ReverseKL(Objective):
                 "use dataset=target (dataset.name=mixture2d, banana or funnel)"
             )
         if not samples_pathwise(self.model.transform):
+            switches = ", ".join(
+                f"{f.pathwise} for {f.name}" for f in families().values() if isinstance(f.pathwise, str)
+            )
             raise ConfigError(
                 "objective=reverse_kl needs samples that are differentiable in the parameters, but this model "
-                "inverts some layer without gradient (planar flows invert by bisection); use "
-                "model.direction=sampling for planar, or another family"
+                f"inverts some layer without gradient (planar flows invert by bisection); use {switches}, "
+                "or another family"
             )
 
     def loss(self, batch: Any, x: Tensor, stage: str = "train") -> dict[str, Tensor]:
