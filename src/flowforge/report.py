@@ -664,19 +664,29 @@ def _reproduced(rows: Sequence[dict], row: str, column: str) -> float | None:
 def evaluate_claim(claim: dict, spec: dict, rows: Sequence[dict]) -> dict:
     """One claim (an item of ``claims``, see :func:`claims_problem`) on a table's report rows: ``outcome`` is
     ``held`` (row ``better`` beats row ``than`` in every column of the claim, in the table's ``better`` direction),
-    ``not held`` (every column has both values and one of them does not) or ``not run`` (a column lacks a ``done``
-    value on either side; ``missing`` names them); ``failed`` names the columns where it does not hold."""
+    ``not held`` (some column has both values and the ordering fails there: one counterexample settles it) or
+    ``not run`` (no failing column, but a column lacks a ``done`` value on either side; ``missing`` names them);
+    ``failed`` names the columns where it does not hold and ``held_in`` those where it does."""
     columns = list(spec.get("columns") or []) if claim["columns"] == "all" else list(claim["columns"])
     sign = 1.0 if spec["better"] == "lower" else -1.0
-    missing, failed = [], []
+    missing, failed, held_in = [], [], []
     for column in columns:
         a, b = _reproduced(rows, claim["better"], column), _reproduced(rows, claim["than"], column)
         if a is None or b is None:
             missing.append(column)
         elif not (sign * (b - a) > 0 or (claim.get("or_equal", False) and a == b)):
             failed.append(column)
-    outcome = "not run" if missing else "not held" if failed else "held"
-    return {"claim": claim, "columns": columns, "outcome": outcome, "missing": missing, "failed": failed}
+        else:
+            held_in.append(column)
+    outcome = "not held" if failed else "not run" if missing else "held"
+    return {
+        "claim": claim,
+        "columns": columns,
+        "outcome": outcome,
+        "missing": missing,
+        "failed": failed,
+        "held_in": held_in,
+    }
 
 
 def _experiment(run: Run) -> str | None:
@@ -851,11 +861,14 @@ def _claim_line(result: dict, columns: Sequence[str]) -> str:
     relation = "at least as good as" if claim.get("or_equal", False) else "better than"
     where = "every column" if result["columns"] == list(columns) else ", ".join(result["columns"])
     line = f"{claim['better']} {relation} {claim['than']} in {where}: {result['outcome']}"
+    notes = []
+    if result["failed"]:
+        notes.append(f"fails in {', '.join(result['failed'])}")
     if result["missing"]:
-        line += f" (no finished value on both sides in {', '.join(result['missing'])})"
-    elif result["failed"]:
-        line += f" (fails in {', '.join(result['failed'])})"
-    return line
+        notes.append(f"no finished value on both sides in {', '.join(result['missing'])}")
+    if result["missing"] and result.get("held_in"):
+        notes.append(f"holds in {', '.join(result['held_in'])}")
+    return line + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def render_markdown(tables: Sequence[Table]) -> str:
