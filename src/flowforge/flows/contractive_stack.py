@@ -23,6 +23,17 @@ from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.multiscale import FactorOut, Reshape, Squeeze
 from flowforge.flows.options import Stack
 
+#: test-suite overrides giving a small contractive model (two vector blocks of width 8, one conv block of 4
+#: channels and one FC block on images): the family registry's ``test`` sizes of resflow, iresnet and impflow
+TEST_SIZES = (
+    "model.num_blocks=2",
+    "model.hidden=[8]",
+    "model.blocks_per_scale=[1]",
+    "model.channels=4",
+    "model.fc_blocks=1",
+    "model.fc_hidden=[8]",
+)
+
 # ActNorm's variance floor in Residual Flows' data-dependent init: s = -1/2 log(max(var, 0.2))
 RESFLOW_ACTNORM_MIN_VAR = 0.2
 

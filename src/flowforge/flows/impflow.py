@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
 from flowforge.flows.base import Transform
-from flowforge.flows.contractive_stack import contractive_stack
+from flowforge.flows.contractive_stack import TEST_SIZES, contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
+from flowforge.flows.registry import register_family
 from flowforge.flows.residual import ResidualBlock
 from flowforge.nn.contractive import ContractiveNets
 from flowforge.solvers.presets import IMPLICIT_FORWARD, IMPLICIT_INVERSE
@@ -130,22 +131,13 @@ def ImplicitFlow(
     )
 
 
-from flowforge.flows.registry import register_family  # noqa: E402 (the declaration closes the module)
-
 register_family(
     ImplicitFlow,
     "impflow",
     title="Implicit Flow (Lu et al., 2021)",
     log_det="estimated",
     maintenance=True,
-    test=(
-        "model.num_blocks=2",
-        "model.hidden=[8]",
-        "model.blocks_per_scale=[1]",
-        "model.channels=4",
-        "model.fc_blocks=1",
-        "model.fc_hidden=[8]",
-    ),
+    test=TEST_SIZES,
     exact_test=(
         "estimator=exact",
         *(f"model.{s}_solver.{t}=1e-13" for s in ("forward", "inverse", "backward") for t in ("atol", "rtol")),

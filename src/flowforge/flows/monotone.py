@@ -39,6 +39,7 @@ from flowforge.flows.contractive_block import ContractiveBlock
 from flowforge.flows.contractive_stack import contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
+from flowforge.flows.registry import register_family
 from flowforge.nn.contractive import ContractiveNets
 from flowforge.solvers import as_solver, implicit_solve
 from flowforge.solvers.presets import ADJOINT, MONOTONE
@@ -137,8 +138,6 @@ def MonotoneFlow(
         shape, make_block, stack=opts["stack"], base=base, num_levels=num_levels, logit_alpha=logit_alpha
     )
 
-
-from flowforge.flows.registry import register_family  # noqa: E402 (the declaration closes the module)
 
 register_family(
     MonotoneFlow,

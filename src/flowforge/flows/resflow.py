@@ -26,9 +26,10 @@ from typing import Any
 
 from flowforge.errors import ConfigError
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
-from flowforge.flows.contractive_stack import contractive_stack
+from flowforge.flows.contractive_stack import TEST_SIZES, contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
+from flowforge.flows.registry import register_family
 from flowforge.flows.residual import ResidualBlock
 from flowforge.nn.contractive import ContractiveNets
 
@@ -94,22 +95,13 @@ def IResNet(
     return ResidualFlow(shape, estimator, g=g_net(g, IRESNET_G), **options)
 
 
-from flowforge.flows.registry import register_family  # noqa: E402 (the declaration closes the module)
-
 register_family(
     ResidualFlow,
     "resflow",
     title="Residual Flow (Chen et al., 2019); i-DenseNet with `model.g=dense` (Perugachi-Diaz et al., 2021)",
     log_det="estimated",
     maintenance=True,
-    test=(
-        "model.num_blocks=2",
-        "model.hidden=[8]",
-        "model.blocks_per_scale=[1]",
-        "model.channels=4",
-        "model.fc_blocks=1",
-        "model.fc_hidden=[8]",
-    ),
+    test=TEST_SIZES,
     exact_test=("estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"),
     smoke={
         "num_blocks": 2,
@@ -129,14 +121,7 @@ register_family(
     title="i-ResNet (Behrmann et al., 2019)",
     log_det="estimated",
     maintenance=True,
-    test=(
-        "model.num_blocks=2",
-        "model.hidden=[8]",
-        "model.blocks_per_scale=[1]",
-        "model.channels=4",
-        "model.fc_blocks=1",
-        "model.fc_hidden=[8]",
-    ),
+    test=TEST_SIZES,
     exact_test=("estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"),
     smoke={"num_blocks": 2, "hidden": [8], "blocks_per_scale": [1], "channels": 4, "fc_blocks": 1, "fc_hidden": [8]},
 )
