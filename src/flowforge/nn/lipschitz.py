@@ -627,6 +627,7 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
         v_prev = torch.stack([_normalize(layer.v.to(dt).reshape(-1)) for layer in layers])
         y = op(basis)
         iters = 0
+        converged = torch.zeros(g, dtype=torch.bool, device=w.device)  # latched: a layer that passed stays passed
         for iters in range(1, max_iters + 1):  # noqa: B007 (the count is returned)
             z = adj(y).reshape(g, k, -1)
             basis = torch.linalg.qr(z.transpose(1, 2))[0].transpose(1, 2).reshape(g, k, *vshape)
@@ -640,7 +641,8 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
             top, v_new = top * sign, v_new * sign
             moved = torch.linalg.vector_norm(v_new - v_prev, dim=1)
             done = (sigma * moved <= atol + rtol * sigma) | (sigma <= _TINY)  # zero weight: nothing to refine
-            sigmas, passed = torch.stack([sigma, done.to(sigma.dtype)]).tolist()  # one device sync per iteration
+            converged = converged | done
+            sigmas, passed = torch.stack([sigma, converged.to(sigma.dtype)]).tolist()  # one device sync per iteration
             bad = [(layer, s_) for layer, s_ in zip(layers, sigmas) if not math.isfinite(s_)]
             if bad:
                 raise ConvergenceError(
