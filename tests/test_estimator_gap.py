@@ -86,3 +86,5 @@ def test_data_too_large_for_the_jacobian_is_refused(tmp_path):
         EstimatorGap().setup(None, module, "fit")
     with pytest.raises(ConfigError, match="max_batches must be a positive integer or null, got 0"):
         EstimatorGap(max_batches=0)
+    with pytest.raises(ConfigError, match="draws must be a positive integer, got 0"):
+        EstimatorGap(draws=0)
