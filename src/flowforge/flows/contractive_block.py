@@ -15,6 +15,7 @@ A :class:`ContractiveBlock` owns
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -72,14 +73,20 @@ class ContractiveBlock(Transform):
         return record
 
 
+#: the contractive blocks of each model :func:`solve_records` has walked (a model's blocks do not change once built)
+_BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def solve_records(module: nn.Module) -> Iterator[tuple[str, str, Any]]:
     """``(block name, kind, stats)`` of every solve the blocks of ``module`` recorded in their latest step: the
     one walk over the records (kinds such as ``forward``, ``inverse``, ``forward backward``; ``stats`` has
     ``iterations`` and ``converged`` per sample)."""
-    for name, m in module.named_modules():
-        if isinstance(m, ContractiveBlock):
-            for kind, stats in m.solves.last.items():
-                yield name, kind, stats
+    blocks = _BLOCKS.get(module)
+    if blocks is None:  # the walk over the module tree runs once per model, not once per training step
+        blocks = _BLOCKS[module] = [(name, m) for name, m in module.named_modules() if isinstance(m, ContractiveBlock)]
+    for name, m in blocks:
+        for kind, stats in m.solves.last.items():
+            yield name, kind, stats
 
 
 def solver_summary(module: nn.Module) -> dict[str, float]:
