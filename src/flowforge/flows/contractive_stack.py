@@ -33,6 +33,13 @@ TEST_SIZES = (
     "model.fc_blocks=1",
     "model.fc_hidden=[8]",
 )
+#: overrides for the brute-force Jacobian tests of families solving in the forward pass (impflow, monotone): the
+#: exact log-det and every solve (forward, inverse, adjoint) to 1e-13
+TIGHT_SOLVES_EXACT = (
+    "estimator=exact",
+    *(f"model.{s}_solver.{t}=1e-13" for s in ("forward", "inverse", "backward") for t in ("atol", "rtol")),
+    "model.backward_solver.max_iters=1000",
+)
 
 # ActNorm's variance floor in Residual Flows' data-dependent init: s = -1/2 log(max(var, 0.2))
 RESFLOW_ACTNORM_MIN_VAR = 0.2

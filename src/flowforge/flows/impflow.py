@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
 from flowforge.flows.base import Transform
-from flowforge.flows.contractive_stack import TEST_SIZES, contractive_stack
+from flowforge.flows.contractive_stack import TEST_SIZES, TIGHT_SOLVES_EXACT, contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
 from flowforge.flows.registry import register_family
@@ -120,10 +120,7 @@ def ImplicitFlow(
             g_x,
             g_z,
             est,
-            forward_solver=solvers.forward,
-            inverse_solver=solvers.inverse,
-            backward_solver=solvers.backward,
-            on_fail=solvers.on_fail,
+            **solvers.block_options(),
         )
 
     return contractive_stack(
@@ -138,10 +135,6 @@ register_family(
     log_det="estimated",
     maintenance=True,
     test=TEST_SIZES,
-    exact_test=(
-        "estimator=exact",
-        *(f"model.{s}_solver.{t}=1e-13" for s in ("forward", "inverse", "backward") for t in ("atol", "rtol")),
-        "model.backward_solver.max_iters=1000",
-    ),
+    exact_test=TIGHT_SOLVES_EXACT,
     smoke={"num_blocks": 2, "hidden": [8], "blocks_per_scale": [1], "channels": 4, "fc_blocks": 1, "fc_hidden": [8]},
 )

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from flowforge.errors import ConfigError
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
 from flowforge.flows.contractive_block import ContractiveBlock
-from flowforge.flows.contractive_stack import contractive_stack
+from flowforge.flows.contractive_stack import TIGHT_SOLVES_EXACT, contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
 from flowforge.flows.registry import register_family
@@ -128,10 +128,7 @@ def MonotoneFlow(
         return MonotoneBlock(
             nets.build(kind, s, first),
             est,
-            forward_solver=solvers.forward,
-            inverse_solver=solvers.inverse,
-            backward_solver=solvers.backward,
-            on_fail=solvers.on_fail,
+            **solvers.block_options(),
         )
 
     return contractive_stack(
@@ -154,11 +151,7 @@ register_family(
         "model.blocks_per_scale=[1]",
         "model.fc_blocks=1",
     ),
-    exact_test=(
-        "estimator=exact",
-        *(f"model.{s}_solver.{t}=1e-13" for s in ("forward", "inverse", "backward") for t in ("atol", "rtol")),
-        "model.backward_solver.max_iters=1000",
-    ),
+    exact_test=TIGHT_SOLVES_EXACT,
     smoke={
         "num_blocks": 2,
         "depth": 2,

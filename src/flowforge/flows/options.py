@@ -70,6 +70,15 @@ class Solvers:
     backward: SolverSpec = field(default=None, metadata={"key": "backward_solver"})
     on_fail: str = "warn"
 
+    def block_options(self) -> dict[str, Any]:
+        """The keyword arguments of an implicit or monotone block: its three solves and ``on_fail``."""
+        return {
+            "forward_solver": self.forward,
+            "inverse_solver": self.inverse,
+            "backward_solver": self.backward,
+            "on_fail": self.on_fail,
+        }
+
 
 def config_keys(**groups: object) -> dict[str, tuple[str, str]]:
     """``{config key: (group, field)}`` for the fields of the option groups given by name (a field's key is
