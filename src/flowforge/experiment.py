@@ -438,9 +438,17 @@ def first_nonfinite_layer(module: FlowModule, datamodule: pl.LightningDataModule
     return where or "none found on the first test batch (the NaN/inf arose in the reduction over the test set)"
 
 
+#: sample.py's image grid shows at most this many of the samples (``samples.pt`` keeps all)
+SAMPLE_GRID_MAX = 256
+
+
 @torch.no_grad()
 def sample(cfg: DictConfig) -> Path:
-    """Draw samples from a checkpoint: an image grid or a density plot, plus the raw tensor."""
+    """Draw ``num_samples`` samples from a checkpoint at ``temperature`` and write them (``samples.pt``) with a
+    figure: for images a grid of the first :data:`SAMPLE_GRID_MAX`, else every sample next to the test data and the
+    model's density at that temperature (:func:`flowforge.training.visualize.model_figure`), titled with the model
+    family, dataset, the checkpoint's epoch and step, the validation loss it was saved with (when its checkpoint
+    callback recorded one) and the temperature."""
     from flowforge.training import visualize
 
     run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
@@ -471,11 +479,30 @@ def sample(cfg: DictConfig) -> Path:
         datamodule.setup("test")
         data = datamodule.splits["test"].tensors[0]
     name = "samples.png" if model.is_image else "density.png"
-    path = visualize.model_figure(model, out / name, data, x[:64])
+    shown = min(num_samples, SAMPLE_GRID_MAX)
+    title = visualize.figure_title(
+        family=model_name(run_cfg).removesuffix("_family"),
+        dataset=str(run_cfg.dataset.get("name") or "") or None,
+        when=f"checkpoint epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}",
+        score=_checkpoint_score(ckpt),
+        temperature=temperature,
+    ) + (f" ({shown} of {num_samples} shown)" if model.is_image and shown < num_samples else "")
+    path = visualize.model_figure(model, out / name, data, x[:shown], samples=x, temperature=temperature, title=title)
     if path is None:
         path = "(no figure for a model of this dimension or on this manifold; samples.pt holds the samples)"
     print(f"samples: {out / 'samples.pt'}\nfigure: {path}")
     return path
+
+
+def _checkpoint_score(ckpt: dict) -> str | None:
+    """The monitored validation score a checkpoint was saved with (its ModelCheckpoint's ``current_score``, e.g.
+    ``val/loss``), as text; None when the checkpoint records none."""
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, dict):
+            score, monitor = state.get("current_score"), state.get("monitor")
+            if score is not None and monitor:
+                return f"{monitor} {float(score):.4f} at its last validation"
+    return None
 
 
 def main(fn, cfg: DictConfig) -> Any:

@@ -25,7 +25,13 @@ class SampleFigures(pl.Callback):
     (:func:`flowforge.training.visualize.fit_plot_1d`), and ``<dirpath>/fit.csv`` (columns ``x, target,
     prediction`` on 400 grid points) is rewritten with it.
 
-    Figures go to ``<dirpath>/<stage>_epoch{E}.png`` and to W&B / TensorBoard when those log.
+    Each figure's title names the model family and the dataset (from the run's config), when it was drawn
+    (``epoch E, step N`` after a validation, ``final, step N`` at the end of testing), the score logged at that
+    point (``val/...`` or ``test/...`` from the trainer's ``callback_metrics``: bits/dim for images, else the NLL
+    in nats, the MSE for regression) and the temperature of the samples.
+
+    Figures go to ``<dirpath>/val_epoch{E}.png`` and ``<dirpath>/test.png``, and to W&B / TensorBoard when those
+    log.
     """
 
     def __init__(self, dirpath: str, every_n_epochs: int = 1, num_images: int = 64, temperature: float = 1.0):
@@ -45,13 +51,16 @@ class SampleFigures(pl.Callback):
 
     @torch.no_grad()
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Path | None:
+        """Draw the figure ``<dirpath>/<tag>.png`` (``tag``: ``val_epoch{E}`` or ``test``) on the global-zero
+        process; called on every process, as the metrics in its title are synchronised across them."""
+        title = self.title(trainer, pl_module, tag)
         if not trainer.is_global_zero:
             return None
         model = pl_module.model
         was_training = model.training
         model.eval()
         try:
-            return self._draw(trainer, pl_module, model, tag)
+            return self._draw(trainer, pl_module, model, tag, title)
         except (FloatingPointError, ValueError, RuntimeError) as e:  # numerical failures: reported, run goes on
             try:
                 found = nonfinite_samples(model, 256, self.temperature)
@@ -83,7 +92,27 @@ class SampleFigures(pl.Callback):
         finally:
             model.train(was_training)
 
-    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str) -> Path | None:
+    def title(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> str:
+        """The figure's title (:func:`flowforge.training.visualize.figure_title`): family, dataset, epoch and step,
+        the ``val`` or ``test`` score in ``trainer.callback_metrics`` and the sampling temperature."""
+        config = (getattr(pl_module, "hparams", None) or {}).get("config") or {}
+        target = str((config.get("model") or {}).get("_target_", ""))
+        family = target.rsplit(".", 1)[-1].removesuffix("_family") or type(pl_module.model).__name__
+        dataset = (config.get("dataset") or {}).get("name") or type(getattr(trainer, "datamodule", None)).__name__
+        stage = "test" if tag.startswith("test") else "val"
+        when = f"final, step {trainer.global_step}" if stage == "test" else f"epoch {trainer.current_epoch}"
+        if stage == "val":
+            when += f", step {trainer.global_step}"
+        fit = pl_module.objective.figure == "fit"
+        return visualize.figure_title(
+            family=None if family == "Flow" else family,
+            dataset=None if dataset == "NoneType" else str(dataset),
+            when=when,
+            score=visualize.score_text(trainer.callback_metrics, stage),
+            temperature=None if fit else self.temperature,
+        )
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str, title: str) -> Path | None:
         path = self.dirpath / f"{tag}.png"
         fit = pl_module.objective.figure == "fit"
         if not model.is_image and not fit and nonfinite_samples(model, 256, self.temperature):
@@ -103,6 +132,7 @@ class SampleFigures(pl.Callback):
                     path,
                     target_fn=_target_function(dm),
                     csv_path=self.dirpath / "fit.csv",
+                    title=title,
                 )
             else:
                 images = None
@@ -110,7 +140,10 @@ class SampleFigures(pl.Callback):
                     images = model.sample(self.num_images, self.temperature).cpu()
                     if not torch.isfinite(images).all():
                         raise FloatingPointError("sampled images contain NaN/inf")
-                if visualize.model_figure(_OnDevice(model, pl_module.device), path, data, images) is None:
+                figure = visualize.model_figure(
+                    _OnDevice(model, pl_module.device), path, data, images, temperature=self.temperature, title=title
+                )
+                if figure is None:
                     return None
         self.last_path = path
         for logger in trainer.loggers:
@@ -138,6 +171,7 @@ class _OnDevice:
         self.model, self.device = model, device
         self.is_image, self.dim = model.is_image, model.dim
         self.manifold = getattr(model, "manifold", None)
+        self.base = getattr(model, "base", None)
 
     def __call__(self, x):
         z, log_det = self.model(x.to(self.device))
@@ -146,8 +180,8 @@ class _OnDevice:
     def log_prob(self, x):
         return self.model.log_prob(x.to(self.device)).cpu()
 
-    def sample(self, n):
-        return self.model.sample(n).cpu()
+    def sample(self, n, temperature=1.0):
+        return self.model.sample(n, temperature).cpu()
 
 
 def _log_image(logger, key: str, path: Path, step: int) -> None:
