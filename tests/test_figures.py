@@ -1,6 +1,7 @@
 """The figures say what they show: axes over the data's coordinates, colour bars on densities, a title with the
 model, dataset, epoch, score and temperature; sample.py's figure shows every sample it drew, at its temperature."""
 
+import matplotlib.pyplot as plt
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -46,9 +47,9 @@ def figures(monkeypatch):
     drawn = []
     save = visualize.save_figure
 
-    def record(fig, path, dpi=80):
+    def record(fig, path, dpi=80, panels=None):
         drawn.append(fig)
-        return save(fig, path, dpi)
+        return save(fig, path, dpi, panels)
 
     monkeypatch.setattr(visualize, "save_figure", record)
     return drawn
@@ -105,6 +106,13 @@ def test_2d_density_figure_has_coordinates_colour_bar_and_title(tmp_path, figure
     assert cbar.get_ylabel() == "p_T(x), T=0.7" and "T=0.7" in density_ax.get_title()
     assert "epoch 3" in suptitle(fig) and "1.2345" in suptitle(fig) and "T=0.7" in suptitle(fig)
     assert scatter_count(data_ax) == 300 and scatter_count(samples_ax) == 2000
+    # the PNG records each panel's pixel box (flowforge.figures cuts panels out with it): side by side, below the
+    # title, the density's box wide enough for its colour bar
+    boxes = visualize.panel_boxes(path)
+    height, width = plt.imread(path).shape[:2]
+    assert len(boxes) == 3 and all(0 <= b[0] < b[2] <= width and 20 < b[1] < b[3] <= height for b in boxes)
+    assert boxes[0][2] <= boxes[1][0] and boxes[1][2] <= boxes[2][0]
+    assert boxes[1][2] - boxes[1][0] > 1.1 * (boxes[0][2] - boxes[0][0])
 
 
 def test_large_point_clouds_become_histograms(tmp_path, figures):
@@ -155,7 +163,8 @@ def test_manifold_figures_have_colour_bars_and_titles(kind, tmp_path, figures):
         assert any("p(x) at T=1" in t.get_text() for t in ax.get_legend().get_texts())
         return
     (cbar,) = colorbars(fig)
-    assert "p(x) at T=1" in (cbar.get_xlabel() + cbar.get_ylabel())  # manifold bases: density shown at T=1
+    label = cbar.get_xlabel() + cbar.get_ylabel()
+    assert label.startswith("p(x)") and label.endswith("at T=1")  # manifold bases: the density is shown at T=1
     data_ax, _, samples_ax = panels(fig)
     assert scatter_count(data_ax) == 100 and scatter_count(samples_ax) == 2000
     if kind == "sphere":
@@ -197,7 +206,7 @@ def trained(tmp_path_factory):
     )
     drawn = []
     save = visualize.save_figure
-    visualize.save_figure = lambda fig, path, dpi=80: drawn.append(fig) or save(fig, path, dpi)
+    visualize.save_figure = lambda fig, path, dpi=80, panels=None: drawn.append(fig) or save(fig, path, dpi, panels)
     try:
         trainer.fit(module, datamodule=datamodule)
         val_nll = float(trainer.callback_metrics["val/nll"])

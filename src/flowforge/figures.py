@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flowforge.errors import ConfigError  # noqa: E402
-from flowforge.training.visualize import save_figure  # noqa: E402
+from flowforge.training.visualize import panel_boxes, save_figure  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- run files
@@ -125,8 +125,14 @@ def fit1d(run_dirs: Sequence[Path], out: Path, title: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- toy2d
-def _panel(img: np.ndarray, which: int) -> np.ndarray:
-    """The ``which``-th of the three equal-width panels of a density_plot_2d figure."""
+def _panel(png: Path, which: int) -> np.ndarray:
+    """The ``which``-th of the three panels of a density_plot_2d figure: its box as recorded in the PNG, else (an
+    image without one) the ``which``-th third."""
+    img = plt.imread(png)
+    boxes = panel_boxes(png)
+    if boxes and len(boxes) == 3:
+        left, top, right, bottom = boxes[which]
+        return img[top:bottom, left:right]
     w = img.shape[1] // 3
     return img[:, which * w : (which + 1) * w]
 
@@ -152,7 +158,7 @@ def toy2d(run_dirs: Sequence[Path], out: Path, panel: str = "density") -> str:
     for i, ds in enumerate(datasets):
         if with_data:
             png = next(p for (d, _), (p, _) in cells.items() if d == ds)
-            axes[i, 0].imshow(_panel(plt.imread(png), 0))
+            axes[i, 0].imshow(_panel(png, 0))
             axes[i, 0].set_title(f"{ds}: data", fontsize=9)
         for j, model in enumerate(models):
             ax = axes[i, j + with_data]
@@ -160,8 +166,7 @@ def toy2d(run_dirs: Sequence[Path], out: Path, panel: str = "density") -> str:
                 ax.set_title(f"{model}: not run", fontsize=9)
                 continue
             png, nll = cells[(ds, model)]
-            img = plt.imread(png)
-            ax.imshow(_panel(img, 1) if with_data else img)
+            ax.imshow(_panel(png, 1) if with_data else plt.imread(png))
             ax.set_title(f"{ds}: {model}\ntest NLL {nll:.3f}", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")

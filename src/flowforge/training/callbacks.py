@@ -100,15 +100,14 @@ class SampleFigures(pl.Callback):
         family = target.rsplit(".", 1)[-1].removesuffix("_family") or type(pl_module.model).__name__
         dataset = (config.get("dataset") or {}).get("name") or type(getattr(trainer, "datamodule", None)).__name__
         stage = "test" if tag.startswith("test") else "val"
-        when = f"final, step {trainer.global_step}" if stage == "test" else f"epoch {trainer.current_epoch}"
-        if stage == "val":
-            when += f", step {trainer.global_step}"
+        step = f"step {getattr(trainer, 'global_step', '?')}"
+        when = f"final, {step}" if stage == "test" else f"epoch {getattr(trainer, 'current_epoch', '?')}, {step}"
         fit = pl_module.objective.figure == "fit"
         return visualize.figure_title(
             family=None if family == "Flow" else family,
             dataset=None if dataset == "NoneType" else str(dataset),
             when=when,
-            score=visualize.score_text(trainer.callback_metrics, stage),
+            score=visualize.score_text(getattr(trainer, "callback_metrics", {}), stage),
             temperature=None if fit else self.temperature,
         )
 

@@ -15,6 +15,7 @@ flows) it shows ``p`` and says that it is at ``T=1``.
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from flowforge.flows.distributions import DiagonalGaussian  # noqa: E402
@@ -126,7 +128,8 @@ def density_plot_2d(
     title: str | None = None,
 ) -> Path:
     """Three panels over the data's range: the data, the model density on a grid (with its colour bar) and the
-    model's samples (``samples``, else ``n_samples`` drawn at ``temperature``); axes ``x1``, ``x2``."""
+    model's samples (``samples``, else ``n_samples`` drawn at ``temperature``); axes ``x1``, ``x2``.  The PNG records
+    each panel's pixel box (:func:`panel_boxes`)."""
     lim = float(data.abs().max()) * 1.1 + 1e-3
     g = torch.linspace(-lim, lim, n_grid)
     xx, yy = torch.meshgrid(g, g, indexing="xy")
@@ -137,14 +140,14 @@ def density_plot_2d(
     _points_2d(axes[0], data.float().cpu(), lim, "data")
     im = axes[1].imshow(p.reshape(n_grid, n_grid).numpy(), extent=[-lim, lim, -lim, lim], origin="lower")
     axes[1].set_title("model density" if temperature == 1.0 else f"model density at T={temperature:g}")
-    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label=label)
+    cbar = fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label=label)
     _points_2d(axes[2], samples, lim, f"model samples, T={temperature:g}")
     for ax in axes:
         ax.set_aspect("equal")
         ax.set_xlabel("x1")
         ax.set_ylabel("x2")
     _suptitle(fig, title)
-    return save_figure(fig, path)
+    return save_figure(fig, path, panels=[[axes[0]], [axes[1], cbar.ax], [axes[2]]])
 
 
 @torch.no_grad()
@@ -252,14 +255,42 @@ def image_grid(images: Tensor, path: Path, title: str | None = None) -> Path:
     return save_figure(fig, path)
 
 
-def save_figure(fig, path: Path, dpi: int = 80) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
+#: PNG text key holding the pixel boxes of a figure's panels (:func:`save_figure`, :func:`panel_boxes`)
+PANELS_KEY = "flowforge:panels"
+
+
+def save_figure(fig, path: Path, dpi: int = 80, panels=None) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure.  ``panels``: groups of axes (a panel and
+    its colour bar) whose pixel boxes in the PNG are stored in its ``flowforge:panels`` text chunk (read back by
+    :func:`panel_boxes`), so that panels can be cut out of the image with their labels and nothing else."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    metadata = None
+    if panels:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        scale, height = dpi / fig.dpi, fig.get_figheight() * dpi
+        boxes = []
+        for group in panels:
+            box = Bbox.union([ax.get_tightbbox(renderer) for ax in group])
+            x0, x1 = box.x0 * scale, box.x1 * scale
+            top, bottom = height - box.y1 * scale, height - box.y0 * scale
+            boxes.append([max(0, math.floor(x0)), max(0, math.floor(top)), math.ceil(x1), math.ceil(bottom)])
+        metadata = {PANELS_KEY: json.dumps(boxes)}
+    fig.savefig(path, dpi=dpi, metadata=metadata)
     plt.close(fig)
     return path
+
+
+def panel_boxes(path: Path) -> list[tuple[int, int, int, int]] | None:
+    """The ``(left, top, right, bottom)`` pixel boxes of the panels of a PNG written by :func:`save_figure` with
+    ``panels``; None for other images."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        text = img.info.get(PANELS_KEY)
+    return [tuple(b) for b in json.loads(text)] if text else None
 
 
 # ----------------------------------------------------------------------------- manifolds
