@@ -13,10 +13,16 @@ leaves out is made exact here by construction rather than by saving mutable stat
 - The data position.  The training order is a function of (seed, epoch)
   (:class:`flowforge.data.sampler.ResumableSampler`); the checkpoint records the epoch and the number of
   batches already used in it, and on resume the sampler skips exactly those.
-- Signals.  SIGTERM (a scheduler's kill, ``kill <pid>``): Lightning stops at the end of the current batch
-  and this callback writes ``<checkpoints>/last.ckpt`` there, then the process exits with code 143.  When the
-  signal arrives during validation or the epoch-end hooks it writes nothing: the checkpoint saved at the end
-  of that validation (same step) is the one to resume from.
+- Signals.  SIGTERM (a scheduler's kill, ``kill <pid>``) is acted on at the next batch in every phase, then
+  the process exits with code 143.  In training, Lightning stops at the end of the current batch and this
+  callback writes ``<checkpoints>/last.ckpt`` there; a signal that arrives between batches stops the next one
+  before it starts.  This callback also chains :func:`flowforge.interrupt.request_stop` to Lightning's SIGTERM
+  handler, so a long single step stops inside itself (a CNF's ODE solve checks between function evaluations):
+  the interrupted step is discarded and ``last.ckpt`` holds the state after the last completed step, so the
+  resume stays exact.  During the sanity check, a validation or a test, the next evaluation batch is not run
+  (Lightning's own check skips an epoch's last batch; this callback does not); nothing is saved during an
+  evaluation: the run resumes from the newest checkpoint (``ckpt_path=last``; from scratch when the sanity
+  check was interrupted), and an interrupted final test is redone by the resume.
   SLURM pre-emption: Lightning's ``SLURMEnvironment`` (auto-requeue, SIGUSR1 by default) saves
   ``hpc_ckpt_<n>.ckpt`` and calls ``scontrol requeue``; this callback defers Lightning's handler to the end
   of the batch in progress, so the state saved is never that of a half-finished step.  The requeued job
@@ -42,6 +48,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from flowforge import interrupt
 from flowforge.data.base import FlowDataModule
 from flowforge.data.sampler import ResumableSampler
 from flowforge.errors import ConfigError
@@ -85,6 +92,7 @@ class ExactResume(pl.Callback):
     # ------------------------------------------------------------------ checkpoint state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        interrupt.clear()
         if isinstance(getattr(trainer, "datamodule", None), FlowDataModule):
             # Lightning warns that a mid-epoch resume is unreliable unless the loader has a state_dict; the
             # ResumableSampler restores the position instead (on_train_start)
@@ -108,6 +116,7 @@ class ExactResume(pl.Callback):
     # ------------------------------------------------------------------ data position and signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.trained = True
+        _chain_stop_request()
         position, self._position = self._position, None
         if position is not None and position[1] > 0:
             loader = trainer.train_dataloader
@@ -144,9 +153,29 @@ class ExactResume(pl.Callback):
             return
         self._handler = defer
 
+    # Lightning installs its SIGTERM handler after on_fit_start / on_test_start's setup, just before the loops run
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _chain_stop_request()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _chain_stop_request()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _chain_stop_request()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.received_sigterm:  # Lightning does not check after an epoch's last batch (the sanity check's)
+            raise SIGTERMException
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if trainer.received_sigterm or interrupt.stop_requested():  # arrived between batches: do not start this one
+            raise SIGTERMException
         seed_all(stream_seed(self.seed, "train", trainer.fit_loop.total_batch_idx, trainer.global_rank))
 
     def on_train_batch_end(
@@ -177,9 +206,16 @@ class ExactResume(pl.Callback):
         batch boundary inside an epoch.  At an epoch's end (after validation and the epoch-end hooks) Lightning's
         loop counters cannot be restored from that point; the checkpoint saved at the end of validation of the
         same step is then the exact one."""
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or self.saved_on_signal:
+        stopped = isinstance(exception, (SIGTERMException, interrupt.StopRequested))
+        if not stopped or trainer.state.fn != "fit" or self.saved_on_signal:
             return
         epoch_loop = trainer.fit_loop.epoch_loop
+        if not (trainer.sanity_checking or trainer.validating) and not _discard_unfinished_batch(epoch_loop):
+            log.warning(
+                "SIGTERM arrived as an epoch started: resume from the newest checkpoint in %s (ckpt_path=last)",
+                self.dirpath,
+            )
+            return
         inside_epoch = epoch_loop.batch_progress.current.ready < trainer.num_training_batches
         if trainer.sanity_checking or trainer.validating or not inside_epoch:
             log.warning(
@@ -189,6 +225,40 @@ class ExactResume(pl.Callback):
             )
             return
         self._save_on_signal(trainer)
+
+
+def _chain_stop_request() -> None:
+    """Make SIGTERM also call :func:`flowforge.interrupt.request_stop` before the handler in place (Lightning's,
+    which sets ``trainer.received_sigterm``), so that long inner loops stop too.  Idempotent; Lightning's teardown
+    restores the handlers it found."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "_flowforge_stop", False) or not callable(previous):
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        interrupt.request_stop()
+        previous(signum, frame)
+
+    handler._flowforge_stop = True  # type: ignore[attr-defined]
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: batch-boundary stops only
+        pass
+
+
+def _discard_unfinished_batch(epoch_loop: Any) -> bool:
+    """Set the training progress counters back to the end of the last completed batch (as a save at that batch's
+    end records them), discarding a batch that was started but not processed; False when no batch of this epoch
+    was completed (the state is then that of the epoch's start, which a checkpoint cannot restore exactly)."""
+    progress = epoch_loop.batch_progress
+    if progress.current.processed == progress.current.ready:
+        return True  # no unfinished batch (the signal came at a batch end)
+    if progress.current.processed < 1:
+        return False
+    for tracker in (progress.current, progress.total):
+        tracker.ready = tracker.started = tracker.processed
+        tracker.completed = tracker.processed - 1
+    return True
 
 
 def cluster_environment(trainer: pl.Trainer) -> Any:
