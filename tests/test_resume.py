@@ -481,3 +481,26 @@ def test_sigterm_inside_a_long_step_stops_within_it_and_resumes_bit_exactly(tmp_
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (ref, run)]
     evaluated = [{k: v for k, v in m.items() if k.startswith(("val/", "test/"))} for m in metrics]
     assert evaluated[0] == evaluated[1] and "test/nll" in evaluated[0]
+
+
+def test_a_stop_request_ends_an_ode_solve_at_its_next_evaluation():
+    from flowforge import interrupt
+    from flowforge.flows.cnf import CNF
+    from flowforge.nn.velocity import VelocityMLP
+
+    cnf = CNF(VelocityMLP(2, (8,), "tanh"), dim=2, adjoint=False)
+    x = torch.randn(4, 2)
+    evaluations = []
+    cnf.velocity.register_forward_pre_hook(lambda module, args: evaluations.append(1))
+    try:
+        cnf(x)
+        full = len(evaluations)
+        assert full > 10
+        evaluations.clear()
+        interrupt.request_stop()
+        with pytest.raises(interrupt.StopRequested):
+            cnf(x)
+        assert evaluations == []  # not one more velocity evaluation
+    finally:
+        interrupt.clear()
+    cnf(x)  # cleared: solves again

@@ -15,14 +15,16 @@ leaves out is made exact here by construction rather than by saving mutable stat
   batches already used in it, and on resume the sampler skips exactly those.
 - Signals.  SIGTERM (a scheduler's kill, ``kill <pid>``) is acted on at the next batch in every phase, then
   the process exits with code 143.  In training, Lightning stops at the end of the current batch and this
-  callback writes ``<checkpoints>/last.ckpt`` there; a signal that arrives between batches stops the next one
-  before it starts.  This callback also chains :func:`flowforge.interrupt.request_stop` to Lightning's SIGTERM
+  callback writes ``<checkpoints>/last.ckpt`` there (a signal that arrives between batches: at the end of the
+  next one).  This callback also chains :func:`flowforge.interrupt.request_stop` to Lightning's SIGTERM
   handler, so a long single step stops inside itself (a CNF's ODE solve checks between function evaluations):
   the interrupted step is discarded and ``last.ckpt`` holds the state after the last completed step, so the
-  resume stays exact.  During the sanity check, a validation or a test, the next evaluation batch is not run
-  (Lightning's own check skips an epoch's last batch; this callback does not); nothing is saved during an
-  evaluation: the run resumes from the newest checkpoint (``ckpt_path=last``; from scratch when the sanity
-  check was interrupted), and an interrupted final test is redone by the resume.
+  resume stays exact.  A signal that arrives during the sanity check, a validation or a test stops it after
+  the evaluation batch in progress (Lightning's own check skips an epoch's last batch; this callback does not);
+  nothing is saved during an evaluation: the run resumes from the newest checkpoint (``ckpt_path=last``; from
+  scratch when the sanity check was interrupted), and an interrupted final test is redone by the resume.  Only
+  a validation that directly follows the batch-end save of the signal runs to its end, so that the checkpoint
+  written after it (the exact resume point: a resume does not redo that validation) holds its effects.
   SLURM pre-emption: Lightning's ``SLURMEnvironment`` (auto-requeue, SIGUSR1 by default) saves
   ``hpc_ckpt_<n>.ckpt`` and calls ``scontrol requeue``; this callback defers Lightning's handler to the end
   of the batch in progress, so the state saved is never that of a half-finished step.  The requeued job
@@ -101,6 +103,9 @@ class ExactResume(pl.Callback):
             for p in remove_partial_files(self.dirpath) + remove_partial_files(trainer.default_root_dir):
                 log.warning("removed %s, left by a checkpoint save that was interrupted", p)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        interrupt.clear()  # a stop request belongs to this run: later computations in the process must not see it
+
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
         if trainer is None:
@@ -164,7 +169,10 @@ class ExactResume(pl.Callback):
         _chain_stop_request()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        if trainer.received_sigterm:  # Lightning does not check after an epoch's last batch (the sanity check's)
+        # Lightning does not check after an epoch's last batch (the sanity check's).  A validation that follows the
+        # batch-end save of this signal runs to its end: the checkpoint written there (after the validation's own
+        # effects on the state) is the exact resume point, since a resume does not redo that validation.
+        if trainer.received_sigterm and self.saved_on_signal is None:
             raise SIGTERMException
 
     def on_test_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
@@ -174,8 +182,6 @@ class ExactResume(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.received_sigterm or interrupt.stop_requested():  # arrived between batches: do not start this one
-            raise SIGTERMException
         seed_all(stream_seed(self.seed, "train", trainer.fit_loop.total_batch_idx, trainer.global_rank))
 
     def on_train_batch_end(
