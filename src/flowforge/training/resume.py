@@ -208,10 +208,17 @@ class ExactResume(pl.Callback):
         log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """SIGTERM that arrived after this batch's ``on_train_batch_end``: save here when the state is that of a
-        batch boundary inside an epoch.  At an epoch's end (after validation and the epoch-end hooks) Lightning's
-        loop counters cannot be restored from that point; the checkpoint saved at the end of validation of the
-        same step is then the exact one."""
+        """SIGTERM that arrived after this batch's ``on_train_batch_end``, or a stop inside a training step
+        (:class:`flowforge.interrupt.StopRequested`, the unfinished batch discarded): save here when the state is
+        that of a batch boundary inside an epoch.  At an epoch's end (after validation and the epoch-end hooks)
+        Lightning's loop counters cannot be restored from that point; the checkpoint saved at the end of validation
+        of the same step is then the exact one."""
+        try:
+            self._on_stop(trainer, exception)
+        finally:
+            interrupt.clear()  # (Lightning calls no teardown hook after an exception)
+
+    def _on_stop(self, trainer: pl.Trainer, exception: BaseException) -> None:
         stopped = isinstance(exception, (SIGTERMException, interrupt.StopRequested))
         if not stopped or trainer.state.fn != "fit" or self.saved_on_signal:
             return
