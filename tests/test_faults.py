@@ -576,6 +576,12 @@ def test_sample_figures_of_a_2d_flow_with_an_exploded_inverse_are_reported(tmp_p
             r"faults.signal_after_step must be an optimizer step",
         ),
         (["+faults.signal=SIGHUP", "+faults.signal_at_step=3"], r"faults.signal must be one of .*got 'SIGHUP'"),
+        (["+faults.signal=SIGTERM", "+faults.signal_phase=epoch"], r"signal_phase must be one of .*got 'epoch'"),
+        (["+faults.signal_phase=test"], r"faults.signal_phase needs faults.signal"),
+        (
+            ["+faults.signal=SIGTERM", "+faults.signal_phase=inside_step"],
+            r"signal_phase=inside_step needs faults.signal_at_step",
+        ),
         ([f"+faults.nan_grad={K}"], r"faults.nan_grad needs faults.parameter"),
         ([f"+faults.exploding_inverse={K}"], r"faults.exploding_inverse needs faults.layer"),
         (

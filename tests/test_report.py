@@ -551,15 +551,29 @@ def test_error_for_folder_without_hydra_runs(tmp_path):
     assert e.value.code == str(e.value)
 
 
-def test_error_for_runs_without_table_block(tmp_path):
-    for i in range(2):
+def test_runs_without_table_block_get_the_metrics_by_override_summary(tmp_path, capsys):
+    """A plain multirun (no `table` block): one row per job, the varying override keys as columns, a job without
+    metrics.json listed as failed with empty metrics."""
+    jobs = [("model=realnvp", "seed=0"), ("model=realnvp", "seed=1"), ("model=glow", "seed=0")]
+    for i, overrides in enumerate(jobs):
         (tmp_path / str(i) / ".hydra").mkdir(parents=True)
-        (tmp_path / str(i) / ".hydra" / "config.yaml").write_text("smoke: false\noverrides: [seed=1]\n")
-    with pytest.raises(
-        SystemExit,
-        match="none of the 2 runs .* has a `table` block.*was this sweep run from a sweeps/ file with a table block",
-    ):
-        report.main([str(tmp_path)])
+        (tmp_path / str(i) / ".hydra" / "config.yaml").write_text(
+            f"smoke: false\noverrides: [{', '.join(overrides)}, trainer.max_steps=2]\n"
+        )
+        if i != 1:
+            metrics = {"test/bpd": 1.5 + i, "test/nll": 10.0 + i, "val/loss": 9.0, "global_step": 2.0}
+            (tmp_path / str(i) / "metrics.json").write_text(json.dumps(metrics))
+    assert report.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (tmp_path / "summary.md").read_text()
+    rows = list(csv.reader(io.StringIO((tmp_path / "summary.csv").read_text())))
+    assert rows == [
+        ["job", "model", "seed", "status", "test/bpd", "test/nll", "val/loss", "global_step"],
+        ["0", "realnvp", "0", "done", "1.5", "10", "9", "2"],
+        ["1", "realnvp", "1", "failed", "", "", "", ""],
+        ["2", "glow", "0", "done", "3.5", "12", "9", "2"],
+    ]
+    assert "| 1 | realnvp | 1 | failed | — | — | — | — |" in printed
     assert not (tmp_path / "report.md").exists()
 
 

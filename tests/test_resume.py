@@ -405,3 +405,102 @@ def test_sigterm_during_the_final_test_exits_143_with_the_way_on(tmp_path, monke
     assert "stopped by SIGTERM during the final test (training had finished at step 4)" in capsys.readouterr().out
     assert not (tmp_path / "metrics.json").exists()
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+# ------------------------------------------------------------------ SIGTERM in every phase (faults.signal_phase)
+PHASE_RUN = [
+    "dataset=toy2d",
+    "dataset.n_train=200",
+    "dataset.n_val=100",
+    "dataset.n_test=100",
+    "dataset.batch_size=50",
+    "dataset.eval_batch_size=25",
+    "model.hidden=[8]",
+    "trainer.max_epochs=2",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "callbacks.sample_figures.every_n_epochs=100",
+]
+
+
+def phase_run(run_dir: Path, *extra: str) -> tuple[int, str]:
+    cmd = [sys.executable, "train.py", *PHASE_RUN, *extra, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+NOTHING_AFTER = "after SIGTERM: 0 training batches, 0 validation batches, 0 test batches"
+
+
+@pytest.mark.parametrize(
+    "phase, message",
+    [
+        # the sanity check has 2 batches of 25: Lightning did not check after the last one and ran a training step
+        ("sanity", "stopped by SIGTERM at step 0: resume from the newest checkpoint"),
+        ("validation", "stopped by SIGTERM at step 4: resume from the newest checkpoint"),
+        ("test", "stopped by SIGTERM during the final test (training had finished at step 8)"),
+    ],
+)
+def test_sigterm_in_an_evaluation_stops_at_the_next_batch(tmp_path, phase, message):
+    code, out = phase_run(tmp_path, "model=realnvp", "+faults.signal=SIGTERM", f"+faults.signal_phase={phase}")
+    assert code == 143, out[-3000:]
+    assert NOTHING_AFTER in out  # the batch during which it came ends the phase: no further batch of any kind
+    assert message in out
+    assert not (tmp_path / "metrics.json").exists()
+    if phase == "test":  # training had finished: the resume only tests the saved weights
+        code, out = phase_run(tmp_path, "model=realnvp", "ckpt_path=last")
+        assert code == 0, out[-3000:]
+        assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 8
+
+
+def test_sigterm_inside_a_long_step_stops_within_it_and_resumes_bit_exactly(tmp_path):
+    """A CNF step is hundreds of ODE-function evaluations: the solve checks for a stop request between them, the
+    interrupted step is discarded, last.ckpt holds the state after the last completed step (5), and the resumed
+    run ends exactly where the uninterrupted one does."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    code, out = phase_run(ref, "model=cnf")
+    assert code == 0, out[-3000:]
+    code, out = phase_run(
+        run, "model=cnf", "+faults.signal=SIGTERM", "+faults.signal_phase=inside_step", "+faults.signal_at_step=5"
+    )
+    assert code == 143, out[-3000:]
+    assert NOTHING_AFTER in out
+    calls = int(out.split("test batches, ")[1].split(" module calls")[0])
+    assert calls < 5, out[-2000:]  # at most the rest of one velocity evaluation (a full step: hundreds)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 5
+    assert f"stopped by SIGTERM at step 5: saved {run / 'checkpoints' / 'last.ckpt'}" in out
+    code, out = phase_run(run, "model=cnf", "ckpt_path=last")
+    assert code == 0, out[-3000:]
+    a = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    # (train/* epoch means differ: the resumed epoch averages only the batches run after the resume)
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (ref, run)]
+    evaluated = [{k: v for k, v in m.items() if k.startswith(("val/", "test/"))} for m in metrics]
+    assert evaluated[0] == evaluated[1] and "test/nll" in evaluated[0]
+
+
+def test_a_stop_request_ends_an_ode_solve_at_its_next_evaluation():
+    from flowforge import interrupt
+    from flowforge.flows.cnf import CNF
+    from flowforge.nn.velocity import VelocityMLP
+
+    cnf = CNF(VelocityMLP(2, (8,), "tanh"), dim=2, adjoint=False)
+    x = torch.randn(4, 2)
+    evaluations = []
+    cnf.velocity.register_forward_pre_hook(lambda module, args: evaluations.append(1))
+    try:
+        cnf(x)
+        full = len(evaluations)
+        assert full > 10
+        evaluations.clear()
+        interrupt.request_stop()
+        with pytest.raises(interrupt.StopRequested):
+            cnf(x)
+        assert evaluations == []  # not one more velocity evaluation
+    finally:
+        interrupt.clear()
+    cnf(x)  # cleared: solves again

@@ -26,6 +26,7 @@ from flowforge.data.base import broken_link
 from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.flows.registry import family_names
+from flowforge.interrupt import StopRequested
 from flowforge.smoke import shrink
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
@@ -242,7 +243,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except TrainingStopped as stop:
             raise stop.error(f"{stop.reason}. Checkpoints: {out_dir / 'checkpoints'}") from None
-        except SIGTERMException:
+        except (SIGTERMException, StopRequested):
             saved = [
                 cb.saved_on_signal for cb in trainer.callbacks if isinstance(cb, ExactResume) and cb.saved_on_signal
             ]
@@ -281,7 +282,7 @@ def _final_test(trainer: pl.Trainer, module: FlowModule, datamodule: pl.Lightnin
     end the program with status 0 and no metrics.json) ends the run with status 143 and the way to finish it."""
     try:
         trainer.test(module, datamodule=datamodule)
-    except SIGTERMException:
+    except (SIGTERMException, StopRequested):
         print(
             f"stopped by SIGTERM during the final test (training had finished at step {trainer.global_step}); no "
             f"metrics.json was written. Test the trained weights by resuming with ckpt_path=last and "

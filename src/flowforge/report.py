@@ -3,6 +3,10 @@
 ``python -m flowforge.report <multirun dir | wandb:<entity>/<project>[/<group>]> [--out DIR]
 [--wandb-project P [--wandb-entity E]]``
 
+For a multirun directory the metrics-by-override summary of :mod:`flowforge.multirun_summary` (``summary.md``,
+``summary.csv``: one row per job) is written too; a multirun whose runs carry no ``table`` block gets only that
+summary.
+
 Every run of a sweep started from a ``sweeps/`` file carries the file's ``table`` block in its resolved config
 (``.hydra/config.yaml``; the W&B run's config)::
 
@@ -1056,9 +1060,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     runs = collect(args.source)
+    out = Path(args.out) if args.out else (Path.cwd() if args.source.startswith("wandb:") else Path(args.source))
+    local = not args.source.startswith("wandb:")
+    if local and not any(run.table is not None for run in runs):  # a plain multirun: the metrics-by-override table
+        from flowforge.multirun_summary import summarize
+
+        sys.stdout.write(summarize(args.source, out))
+        sys.stdout.flush()
+        print(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}", file=sys.stderr)
+        return 0
     tables = build_tables(runs, source=args.source)
     markdown = render_markdown(tables)
-    out = Path(args.out) if args.out else (Path.cwd() if args.source.startswith("wandb:") else Path(args.source))
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     (out / "report.csv").write_text(render_csv(tables))
@@ -1068,6 +1080,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     written = ", ".join(str(out / name) for name in ("report.md", "report.csv", "claims.csv", "recipes.csv"))
     print(f"wrote {written}", file=sys.stderr)
+    if local:
+        from flowforge.multirun_summary import summarize
+
+        summarize(args.source, out)
+        print(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}", file=sys.stderr)
     if args.wandb_project:
         for folder in log_to_wandb(tables, args.wandb_project, args.wandb_entity, dir=out, source=args.source):
             print(f"logged the table to W&B run {folder}", file=sys.stderr)

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from flowforge import interrupt
 from flowforge.errors import ConfigError, ConvergenceError, DataError
 from flowforge.estimators.exact import MAX_EXACT_DIM
 from flowforge.estimators.hutchinson import PROBES
@@ -126,6 +127,7 @@ class _Dynamics(nn.Module):
         self.phase = "forward"  # evaluations after the solve returned come from the adjoint backward pass
 
     def forward(self, s: Tensor, state: tuple) -> tuple:
+        interrupt.check()  # a stop requested (SIGTERM) ends the solve here, not hundreds of evaluations later
         cnf = self.cnf
         cnf.nfe[self.phase] += 1
         keep_graph = torch.is_grad_enabled()

@@ -14,6 +14,12 @@ kill / pre-emption handling can be rehearsed:
   starts; ``signal_after_step`` instead sends it once that many steps are done and every step-end hook has run
   (the periodic checkpoint of that step included): at the next validation start or training-epoch end, e.g.
   right after the final step's save;
+- ``signal_phase`` (with ``signal``): send it in another phase instead: ``sanity`` (as the sanity check's first
+  batch starts), ``validation`` (as the first batch of a validation at or after ``signal_at_step`` starts, 0 when
+  unset), ``test`` (as the final test's first batch starts) or ``inside_step`` (inside training step
+  ``signal_at_step``, at its :data:`INSIDE_STEP_CALLS`-th module call: mid-solve for a CNF).  Whatever the phase,
+  the batches and module calls run after the signal are counted and printed when the run stops
+  (``fault injection: after SIGTERM: ...``), so a test can assert how promptly the signal was acted on;
 - ``nan_batch``: the batch gets a NaN;
 - ``nan_output`` (with ``layer``): that module's output becomes NaN (a NaN loss located at ``layer``);
 - ``nan_grad`` (with ``parameter``): that parameter's gradient becomes NaN under a finite loss;
@@ -41,6 +47,9 @@ from flowforge.flows.base import Transform
 from flowforge.solvers.solver import Solver
 
 SIGNALS = ("SIGTERM", "SIGKILL", "SIGUSR1", "SIGINT")
+SIGNAL_PHASES = ("sanity", "validation", "test", "inside_step")
+#: ``signal_phase=inside_step``: the signal is sent at this module call of the step (counted from its start)
+INSIDE_STEP_CALLS = 10
 KINDS = ("nan_batch", "nan_output", "nan_grad", "solver_failure", "power_iteration_failure", "exploding_inverse")
 
 
@@ -137,12 +146,25 @@ class FaultInjection(pl.Callback):
         layer: str | None = None,
         parameter: str | None = None,
         signal_after_step: int | None = None,
+        signal_phase: str | None = None,
         **at_step: int | None,
     ):
         unknown = sorted(set(at_step) - set(KINDS))
         if unknown:
             raise ConfigError(f"unknown fault kind(s) {unknown}; choose from {list(KINDS)} (or signal/signal_at_step)")
-        if (signal is None) != (signal_at_step is None and signal_after_step is None) or (
+        if signal_phase is not None:
+            if signal_phase not in SIGNAL_PHASES:
+                raise ConfigError(f"faults.signal_phase must be one of {SIGNAL_PHASES}, got {signal_phase!r}")
+            if signal is None or signal_after_step is not None:
+                raise ConfigError(
+                    "faults.signal_phase needs faults.signal (and no faults.signal_after_step), e.g. "
+                    "faults.signal=SIGTERM faults.signal_phase=test"
+                )
+            if signal_phase == "inside_step" and signal_at_step is None:
+                raise ConfigError(
+                    "faults.signal_phase=inside_step needs faults.signal_at_step, the training step to interrupt"
+                )
+        elif (signal is None) != (signal_at_step is None and signal_after_step is None) or (
             signal_at_step is not None and signal_after_step is not None
         ):
             raise ConfigError(
@@ -171,6 +193,11 @@ class FaultInjection(pl.Callback):
             if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
                 raise ConfigError(f"faults.{kind} must be an optimizer step (an integer >= 0), got {step!r}")
         self.signal, self.signal_at_step, self.signal_after_step = signal, signal_at_step, signal_after_step
+        self.signal_phase = signal_phase
+        self.sent = False
+        #: what ran after the signal was sent (signal_phase): batches started per stage, module calls
+        self.after_signal = {"training batches": 0, "validation batches": 0, "test batches": 0, "module calls": 0}
+        self._hooks: list[Any] = []
         self.layer, self.parameter = layer, parameter
         self.at_step = {k: v for k, v in at_step.items() if v is not None}
         self._undo: list[Callable[[], None]] = []
@@ -213,7 +240,11 @@ class FaultInjection(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.signal is not None and step == self.signal_at_step:
+        if self.sent:
+            self.after_signal["training batches"] += 1
+        if self.signal_phase == "inside_step" and step == self.signal_at_step and not self.sent:
+            self._arm_inside_step(pl_module, step)
+        elif self.signal is not None and self.signal_phase is None and step == self.signal_at_step:
             self.injected.append((self.signal, step))
             os.kill(os.getpid(), getattr(signal_module, self.signal))
         due = [k for k, s in self.at_step.items() if s == step]
@@ -224,6 +255,7 @@ class FaultInjection(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._disarm()
         while self._undo:
             self._undo.pop()()
 
@@ -234,6 +266,53 @@ class FaultInjection(pl.Callback):
         if step is not None and trainer.global_step >= step and (self.signal, step) not in self.injected:
             self.injected.append((self.signal, step))
             os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+    # ------------------------------------------------------------------ signal_phase
+    def _send(self, step: int) -> None:
+        self.sent = True
+        self.injected.append((self.signal, step))
+        os.kill(os.getpid(), getattr(signal_module, self.signal))
+
+    def _arm_inside_step(self, pl_module: pl.LightningModule, step: int) -> None:
+        calls = [0]
+
+        def count(module: nn.Module, args: Any) -> None:
+            calls[0] += 1
+            if self.sent:
+                self.after_signal["module calls"] += 1
+            elif calls[0] == INSIDE_STEP_CALLS:
+                self._send(step)
+
+        self._hooks = [m.register_forward_pre_hook(count) for m in pl_module.modules()]
+
+    def _disarm(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.sent:
+            self.after_signal["validation batches"] += 1
+        elif self.signal_phase == "sanity" and trainer.sanity_checking:
+            self._send(trainer.global_step)
+        elif (
+            self.signal_phase == "validation"
+            and not trainer.sanity_checking
+            and trainer.global_step >= (self.signal_at_step or 0)
+        ):
+            self._send(trainer.global_step)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.sent:
+            self.after_signal["test batches"] += 1
+        elif self.signal_phase == "test":
+            self._send(trainer.global_step)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._disarm()
+        if self.sent:
+            counts = ", ".join(f"{v} {k}" for k, v in self.after_signal.items())
+            print(f"fault injection: after {self.signal}: {counts}", flush=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:

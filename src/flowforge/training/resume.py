@@ -13,10 +13,18 @@ leaves out is made exact here by construction rather than by saving mutable stat
 - The data position.  The training order is a function of (seed, epoch)
   (:class:`flowforge.data.sampler.ResumableSampler`); the checkpoint records the epoch and the number of
   batches already used in it, and on resume the sampler skips exactly those.
-- Signals.  SIGTERM (a scheduler's kill, ``kill <pid>``): Lightning stops at the end of the current batch
-  and this callback writes ``<checkpoints>/last.ckpt`` there, then the process exits with code 143.  When the
-  signal arrives during validation or the epoch-end hooks it writes nothing: the checkpoint saved at the end
-  of that validation (same step) is the one to resume from.
+- Signals.  SIGTERM (a scheduler's kill, ``kill <pid>``) is acted on at the next batch in every phase, then
+  the process exits with code 143.  In training, Lightning stops at the end of the current batch and this
+  callback writes ``<checkpoints>/last.ckpt`` there (a signal that arrives between batches: at the end of the
+  next one).  This callback also chains :func:`flowforge.interrupt.request_stop` to Lightning's SIGTERM
+  handler, so a long single step stops inside itself (a CNF's ODE solve checks between function evaluations):
+  the interrupted step is discarded and ``last.ckpt`` holds the state after the last completed step, so the
+  resume stays exact.  A signal that arrives during the sanity check, a validation or a test stops it after
+  the evaluation batch in progress (Lightning's own check skips an epoch's last batch; this callback does not);
+  nothing is saved during an evaluation: the run resumes from the newest checkpoint (``ckpt_path=last``; from
+  scratch when the sanity check was interrupted), and an interrupted final test is redone by the resume.  Only
+  a validation that directly follows the batch-end save of the signal runs to its end, so that the checkpoint
+  written after it (the exact resume point: a resume does not redo that validation) holds its effects.
   SLURM pre-emption: Lightning's ``SLURMEnvironment`` (auto-requeue, SIGUSR1 by default) saves
   ``hpc_ckpt_<n>.ckpt`` and calls ``scontrol requeue``; this callback defers Lightning's handler to the end
   of the batch in progress, so the state saved is never that of a half-finished step.  The requeued job
@@ -42,6 +50,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from flowforge import interrupt
 from flowforge.data.base import FlowDataModule
 from flowforge.data.sampler import ResumableSampler
 from flowforge.errors import ConfigError
@@ -85,6 +94,7 @@ class ExactResume(pl.Callback):
     # ------------------------------------------------------------------ checkpoint state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        interrupt.clear()
         if isinstance(getattr(trainer, "datamodule", None), FlowDataModule):
             # Lightning warns that a mid-epoch resume is unreliable unless the loader has a state_dict; the
             # ResumableSampler restores the position instead (on_train_start)
@@ -92,6 +102,9 @@ class ExactResume(pl.Callback):
         if stage == "fit" and trainer.is_global_zero:
             for p in remove_partial_files(self.dirpath) + remove_partial_files(trainer.default_root_dir):
                 log.warning("removed %s, left by a checkpoint save that was interrupted", p)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        interrupt.clear()  # a stop request belongs to this run: later computations in the process must not see it
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
@@ -108,6 +121,7 @@ class ExactResume(pl.Callback):
     # ------------------------------------------------------------------ data position and signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.trained = True
+        _chain_stop_request()
         position, self._position = self._position, None
         if position is not None and position[1] > 0:
             loader = trainer.train_dataloader
@@ -144,6 +158,27 @@ class ExactResume(pl.Callback):
             return
         self._handler = defer
 
+    # Lightning installs its SIGTERM handler after on_fit_start / on_test_start's setup, just before the loops run
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _chain_stop_request()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _chain_stop_request()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _chain_stop_request()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        # Lightning does not check after an epoch's last batch (the sanity check's).  A validation that follows the
+        # batch-end save of this signal runs to its end: the checkpoint written there (after the validation's own
+        # effects on the state) is the exact resume point, since a resume does not redo that validation.
+        if trainer.received_sigterm and self.saved_on_signal is None:
+            raise SIGTERMException
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -173,13 +208,27 @@ class ExactResume(pl.Callback):
         log.warning("SIGTERM: saved %s at step %d; resume with ckpt_path=%s", path, trainer.global_step, path)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """SIGTERM that arrived after this batch's ``on_train_batch_end``: save here when the state is that of a
-        batch boundary inside an epoch.  At an epoch's end (after validation and the epoch-end hooks) Lightning's
-        loop counters cannot be restored from that point; the checkpoint saved at the end of validation of the
-        same step is then the exact one."""
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or self.saved_on_signal:
+        """SIGTERM that arrived after this batch's ``on_train_batch_end``, or a stop inside a training step
+        (:class:`flowforge.interrupt.StopRequested`, the unfinished batch discarded): save here when the state is
+        that of a batch boundary inside an epoch.  At an epoch's end (after validation and the epoch-end hooks)
+        Lightning's loop counters cannot be restored from that point; the checkpoint saved at the end of validation
+        of the same step is then the exact one."""
+        try:
+            self._on_stop(trainer, exception)
+        finally:
+            interrupt.clear()  # (Lightning calls no teardown hook after an exception)
+
+    def _on_stop(self, trainer: pl.Trainer, exception: BaseException) -> None:
+        stopped = isinstance(exception, (SIGTERMException, interrupt.StopRequested))
+        if not stopped or trainer.state.fn != "fit" or self.saved_on_signal:
             return
         epoch_loop = trainer.fit_loop.epoch_loop
+        if not (trainer.sanity_checking or trainer.validating) and not _discard_unfinished_batch(epoch_loop):
+            log.warning(
+                "SIGTERM arrived as an epoch started: resume from the newest checkpoint in %s (ckpt_path=last)",
+                self.dirpath,
+            )
+            return
         inside_epoch = epoch_loop.batch_progress.current.ready < trainer.num_training_batches
         if trainer.sanity_checking or trainer.validating or not inside_epoch:
             log.warning(
@@ -189,6 +238,40 @@ class ExactResume(pl.Callback):
             )
             return
         self._save_on_signal(trainer)
+
+
+def _chain_stop_request() -> None:
+    """Make SIGTERM also call :func:`flowforge.interrupt.request_stop` before the handler in place (Lightning's,
+    which sets ``trainer.received_sigterm``), so that long inner loops stop too.  Idempotent; Lightning's teardown
+    restores the handlers it found."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "_flowforge_stop", False) or not callable(previous):
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        interrupt.request_stop()
+        previous(signum, frame)
+
+    handler._flowforge_stop = True  # type: ignore[attr-defined]
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: batch-boundary stops only
+        pass
+
+
+def _discard_unfinished_batch(epoch_loop: Any) -> bool:
+    """Set the training progress counters back to the end of the last completed batch (as a save at that batch's
+    end records them), discarding a batch that was started but not processed; False when no batch of this epoch
+    was completed (the state is then that of the epoch's start, which a checkpoint cannot restore exactly)."""
+    progress = epoch_loop.batch_progress
+    if progress.current.processed == progress.current.ready:
+        return True  # no unfinished batch (the signal came at a batch end)
+    if progress.current.processed < 1:
+        return False
+    for tracker in (progress.current, progress.total):
+        tracker.ready = tracker.started = tracker.processed
+        tracker.completed = tracker.processed - 1
+    return True
 
 
 def cluster_environment(trainer: pl.Trainer) -> Any:
