@@ -8,6 +8,8 @@ evaluations of the step) and, with RNODE weights, add their penalty to the train
 implicit blocks log ``train/solver/iters/<kind>`` and ``train/solver/failures`` every ``log_every_n_steps`` steps.
 Models whose log-det is a stochastic estimate report ``test/loss_std``, the standard deviation of the test-set
 mean due to the estimator (:mod:`flowforge.training.estimator_noise`; ``test/loss`` is the mean of two estimates).
+Under DDP, validation and test values are the exact means over the whole split (:class:`ExampleMeans`; each example
+is evaluated once, see :class:`flowforge.data.sampler.EvalSampler`) and training values are averaged over the ranks.
 
 Faults of a step (non-finite values, unconverged solves) go to the
 :class:`~flowforge.training.fault_policy.FaultPolicy` callback and the power iteration of spectrally normalised
