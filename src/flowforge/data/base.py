@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from flowforge.data.sampler import ResumableSampler
+from flowforge.data.sampler import EvalSampler, ResumableSampler
 from flowforge.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -158,20 +158,23 @@ class FlowDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         """Training: a :class:`ResumableSampler` (an order fixed by ``seed`` and the epoch, sharded over DDP
-        ranks, resumable mid-epoch; flips through :class:`Mirrored`); evaluation: the stored order."""
+        ranks, resumable mid-epoch; flips through :class:`Mirrored`); evaluation: the stored order, under DDP
+        split over the ranks by an :class:`EvalSampler` (every example once, no padding)."""
         if not self.splits:
             self.setup()
         data = self.splits[split]
         bs = self.batch_size if train else self.eval_batch_size
+        trainer = getattr(self, "trainer", None)
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = None
         if train:
-            trainer = getattr(self, "trainer", None)
-            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
             sampler = ResumableSampler(
                 len(data), replicas, rank, shuffle=True, seed=self.order_seed, mirrored=self.flip
             )
             if self.flip:
                 data = Mirrored(data)
+        elif replicas > 1:
+            sampler = EvalSampler(len(data), replicas, rank, what=f"the {split} split of dataset '{self.label}'")
         return DataLoader(
             data,
             batch_size=bs,

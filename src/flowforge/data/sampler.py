@@ -1,4 +1,5 @@
-"""The training sampler: an order that is a pure function of (seed, epoch), resumable mid-epoch.
+"""The samplers of the data modules: the training order, a pure function of (seed, epoch) and resumable mid-epoch
+(:class:`ResumableSampler`), and the evaluation shards of DDP ranks, without repeats (:class:`EvalSampler`).
 
 Epoch ``e`` visits the examples in the order ``randperm(n)`` drawn from a generator seeded with
 ``seed + e`` (``torch.utils.data.DistributedSampler``'s rule, so under DDP each of the ``R`` ranks takes
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DistributedSampler
+
+from flowforge.errors import ConfigError
 
 _MIRROR_STREAM = 0x5F3759DF  # separates the flip draws from the permutation draws
 
@@ -60,3 +63,31 @@ class ResumableSampler(DistributedSampler):
         if resume is not None and resume[0] == self.epoch:
             indices = indices[resume[1] :]
         return iter(indices)
+
+
+class EvalSampler(DistributedSampler):
+    """The evaluation order under DDP: rank ``r`` of ``R`` takes examples ``r, r + R, r + 2R, ...`` of the split in
+    stored order, without padding, so every example is evaluated exactly once across the ranks (Lightning's own
+    ``DistributedSampler`` repeats examples to give every rank the same count, and a metric averaged over them counts
+    those twice).  Ranks hold at most one example (and so at most one batch) more than each other; evaluation logs
+    nothing per batch across ranks, so uneven batch counts are safe.
+
+    Args:
+        num_examples: the split's size ``n``; it must be at least ``num_replicas``, so that no rank is left without
+            data (DDP syncs buffers on a rank's first evaluation batch).
+        num_replicas / rank: DDP world size and this process's rank.
+        what: the split's name for the error message.
+    """
+
+    def __init__(self, num_examples: int, num_replicas: int = 1, rank: int = 0, what: str = "the split"):
+        if num_examples < num_replicas:
+            raise ConfigError(
+                f"{what} has {num_examples} example(s), fewer than the {num_replicas} DDP processes, so some process "
+                f"would evaluate nothing; use fewer devices (trainer.devices) or a larger split"
+            )
+        super().__init__(range(num_examples), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, num_examples, num_replicas))
+        self.total_size = num_examples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))

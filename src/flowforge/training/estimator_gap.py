@@ -117,16 +117,28 @@ class EstimatorGap(pl.Callback):
             self._estimated.append(estimated_log_prob(model, y, self.draws) + log_weight.double())
 
     def _log(self, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._exact:
+        """Log the means over all measured examples of every process: per-process sums and counts, summed over the
+        processes in one collective, which every rank runs at each validation and test end (also with nothing
+        measured, e.g. in the sanity check)."""
+        device = pl_module.device if pl_module.device.type != "mps" else torch.device("cpu")
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        if self._exact:
+            exact, estimated = torch.cat(self._exact), torch.cat(self._estimated)
+            n = torch.tensor(float(len(exact)), dtype=torch.float64, device=exact.device)
+            sums = torch.stack([exact.sum(), estimated.sum(), n]).to(device)
+        self._exact, self._estimated = [], []
+        trainer = pl_module._trainer
+        if trainer is not None:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        if float(sums[2]) == 0:
             return
         scale = -1.0 / (pl_module.model.dim * math.log(2))
-        bpd_exact = torch.cat(self._exact).mean() * scale
-        bpd_estimated = torch.cat(self._estimated).mean() * scale
-        self._exact, self._estimated = [], []
+        bpd_exact, bpd_estimated = sums[0] / sums[2] * scale, sums[1] / sums[2] * scale
         values = {
             f"{stage}/bpd_exact": bpd_exact,
             f"{stage}/bpd_estimated": bpd_estimated,
             f"{stage}/bpd_gap": bpd_exact - bpd_estimated,
         }
         for key, value in values.items():
-            pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=True)
+            # the same value on every rank: sync_dist (a mean of equal values) only marks it as reduced for Lightning
+            pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=True, batch_size=1)

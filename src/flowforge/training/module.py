@@ -8,6 +8,8 @@ evaluations of the step) and, with RNODE weights, add their penalty to the train
 implicit blocks log ``train/solver/iters/<kind>`` and ``train/solver/failures`` every ``log_every_n_steps`` steps.
 Models whose log-det is a stochastic estimate report ``test/loss_std``, the standard deviation of the test-set
 mean due to the estimator (:mod:`flowforge.training.estimator_noise`; ``test/loss`` is the mean of two estimates).
+Under DDP, validation and test values are the exact means over the whole split (:class:`ExampleMeans`; each example
+is evaluated once, see :class:`flowforge.data.sampler.EvalSampler`) and training values are averaged over the ranks.
 
 Faults of a step (non-finite values, unconverged solves) go to the
 :class:`~flowforge.training.fault_policy.FaultPolicy` callback and the power iteration of spectrally normalised
@@ -36,6 +38,45 @@ from flowforge.training.lipschitz_maintenance import LipschitzMaintenance
 from flowforge.training.objectives import Objective, make_objective
 from flowforge.training.regularization import rnode_penalty
 from flowforge.training.resume import apply_resume_changes
+
+
+class ExampleMeans:
+    """Means over all examples of an epoch and all processes, weighted by example, in float64.
+
+    :meth:`add` takes a batch's values: a tensor of per-example values adds its sum and its length; a scalar (a value
+    of the batch as a whole) counts as the mean of ``batch_size`` examples.  :meth:`compute` sums the per-process
+    sums and counts with ``reduce`` (one collective over ``[sums..., counts...]``) and returns ``sum / count`` per
+    key: the mean over the whole split, whatever the number of examples and batches on each process.  Every process
+    must call :meth:`compute` at the same point with the same keys (the keys are sorted).
+    """
+
+    def __init__(self):
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.sums, self.counts = {}, {}
+
+    def add(self, values: dict[str, Tensor], batch_size: int) -> None:
+        for key, value in values.items():
+            device = "cpu" if value.device.type == "mps" else value.device  # (MPS has no float64)
+            value = value.detach().to(device, torch.float64)
+            total, n = (value * batch_size, batch_size) if value.ndim == 0 else (value.sum(), value.numel())
+            self.sums[key] = self.sums[key] + total if key in self.sums else total
+            self.counts[key] = self.counts.get(key, 0) + n
+
+    def compute(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """``{key: sum / count}`` over this process's batches, or with ``reduce`` (a sum over processes) over all
+        processes' batches; an empty dict before any :meth:`add`."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        device = self.sums[keys[0]].device
+        counts = torch.tensor([float(self.counts[k]) for k in keys], dtype=torch.float64, device=device)
+        totals = torch.cat([torch.stack([self.sums[k].to(device) for k in keys]), counts])
+        if reduce is not None:
+            totals = reduce(totals)
+        return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys)}
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
@@ -79,6 +120,7 @@ class FlowModule(pl.LightningModule):
             getattr(getattr(m, "logdet_estimator", None), "stochastic", False) for m in model.modules()
         )
         self._test_noise = EstimatorNoise()
+        self._eval_means = {"val": ExampleMeans(), "test": ExampleMeans()}
         self._callbacks = [FaultPolicy(), LipschitzMaintenance()] if callbacks is None else list(callbacks)
 
     # ------------------------------------------------------------------ forward and metrics
@@ -98,17 +140,38 @@ class FlowModule(pl.LightningModule):
         return self.objective.loss(batch, x, stage)
 
     def _log(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
+        """Training: each value's batch mean, as ``train/<key>_step`` and, averaged over the epoch by Lightning,
+        ``train/<key>_epoch``; under DDP both are synced (``sync_dist``: one all-reduce per key and step, which
+        every rank runs since all take the same number of equal batches), so they are means over all ranks' batches.
+        Validation and test: accumulated per example and logged once at the end of the epoch (:meth:`_log_means`)."""
+        if stage != "train":
+            self._eval_means[stage].add(values, batch_size)
+            return
         for k, v in values.items():
-            train = stage == "train"
             self.log(
                 f"{stage}/{k}",
                 v.mean(),
-                on_step=train,
+                on_step=True,
                 on_epoch=True,
                 prog_bar=k == "loss",
-                sync_dist=not train,
+                sync_dist=True,
                 batch_size=batch_size,
             )
+
+    def _reduce_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the DDP processes (itself in a single process or outside a trainer)."""
+        trainer = self._trainer
+        return tensor if trainer is None else trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def _log_means(self, stage: str) -> None:
+        """Log the exact means of the epoch's validation or test values over the whole split: the per-example sums
+        and counts of every process, summed over processes (:class:`ExampleMeans`; a single collective at the end
+        of the epoch, so ranks with different numbers of batches do not matter)."""
+        means = self._eval_means[stage]
+        for key, value in means.compute(self._reduce_sum).items():
+            # the same value on every rank: sync_dist (a mean of equal values) only marks it as reduced for Lightning
+            self.log(f"{stage}/{key}", value, prog_bar=key == "loss", sync_dist=True, batch_size=1)
+        means.reset()
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
@@ -162,23 +225,29 @@ class FlowModule(pl.LightningModule):
 
     def _evaluate(self, stage: str) -> None:
         if not self.trainer.sanity_checking:
+            # Monte Carlo estimates of the model as a whole (not means over the split): averaged over the processes
             for key, value in self.objective.evaluate(stage).items():
                 self.log(f"{stage}/{key}", value, sync_dist=True)
 
+    def on_validation_epoch_start(self) -> None:
+        self._eval_means["val"].reset()
+
     def on_validation_epoch_end(self) -> None:
+        self._log_means("val")
         self._evaluate("val")
 
     def on_test_epoch_start(self) -> None:
+        self._eval_means["test"].reset()
         self._test_noise.reset()
 
     def on_test_epoch_end(self) -> None:
+        self._log_means("test")
         self._evaluate("test")
         if self.stochastic_logdet:
-            std = self._test_noise.std(
-                self.trainer.strategy.reduce(self._test_noise.sums.to(self.device), reduce_op="sum")
-            )
-            if std is not None:
-                self.log("test/loss_std", std, sync_dist=False)
+            device = "cpu" if self.device.type == "mps" else self.device
+            std = self._test_noise.std(self._reduce_sum(self._test_noise.sums.to(device)))
+            if std is not None:  # (the same on every rank, from the summed sums)
+                self.log("test/loss_std", std, sync_dist=True, batch_size=1)
 
     def on_train_start(self) -> None:
         apply_resume_changes(self.trainer, self.resume_changes)
