@@ -456,9 +456,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     check_finite_result(metrics, module, datamodule, f"the checkpoint {cfg.ckpt_path}")
     metrics["num_parameters"] = num_parameters
-    print(json.dumps(metrics, indent=2, sort_keys=True))
     if out_dir is not None:
         _report(out_dir, {**metrics, "ckpt_path": str(cfg.ckpt_path)}, trainer)
+    else:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 

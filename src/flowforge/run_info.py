@@ -28,14 +28,16 @@ MAX_NAME = 80
 
 
 def overrides_name(overrides: str, limit: int = MAX_NAME) -> str:
-    """A filesystem-safe folder-name part for Hydra's ``job.override_dirname`` (``model=glow,dataset=digits``):
-    characters other than letters, digits and ``=,.+-_`` become ``-``; beyond ``limit`` characters the text is
-    cut and an 8-character hash of the whole is appended, so distinct override lists keep distinct names."""
-    safe = re.sub(r"[^A-Za-z0-9=,.+\-_]", "-", overrides).strip("-.")
+    """A folder-name part for Hydra's ``job.override_dirname`` (written ``model-glow+dataset-digits``: ``-`` between
+    key and value, ``+`` between overrides, so the folder's path can itself be passed as an override value such as
+    ``ckpt_path=...`` or ``hydra.run.dir=...``).  Characters other than letters, digits and ``.+-_@`` become ``-``;
+    beyond ``limit`` characters the text is cut and ``+`` and an 8-character hash of the whole are appended, so
+    distinct override lists keep distinct names."""
+    safe = re.sub(r"[^A-Za-z0-9.+\-_@]+", "-", overrides).strip("-.+")
     if len(safe) <= limit:
         return safe
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
-    return f"{safe[: limit - 9].rstrip('-.,')}~{digest}"
+    return f"{safe[: limit - 9].rstrip('-.+')}+{digest}"
 
 
 def run_name(run_id: str, overrides: str | None = None) -> str:
