@@ -149,3 +149,13 @@ def test_folder_names_are_safe_and_bounded():
     assert run_name("2026-01-01_00-00-00", "") == "2026-01-01_00-00-00"
     # a requeued SLURM job finds its own folder whatever its command line
     assert run_name("slurm-123", "model-glow") == "slurm-123"
+
+
+@pytest.mark.parametrize("rank_var", ["LOCAL_RANK", "SLURM_PROCID"])
+def test_only_rank_zero_writes_the_status(tmp_path, monkeypatch, rank_var):
+    monkeypatch.setenv(rank_var, "1")
+    experiment.main(lambda _: {}, compose([f"paths.output_dir={tmp_path}"]))
+    assert read_status(tmp_path) is None
+    monkeypatch.setenv(rank_var, "0")
+    experiment.main(lambda _: {}, compose([f"paths.output_dir={tmp_path}"]))
+    assert read_status(tmp_path)["status"] == "finished"

@@ -567,7 +567,7 @@ def main(fn, cfg: DictConfig) -> Any:
         status("stopped", error="KeyboardInterrupt", message="interrupted")
         raise
     except BaseException as e:
-        log.exception("%s: %s", type(e).__name__, e)
+        log_to_files(log, f"{type(e).__name__}: {e}")  # the console gets Hydra's traceback
         status("failed", error=type(e).__name__, message=str(e))
         raise
     metrics = out_dir / "metrics.json" if out_dir is not None else None

@@ -146,5 +146,7 @@ def log_to_files(logger: logging.Logger, message: str) -> None:
 
 
 def is_rank_zero() -> bool:
-    """True in the launching process (rank 0 of a DDP run, or a single-process run)."""
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """True in the launching process (rank 0 of a DDP run, also under SLURM's one task per device, or a
+    single-process run)."""
+    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(os.environ.get(k, "0").strip() in ("", "0") for k in keys)
