@@ -19,6 +19,12 @@ QUICK = [
 ]
 
 
+def job(sweep, num):
+    """A multirun job's folder, ``<num>_<overrides>``."""
+    (found,) = sweep.glob(f"{num}_*")
+    return found
+
+
 def sh(*args, timeout=600):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -44,7 +50,7 @@ def multirun(tmp_path_factory):
 def test_multirun_writes_one_complete_run_per_point(multirun):
     sweep, out = multirun
     for i, model in enumerate(["realnvp", "maf"]):
-        run = sweep / str(i)
+        run = job(sweep, i)
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["test/nll"] < 10
         assert model in (run / ".hydra" / "overrides.yaml").read_text()
@@ -56,7 +62,7 @@ def test_multirun_writes_one_complete_run_per_point(multirun):
 
 def test_wandb_offline_records_config_and_metrics(multirun):
     sweep, _ = multirun
-    runs = list((sweep / "0" / "wandb").glob("offline-run-*"))
+    runs = list((job(sweep, 0) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # offline runs keep config, history and summary as protobuf records in run-<id>.wandb
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
@@ -70,11 +76,12 @@ def test_wandb_offline_records_config_and_metrics(multirun):
 
 def test_eval_and_sample_from_checkpoint(multirun, tmp_path):
     sweep, _ = multirun
-    ckpt = sweep / "0" / "checkpoints" / "last.ckpt"
+    ckpt = job(sweep, 0) / "checkpoints" / "last.ckpt"
     code, out = sh("eval.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
     assert code == 0, out[-3000:]
-    expected = json.loads((sweep / "0" / "metrics.json").read_text())["test/nll"]
-    assert abs(json.loads(out[out.index("{") : out.rindex("}") + 1])["test/nll"] - expected) < 1e-5
+    expected = json.loads((job(sweep, 0) / "metrics.json").read_text())["test/nll"]
+    assert abs(json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/nll"] - expected) < 1e-5
+    assert f"run directory: {tmp_path / 'eval'}" in out
     code, out = sh(
         "sample.py",
         f"ckpt_path={ckpt}",

@@ -119,4 +119,5 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     lr = result["best_params"]["optim.optimizer.lr"]
     assert 1e-3 <= lr <= 1e-2 and result["best_value"] < 10  # val/loss in nats of the 2-D toy
     trials = sorted(p.name for p in out.iterdir() if (p / "metrics.json").exists())
-    assert trials == ["0", "1"]
+    assert [t.split("_", 1)[0] for t in trials] == ["0", "1"]  # <trial>_<overrides>: the trial's lr
+    assert all("optim.optimizer.lr-" in t for t in trials), trials

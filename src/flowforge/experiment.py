@@ -27,6 +27,16 @@ from flowforge.errors import ConfigError, FlowforgeError, NonFiniteLossError
 from flowforge.flows.dequantization import check_dequantization, make_dequantizer
 from flowforge.flows.registry import family_names
 from flowforge.interrupt import StopRequested
+from flowforge.run_info import (
+    config_tree,
+    is_rank_zero,
+    job_name,
+    log_to_files,
+    parameter_count,
+    quiet_known_noise,
+    run_name,
+    write_status,
+)
 from flowforge.smoke import shrink
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
@@ -77,6 +87,9 @@ if not OmegaConf.has_resolver("wandb_mode"):
     OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
 if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_name)
+    OmegaConf.register_new_resolver("job_name", job_name)
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -214,6 +227,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("smoke"):
         shrink(cfg)
     _record_overrides(cfg)
+    _show_config(cfg)
     with run_lock(Path(cfg.paths.output_dir)):
         return _train(cfg)
 
@@ -223,6 +237,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     datamodule, module = build(cfg)
+    num_parameters = _show_parameters(module.model)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path and cfg.get("train", True):  # resuming: a clear error for a missing or foreign checkpoint
         stored, ckpt = load_checkpoint(ckpt_path)
@@ -271,10 +286,42 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     check_finite_result(metrics, module, datamodule, f"the run in {out_dir}")
     metrics["epochs_run"] = float(trainer.current_epoch)
     metrics["global_step"] = float(trainer.global_step)
+    metrics["num_parameters"] = num_parameters
     if trainer.is_global_zero:
         flow = module.model
         _report(out_dir, metrics, trainer, flow.dequantizer.name if flow.is_image else None)
     return metrics
+
+
+def _show_config(cfg: DictConfig) -> None:
+    """Print the composed config as a tree (rank 0 only) and save it as ``config_tree.txt`` in the run folder."""
+    if not is_rank_zero():
+        return
+    text = config_tree(cfg)
+    print(text, end="" if text.endswith("\n") else "\n", flush=True)
+    out_dir = _output_dir(cfg)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config_tree.txt").write_text(text)
+
+
+def _show_parameters(model: torch.nn.Module) -> int:
+    """Print (rank 0) and log the flow's parameter count; returns the total."""
+    total, trainable = parameter_count(model)
+    if is_rank_zero():
+        line = f"model parameters: {total:,} ({trainable:,} trainable)"
+        print(line, flush=True)
+        log_to_files(log, line)
+    return total
+
+
+def _output_dir(cfg: DictConfig) -> Path | None:
+    """The run folder (``paths.output_dir``), or None outside a Hydra run (e.g. a config composed in a test)."""
+    try:
+        value = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - no Hydra runtime: nothing to mark
+        return None
+    return Path(value) if value else None
 
 
 def _final_test(trainer: pl.Trainer, module: FlowModule, datamodule: pl.LightningDataModule, out_dir: Path) -> None:
@@ -330,6 +377,7 @@ def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer, dequa
     if dequantization is not None:
         lines.append(f"dequantization: {dequantization}")
     print("\n".join(lines), flush=True)
+    log_to_files(log, "\n".join(lines))
 
 
 def load_checkpoint(ckpt_path: str, map_location: str = "cpu") -> tuple[DictConfig, dict]:
@@ -396,11 +444,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg.dataset.data_dir = cfg.data_dir
     datamodule, module = build(run_cfg)
     load_weights(module, cfg.ckpt_path, model_name(run_cfg), ckpt)
-    trainer = pl.Trainer(accelerator=cfg.get("accelerator", "cpu"), devices=1, logger=False, enable_checkpointing=False)
+    num_parameters = _show_parameters(module.model)
+    out_dir = _output_dir(cfg)
+    trainer = pl.Trainer(
+        accelerator=cfg.get("accelerator", "cpu"),
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out_dir) if out_dir else None,
+    )
     trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     check_finite_result(metrics, module, datamodule, f"the checkpoint {cfg.ckpt_path}")
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    metrics["num_parameters"] = num_parameters
+    if out_dir is not None:
+        _report(out_dir, {**metrics, "ckpt_path": str(cfg.ckpt_path)}, trainer)
+    else:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 
@@ -507,9 +567,37 @@ def _checkpoint_score(ckpt: dict) -> str | None:
 
 
 def main(fn, cfg: DictConfig) -> Any:
-    """Run ``fn(cfg)``; flowforge's own errors end the program with their message, not a traceback."""
+    """Run ``fn(cfg)``; flowforge's own errors end the program with their message, not a traceback.
+
+    The run folder's ``status.json`` (:mod:`flowforge.run_info`) follows the run: ``running``, then ``finished``,
+    ``failed`` (with the error) or ``stopped`` (SIGTERM, exit status 143)."""
+    quiet_known_noise()
+    out_dir = _output_dir(cfg) if is_rank_zero() else None
+
+    def status(state: str, **fields: Any) -> None:
+        if out_dir is not None:
+            write_status(out_dir, state, **fields)
+
+    status("running", pid=os.getpid())
     try:
-        return fn(cfg)
+        result = fn(cfg)
     except FlowforgeError as e:
         log.error("%s: %s", type(e).__name__, e)
+        status("failed", error=type(e).__name__, message=str(e))
         raise SystemExit(f"error: {e}") from None
+    except SystemExit as e:
+        if e.code == 143:
+            status("stopped", error="SIGTERM", message="stopped by SIGTERM (exit status 143)")
+        elif e.code not in (None, 0):
+            status("failed", error="SystemExit", message=str(e.code))
+        raise
+    except KeyboardInterrupt:
+        status("stopped", error="KeyboardInterrupt", message="interrupted")
+        raise
+    except BaseException as e:
+        log_to_files(log, f"{type(e).__name__}: {e}")  # the console gets Hydra's traceback
+        status("failed", error=type(e).__name__, message=str(e))
+        raise
+    metrics = out_dir / "metrics.json" if out_dir is not None else None
+    status("finished", **({"metrics": str(metrics)} if metrics is not None and metrics.is_file() else {}))
+    return result
