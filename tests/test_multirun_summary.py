@@ -42,7 +42,7 @@ def test_multirun_ends_with_summary_table(tmp_path):
     header = rows[0]
     assert header[:3] == ["job", "seed", "status"]  # only the override that varies; model= is the same in both
     assert "test/nll" in header and "global_step" in header
-    assert [r[:3] for r in rows[1:]] == [["0", "0", "done"], ["1", "1", "done"]]
+    assert [r[:3] for r in rows[1:]] == [["0", "0", "finished"], ["1", "1", "finished"]]
     steps = header.index("global_step")
     assert [r[steps] for r in rows[1:]] == ["2", "2"]
     nll = header.index("test/nll")

@@ -569,9 +569,9 @@ def test_runs_without_table_block_get_the_metrics_by_override_summary(tmp_path, 
     rows = list(csv.reader(io.StringIO((tmp_path / "summary.csv").read_text())))
     assert rows == [
         ["job", "model", "seed", "status", "test/bpd", "test/nll", "val/loss", "global_step"],
-        ["0", "realnvp", "0", "done", "1.5", "10", "9", "2"],
+        ["0", "realnvp", "0", "finished", "1.5", "10", "9", "2"],
         ["1", "realnvp", "1", "failed", "", "", "", ""],
-        ["2", "glow", "0", "done", "3.5", "12", "9", "2"],
+        ["2", "glow", "0", "finished", "3.5", "12", "9", "2"],
     ]
     assert "| 1 | realnvp | 1 | failed | — | — | — | — |" in printed
     assert not (tmp_path / "report.md").exists()

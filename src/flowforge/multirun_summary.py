@@ -6,7 +6,7 @@
 * ``job``: the job's folder relative to the multirun directory;
 * the override keys whose values differ between jobs (all override keys when none differ), a leading
   ``+``/``++``/``~`` dropped;
-* ``status``: ``done`` (``metrics.json`` written), ``running`` (the job still holds its run lock), else the
+* ``status``: ``finished`` (``metrics.json`` written), ``running`` (the job still holds its run lock), else the
   ``status`` recorded in the job's ``status.json`` when there is one, else ``failed``;
 * the main metrics from ``metrics.json``: every ``test/*`` key, ``val/loss``, ``epochs_run`` and ``global_step``
   (empty for jobs without metrics: a failed job is a row, never dropped).
@@ -38,7 +38,7 @@ def _override_key_value(override: str) -> tuple[str, str]:
 
 def _job_status(run_dir: Path, finished: bool) -> str:
     if finished:
-        return "done"
+        return "finished"
     lock = run_dir / LOCK_NAME
     if lock.is_file():
         try:
@@ -58,6 +58,12 @@ def _job_status(run_dir: Path, finished: bool) -> str:
         except (OSError, ValueError):
             pass
     return "failed"
+
+
+def _job_label(run_id: str) -> str:
+    """A job's number for a ``<number>_<overrides>`` folder (its overrides have their own columns), else the folder."""
+    head = run_id.split("_", 1)[0]
+    return head if head.isdigit() else run_id
 
 
 def _cell(value: Any) -> str:
@@ -89,7 +95,12 @@ def summary_table(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
         metrics = run.metrics or {}
         status = _job_status(run_dir, run.finished)
         rows.append(
-            [run.id, *(item.get(k, "") for k in varying), status, *(_cell(metrics.get(k)) for k in metric_keys)]
+            [
+                _job_label(run.id),
+                *(item.get(k, "") for k in varying),
+                status,
+                *(_cell(metrics.get(k)) for k in metric_keys),
+            ]
         )
     return columns, rows
 

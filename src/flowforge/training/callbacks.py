@@ -41,7 +41,9 @@ class SampleFigures(pl.Callback):
         self.temperature = temperature
         self.last_path: Path | None = None
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the epoch-end hooks, where the module reduces its validation metrics over the split and the ranks,
+        # so the title shows this validation's score
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self.draw(trainer, pl_module, f"val_epoch{trainer.current_epoch}")
