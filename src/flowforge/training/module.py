@@ -253,7 +253,10 @@ class FlowModule(pl.LightningModule):
         apply_resume_changes(self.trainer, self.resume_changes)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return self._callbacks
+        # the trainer keeps them after fit; offering the same instances again for test would only make Lightning
+        # warn that they override themselves
+        attached = {id(cb) for cb in self._trainer.callbacks} if self._trainer is not None else set()
+        return [cb for cb in self._callbacks if id(cb) not in attached]
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameters())
