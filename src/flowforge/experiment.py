@@ -38,6 +38,7 @@ from flowforge.run_info import (
     write_status,
 )
 from flowforge.smoke import shrink
+from flowforge.threads import set_threads
 from flowforge.training.callbacks import SampleFigures
 from flowforge.training.checkpoint_io import AtomicCheckpointIO
 from flowforge.training.fault_policy import POLICY_KEYS, FaultPolicy, TrainingStopped, fault_policy
@@ -233,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _train(cfg: DictConfig) -> dict[str, float]:
+    set_threads(cfg.get("threads", "auto"), cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
@@ -439,6 +441,7 @@ def load_weights(module: FlowModule, ckpt_path: str, this_model: str, ckpt: dict
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test metrics of a checkpoint (its EMA weights when EMA was on) on the test split."""
+    set_threads(cfg.get("threads", "auto"), cfg.get("accelerator", "cpu"))
     run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
     if cfg.get("data_dir"):
         run_cfg.dataset.data_dir = cfg.data_dir
@@ -512,6 +515,7 @@ def sample(cfg: DictConfig) -> Path:
     callback recorded one) and the temperature."""
     from flowforge.training import visualize
 
+    set_threads(cfg.get("threads", "auto"))
     run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
     datamodule, module = build(run_cfg)
     load_weights(module, cfg.ckpt_path, model_name(run_cfg), ckpt)

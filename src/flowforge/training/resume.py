@@ -324,6 +324,8 @@ FREE_ON_RESUME = (
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
+    "threads",
+    "callbacks.epoch_intervals",
     "callbacks.progress_bar",
     "callbacks.sample_figures",
     "callbacks.lr_monitor",
