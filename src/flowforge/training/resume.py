@@ -121,7 +121,7 @@ class ExactResume(pl.Callback):
     # ------------------------------------------------------------------ data position and signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.trained = True
-        _chain_stop_request()
+        _chain_stop_request(trainer)
         position, self._position = self._position, None
         if position is not None and position[1] > 0:
             loader = trainer.train_dataloader
@@ -160,13 +160,13 @@ class ExactResume(pl.Callback):
 
     # Lightning installs its SIGTERM handler after on_fit_start / on_test_start's setup, just before the loops run
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _chain_stop_request()
+        _chain_stop_request(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _chain_stop_request()
+        _chain_stop_request(trainer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _chain_stop_request()
+        _chain_stop_request(trainer)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         # Lightning does not check after an epoch's last batch (the sanity check's).  A validation that follows the
@@ -240,10 +240,14 @@ class ExactResume(pl.Callback):
         self._save_on_signal(trainer)
 
 
-def _chain_stop_request() -> None:
+def _chain_stop_request(trainer: pl.Trainer) -> None:
     """Make SIGTERM also call :func:`flowforge.interrupt.request_stop` before the handler in place (Lightning's,
     which sets ``trainer.received_sigterm``), so that long inner loops stop too.  Idempotent; Lightning's teardown
-    restores the handlers it found."""
+    restores the handlers it found.  Single-process runs only: under DDP the processes must leave a step together
+    (one that abandoned its step would leave the others waiting in the gradient all-reduce), which Lightning's own
+    check at batch ends, agreed over the ranks, ensures."""
+    if trainer.world_size > 1:
+        return
     previous = signal.getsignal(signal.SIGTERM)
     if getattr(previous, "_flowforge_stop", False) or not callable(previous):
         return
