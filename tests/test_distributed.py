@@ -62,6 +62,14 @@ def test_eval_sampler_shards_cover_every_example_once():
     assert sorted(shards[0] + shards[1]) == list(range(7))  # no padding, no repeats
     with pytest.raises(ConfigError, match="fewer than the 3 DDP processes"):
         EvalSampler(2, 3, 0, what="the test split")
+    # whole batches of the split are dealt out: rank r's i-th batch is the split's batch i * R + r
+    batched = [EvalSampler(7, 2, rank, batch_size=2) for rank in range(2)]
+    assert [list(s) for s in batched] == [[0, 1, 4, 5], [2, 3, 6]]
+    assert [len(s) for s in batched] == [4, 3]
+    # fewer batches than ranks: the batch size is lowered so that every rank gets one
+    small = [EvalSampler(5, 4, rank, batch_size=100) for rank in range(4)]
+    assert small[0].batch_size == 1 and sorted(i for s in small for i in s) == list(range(5))
+    assert all(len(s) > 0 for s in small)
 
 
 # per-example values of each rank, in batches of unequal number and size (rank 0: 3 batches, rank 1: 1)
@@ -157,3 +165,38 @@ def test_ddp_two_processes_match_single_process_validation_and_test(tmp_path):
     # absolute tolerance 1e-6 on values of about 1-3 nats: the per-example values agree to float32 rounding
     # (batches of 250 on each rank against batches of 250 in one process), and the means are taken in float64
     assert max(diffs.values()) < 1e-6, (diffs, {k: (one[k], ddp_metrics[k]) for k in keys})
+
+
+@pytest.mark.slow
+def test_ddp_image_test_bits_per_dim_equal_one_process_under_dequantisation_noise(tmp_path):
+    """Image bits/dim are stochastic (uniform dequantisation noise): under DDP each example must draw the noise one
+    process draws for it, so a 2-process test gives the same bits/dim as eval.py on the final checkpoint (which
+    replays the run's test streams).  Digits' test split in eval batches of 50 gives the ranks uneven batch counts."""
+    run_dir = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "trainer=ddp_sim",
+        "model=glow",
+        "dataset=digits",
+        "model.num_steps=1",
+        "dataset.eval_batch_size=50",
+        "trainer.max_steps=3",
+        "+trainer.limit_val_batches=1",
+        "callbacks.sample_figures.every_n_epochs=100",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
+    from omegaconf import OmegaConf
+
+    from flowforge import experiment
+
+    one = experiment.evaluate(OmegaConf.create({"ckpt_path": str(run_dir / "checkpoints" / "last.ckpt")}))
+    diffs = {k: abs(one[k] - ddp_metrics[k]) for k in ("test/bpd", "test/nll")}
+    # a different noise draw moves test/bpd by about 1e-3 here; the same draws agree to float32 rounding
+    assert max(diffs.values()) < 1e-6, (diffs, one, ddp_metrics)

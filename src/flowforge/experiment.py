@@ -46,7 +46,7 @@ from flowforge.training.faults import FaultInjection, locate_nonfinite, nonfinit
 from flowforge.training.lipschitz_maintenance import LipschitzMaintenance
 from flowforge.training.module import FlowModule
 from flowforge.training.objectives import make_objective
-from flowforge.training.resume import ExactResume, check_resume_config
+from flowforge.training.resume import EvaluationSeeds, ExactResume, check_resume_config
 from flowforge.training.run_lock import run_lock
 from flowforge.trust import check_stored_targets, load_torch_file
 from flowforge.wandb_mode import wandb_mode
@@ -440,7 +440,9 @@ def load_weights(module: FlowModule, ckpt_path: str, this_model: str, ckpt: dict
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test metrics of a checkpoint (its EMA weights when EMA was on) on the test split."""
+    """Test metrics of a checkpoint (its EMA weights when EMA was on) on the test split, with the random streams of
+    its run's final test (:class:`EvaluationSeeds`): the final checkpoint of a run gives the test metrics the run
+    reported, stochastic ones (image bits/dim under dequantisation noise) included."""
     set_threads(cfg.get("threads", "auto"), cfg.get("accelerator", "cpu"))
     run_cfg, ckpt = load_stored_run(cfg.ckpt_path)
     if cfg.get("data_dir"):
@@ -455,6 +457,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         logger=False,
         enable_checkpointing=False,
         default_root_dir=str(out_dir) if out_dir else None,
+        callbacks=[_evaluation_seeds(run_cfg, ckpt)],
     )
     trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -465,6 +468,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     else:
         print(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def _evaluation_seeds(run_cfg: DictConfig, ckpt: dict) -> EvaluationSeeds:
+    """The final test's random streams of the run that wrote ``ckpt``: its seed (the one ExactResume stored, which
+    a ``seed: null`` run drew) and its step."""
+    stored = (ckpt.get("callbacks") or {}).get("ExactResume") or {}
+    seed = stored.get("seed", run_cfg.get("seed"))
+    return EvaluationSeeds(seed if seed is not None else 0, int(ckpt.get("global_step", 0)))
 
 
 def check_finite_result(

@@ -159,7 +159,7 @@ class FlowDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         """Training: a :class:`ResumableSampler` (an order fixed by ``seed`` and the epoch, sharded over DDP
         ranks, resumable mid-epoch; flips through :class:`Mirrored`); evaluation: the stored order, under DDP
-        split over the ranks by an :class:`EvalSampler` (every example once, no padding)."""
+        split over the ranks batch by batch by an :class:`EvalSampler` (every example once, no padding)."""
         if not self.splits:
             self.setup()
         data = self.splits[split]
@@ -174,7 +174,10 @@ class FlowDataModule(pl.LightningDataModule):
             if self.flip:
                 data = Mirrored(data)
         elif replicas > 1:
-            sampler = EvalSampler(len(data), replicas, rank, what=f"the {split} split of dataset '{self.label}'")
+            sampler = EvalSampler(
+                len(data), replicas, rank, what=f"the {split} split of dataset '{self.label}'", batch_size=bs
+            )
+            bs = sampler.batch_size
         return DataLoader(
             data,
             batch_size=bs,

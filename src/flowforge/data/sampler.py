@@ -66,28 +66,41 @@ class ResumableSampler(DistributedSampler):
 
 
 class EvalSampler(DistributedSampler):
-    """The evaluation order under DDP: rank ``r`` of ``R`` takes examples ``r, r + R, r + 2R, ...`` of the split in
-    stored order, without padding, so every example is evaluated exactly once across the ranks (Lightning's own
-    ``DistributedSampler`` repeats examples to give every rank the same count, and a metric averaged over them counts
-    those twice).  Ranks hold at most one example (and so at most one batch) more than each other; evaluation logs
-    nothing per batch across ranks, so uneven batch counts are safe.
+    """The evaluation order under DDP: the split in stored order is cut into batches of ``batch_size``, and rank
+    ``r`` of ``R`` takes batches ``r, r + R, r + 2R, ...``, without padding, so every example is evaluated exactly
+    once across the ranks (Lightning's own ``DistributedSampler`` repeats examples to give every rank the same count,
+    and a metric averaged over them counts those twice).  Rank ``r``'s ``i``-th batch is batch ``i * R + r`` of the
+    split, the same examples one process evaluates as its batch ``i * R + r``: the evaluation's random streams are
+    seeded per batch of the split (:class:`flowforge.training.resume.EvaluationSeeds`), so a stochastic evaluation
+    (the dequantisation noise of image data, an estimated log-det) draws the same numbers for every example however
+    many processes evaluate it.  Ranks hold at most one batch more than each other; evaluation logs nothing per batch
+    across ranks, so uneven batch counts are safe.
 
     Args:
         num_examples: the split's size ``n``; it must be at least ``num_replicas``, so that no rank is left without
             data (DDP syncs buffers on a rank's first evaluation batch).
         num_replicas / rank: DDP world size and this process's rank.
         what: the split's name for the error message.
+        batch_size: the evaluation batch size; lowered to ``n // R`` when the split has fewer batches than ranks
+            (read it back as ``self.batch_size`` and give the loader that size).
     """
 
-    def __init__(self, num_examples: int, num_replicas: int = 1, rank: int = 0, what: str = "the split"):
+    def __init__(
+        self, num_examples: int, num_replicas: int = 1, rank: int = 0, what: str = "the split", batch_size: int = 1
+    ):
         if num_examples < num_replicas:
             raise ConfigError(
                 f"{what} has {num_examples} example(s), fewer than the {num_replicas} DDP processes, so some process "
                 f"would evaluate nothing; use fewer devices (trainer.devices) or a larger split"
             )
         super().__init__(range(num_examples), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, num_examples, num_replicas))
+        self.batch_size = max(1, min(batch_size, num_examples // num_replicas))
         self.total_size = num_examples
+        self.num_samples = len(self._indices())
+
+    def _indices(self) -> list[int]:
+        n, bs = self.total_size, self.batch_size
+        return [i for b in range(self.rank * bs, n, self.num_replicas * bs) for i in range(b, min(b + bs, n))]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+        return iter(self._indices())

@@ -6,7 +6,8 @@ leaves out is made exact here by construction rather than by saving mutable stat
 
 - Random numbers.  Before every training batch the Python, NumPy and torch (all devices) generators are
   seeded with ``hash(seed, "train", batch index over the whole run, rank)``; before every validation and
-  test epoch with ``hash(seed, stage, optimizer step, rank)``.  Dequantisation noise, the roulette
+  test batch with ``hash(seed, stage, optimizer step, batch number in the split)`` (the same under DDP as in
+  one process, :func:`seed_evaluation_batch`).  Dequantisation noise, the roulette
   truncation draws and the Hutchinson probes (all drawn from torch's global generator inside the step) are
   therefore a function of the position in the run, the same in an uninterrupted and in a resumed run.
   The seed itself is stored in the checkpoint, so ``seed: null`` runs resume exactly too.
@@ -71,6 +72,25 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_evaluation_batch(trainer: pl.Trainer, seed: int, stage: str, step: int, batch_idx: int) -> None:
+    """Seed the random streams for this process's evaluation batch ``batch_idx``: by its batch number in the split
+    (``batch_idx * R + rank``, the layout of :class:`flowforge.data.sampler.EvalSampler`), so every example draws the
+    same evaluation noise however many processes evaluate the split."""
+    seed_all(stream_seed(seed, stage, step, "batch", batch_idx * trainer.world_size + trainer.global_rank))
+
+
+class EvaluationSeeds(pl.Callback):
+    """The test batches' random streams of a run's final test (:func:`seed_evaluation_batch` with the run's
+    ``seed`` and the checkpoint's ``step``), for testing a checkpoint outside its run (``eval.py``): the same
+    weights then give the same stochastic test metrics (image data's dequantisation noise) as the run's own test."""
+
+    def __init__(self, seed: int, step: int):
+        self.seed, self.step = int(seed), int(step)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        seed_evaluation_batch(trainer, self.seed, "test", self.step, args[1])
 
 
 class ExactResume(pl.Callback):
@@ -200,6 +220,13 @@ class ExactResume(pl.Callback):
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seed_all(stream_seed(self.seed, "test", trainer.global_step, trainer.global_rank))
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        stage = "sanity" if trainer.sanity_checking else "val"
+        seed_evaluation_batch(trainer, self.seed, stage, trainer.global_step, args[1])
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        seed_evaluation_batch(trainer, self.seed, "test", trainer.global_step, args[1])
 
     def _save_on_signal(self, trainer: pl.Trainer) -> None:
         path = self.dirpath / "last.ckpt"
