@@ -115,16 +115,32 @@ def test_example_means_reduce_to_the_pooled_mean_over_uneven_ranks(tmp_path):
     assert abs(float(sum(loss) / 2 - pooled["loss"])) > 1
 
 
+def _train_ddp(run_dir, *overrides):
+    """train.py with 2 CPU processes (``trainer=ddp_sim``); returns the process and the run's metrics.json."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        "trainer=ddp_sim",
+        *overrides,
+        "callbacks.sample_figures.every_n_epochs=100",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads((run_dir / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_single_process_validation_and_test(tmp_path):
     """The val and test splits (1001 examples, eval batches of 250) split over 2 ranks as 501 + 500 examples in 3
     and 2 batches: Lightning's DistributedSampler would repeat one example (and warn), a mean of the ranks' means
     would over-weight rank 1; both metrics must equal one process's over the same weights."""
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "trainer=ddp_sim",
+    proc, ddp_metrics = _train_ddp(
+        run_dir,
         "model=glow",
         "model.num_steps=2",
         "model.hidden=[16]",
@@ -134,17 +150,9 @@ def test_ddp_two_processes_match_single_process_validation_and_test(tmp_path):
         "dataset.batch_size=250",
         "dataset.eval_batch_size=250",
         "trainer.max_epochs=2",
-        "callbacks.sample_figures.every_n_epochs=100",
-        "trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar",
-        f"hydra.run.dir={run_dir}",
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
     assert "replicates" not in proc.stdout + proc.stderr  # Lightning's padding DistributedSampler is not used
     assert "sync_dist=True" not in proc.stdout + proc.stderr  # every epoch-level metric is reduced over ranks
-    ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     # the same weights validated and tested by one process
     import pytorch_lightning as pl
@@ -173,25 +181,15 @@ def test_ddp_image_test_bits_per_dim_equal_one_process_under_dequantisation_nois
     process draws for it, so a 2-process test gives the same bits/dim as eval.py on the final checkpoint (which
     replays the run's test streams).  Digits' test split in eval batches of 50 gives the ranks uneven batch counts."""
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "trainer=ddp_sim",
+    _, ddp_metrics = _train_ddp(
+        run_dir,
         "model=glow",
         "dataset=digits",
         "model.num_steps=1",
         "dataset.eval_batch_size=50",
         "trainer.max_steps=3",
         "+trainer.limit_val_batches=1",
-        "callbacks.sample_figures.every_n_epochs=100",
-        "trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar",
-        f"hydra.run.dir={run_dir}",
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp_metrics = json.loads((run_dir / "metrics.json").read_text())
+    )
     from omegaconf import OmegaConf
 
     from flowforge import experiment
