@@ -357,7 +357,7 @@ class CNF(Transform):
         grid = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=x0.dtype, device=x0.device)
         options = {}
         if self.step_size is not None:
-            options["step_size"] = self.step_size / float(torch.as_tensor(self.t1).detach())
+            options["step_size"] = self.step_size / float(self.t1.detach())
         if self.method not in FIXED_STEP:
             options["norm"] = _detached_mixed_norm
             if self.max_num_steps is not None:
@@ -405,7 +405,7 @@ class CNF(Transform):
         step = f"step_size={self.step_size}" if self.step_size is not None else f"atol={self.atol}, rtol={self.rtol}"
         return (
             f"CNF ODE solve failed (method={self.method}, {step}, "
-            f"t1={float(torch.as_tensor(self.t1).detach()):.4g}): {what}. The dynamics "
+            f"t1={float(self.t1.detach()):.4g}): {what}. The dynamics "
             f"became stiff or diverged: lower the learning rate, add RNODE regularisation (model.kinetic / "
             f"model.jacobian, e.g. 0.01), loosen model.atol/model.rtol, or set model.max_num_steps; a fixed-step "
             f"solver (model.method=rk4 model.step_size=0.05) never underflows"

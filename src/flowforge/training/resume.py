@@ -89,8 +89,10 @@ class EvaluationSeeds(pl.Callback):
     def __init__(self, seed: int, step: int):
         self.seed, self.step = int(seed), int(step)
 
-    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        seed_evaluation_batch(trainer, self.seed, "test", self.step, args[1])
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        seed_evaluation_batch(trainer, self.seed, "test", self.step, batch_idx)
 
 
 class ExactResume(pl.Callback):
@@ -214,19 +216,16 @@ class ExactResume(pl.Callback):
             self._requeue = None
             handler(sig, None)  # Lightning's SLURM handler: hpc checkpoint + scontrol requeue
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         stage = "sanity" if trainer.sanity_checking else "val"
-        seed_all(stream_seed(self.seed, stage, trainer.global_step, trainer.global_rank))
+        seed_evaluation_batch(trainer, self.seed, stage, trainer.global_step, batch_idx)
 
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seed_all(stream_seed(self.seed, "test", trainer.global_step, trainer.global_rank))
-
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        stage = "sanity" if trainer.sanity_checking else "val"
-        seed_evaluation_batch(trainer, self.seed, stage, trainer.global_step, args[1])
-
-    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        seed_evaluation_batch(trainer, self.seed, "test", trainer.global_step, args[1])
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        seed_evaluation_batch(trainer, self.seed, "test", trainer.global_step, batch_idx)
 
     def _save_on_signal(self, trainer: pl.Trainer) -> None:
         path = self.dirpath / "last.ckpt"
