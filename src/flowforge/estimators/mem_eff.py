@@ -47,6 +47,7 @@ class BackwardInForward(torch.autograd.Function):
         gx_ld, *gp_ld = ctx.logdet_grads
         a = grad_logdet
         grad_x = dg[0] + gx_ld * a.view(-1, *([1] * (xl.dim() - 1)))
+        # host sync: whether the loss weighs every sample alike decides between the stored gradient and a rebuild
         if bool((a == a[0]).all()):
             grad_p = [d + a[0] * g for d, g in zip(dg[1:], gp_ld)]
         else:

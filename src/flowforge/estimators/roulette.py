@@ -34,11 +34,17 @@ class RouletteDistribution:
             raise ConfigError(f"roulette poisson lambda must be > 0, got {lam}")
         self.dist, self.p, self.lam = dist, float(p), float(lam)
 
+    @torch.compiler.disable
     def sample(self) -> int:
+        """One draw of ``N``, made on the host from torch's global CPU generator (never a device tensor).
+
+        ``N`` sets how many series terms a block computes, so the draw decides the shape of the step's graph:
+        ``torch.compile`` runs it eagerly (a graph break here) and compiles the rest for each drawn ``N``."""
         if self.dist == "geometric":
             # inverse CDF: N = ceil(log U / log(1 - p)), U ~ U(0, 1]
-            u = 1.0 - torch.rand(()).item()
+            u = 1.0 - torch.rand(()).item()  # host sync: the roulette draw, a CPU tensor (no device involved)
             return max(1, math.ceil(math.log(u) / math.log1p(-self.p)))
+        # host sync: the roulette draw, a CPU tensor (no device involved)
         return int(torch.poisson(torch.tensor(self.lam, dtype=torch.float64)).item())
 
     def survival(self, j: int) -> float:

@@ -1,7 +1,7 @@
 """Flows: the ``(z, log_det)`` transform contract, one module per family, and the model wrapper."""
 
 from flowforge.flows.actnorm import ActNorm
-from flowforge.flows.base import Compose, Inverse, Transform
+from flowforge.flows.base import Compose, Inverse, Transform, initialize
 from flowforge.flows.cnf import CNF
 from flowforge.flows.coupling import Coupling
 from flowforge.flows.distributions import DiagonalGaussian, StandardNormal
@@ -40,6 +40,7 @@ __all__ = [
     "StandardNormal",
     "Transform",
     "build_flow",
+    "initialize",
     "planar_family",
     "radial_family",
 ]

@@ -7,7 +7,9 @@ scale (one example has variance 0, which would give scales of ``1/sqrt(min_var)`
 scales start at 1, and a warning says so.
 Under ``torch.distributed`` the statistics are averaged over all ranks, so every
 rank starts from the same parameters.  Whether the init happened is kept in the ``initialized`` buffer
-(saved in checkpoints; a float so that weight averaging can copy it).
+(saved in checkpoints; a float so that weight averaging can copy it) and mirrored in the Python flag ``_ready``
+(refreshed from the buffer when a state dict is loaded), so the forward branches on host state, never on a device
+tensor; :func:`flowforge.flows.initialize` runs the init eagerly before a compiled training step.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def _warn_small_init(batch: int, n: int) -> None:
     )
 
 
+def _refresh_ready(module: ActNorm, incompatible_keys) -> None:
+    module._ready = bool(module.initialized)  # host sync: once per state-dict load, not per forward
+
+
 class ActNorm(Transform):
     def __init__(self, shape: Sequence[int], data_init: bool = True, min_var: float = 1e-4):
         super().__init__()
@@ -50,6 +56,13 @@ class ActNorm(Transform):
         self.log_scale = nn.Parameter(torch.zeros(param_shape))
         self.min_var = min_var
         self.register_buffer("initialized", torch.tensor(0.0 if data_init else 1.0))
+        self._ready = not data_init
+        self.register_load_state_dict_post_hook(_refresh_ready)
+
+    def mark_initialized(self) -> None:
+        """Keep the current parameters as initialised (no data-dependent init will run)."""
+        self.initialized.fill_(1.0)
+        self._ready = True
 
     @torch.no_grad()
     def _init(self, x: Tensor) -> None:
@@ -68,16 +81,14 @@ class ActNorm(Transform):
             self.log_scale.copy_((-0.5 * torch.log(var)).view_as(self.log_scale))
         else:
             _warn_small_init(x.shape[0], n)
-        self.initialized.fill_(1.0)
+        self.mark_initialized()
 
     def _log_det(self) -> Tensor:
         log_det = self.log_scale.sum()
         return log_det if self.spatial == 1 else log_det * self.spatial  # vectors: no extra mul node
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # (keep reading the buffer each call: callbacks such as EMA swap buffers in place, so a Python-side
-        # "initialized" cache would go stale)
-        if not self.initialized:
+        if not self._ready:  # a Python flag: no device read in the forward
             self._init(x)
         z = (x + self.loc) * torch.exp(self.log_scale)
         return z, self._log_det().expand(x.shape[0])

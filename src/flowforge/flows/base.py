@@ -9,8 +9,9 @@ shape ``(batch,)``); ``inverse(z)`` returns ``x = f^{-1}(z)``.  Composition foll
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import torch
 from torch import Tensor, nn
 
 from flowforge.errors import ConfigError
@@ -111,6 +112,39 @@ def oriented(layers: Iterable[Transform], direction: str, family: str) -> Compos
     if direction == "sampling":
         return Compose(Inverse(t) for t in reversed(list(layers)))
     raise ConfigError(f"model.direction of {family} must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def pending_init(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` whose data-dependent initialisation has not run yet (``_ready`` is False)."""
+    return [m for m in model.modules() if getattr(m, "_ready", True) is False]
+
+
+def initialize(model: nn.Module, x: Tensor, run: Callable[[Tensor], object] | None = None) -> nn.Module:
+    """Run the data-dependent initialisation of every layer of ``model`` that has one, once, on the batch ``x``.
+
+    Layers such as :class:`~flowforge.flows.actnorm.ActNorm` set their parameters from the first batch they see
+    (and spectrally normalised layers start their power iteration there).  Each keeps a Python flag ``_ready``, so
+    its forward branches on host state only, never on a device tensor; this function runs one forward of
+    ``run(x)`` (default ``model.log_prob(x)``, or ``model(x)`` for a module without ``log_prob``) under
+    ``torch.no_grad()`` in training mode, so each pending layer initialises itself from the data it sees in
+    training.  The random number generators are restored afterwards, so the init draws nothing from the
+    training streams.  Call it before compiling a training step (``torch.compile`` cannot trace the init branch)
+    and, under DDP, on every process (the statistics are all-reduced).  Does nothing when no layer is pending;
+    returns ``model``.  A model that is never initialised explicitly initialises itself on its first forward.
+    """
+    if not pending_init(model):
+        return model
+    if run is None:
+        run = getattr(model, "log_prob", None) or model
+    was_training = model.training
+    devices = [x.device] if x.device.type == "cuda" else []
+    model.train()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            run(x)
+    finally:
+        model.train(was_training)
+    return model
 
 
 def sum_except_batch(x: Tensor) -> Tensor:

@@ -110,6 +110,7 @@ class _PruneZeroGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         try:
+            # host sync: dropping an all-zero gradient saves a double-backward pass through the divergence
             return grad if bool(grad.any()) else None
         except RuntimeError:  # batched gradients (vmap) allow no data-dependent branch: keep the gradient
             return grad
@@ -343,7 +344,8 @@ class CNF(Transform):
         state and ``int tr`` along the path (None without ``with_logdet``); stores RNODE terms."""
         import torchdiffeq
 
-        if torch.is_inference_mode_enabled():  # (Lightning's eval loops) the divergence needs autograd
+        # (Lightning's eval loops) the divergence needs autograd; a compiled training step is never in inference mode
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
                 return self._solve(x0.clone(), reverse, with_logdet)
         regularize = with_logdet and not reverse and self.training and (self.kinetic > 0 or self.jacobian > 0)
@@ -357,6 +359,7 @@ class CNF(Transform):
         grid = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=x0.dtype, device=x0.device)
         options = {}
         if self.step_size is not None:
+            # host sync: torchdiffeq builds its step grid on the host from a Python step size (T may be learned)
             options["step_size"] = self.step_size / float(self.t1.detach())
         if self.method not in FIXED_STEP:
             options["norm"] = _detached_mixed_norm

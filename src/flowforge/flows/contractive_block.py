@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from flowforge.estimators.logdet import LogDetEstimator
 from flowforge.estimators.roulette import RouletteDistribution
 from flowforge.flows.base import Transform
-from flowforge.nn.version_cache import VersionCache
 from flowforge.solvers import Solver, SolveRecord, SolverStats, check_convergence
 from flowforge.solvers.solver import check_on_fail
 
@@ -41,20 +40,24 @@ class ContractiveBlock(Transform):
         r = self.logdet_estimator.roulette
         self.roulette_logit_p = nn.Parameter(torch.tensor(math.log(r.p) - math.log1p(-r.p)), requires_grad=False)
         self.roulette_lam = nn.Parameter(torch.tensor(r.lam), requires_grad=False)
+        self._refresh_roulette()
         self.solves = SolveRecord()
         self.last_terms = 0
 
-    _roulette_cache = VersionCache()
+    def _refresh_roulette(self) -> None:
+        r = self.logdet_estimator.roulette
+        # host sync: at construction and once per state-dict load, so the roulette draw reads nothing per step
+        p, lam = float(torch.sigmoid(self.roulette_logit_p)), float(self.roulette_lam)
+        self._roulette_dist = RouletteDistribution(r.dist, p, lam)
 
     def _roulette(self) -> RouletteDistribution:
-        """The distribution from the block's parameters; rebuilt only when they change (saves two device
-        synchronisations per block and step)."""
+        """The distribution from the block's frozen roulette parameters, kept on the host (set at construction
+        and when a state dict is loaded), so a forward never reads them from the device."""
+        return self._roulette_dist
 
-        def build() -> RouletteDistribution:
-            r = self.logdet_estimator.roulette
-            return RouletteDistribution(r.dist, float(torch.sigmoid(self.roulette_logit_p)), float(self.roulette_lam))
-
-        return self._roulette_cache.get_or_compute((self.roulette_logit_p, self.roulette_lam), build)
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_roulette()
 
     def estimate(self, x: Tensor, kind: str = "residual") -> tuple[Tensor, Tensor]:
         """``(g(x), log-det of the given kind at x)`` with the block's estimator."""

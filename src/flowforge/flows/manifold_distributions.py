@@ -73,6 +73,7 @@ def log_sphere_area(dim: int) -> float:
 def _bessel_terms(kappa: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``(log h_nu(kappa), s_nu(kappa))`` in float64 (no gradient), ``nu = dim/2 - 1``."""
     k = kappa.detach().to(torch.float64)
+    # host sync: the continued fraction's length follows kappa (and a bad kappa is named), read on the host
     if bool((k < 0).any()) or not bool(torch.isfinite(k).all()):
         raise ConfigError(f"the vMF concentration kappa must be finite and >= 0, got {kappa.tolist()}")
     if float(k.max()) > KAPPA_MAX:

@@ -40,11 +40,24 @@ _WHERE = {"sphere": "the unit sphere", "simplex": "the probability simplex"}
 
 
 def check_on_manifold(x: Tensor, manifold: str, tol: float = 1e-4, what: str = "the batch") -> None:
-    """Raise :class:`DataError` unless every row of ``x`` lies on ``manifold`` within ``tol``."""
+    """Raise :class:`DataError` unless every row of ``x`` lies on ``manifold`` within ``tol``.
+
+    Eagerly the check reads its verdict on the host (one synchronisation) to name the first bad example; inside
+    a compiled step it is a device-side assertion (``torch._assert_async``: no host read, the step fails with the
+    manifold's message)."""
+    if manifold not in _WHERE:
+        raise ConfigError(f"unknown manifold '{manifold}'; choose 'sphere' or 'simplex'")
+    if torch.compiler.is_compiling():
+        if manifold == "sphere":
+            ok = ((x.norm(dim=1) - 1).abs() <= tol).all()
+        else:
+            ok = (x > 0).all() & ((x.sum(1) - 1).abs() <= tol).all()
+        torch._assert_async(ok, f"{what} has points off {_WHERE[manifold]} (tolerance {tol:g})")
+        return
     if manifold == "sphere":
         dev = (x.norm(dim=1) - 1).abs()
         bad = ~(dev <= tol)
-        if bad.any():
+        if bad.any():  # host sync: eager input validation (compiled steps assert on the device above)
             i = int(bad.nonzero()[0])
             raise DataError(
                 f"{what} has {int(bad.sum())} points off the unit sphere (first: example {i} with norm "
@@ -52,7 +65,7 @@ def check_on_manifold(x: Tensor, manifold: str, tol: float = 1e-4, what: str = "
             )
     elif manifold == "simplex":
         nonpos = ~(x > 0).all(1)
-        if nonpos.any():
+        if nonpos.any():  # host sync: eager input validation (compiled steps assert on the device above)
             i = int(nonpos.nonzero()[0])
             raise DataError(
                 f"{what} has {int(nonpos.sum())} points with non-positive entries (first: example {i}, "
@@ -61,7 +74,7 @@ def check_on_manifold(x: Tensor, manifold: str, tol: float = 1e-4, what: str = "
             )
         dev = (x.sum(1) - 1).abs()
         bad = ~(dev <= tol)
-        if bad.any():
+        if bad.any():  # host sync: eager input validation (compiled steps assert on the device above)
             i = int(bad.nonzero()[0])
             raise DataError(
                 f"{what} has {int(bad.sum())} points whose entries do not sum to 1 (first: example {i} with sum "

@@ -52,8 +52,13 @@ def skip_data_init(flow) -> None:
     """
     for m in flow.modules():
         buf = getattr(m, "initialized", None)
-        if isinstance(buf, Tensor) and buf.numel() == 1 and not bool(buf):
+        if not (isinstance(buf, Tensor) and buf.numel() == 1):
+            continue
+        ready = getattr(m, "_ready", None)  # layers that mirror the buffer in a Python flag: no device read
+        if ready is False or (ready is None and not bool(buf)):
             buf.fill_(1.0)
+            if ready is not None:
+                m._ready = True
 
 
 def reverse_kl_loss(flow, target, n: int) -> tuple[Tensor, Tensor, Tensor]:
