@@ -118,6 +118,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
         config=OmegaConf.to_container(cfg, resolve=True),
         objective=make_objective(OmegaConf.to_container(cfg.objective, resolve=True) if cfg.get("objective") else None),
         target=getattr(datamodule, "target", None),
+        compile=cfg.get("compile", False),
         callbacks=[
             FaultPolicy(**_fault_options(cfg)[0]),
             LipschitzMaintenance(

@@ -15,10 +15,20 @@ Faults of a step (non-finite values, unconverged solves) go to the
 :class:`~flowforge.training.fault_policy.FaultPolicy` callback and the power iteration of spectrally normalised
 layers is the :class:`~flowforge.training.lipschitz_maintenance.LipschitzMaintenance` callback's; both get the
 ``on_after_optimizer_step(trainer, module)`` hook, called after every update.
+
+Data-dependent initialisation (ActNorm's statistics, the first power iteration of spectrally normalised layers)
+runs once, eagerly, on the first training batch (:func:`flowforge.flows.initialize`, on every DDP process), so no
+training forward branches on a device tensor.  With ``compile=True`` the objective's training loss computation (the
+model's forward; backward through AOTAutograd) is compiled with ``torch.compile`` after that init; the Lightning
+hooks, validation and test stay eager.  The training step then reads two scalars on the host, by design of the fault
+policy: whether the batch is finite (a non-finite batch is never fed to the model) and whether the loss is finite
+(its update is refused); :class:`~flowforge.training.fault_policy.FaultPolicy` reads one more, the finiteness of the
+gradients before the update.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -28,6 +38,8 @@ import torch
 from torch import Tensor
 
 from flowforge.checks import nonnegative_int
+from flowforge.errors import ConfigError
+from flowforge.flows.base import initialize, pending_init
 from flowforge.flows.cnf import clear_step_records, nfe_summary
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.model import Flow
@@ -79,6 +91,21 @@ class ExampleMeans:
         return {k: totals[i] / totals[len(keys) + i] for i, k in enumerate(keys)}
 
 
+#: each FlowModule's compiled training loss (kept outside the module, so copies of it, e.g. for weight averaging,
+#: do not copy compiled code)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_compile(value: Any) -> bool:
+    """The ``compile`` option: true or false."""
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"compile must be true or false, got {value!r}; compile=true compiles the training loss with "
+            "torch.compile, compile=false (the default) runs it eagerly"
+        )
+    return value
+
+
 def linear_warmup(step: int, warmup_steps: int) -> float:
     """LR multiplier ``min(1, (step + 1) / warmup_steps)``."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
@@ -95,6 +122,7 @@ class FlowModule(pl.LightningModule):
     target: the unnormalised density ``objective=reverse_kl`` fits (``dataset=target`` provides it).
     callbacks: what training this module needs besides the trainer's own callbacks (``configure_callbacks``):
         by default a :class:`FaultPolicy` and a :class:`LipschitzMaintenance` with their defaults.
+    compile: compile the training loss computation with ``torch.compile`` (module docstring).
     """
 
     def __init__(
@@ -106,8 +134,11 @@ class FlowModule(pl.LightningModule):
         objective: Objective | dict | None = None,
         target: Any | None = None,
         callbacks: list[pl.Callback] | None = None,
+        compile: bool = False,
     ):
         super().__init__()
+        self.compile_loss = check_compile(compile)
+        self._data_init_done = False
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.warmup_steps = nonnegative_int("warmup_steps", warmup_steps, "1000")
@@ -138,6 +169,22 @@ class FlowModule(pl.LightningModule):
     def step_metrics(self, batch: Any, x: Tensor, stage: str = "train") -> dict[str, Tensor]:
         """The objective's per-example values of ``batch`` (``"loss"`` is minimised)."""
         return self.objective.loss(batch, x, stage)
+
+    def initialize(self, batch: Any, x: Tensor) -> None:
+        """The model's data-dependent initialisation on the training batch ``x`` (through the objective's loss, so
+        each layer sees the data as in training); a no-op once done or when no layer is pending."""
+        if pending_init(self.model):
+            initialize(self.model, x, run=lambda x: self.objective.loss(batch, x, "train"))
+        self._data_init_done = True
+
+    def train_values(self, batch: Any, x: Tensor) -> dict[str, Tensor]:
+        """The objective's training values of ``batch``: compiled with ``torch.compile`` when ``compile`` is on."""
+        if not self.compile_loss:
+            return self.step_metrics(batch, x, "train")
+        compiled = _COMPILED.get(self)
+        if compiled is None:
+            compiled = _COMPILED[self] = torch.compile(self.objective.loss)
+        return compiled(batch, x, "train")
 
     def _log(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
         """Training: each value's batch mean, as ``train/<key>_step`` and, averaged over the epoch by Lightning,
@@ -176,17 +223,19 @@ class FlowModule(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x = self.batch_input(batch)
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(x).all():  # host sync: a non-finite batch is never fed to the model
             nonfinite_step(self, batch, x)
             return None  # Lightning skips backward and the optimizer step
-        values = self.step_metrics(batch, x, "train")
+        if not self._data_init_done:
+            self.initialize(batch, x)
+        values = self.train_values(batch, x)
         penalty, terms = rnode_penalty(self.model)
         for k, v in terms.items():
             self.log(f"train/reg/{k}", v, on_step=True, on_epoch=False)
         if penalty is not None:
             values["loss"] = values["loss"] + penalty
         loss = values["loss"].mean()
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # host sync: the update of a non-finite loss is refused
             nonfinite_step(self, batch, x, loss)
             return None
         self._log("train", values, x.shape[0])

@@ -355,6 +355,7 @@ FREE_ON_RESUME = (
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
     "threads",
+    "compile",
     "callbacks.epoch_intervals",
     "callbacks.progress_bar",
     "callbacks.sample_figures",
