@@ -240,3 +240,17 @@ def test_train_py_with_compile_true(tmp_path):
     assert metrics["global_step"] >= 2
     for key in ("train/loss_epoch", "val/loss", "test/loss"):
         assert math.isfinite(metrics[key]), (key, metrics)
+
+
+def test_refresh_ready_follows_buffers_written_in_place():
+    """Weight averaging swaps weights and buffers in place (no state-dict load): refresh_ready re-reads the flags."""
+    from flowforge.flows import refresh_ready
+
+    layer = ActNorm((2,))
+    layer(torch.randn(32, 2))
+    layer.initialized.copy_(torch.tensor(0.0))  # e.g. the not yet initialised averaged copy swapped in
+    refresh_ready(layer)
+    assert not layer._ready
+    layer.initialized.copy_(torch.tensor(0.01))  # an averaged flag above 0 counts as initialised
+    refresh_ready(layer)
+    assert layer._ready

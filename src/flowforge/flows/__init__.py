@@ -1,7 +1,7 @@
 """Flows: the ``(z, log_det)`` transform contract, one module per family, and the model wrapper."""
 
 from flowforge.flows.actnorm import ActNorm
-from flowforge.flows.base import Compose, Inverse, Transform, initialize
+from flowforge.flows.base import Compose, Inverse, Transform, initialize, refresh_ready
 from flowforge.flows.cnf import CNF
 from flowforge.flows.coupling import Coupling
 from flowforge.flows.distributions import DiagonalGaussian, StandardNormal
@@ -43,4 +43,5 @@ __all__ = [
     "initialize",
     "planar_family",
     "radial_family",
+    "refresh_ready",
 ]

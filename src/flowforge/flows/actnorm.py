@@ -41,7 +41,7 @@ def _warn_small_init(batch: int, n: int) -> None:
 
 
 def _refresh_ready(module: ActNorm, incompatible_keys) -> None:
-    module._ready = bool(module.initialized)  # host sync: once per state-dict load, not per forward
+    module.refresh_ready()
 
 
 class ActNorm(Transform):
@@ -58,6 +58,11 @@ class ActNorm(Transform):
         self.register_buffer("initialized", torch.tensor(0.0 if data_init else 1.0))
         self._ready = not data_init
         self.register_load_state_dict_post_hook(_refresh_ready)
+
+    def refresh_ready(self) -> None:
+        """Re-read ``_ready`` from the ``initialized`` buffer (after a state-dict load or an in-place swap of the
+        buffers, e.g. by weight averaging; an averaged flag above 0 counts as initialised)."""
+        self._ready = bool(self.initialized)  # host sync: once per load or swap, not per forward
 
     def mark_initialized(self) -> None:
         """Keep the current parameters as initialised (no data-dependent init will run)."""

@@ -119,6 +119,20 @@ def pending_init(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if getattr(m, "_ready", True) is False]
 
 
+def refresh_ready(model: nn.Module) -> None:
+    """Re-read every data-initialised layer's ``_ready`` flag from its ``initialized`` buffer (a host read per
+    layer): needed after something writes the buffers in place, as weight averaging does when it swaps the averaged
+    weights in for validation and back (``load_state_dict`` refreshes the flags by itself)."""
+    for m in model.modules():
+        if not hasattr(m, "_ready"):
+            continue
+        refresh = getattr(m, "refresh_ready", None)
+        if callable(refresh):
+            refresh()
+        elif isinstance(getattr(m, "initialized", None), Tensor):
+            m._ready = bool(m.initialized)  # host sync: once per call, outside any training step
+
+
 def initialize(model: nn.Module, x: Tensor, run: Callable[[Tensor], object] | None = None) -> nn.Module:
     """Run the data-dependent initialisation of every layer of ``model`` that has one, once, on the batch ``x``.
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from flowforge.checks import nonnegative_int
 from flowforge.errors import ConfigError
-from flowforge.flows.base import initialize, pending_init
+from flowforge.flows.base import initialize, pending_init, refresh_ready
 from flowforge.flows.cnf import clear_step_records, nfe_summary
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.model import Flow
@@ -279,13 +279,16 @@ class FlowModule(pl.LightningModule):
                 self.log(f"{stage}/{key}", value, sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
+        refresh_ready(self.model)  # (after a weight-averaging callback swapped its weights in)
         self._eval_means["val"].reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_means("val")
         self._evaluate("val")
+        refresh_ready(self.model)  # (the trained weights are back)
 
     def on_test_epoch_start(self) -> None:
+        refresh_ready(self.model)
         self._eval_means["test"].reset()
         self._test_noise.reset()
 
@@ -300,6 +303,7 @@ class FlowModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         apply_resume_changes(self.trainer, self.resume_changes)
+        refresh_ready(self.model)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         # the trainer keeps them after fit; offering the same instances again for test would only make Lightning
