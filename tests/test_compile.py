@@ -254,3 +254,25 @@ def test_refresh_ready_follows_buffers_written_in_place():
     layer.initialized.copy_(torch.tensor(0.01))  # an averaged flag above 0 counts as initialised
     refresh_ready(layer)
     assert layer._ready
+
+
+def test_first_training_batch_runs_the_data_init_eagerly(tmp_path, monkeypatch):
+    """compile=false too: the module initialises the model once, on its first training batch, before the step."""
+    from conftest import fast_dev_run
+
+    import flowforge.training.module as module_code
+    from flowforge.experiment import instantiate
+
+    calls = []
+    original = module_code.initialize
+
+    def spy(model, x, run=None):
+        calls.append([type(m).__name__ for m in module_code.pending_init(model)])
+        return original(model, x, run)
+
+    monkeypatch.setattr(module_code, "initialize", spy)
+    cfg = compose(["model=realnvp", "dataset=toy2d", *SMALL["realnvp"], "model.actnorm=true"])
+    flow = instantiate_model(cfg)
+    fast_dev_run(flow, instantiate(cfg.dataset), tmp_path)
+    assert calls and calls[0] and set(calls[0]) == {"ActNorm"}
+    assert all(m._ready and float(m.initialized) == 1.0 for m in flow.modules() if isinstance(m, ActNorm))
