@@ -38,6 +38,11 @@ def _warn_small_init(batch: int, n: int) -> None:
     )
 
 
+def _refresh_ready(module: ActNorm, incompatible_keys) -> None:
+    """Mirror a loaded ``initialized`` buffer into the host-side flag (one host read per load)."""
+    module._ready = bool(module.initialized >= 0.5)
+
+
 class ActNorm(Transform):
     def __init__(self, shape: Sequence[int], data_init: bool = True, min_var: float = 1e-4):
         super().__init__()
@@ -50,6 +55,9 @@ class ActNorm(Transform):
         self.log_scale = nn.Parameter(torch.zeros(param_shape))
         self.min_var = min_var
         self.register_buffer("initialized", torch.tensor(0.0 if data_init else 1.0))
+        # a host-side mirror of ``initialized``, so the forward branches without reading the buffer on the host
+        self._ready = not data_init
+        self.register_load_state_dict_post_hook(_refresh_ready)
 
     @torch.no_grad()
     def _init(self, x: Tensor) -> None:
@@ -69,15 +77,14 @@ class ActNorm(Transform):
         else:
             _warn_small_init(x.shape[0], n)
         self.initialized.fill_(1.0)
+        self._ready = True
 
     def _log_det(self) -> Tensor:
         log_det = self.log_scale.sum()
         return log_det if self.spatial == 1 else log_det * self.spatial  # vectors: no extra mul node
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # (keep reading the buffer each call: callbacks such as EMA swap buffers in place, so a Python-side
-        # "initialized" cache would go stale)
-        if not self.initialized:
+        if not self._ready:
             self._init(x)
         z = (x + self.loc) * torch.exp(self.log_scale)
         return z, self._log_det().expand(x.shape[0])

@@ -54,6 +54,8 @@ def skip_data_init(flow) -> None:
         buf = getattr(m, "initialized", None)
         if isinstance(buf, Tensor) and buf.numel() == 1 and not bool(buf):
             buf.fill_(1.0)
+            if hasattr(m, "_ready"):  # the layer's host-side mirror of the buffer
+                m._ready = True
 
 
 def reverse_kl_loss(flow, target, n: int) -> tuple[Tensor, Tensor, Tensor]:
