@@ -73,14 +73,16 @@ def log_sphere_area(dim: int) -> float:
 def _bessel_terms(kappa: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``(log h_nu(kappa), s_nu(kappa))`` in float64 (no gradient), ``nu = dim/2 - 1``."""
     k = kappa.detach().to(torch.float64)
-    if bool((k < 0).any()) or not bool(torch.isfinite(k).all()):
+    # host sync: the number of terms below depends on kappa; one read gives it and checks kappa (NaN if invalid)
+    k_max = float(torch.where(torch.isfinite(k) & (k >= 0), k, math.nan).max())
+    if not math.isfinite(k_max):
         raise ConfigError(f"the vMF concentration kappa must be finite and >= 0, got {kappa.tolist()}")
-    if float(k.max()) > KAPPA_MAX:
-        raise ConfigError(f"vMF concentration kappa = {float(k.max()):.4g} exceeds the supported {KAPPA_MAX:g}")
+    if k_max > KAPPA_MAX:
+        raise ConfigError(f"vMF concentration kappa = {k_max:.4g} exceeds the supported {KAPPA_MAX:g}")
     nu = 0.5 * dim - 1
     nu0 = 0.0 if dim % 2 == 0 else -0.5
     steps = int(round(nu - nu0))  # s_{nu0}, ..., s_{nu-1} lead from h_{nu0} to h_nu
-    extra = 20 + int(math.ceil(6 * math.sqrt(float(k.max()))))
+    extra = 20 + int(math.ceil(6 * math.sqrt(k_max)))
     k2 = k * k
     top = nu + extra
     s = 2.0 / (top + 0.5 + torch.sqrt((top + 1.5) ** 2 + k2))

@@ -43,8 +43,9 @@ class Broyden:
     def next(self, idx: Tensor, k: int, x: Tensor, f: Tensor) -> Tensor:
         g = f - x
         slot = (k - 1) % self.m
-        if k > 0 and slot == 0:  # memory used up: restart from B = -I
-            self.U[idx], self.V[idx] = 0.0, 0.0
+        if k > 0 and slot == 0:  # memory used up: restart from B = -I (filled on the device, no scalar copy)
+            self.U.index_fill_(0, idx, 0.0)
+            self.V.index_fill_(0, idx, 0.0)
         if k > 0:
             s, y = x - self.x_prev[idx], g - self.g_prev[idx]
             By = self._apply(idx, y)
