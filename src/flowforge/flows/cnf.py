@@ -388,6 +388,7 @@ class CNF(Transform):
         finally:
             func.phase = "backward"
         end = [o[-1] for o in out]
+        # host sync: a non-finite end state is raised as a clear error (the solve syncs on its steps anyway)
         if not all(bool(torch.isfinite(e).all()) for e in end):
             raise ConvergenceError(self._failure("the solution is not finite"))
         if regularize:

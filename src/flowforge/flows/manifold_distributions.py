@@ -158,7 +158,7 @@ def sample_vmf(mu: Tensor, kappa: float | Tensor, n: int, generator: torch.Gener
     t = torch.empty(n, dtype=torch.float64, device=mu.device)
     one_minus_t = torch.empty_like(t)
     todo = torch.arange(n, device=mu.device)
-    while todo.numel():
+    while todo.numel():  # host sync: the draws still rejected are selected by value
         m = todo.numel()
         g = torch.randn(m, d, generator=generator, dtype=torch.float64, device=mu.device)
         z = 0.5 * (1 + g[:, 0] / g.norm(dim=1))  # Beta((d-1)/2, (d-1)/2)
@@ -248,6 +248,7 @@ class VonMisesFisher(nn.Module):
         mu = self.mu
         if t == 0:
             return mu.expand(n, -1).clone()
+        # host sync: Wood's rejection sampler takes kappa on the host and redraws until every sample is accepted
         return sample_vmf(mu, float(self.kappa) / t**2, n, generator)
 
     def mean_resultant_length(self) -> Tensor:

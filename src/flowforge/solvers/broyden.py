@@ -56,6 +56,7 @@ class Broyden:
             v = self._apply_t(idx, s) * ok[:, None]
             self.U[idx, slot], self.V[idx, slot] = u, v
             blown = g.norm(dim=1) > 10 * self.g_prev[idx].norm(dim=1)
+            # host sync: inside the solver's loop, which syncs on its active set every iteration anyway
             if blown.any():
                 self.U[idx[blown]], self.V[idx[blown]] = 0.0, 0.0
         self.x_prev[idx], self.g_prev[idx] = x, g
