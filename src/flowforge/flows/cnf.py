@@ -356,11 +356,14 @@ class CNF(Transform):
 
         zeros = x0.new_zeros(x0.shape[0])
         state = (x0,) + ((zeros,) if with_logdet else ()) + ((zeros, zeros) if regularize else ())
-        grid = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=x0.dtype, device=x0.device)
+        grid = torch.arange(2, dtype=x0.dtype, device=x0.device)  # made on the device: no host-to-device copy
+        if reverse:
+            grid = 1 - grid
         options = {}
         if self.step_size is not None:
-            # host sync: torchdiffeq builds its step grid on the host from a Python step size (T may be learned)
-            options["step_size"] = self.step_size / float(self.t1.detach())
+            # host sync (learned T only): the fixed step in the rescaled time [0, 1] is step_size / T
+            t1 = float(self.t1.detach()) if self.train_t1 else self.t1_init
+            options["step_size"] = self.step_size / t1
         if self.method not in FIXED_STEP:
             options["norm"] = _detached_mixed_norm
             if self.max_num_steps is not None:
@@ -387,6 +390,7 @@ class CNF(Transform):
         finally:
             func.phase = "backward"
         end = [o[-1] for o in out]
+        # host sync: a non-finite end state is raised as a clear error (the solve syncs on its steps anyway)
         if not all(bool(torch.isfinite(e).all()) for e in end):
             raise ConvergenceError(self._failure("the solution is not finite"))
         if regularize:

@@ -50,10 +50,13 @@ class InvertibleLinearLU(Transform):
         self.log_s = nn.Parameter(torch.log(diag.abs()).float())
 
     def weight(self) -> Tensor:
-        eye = torch.eye(self.lower.shape[0], device=self.lower.device, dtype=self.lower.dtype)
-        lower = torch.tril(self.lower, -1) + eye
-        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
-        return self.perm @ (lower @ upper)
+        """``W = P L U`` in the parameters' precision (autocast off: the inverse needs it, and bf16 would round
+        ``W`` away from the log-det ``sum(log_s)``)."""
+        with torch.autocast(device_type=self.lower.device.type, enabled=False):
+            eye = torch.eye(self.lower.shape[0], device=self.lower.device, dtype=self.lower.dtype)
+            lower = torch.tril(self.lower, -1) + eye
+            upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
+            return self.perm @ (lower @ upper)
 
     def _mix(self, x: Tensor, w: Tensor) -> Tensor:
         if x.dim() == 2:

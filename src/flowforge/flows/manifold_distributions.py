@@ -73,15 +73,16 @@ def log_sphere_area(dim: int) -> float:
 def _bessel_terms(kappa: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``(log h_nu(kappa), s_nu(kappa))`` in float64 (no gradient), ``nu = dim/2 - 1``."""
     k = kappa.detach().to(torch.float64)
-    # host sync: the continued fraction's length follows kappa (and a bad kappa is named), read on the host
-    if bool((k < 0).any()) or not bool(torch.isfinite(k).all()):
+    # host sync: the number of terms below depends on kappa; one read gives it and checks kappa (NaN if invalid)
+    k_max = float(torch.where(torch.isfinite(k) & (k >= 0), k, math.nan).max())
+    if not math.isfinite(k_max):
         raise ConfigError(f"the vMF concentration kappa must be finite and >= 0, got {kappa.tolist()}")
-    if float(k.max()) > KAPPA_MAX:
-        raise ConfigError(f"vMF concentration kappa = {float(k.max()):.4g} exceeds the supported {KAPPA_MAX:g}")
+    if k_max > KAPPA_MAX:
+        raise ConfigError(f"vMF concentration kappa = {k_max:.4g} exceeds the supported {KAPPA_MAX:g}")
     nu = 0.5 * dim - 1
     nu0 = 0.0 if dim % 2 == 0 else -0.5
     steps = int(round(nu - nu0))  # s_{nu0}, ..., s_{nu-1} lead from h_{nu0} to h_nu
-    extra = 20 + int(math.ceil(6 * math.sqrt(float(k.max()))))
+    extra = 20 + int(math.ceil(6 * math.sqrt(k_max)))
     k2 = k * k
     top = nu + extra
     s = 2.0 / (top + 0.5 + torch.sqrt((top + 1.5) ** 2 + k2))
@@ -157,7 +158,7 @@ def sample_vmf(mu: Tensor, kappa: float | Tensor, n: int, generator: torch.Gener
     t = torch.empty(n, dtype=torch.float64, device=mu.device)
     one_minus_t = torch.empty_like(t)
     todo = torch.arange(n, device=mu.device)
-    while todo.numel():
+    while todo.numel():  # host sync: the draws still rejected are selected by value
         m = todo.numel()
         g = torch.randn(m, d, generator=generator, dtype=torch.float64, device=mu.device)
         z = 0.5 * (1 + g[:, 0] / g.norm(dim=1))  # Beta((d-1)/2, (d-1)/2)
@@ -247,6 +248,7 @@ class VonMisesFisher(nn.Module):
         mu = self.mu
         if t == 0:
             return mu.expand(n, -1).clone()
+        # host sync: Wood's rejection sampler takes kappa on the host and redraws until every sample is accepted
         return sample_vmf(mu, float(self.kappa) / t**2, n, generator)
 
     def mean_resultant_length(self) -> Tensor:

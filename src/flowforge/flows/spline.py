@@ -32,9 +32,11 @@ class RationalQuadraticSpline:
         K, B = self.bins, self.bound
         frac = self.min_width + (1 - self.min_width * K) * torch.softmax(raw, dim=-1)
         inner = torch.cumsum(frac[..., :-1], dim=-1) * (2 * B) - B  # the K-1 interior knots
-        # end knots exactly -B and B: zero-pad, then add (-B, 0, ..., 0, B) -- 2 ops instead of 2 full_like + cat
+        # end knots exactly -B and B: zero-pad, then add (-B, 0, ..., 0, B) -- 2 ops instead of 2 full_like + cat.
+        # The ends are filled on the device (``edges[0] = -B`` would copy a CPU scalar: a blocking transfer on a GPU)
         edges = torch.zeros(K + 1, dtype=raw.dtype, device=raw.device)
-        edges[0], edges[-1] = -B, B
+        edges[:1].fill_(-B)
+        edges[-1:].fill_(B)
         knots = F.pad(inner, (1, 1)) + edges
         return knots, knots[..., 1:] - knots[..., :-1]
 

@@ -51,8 +51,9 @@ class Anderson:
         a, info = torch.linalg.solve_ex(H, ones)
         alpha = (a / a.sum(1, keepdim=True)).to(x.dtype)
         bad = (info != 0) | ~torch.isfinite(alpha).all(1).squeeze(1)
-        alpha[bad] = 0.0
-        alpha[bad, slot] = 1.0  # degenerate system: plain (damped) Picard step for that sample
+        # degenerate system: plain (damped) Picard step for that sample (masked fills: no host sync)
+        alpha = alpha.masked_fill(bad[:, None, None], 0.0)
+        alpha[:, slot].masked_fill_(bad[:, None], 1.0)
         fx = (alpha * F).sum(1)
         if self.beta == 1.0:
             return fx

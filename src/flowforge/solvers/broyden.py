@@ -43,8 +43,9 @@ class Broyden:
     def next(self, idx: Tensor, k: int, x: Tensor, f: Tensor) -> Tensor:
         g = f - x
         slot = (k - 1) % self.m
-        if k > 0 and slot == 0:  # memory used up: restart from B = -I
-            self.U[idx], self.V[idx] = 0.0, 0.0
+        if k > 0 and slot == 0:  # memory used up: restart from B = -I (filled on the device, no scalar copy)
+            self.U.index_fill_(0, idx, 0.0)
+            self.V.index_fill_(0, idx, 0.0)
         if k > 0:
             s, y = x - self.x_prev[idx], g - self.g_prev[idx]
             By = self._apply(idx, y)
@@ -55,6 +56,7 @@ class Broyden:
             v = self._apply_t(idx, s) * ok[:, None]
             self.U[idx, slot], self.V[idx, slot] = u, v
             blown = g.norm(dim=1) > 10 * self.g_prev[idx].norm(dim=1)
+            # host sync: inside the solver's loop, which syncs on its active set every iteration anyway
             if blown.any():
                 self.U[idx[blown]], self.V[idx[blown]] = 0.0, 0.0
         self.x_prev[idx], self.g_prev[idx] = x, g
