@@ -697,3 +697,55 @@ def test_grouped_power_iteration_equals_one_layer_at_a_time(kind):
         before = [g.v.clone() for g in grouped]
         update_lipschitz(grouped)
         assert all(float((g.v * v).sum()) > 0.99 for g, v in zip(grouped, before))
+
+
+# ---------------------------------------------------------------------------------------- compiled forward
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SpectralNormLinear(6, 5),
+        lambda: SpectralNormConv2d(4, 5, 1),
+        lambda: SpectralNormConv2d(4, 5, 3, input_size=(6, 6)),
+        lambda: InducedNormLinear(6, 5, domain=1.5, codomain=3.0),
+        lambda: InducedNormLinear(6, 5, domain=1.5, codomain=3.0, learn_p=True),
+        lambda: InducedNormConv2d(4, 5, 3, input_size=(6, 6), domain=2.0, codomain=2.5),
+    ],
+    ids=["linear", "conv1x1", "conv3x3", "induced_linear", "induced_learned", "induced_conv3x3"],
+)
+def test_initialised_forward_traces_without_host_reads(make):
+    """Once initialised, the training forward and backward trace into one graph (no host read of the
+    ``initialized`` flag or of any other tensor) and give the eager result."""
+    torch.manual_seed(0)
+    layer = make().train()
+    x = _input(layer, dtype=torch.float32)
+    assert not layer._is_initialized()
+    update_lipschitz(layer)
+    assert layer._is_initialized()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    expected = layer(x)
+    expected.square().sum().backward()
+    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, layer.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_ready_flag_follows_the_loaded_buffer():
+    """The Python flag the forward branches on mirrors ``initialized`` through ``load_state_dict``: a layer that
+    loads an initialised state does not re-run its power iteration, one that loads an uninitialised state does."""
+    torch.manual_seed(1)
+    layer = _scaled(_make("conv3x3"), 3.0)
+    blank = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.power_iteration()
+    fresh = _make("conv3x3")
+    assert not fresh._is_initialized()
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh._is_initialized()
+    layer.load_state_dict(blank)
+    assert not layer._is_initialized()
+    layer(_input(layer))  # the forward initialises it again
+    assert layer._is_initialized() and float(layer.initialized) == 1.0

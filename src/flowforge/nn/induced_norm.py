@@ -113,6 +113,8 @@ class _InducedNorm:
         return self._domain, self._codomain
 
     def _closed_form(self) -> bool:
+        if self.learn_p:  # learned orders lie in (1, 5): never p = 1 or q = inf (and no host read of them)
+            return False
         p, q = self._orders()
         return p == 1.0 or math.isinf(q)
 

@@ -103,6 +103,8 @@ class LipschitzLayer(nn.Module):
         self.register_buffer("v", F.normalize(torch.randn(*v_shape).reshape(-1), dim=0).reshape(*v_shape))
         self.register_buffer("sigma", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros(()))
+        self._ready = False
+        self.register_load_state_dict_post_hook(_refresh_ready)
 
     def _init_parameters(self, zero_init: bool, fan_in: int) -> None:
         """``nn.Linear``/``nn.Conv2d`` initialisation, or (``zero_init``) a zero bias and a tiny weight
@@ -166,12 +168,15 @@ class LipschitzLayer(nn.Module):
         dt = torch.promote_types(self.weight.dtype, torch.float32)
         return torch.promote_types(dt, self.u.dtype)
 
-    #: the ``initialized`` flag as read back from its device (one synchronisation per change, not per forward)
-    _initialized_flag = VersionCache()
-
     def _is_initialized(self) -> bool:
-        # EMA/weight averaging updates the buffer in place and may average the 0/1 flag, hence the threshold
-        return self._initialized_flag.get_or_compute((self.initialized,), lambda: float(self.initialized) >= 0.5)
+        """Whether ``u``, ``v`` have been through a power iteration: a Python flag mirroring the
+        ``initialized`` buffer (set by the power iteration, refreshed from the buffer by ``load_state_dict``),
+        so the forward never reads a tensor on the host."""
+        return self._ready
+
+    def _mark_initialized(self) -> None:
+        self.initialized.fill_(1.0)
+        self._ready = True
 
     def _ensure_initialized(self) -> None:
         if self._is_initialized():
@@ -220,7 +225,7 @@ class LipschitzLayer(nn.Module):
         self.u.copy_(u)
         self.v.copy_(v)
         self.sigma.copy_(sigma)
-        self.initialized.fill_(1.0)
+        self._mark_initialized()
         return iters
 
     def _settings(self, max_iters, rtol, atol, owner: str) -> tuple[int, float, float]:
@@ -477,8 +482,9 @@ class _LipschitzConv2d(LipschitzLayer):
         gradient of the convolution at (v, u).  ``M`` is computed once per power-iteration update (keyed
         by the buffers' identity and version counters, so in-place updates and weight-averaging swaps
         refresh it), and every forward then costs one elementwise product instead of a convolution of
-        the full-resolution vector."""
-        if self._is_matrix:
+        the full-resolution vector.  Under ``torch.compile`` the convolution form is traced instead."""
+        if self._is_matrix or torch.compiler.is_compiling():
+            # a compiled graph cannot key a cache on buffer versions: it evaluates <u, conv(v, W)> directly
             return super().sigma_hat()
         dt = self._iteration_dtype()
 
@@ -539,6 +545,12 @@ class SpectralNormConv2d(_LipschitzConv2d):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _refresh_ready(module: LipschitzLayer, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: mirror the loaded ``initialized`` buffer into the Python flag (one host
+    read per load; weight averaging may average the 0/1 flag, hence the threshold)."""
+    module._ready = float(module.initialized) >= 0.5  # host sync: once per load, outside any training step
+
+
 def lipschitz_layers(module: nn.Module) -> list[nn.Module]:
     """All submodules (``module`` included) that carry a ``power_iteration`` method."""
     return [m for m in module.modules() if callable(getattr(m, "power_iteration", None))]
@@ -658,7 +670,7 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
             layer.u.copy_(u_new[i].reshape(layer.u.shape))
             layer.v.copy_(v_new[i].reshape(layer.v.shape))
         layer.sigma.copy_(sigma[i])
-        layer.initialized.fill_(1.0)
+        layer._mark_initialized()
         layer.power_converged = bool(passed[i])
         layer._subspace_cache.put((layer.v,), basis[i])
     return iters
