@@ -211,9 +211,8 @@ def main(argv=None) -> int:
                 )
 
             lines.append(f"| {recipe} {mode} | {guarded(one)} |")
-        lines.append(
-            f"| {recipe} syncs/step | {guarded(lambda r=recipe: sync_count(build_model(r, args.tiny), image_batch(args.batch, device), device))} |"
-        )
+        syncs = guarded(lambda r=recipe: sync_count(build_model(r, args.tiny), image_batch(args.batch, device), device))
+        lines.append(f"| {recipe} syncs/step | {syncs} |")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         guarded(fake_data, tmp / "data")
@@ -246,9 +245,8 @@ def main(argv=None) -> int:
         else:
             lines.append("| DDP 2 x NCCL smoke | skipped (fewer than 2 GPUs) |")
         for precision in ("32", "bf16-mixed"):
-            lines.append(
-                f"| bits/dim glow fake CIFAR-10 {precision} | {guarded(bpd_run, args, precision, tmp / 'data', tmp / precision)} |"
-            )
+            bpd = guarded(bpd_run, args, precision, tmp / "data", tmp / precision)
+            lines.append(f"| bits/dim glow fake CIFAR-10 {precision} | {bpd} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
