@@ -42,6 +42,7 @@ import sys
 import time
 import warnings
 
+import resflow_toy
 import torch
 from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
 from resflow_toy import Entry, iqr, med, run_timing, train_to
@@ -128,32 +129,17 @@ def build_official(official, args, neumann_grad: bool, grad_in_forward: bool):
 
 
 def build_flowforge(args, neumann_grad: bool, mem_eff: bool):
-    from flowforge.estimators import LogDetEstimator
-    from flowforge.flows.resflow import ResidualFlow
+    """flowforge's toy model as resflow_toy.py builds it, with the official script's power iterations and Adam."""
     from flowforge.nn.lipschitz import update_lipschitz
 
-    est = LogDetEstimator(
-        "roulette", n_exact_terms=N_EXACT, dist="geometric", p=GEOM_P, neumann_grad=neumann_grad, mem_eff=mem_eff
-    )
-    flow = ResidualFlow(
-        (DIM,),
-        estimator=est,
-        num_blocks=args.nblocks,
-        hidden=list(args.hidden),
-        act="lipswish",
-        coeff=COEFF,
-        actnorm=False,
-    )
-
-    def loss_fn(x):
-        return -flow.log_prob(x).mean()
+    flow, loss_fn, _, log_prob = resflow_toy.build_flowforge(args.hidden, neumann_grad, mem_eff, args.nblocks)
 
     def lipschitz():
         update_lipschitz(flow, max_iters=args.n_lipschitz_iters)
 
     params = [p for p in flow.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
-    return flow, loss_fn, lipschitz, flow.log_prob, opt
+    return flow, loss_fn, lipschitz, log_prob, opt
 
 
 def build_entries(official, args):

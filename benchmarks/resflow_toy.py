@@ -118,7 +118,7 @@ class Entry:
         self.lip.append(lp)
 
 
-def build_flowforge(hidden, neumann_grad: bool, mem_eff: bool):
+def build_flowforge(hidden, neumann_grad: bool, mem_eff: bool, num_blocks: int = NUM_BLOCKS):
     from flowforge.estimators import LogDetEstimator
     from flowforge.flows.resflow import ResidualFlow
     from flowforge.nn.lipschitz import update_lipschitz
@@ -129,7 +129,7 @@ def build_flowforge(hidden, neumann_grad: bool, mem_eff: bool):
     flow = ResidualFlow(
         (DIM,),
         estimator=est,
-        num_blocks=NUM_BLOCKS,
+        num_blocks=num_blocks,
         hidden=list(hidden),
         act="lipswish",
         coeff=COEFF,
