@@ -45,7 +45,7 @@ import warnings
 import resflow_toy
 import torch
 from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
-from resflow_toy import Entry, iqr, med, run_timing, train_to
+from resflow_toy import Entry, iqr, med, run_timing, test_nll, train_to
 
 DIM = 2
 COEFF = 0.9
@@ -160,20 +160,6 @@ def build_entries(official, args):
             e.variant = v
             entries.append(e)
     return entries
-
-
-def test_nll(e: Entry, x_test, chunk: int = 1000) -> float:
-    e.model.eval()
-    total = 0.0
-    for xb in x_test.split(chunk):
-        if e.lib == "official":
-            lp = e.log_prob_eval(xb)  # its brute-force 2x2 Jacobian needs autograd (enabled inside)
-        else:
-            with torch.no_grad():
-                lp = e.log_prob_eval(xb)
-        total += float(lp.detach().double().sum())
-    e.model.train()
-    return -total / x_test.shape[0]
 
 
 def report(entries, args, nll_entries, wall: float) -> str:

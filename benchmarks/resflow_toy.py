@@ -221,11 +221,12 @@ def run_timing(entries, batches, warmup: int, rounds: int, steps: int, clock) ->
                 e.record()
 
 
-def test_nll(e: Entry, x_test: Tensor, chunk: int = 1000) -> float:
+def test_nll(e: Entry, x_test: Tensor, chunk: int = 1000, autograd_libs=("normflows", "official")) -> float:
+    """Mean test NLL of ``e`` (the libraries in ``autograd_libs`` need autograd for their exact log-det)."""
     e.model.eval()
     total = 0.0
     for xb in x_test.split(chunk):
-        if e.lib == "normflows":
+        if e.lib in autograd_libs:
             lp = e.log_prob_eval(xb)  # its brute-force 2x2 Jacobian needs autograd (enabled inside)
         else:
             with torch.no_grad():
