@@ -184,7 +184,10 @@ class FlowModule(pl.LightningModule):
         compiled = _COMPILED.get(self)
         if compiled is None:
             compiled = _COMPILED[self] = torch.compile(self.objective.loss)
-        return compiled(batch, x, "train")
+        # backward-in-forward (the residual families' mem_eff estimator) calls autograd.grad inside the loss, which
+        # AOTAutograd's donated backward buffers refuse ("requires create_graph=False and retain_graph=False")
+        with torch._functorch.config.patch(donated_buffer=False):
+            return compiled(batch, x, "train")
 
     def _log(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
         """Training: each value's batch mean, as ``train/<key>_step`` and, averaged over the epoch by Lightning,
