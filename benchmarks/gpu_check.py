@@ -93,7 +93,8 @@ def error_cell(e: BaseException) -> str:
     cause = e
     while cause is not None:
         if isinstance(cause, Budget):
-            return "error: " + (str(cause).strip().splitlines() or ["over its budget"])[0]
+            msg = (str(cause).strip().splitlines() or ["over its budget"])[0]
+            return msg if msg.startswith("skipped") else "error: " + msg
         cause = cause.__cause__ or cause.__context__
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
@@ -397,6 +398,12 @@ def main(argv=None) -> int:
     p.add_argument("--bpd-steps", type=int, default=None, help="training steps of the bits/dim row (default 200)")
     p.add_argument("--bpd-budget", type=float, default=None, help="seconds per bits/dim run (default 60)")
     p.add_argument("--ddp-budget", type=float, default=150.0, help="seconds for the DDP smoke run")
+    p.add_argument(
+        "--total-budget",
+        type=float,
+        default=450.0,
+        help="seconds for the whole run: each part gets at most what is left (default 450)",
+    )
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; eager with --tiny)")
     p.add_argument(
         "--donated-buffers",
@@ -437,6 +444,14 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     t_start = time.perf_counter()
+
+    def part_budget(seconds: float) -> float:
+        """The part's budget, cut to what is left of the total; raises Budget when nothing is left."""
+        left = args.total_budget - (time.perf_counter() - t_start)
+        if left < 1:
+            raise Budget(f"skipped: the run's {args.total_budget:.0f} s total budget is spent")
+        return min(seconds, left)
+
     for line in header_lines(device):
         print(line, flush=True)
 
@@ -456,7 +471,7 @@ def main(argv=None) -> int:
         for mode in args.modes if cfg is not None else ():
             print(f"{name} {mode} ...", flush=True)
             try:
-                with budget(args.mode_budget):
+                with budget(part_budget(args.mode_budget)):
                     r = time_mode(cfg, mode, args, device)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -505,7 +520,7 @@ def main(argv=None) -> int:
                 cfg = compose(
                     ["experiment=glow_cifar10", *glow, *data_overrides, f"dataset.batch_size={16 if tiny else 64}"]
                 )
-                with budget(args.bpd_budget):
+                with budget(part_budget(args.bpd_budget)):
                     bpd[precision] = f"{train_bpd(cfg, precision, args.bpd_steps, device):.4f}"
             except Exception as e:  # noqa: BLE001
                 if os.environ.get("GPU_CHECK_TRACEBACK"):
@@ -524,9 +539,9 @@ def main(argv=None) -> int:
         if n_gpu >= 2 and not data_error:
             print("DDP smoke ...", flush=True)
             try:
-                ddp = ddp_smoke(data_overrides, tmp / "ddp_run", args.ddp_budget, tiny)
-            except subprocess.TimeoutExpired:
-                ddp = f"error: over its {args.ddp_budget:.0f} s budget"
+                ddp = ddp_smoke(data_overrides, tmp / "ddp_run", part_budget(args.ddp_budget), tiny)
+            except subprocess.TimeoutExpired as e:
+                ddp = f"error: over its {e.timeout:.0f} s budget"
             except Exception as e:  # noqa: BLE001
                 ddp = error_cell(e)
         elif data_error:
