@@ -327,12 +327,12 @@ def ddp_smoke(data_overrides: list[str], run_dir: Path, timeout: float, tiny: bo
         "train.py",
         "experiment=glow_cifar10",
         "trainer=ddp",
-        "trainer.devices=2",
-        "trainer.max_steps=3",
-        "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1",
-        "trainer.num_sanity_val_steps=0",
-        "trainer.enable_progress_bar=false",
+        "++trainer.devices=2",
+        "++trainer.max_steps=3",
+        "++trainer.limit_val_batches=1",
+        "++trainer.limit_test_batches=1",
+        "++trainer.num_sanity_val_steps=0",
+        "++trainer.enable_progress_bar=false",
         "~callbacks.progress_bar",
         "callbacks.sample_figures.every_n_epochs=100",
         "dataset.batch_size=16",
@@ -347,7 +347,9 @@ def ddp_smoke(data_overrides: list[str], run_dir: Path, timeout: float, tiny: bo
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+        tail = (errors or lines or ["no output"])[-1].strip()
         return error_cell(RuntimeError(f"train.py exit {proc.returncode}: {tail}"))
     metrics = run_dir / "metrics.json"
     note = ""
