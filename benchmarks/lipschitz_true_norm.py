@@ -37,11 +37,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import random
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -265,6 +267,8 @@ def official_run(official_dir: str, batches, flowforge_cfg) -> tuple[list[dict],
 
     m = flowforge_cfg.model
     torch.manual_seed(0)
+    np.random.seed(0)  # the official roulette draws its series length with numpy
+    random.seed(0)
     model = OfficialResidualFlow(
         tuple(batches[0].shape),
         n_blocks=list(m.blocks_per_scale),
