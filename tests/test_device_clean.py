@@ -161,10 +161,16 @@ def _site() -> tuple[str, str]:
     one (a backward that the autograd engine runs in a library), of the outermost frame of an installed
     library other than torch and pytest: the library's entry point."""
     outer = None
+    left_test = False  # the watch's own frames (this file) come first
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_filename.startswith(SRC):
             return _describe(frame)
+        if frame.f_code.co_filename == __file__:
+            if left_test:  # back in the test that made the call: what lies beyond is the test runner
+                break
+        else:
+            left_test = True
         top = frame.f_globals.get("__name__", "?").split(".")[0]
         if "site-packages" in frame.f_code.co_filename and top not in (
             "torch",
