@@ -49,6 +49,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _configs import compose  # benchmarks/_configs.py (scripts run as python benchmarks/<name>.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,25 +104,6 @@ def error_cell(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def compose(overrides: list[str]):
-    """The composed ``train.yaml`` config tree with ``overrides`` (no run directory)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    import flowforge.experiment  # noqa: F401  (registers the config resolvers)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 def recipe_config(recipe: str, tiny: bool, extra: list[str] = ()):
     cfg = compose([f"experiment={recipe}", *extra])
     if tiny:

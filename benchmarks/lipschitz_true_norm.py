@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _configs import compose  # benchmarks/_configs.py (scripts run as python benchmarks/<name>.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_DIR = "/work/scratch/residual-flows"
@@ -174,24 +175,6 @@ def flowforge_layers(model, exact_max: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- training
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    import flowforge.experiment  # noqa: F401  (registers the config resolvers)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 def digits_batches(steps: int, batch_size: int, seed: int = 0):
     """``steps`` training batches of the bundled digits (integer levels 0..16 as float, shape (B, 1, 8, 8))."""
     cfg = compose(["model=resflow", "dataset=digits", f"dataset.batch_size={batch_size}"])
