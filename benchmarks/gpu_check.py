@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 from _configs import compose  # benchmarks/_configs.py (scripts run as python benchmarks/<name>.py)
+from _report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -553,9 +554,7 @@ def main(argv=None) -> int:
     ]
     text = "\n".join(lines) + "\n"
     print()
-    print(text, flush=True)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(text, args.out)
     return 0
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _configs import compose  # benchmarks/_configs.py (scripts run as python benchmarks/<name>.py)
+from _report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_DIR = "/work/scratch/residual-flows"
@@ -433,9 +434,7 @@ def main(argv=None) -> int:
         )
     text = "\n".join(lines) + f"\n\nTotal {time.perf_counter() - t_start:.0f} s, torch {torch.__version__}.\n"
     print()
-    print(text, flush=True)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(text, args.out)
     return 0
 
 
