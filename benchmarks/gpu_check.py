@@ -78,13 +78,22 @@ def budget(seconds: float | None):
         yield
         return
 
+    fired = []
+
     def _alarm(signum, frame):
+        fired.append(True)
         raise Budget(f"over its {seconds:.0f} s budget")
 
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
+    except Exception as e:
+        # code interrupted by the alarm may swallow the Budget and fail with an unrelated error of its own
+        # (torch.compile does: a half-traced frame surfaces as a KeyError); the alarm is still the cause
+        if fired and not isinstance(e, Budget):
+            raise Budget(f"over its {seconds:.0f} s budget") from e
+        raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)

@@ -69,3 +69,34 @@ def test_refuses_without_a_gpu():
     assert "needs a CUDA GPU" in proc.stderr and "--device cpu --tiny" in proc.stderr
     proc = _run("--device", "cpu", timeout=60)
     assert proc.returncode == 2 and "--tiny" in proc.stderr
+
+
+def test_an_error_raised_by_code_the_budget_interrupted_is_reported_as_the_budget():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def swallowing_work():
+        # what torch.compile does when the alarm lands mid-trace: the Budget is caught and another error leaves
+        # (its KeyError carries no trace of the Budget, neither as cause nor as context)
+        try:
+            while True:
+                pass
+        except gpu_check.Budget:
+            pass
+        raise KeyError("u")
+
+    try:
+        with gpu_check.budget(0.05):
+            swallowing_work()
+    except Exception as e:  # noqa: BLE001
+        cell = gpu_check.error_cell(e)
+    assert cell == "error: over its 0 s budget", cell
+    try:
+        with gpu_check.budget(5.0):
+            raise KeyError("u")
+    except Exception as e:  # noqa: BLE001
+        cell = gpu_check.error_cell(e)
+    assert cell == "error: KeyError: 'u'", cell
