@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import flowforge.experiment  # noqa: F401  (registers the config resolvers)
 from flowforge.flows.registry import model_configs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -81,6 +81,26 @@ def _slurm_gpus(accelerator: str, devices: Any) -> int | None:
     return None if str(accelerator) == "cpu" else _slurm_tasks(devices)
 
 
+def context_of(dataset: Any) -> Any:
+    """``model.context`` of a run (:mod:`flowforge.flows.context`) from its dataset config: the dataset's own
+    ``context`` (a conditional dataset such as dataset=sbi), ``{classes: num_classes}`` for a labelled dataset with
+    ``conditional: true``, else None (an unconditional model)."""
+    context = dataset.get("context") if hasattr(dataset, "get") else None
+    if context is not None:
+        return context
+    if hasattr(dataset, "get") and dataset.get("conditional"):
+        classes = dataset.get("num_classes")
+        if not classes:
+            raise ConfigError(
+                f"dataset.conditional=true needs class labels, but dataset={dataset.get('name')} declares no "
+                "num_classes; conditional datasets: digits, mnist, cifar10 (labels), sbi, conditional toys"
+            )
+        return {"classes": classes}
+    return None
+
+
+if not OmegaConf.has_resolver("context_of"):
+    OmegaConf.register_new_resolver("context_of", context_of)
 if not OmegaConf.has_resolver("slurm_tasks"):
     OmegaConf.register_new_resolver("slurm_tasks", _slurm_tasks)
     OmegaConf.register_new_resolver("slurm_gpus", _slurm_gpus)
@@ -537,7 +557,7 @@ def sample(cfg: DictConfig) -> Path:
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     state = torch.random.get_rng_state()
-    x = model.sample(num_samples, temperature)
+    x = model.sample(num_samples, temperature=temperature)
     if not bool(torch.isfinite(x).all()):
         torch.random.set_rng_state(state)
         found = nonfinite_samples(model, num_samples, temperature)

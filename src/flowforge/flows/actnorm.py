@@ -92,14 +92,14 @@ class ActNorm(Transform):
         log_det = self.log_scale.sum()
         return log_det if self.spatial == 1 else log_det * self.spatial  # vectors: no extra mul node
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not self._ready:  # a Python flag: no device read in the forward
             self._init(x)
         z = (x + self.loc) * torch.exp(self.log_scale)
         return z, self._log_det().expand(x.shape[0])
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return z * torch.exp(-self.log_scale) - self.loc
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.inverse(z), (-self._log_det()).expand(z.shape[0])

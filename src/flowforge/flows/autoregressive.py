@@ -25,15 +25,15 @@ class MaskedAutoregressive(Transform):
         self.elementwise = elementwise
         self.made = MADE(dim, hidden, elementwise.num_params, order=order, act=act)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z, ladj = self.elementwise.forward(x, self.made(x))
         return z, ladj.sum(1)
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = torch.zeros_like(z)
         for _ in range(z.shape[1]):
             x, ladj = self.elementwise.inverse(z, self.made(x))
         return x, ladj.sum(1)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(z)[0]

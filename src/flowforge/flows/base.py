@@ -1,10 +1,15 @@
 """The transform contract every flow layer follows.
 
-A transform is a bijection f from data space to base space.  ``forward(x)`` returns
-``(z, log_det)`` with ``z = f(x)`` and ``log_det = log |det df/dx|`` per sample (natural log,
-shape ``(batch,)``); ``inverse(z)`` returns ``x = f^{-1}(z)``.  Composition follows the chain rule
+A transform is a bijection f(.; c) from data space to base space, optionally conditioned on a context c.
+``forward(x, context=None)`` returns ``(z, log_det)`` with ``z = f(x; c)`` and ``log_det = log |det df/dx|`` per
+sample (natural log, shape ``(batch,)``; the Jacobian is in x only, c is held fixed); ``inverse(z, context=None)``
+returns ``x = f^{-1}(z; c)``.  Composition follows the chain rule, every layer seeing the same context:
 
     log |det d(f_K o ... o f_1)/dx| = sum_k log |det df_k/dx_{k-1}|.
+
+``context`` is the already-embedded context, a float tensor ``(batch, context_features)`` (the
+:class:`~flowforge.flows.model.Flow` embeds and checks the raw context once, see :mod:`flowforge.flows.context`);
+a layer that does not depend on it ignores it.
 """
 
 from __future__ import annotations
@@ -26,16 +31,16 @@ class Transform(nn.Module):
 
     pathwise_inverse: bool = True
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, log |det dx/dz|)``.  The default runs the forward once more at ``x``."""
-        x = self.inverse(z)
-        _, log_det = self.forward(x)
+        x = self.inverse(z, context)
+        _, log_det = self.forward(x, context)
         return x, -log_det
 
 
@@ -46,22 +51,22 @@ class Compose(Transform):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_det = x.new_zeros(x.shape[0])
         for t in self.transforms:
-            x, ld = t(x)
+            x, ld = t(x, context)
             log_det = log_det + ld
         return x, log_det
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         for t in reversed(self.transforms):
-            z = t.inverse(z)
+            z = t.inverse(z, context)
         return z
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_det = z.new_zeros(z.shape[0])
         for t in reversed(self.transforms):
-            z, ld = t.inverse_and_log_det(z)
+            z, ld = t.inverse_and_log_det(z, context)
             log_det = log_det + ld
         return z, log_det
 
@@ -79,14 +84,14 @@ class Inverse(Transform):
         super().__init__()
         self.transform = transform
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.transform.inverse_and_log_det(x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse_and_log_det(x, context)
 
-    def inverse(self, z: Tensor) -> Tensor:
-        return self.transform(z)[0]
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.transform(z, context)[0]
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.transform(z)
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform(z, context)
 
 
 def samples_pathwise(t: Transform) -> bool:

@@ -423,7 +423,7 @@ class CNF(Transform):
         """``log N(a; 0, I_A)`` per sample."""
         return -0.5 * a.pow(2).sum(1) - 0.5 * self.augment_dim * math.log(2 * math.pi)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = self._check(x, self.shape)
         log_q = None
         if self.augment_dim:
@@ -433,12 +433,12 @@ class CNF(Transform):
         z, trace_integral = self._solve(x, reverse=False, with_logdet=True)
         return z, (trace_integral if log_q is None else trace_integral - log_q)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         z = self._check(z, self.state_shape)
         x, _ = self._solve(z, reverse=True, with_logdet=False)
         return x[:, : self.shape[0]] if self.augment_dim else x
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z = self._check(z, self.state_shape)
         x, neg_trace_integral = self._solve(z, reverse=True, with_logdet=True)
         if not self.augment_dim:

@@ -137,13 +137,13 @@ class Coupling(Transform):
             out = x.index_copy(1, free, y)
         return out, sum_except_batch(ladj)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(x, self.elementwise.forward)
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(z, self.elementwise.inverse)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(z)[0]
 
 

@@ -34,6 +34,7 @@ from typing import Any
 from flowforge.errors import ConfigError
 from flowforge.flows.base import Compose, Transform
 from flowforge.flows.cnf import CNF
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.distributions import make_base
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.multiscale import Squeeze, check_squeezable, multiscale
@@ -112,9 +113,12 @@ def FFJORD(
     eval_exact_max_dim: int = 2,
     eval_trace: str | None = None,
     max_num_steps: int | None = None,
+    context: Any = None,
+    context_net: Any = None,
 ) -> Flow:
     """A FFJORD model for data of ``shape`` (see the module docstring).  ``eval_exact_max_dim`` in the
     ``estimator`` dict, when given, overrides the argument of the same name."""
+    unconditional_only("cnf", context, context_net)
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (1, 3):
         raise ConfigError(f"FFJORD takes vectors (D,) or images (C, H, W); got shape {shape}")

@@ -6,8 +6,10 @@ at the identity (``lu_init``; images start from a random rotation as in the pape
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from flowforge.flows.architectures import coupling_stack
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.registry import register_family
@@ -23,7 +25,10 @@ def Glow(
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    context: Any = None,
+    context_net: Any = None,
 ) -> Flow:
+    unconditional_only("glow", context, context_net)
     stack = coupling_stack(
         shape,
         Affine("sigmoid"),

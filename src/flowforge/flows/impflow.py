@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
 from flowforge.flows.base import Transform
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.contractive_stack import TEST_SIZES, TIGHT_SOLVES_EXACT, contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
@@ -73,16 +74,16 @@ class ImplicitBlock(Transform):
             inverse_solver=as_solver(forward_solver, **asdict(IMPLICIT_FORWARD)),
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         a, ld_x = self.residual_x(x)
         z, ld_z = self.residual_z.inverse_and_log_det(a)
         return z, ld_x + ld_z
 
     @torch.no_grad()
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.residual_x.inverse(z + self.residual_z.g(z))
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         a, ld_z = self.residual_z(z)
         x, ld_x = self.residual_x.inverse_and_log_det(a)
         return x, ld_z + ld_x
@@ -99,6 +100,8 @@ def ImplicitFlow(
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    context: Any = None,
+    context_net: Any = None,
     **config: Any,
 ) -> Flow:
     """An ImpFlow: :class:`ImplicitBlock` s, each with two g networks of ``g`` (``sin`` activation and
@@ -107,6 +110,7 @@ def ImplicitFlow(
     ``config`` holds flat keys of ``conf/model/impflow.yaml`` (``hidden=[64, 64]``, ``forward_solver={...}``,
     ...), set on the groups by :func:`flowforge.flows.options.with_config`.
     """
+    unconditional_only("impflow", context, context_net)
     opts = with_config(config, g=g_net(g, IMPLICIT_G), lipschitz=lipschitz, stack=stack, solvers=solvers)
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))

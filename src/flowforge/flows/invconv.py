@@ -67,11 +67,11 @@ class InvertibleLinearLU(Transform):
         log_det = self.log_s.sum()
         return log_det if self.spatial == 1 else log_det * self.spatial
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._mix(x, self.weight()), self._log_det().expand(x.shape[0])
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self._mix(z, torch.linalg.inv(self.weight()))
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.inverse(z), (-self._log_det()).expand(z.shape[0])

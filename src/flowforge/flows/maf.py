@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from flowforge.errors import ConfigError
 from flowforge.flows.autoregressive import MaskedAutoregressive
 from flowforge.flows.base import Inverse, Transform
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow, flatten_images
 from flowforge.flows.registry import register_family
@@ -40,7 +42,10 @@ def MAF(
     num_levels: int | None = None,
     logit_alpha: float | None = None,
     inverse: bool = False,
+    context: Any = None,
+    context_net: Any = None,
 ) -> Flow:
+    unconditional_only("maf", context, context_net)
     stack = autoregressive_layers(shape, lambda: Affine("tanh"), num_layers, hidden, inverse)
     return build_flow(shape, stack, base, num_levels, logit_alpha)
 

@@ -19,12 +19,14 @@ tangent-space derivative, so the log-ratios are unchanged).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from flowforge.errors import ConfigError, DataError
 from flowforge.flows.base import Compose, Transform
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.manifold_distributions import Dirichlet, UniformSphere, VonMisesFisher
 from flowforge.flows.model import Flow
 from flowforge.flows.registry import register_family
@@ -101,9 +103,9 @@ class ManifoldFlow(Flow):
         self.manifold = manifold
         self.tol = tol
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward(self, x: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
         check_on_manifold(x, self.manifold, self.tol)
-        return self.transform(project(x, self.manifold))
+        return self.transform(project(x, self.manifold), h)
 
 
 def _check_manifold(model: str, expected: str, manifold: str | None) -> None:
@@ -173,10 +175,13 @@ def SphereFlow(
     kappa: float = 1.0,
     learn_base: bool = True,
     init_scale: float = 0.1,
+    context: Any = None,
+    context_net: Any = None,
 ) -> ManifoldFlow:
     """``model=sphere``: ``num_layers`` normalised ``kind`` (translation | linear | affine) layers on S^{d-1},
     ``d = shape[0]``, over a ``base`` (vmf: learned vMF starting at ``kappa``; uniform) distribution.
     Layers start at ``identity + init_scale * noise``."""
+    unconditional_only("sphere", context, context_net)
     d, layers = _layer_stack("sphere", shape, manifold, num_layers, kind, SPHERE_KINDS, base, SPHERE_BASES, init_scale)
     dist = VonMisesFisher(d, kappa=kappa, learn=learn_base) if base == "vmf" else UniformSphere(d)
     return ManifoldFlow(layers, dist, (d,), "sphere")
@@ -191,10 +196,13 @@ def SimplexFlow(
     concentration: float | Sequence[float] = 1.0,
     learn_base: bool = True,
     init_scale: float = 0.1,
+    context: Any = None,
+    context_net: Any = None,
 ) -> ManifoldFlow:
     """``model=simplex``: ``num_layers`` ``kind`` (calibration | generalized) transforms on the simplex in
     R^n, ``n = shape[0]``, over a learned Dirichlet base starting at ``concentration``.  Each family is a
     group under composition, so one layer is as expressive as a stack (more layers only reparametrise)."""
+    unconditional_only("simplex", context, context_net)
     n, layers = _layer_stack(
         "simplex", shape, manifold, num_layers, kind, SIMPLEX_KINDS, base, SIMPLEX_BASES, init_scale
     )

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from flowforge.errors import ConfigError
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.contractive_block import ContractiveBlock
 from flowforge.flows.contractive_stack import TIGHT_SOLVES_EXACT, contractive_stack
 from flowforge.flows.model import Flow
@@ -79,16 +80,16 @@ class MonotoneBlock(ContractiveBlock):
         self.recorder(kind, solver)(stats)
         return w.to(rhs.dtype)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         w = self._solve(SQRT2 * x, 1.0, "forward")
         _, log_det = self.estimate(w, "monotone")
         return SQRT2 * w - x, log_det
 
     @torch.no_grad()
-    def inverse(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         return SQRT2 * self._solve(SQRT2 * y, -1.0, "inverse") - y
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         w = self._solve(SQRT2 * y, -1.0, "inverse")
         _, log_det = self.estimate(w, "monotone")
         return SQRT2 * w - y, -log_det
@@ -105,6 +106,8 @@ def MonotoneFlow(
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    context: Any = None,
+    context_net: Any = None,
     **config: Any,
 ) -> Flow:
     """A Monotone Flow: :class:`MonotoneBlock` s in the residual-flow architecture (vectors:
@@ -114,6 +117,7 @@ def MonotoneFlow(
     groups by :func:`flowforge.flows.options.with_config`.  The blocks are monotone when Lip(g) < 1 in the
     Euclidean norm, so ``lipschitz.norm`` must be ``spectral``.
     """
+    unconditional_only("monotone", context, context_net)
     opts = with_config(config, g=g_net(g, MONOTONE_G), lipschitz=lipschitz, stack=stack, solvers=solvers)
     if opts["lipschitz"].norm != "spectral":
         raise ConfigError(

@@ -18,12 +18,12 @@ from flowforge.flows.base import Compose, Transform
 
 
 class Squeeze(Transform):
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, c, h, w = x.shape
         z = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
         return z, x.new_zeros(b)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         b, c, h, w = z.shape
         return z.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
 
@@ -35,10 +35,10 @@ class Reshape(Transform):
         super().__init__()
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.reshape(x.shape[0], *self.out_shape), x.new_zeros(x.shape[0])
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return z.reshape(z.shape[0], *self.in_shape)
 
 
@@ -54,21 +54,21 @@ class FactorOut(Transform):
         self.rest_shape = (c - c // 2, h, w)
         self.n_kept = math.prod(self.kept_shape)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         kept, rest = x[:, : self.kept_shape[0]], x[:, self.kept_shape[0] :]
-        z_rest, log_det = self.inner(rest)
+        z_rest, log_det = self.inner(rest, context)
         return _cat(kept.reshape(x.shape[0], -1), z_rest), log_det
 
     def _split(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z[:, : self.n_kept].reshape(z.shape[0], *self.kept_shape), z[:, self.n_kept :]
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         kept, z_rest = self._split(z)
-        return _cat(kept, self.inner.inverse(z_rest), dim=1)
+        return _cat(kept, self.inner.inverse(z_rest, context), dim=1)
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         kept, z_rest = self._split(z)
-        rest, log_det = self.inner.inverse_and_log_det(z_rest)
+        rest, log_det = self.inner.inverse_and_log_det(z_rest, context)
         return _cat(kept, rest, dim=1), log_det
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from flowforge.flows.actnorm import ActNorm
 from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.base import Compose
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.elementwise import Additive
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.registry import register_family
@@ -24,7 +26,10 @@ def NICE(
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    context: Any = None,
+    context_net: Any = None,
 ) -> Flow:
+    unconditional_only("nice", context, context_net)
     stack = coupling_stack(shape, Additive(), num_steps, hidden, channels, num_scales, actnorm=False)
     scaling = ActNorm((math.prod(shape),), data_init=False)
     return build_flow(shape, Compose([stack, scaling]), base, num_levels, logit_alpha)

@@ -7,8 +7,10 @@ for the spline itself."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from flowforge.flows.architectures import coupling_stack
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.maf import autoregressive_layers
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.registry import register_family
@@ -29,7 +31,11 @@ def NSF(
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    context: Any = None,
+    context_net: Any = None,
 ) -> Flow:
+    unconditional_only("nsf", context, context_net)
+
     def spline() -> RationalQuadraticSpline:
         return RationalQuadraticSpline(bins=bins, bound=bound)
 

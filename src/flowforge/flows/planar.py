@@ -11,13 +11,14 @@ bisection on the bracket ``|a - w^T z| <= |w^T u_hat|`` and polished with Newton
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.flows.base import Transform, oriented
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.registry import register_family
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class Planar(Transform):
         wu = self.w @ self.u
         return self.u + (F.softplus(wu) - 1 - wu) * self.w / self.w.pow(2).sum()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         u = self.u_hat()
         h = torch.tanh(x @ self.w + self.b)
         z = x + h[:, None] * u
@@ -45,7 +46,7 @@ class Planar(Transform):
         return z, log_det
 
     @torch.no_grad()
-    def inverse(self, z: Tensor, iters: int = 100) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None, iters: int = 100) -> Tensor:
         u = self.u_hat()
         wu, target = u @ self.w, z @ self.w
         lo, hi = target - wu.abs() - 1e-6, target + wu.abs() + 1e-6
@@ -64,10 +65,17 @@ class Planar(Transform):
 
 
 def planar_family(
-    shape: Sequence[int], num_layers: int = 16, base: str = "normal", direction: str = "density", **kwargs
+    shape: Sequence[int],
+    num_layers: int = 16,
+    base: str = "normal",
+    direction: str = "density",
+    context: Any = None,
+    context_net: Any = None,
+    **kwargs,
 ) -> Flow:
     """Model config ``planar``: a stack of planar layers on vector data; ``direction=sampling`` puts the
     closed form on the sampling side (see :func:`flowforge.flows.base.oriented`)."""
+    unconditional_only("planar", context, context_net)
     from flowforge.flows.model import build_flow, vector_dim
 
     dim = vector_dim(shape, "planar")

@@ -26,13 +26,13 @@ class Logit(Transform):
             raise ConfigError(f"logit alpha must lie in (0, 0.5), got {alpha}")
         self.alpha = alpha
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         s = self.alpha + (1 - 2 * self.alpha) * x
         y = torch.log(s) - torch.log1p(-s)
         ladj = math.log(1 - 2 * self.alpha) - torch.log(s) - torch.log1p(-s)
         return y, sum_except_batch(ladj)
 
-    def inverse(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         return (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
 
 

@@ -11,12 +11,14 @@ The inverse solves ``|z - x0| = r (1 + beta / (alpha + r))`` for r, a quadratic 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.flows.base import Transform, oriented
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.registry import register_family
 
 
@@ -31,7 +33,7 @@ class Radial(Transform):
         alpha = F.softplus(self.a)
         return alpha, -alpha + F.softplus(self.b)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         alpha, beta = self._ab()
         diff = x - self.x0
         r = diff.norm(dim=1)
@@ -41,7 +43,7 @@ class Radial(Transform):
         log_det = (d - 1) * torch.log1p(beta * h) + torch.log1p(beta * h - beta * h.pow(2) * r)
         return z, log_det
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         alpha, beta = self._ab()
         diff = z - self.x0
         rz = diff.norm(dim=1)
@@ -52,10 +54,17 @@ class Radial(Transform):
 
 
 def radial_family(
-    shape: Sequence[int], num_layers: int = 16, base: str = "normal", direction: str = "density", **kwargs
+    shape: Sequence[int],
+    num_layers: int = 16,
+    base: str = "normal",
+    direction: str = "density",
+    context: Any = None,
+    context_net: Any = None,
+    **kwargs,
 ):
     """Model config ``radial``: a stack of radial layers on vector data; ``direction=sampling`` puts the
     closed form on the sampling side (see :func:`flowforge.flows.base.oriented`)."""
+    unconditional_only("radial", context, context_net)
     from flowforge.flows.model import build_flow, vector_dim
 
     dim = vector_dim(shape, "radial")

@@ -6,8 +6,10 @@ used on images only (:func:`flowforge.flows.architectures.vector_defaults`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from flowforge.flows.architectures import coupling_stack
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.registry import register_family
@@ -24,7 +26,10 @@ def RealNVP(
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    context: Any = None,
+    context_net: Any = None,
 ) -> Flow:
+    unconditional_only("realnvp", context, context_net)
     stack = coupling_stack(shape, Affine(scale), num_steps, hidden, channels, num_scales, actnorm=actnorm)
     return build_flow(shape, stack, base, num_levels, logit_alpha)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from flowforge.errors import ConfigError
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
+from flowforge.flows.context import unconditional_only
 from flowforge.flows.contractive_stack import TEST_SIZES, contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
@@ -50,6 +51,8 @@ def ResidualFlow(
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    context: Any = None,
+    context_net: Any = None,
     **config: Any,
 ) -> Flow:
     """A Residual Flow on data of ``shape``: :class:`ResidualBlock` s with log-det by ``estimator``.
@@ -59,6 +62,7 @@ def ResidualFlow(
     ``g="dense"``, ...), set on the groups by :func:`flowforge.flows.options.with_config`, and
     ``inverse_atol``, ``inverse_rtol``, ``inverse_max_iters``: the options ``inverse_solver`` leaves out.
     """
+    unconditional_only("resflow", context, context_net)
     tolerances = {key: config.pop(key) for key in INVERSE_TOLERANCES if key in config}
     opts = with_config(config, g=g_net(g, GNet()), lipschitz=lipschitz, stack=stack, solvers=solvers)
     solvers = opts["solvers"]
@@ -88,10 +92,13 @@ def IResNet(
     estimator: None | dict | LogDetEstimator = None,
     *,
     g: GNet | str = IRESNET_G,
+    context: Any = None,
+    context_net: Any = None,
     **options: Any,
 ) -> Flow:
     """i-ResNet: a residual flow with ELU, coeff 0.9 (:data:`IRESNET_G`) and (by its config) the
     truncated power series; ``options`` as :func:`ResidualFlow` takes them."""
+    unconditional_only("iresnet", context, context_net)
     return ResidualFlow(shape, estimator, g=g_net(g, IRESNET_G), **options)
 
 

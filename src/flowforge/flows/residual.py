@@ -61,7 +61,7 @@ class ResidualBlock(ContractiveBlock):
     def inverse_failures(self) -> int:
         return self.solves.failures.get("inverse", 0)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         gx, log_det = self.estimate(x)
         return x + gx, log_det
 
@@ -81,10 +81,10 @@ class ResidualBlock(ContractiveBlock):
         return x.to(y.dtype)
 
     @torch.no_grad()
-    def inverse(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         return self.solve_inverse(y)
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, -log det(I + J_g(x)))``, differentiable in ``y`` and the parameters."""
         x = self.solve_inverse(y)
         _, log_det = self.estimate(x)

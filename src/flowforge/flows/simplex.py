@@ -106,16 +106,16 @@ class Calibration(_Offset):
     def a(self) -> Tensor:
         return self.log_a.exp()
 
-    def forward(self, p: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, p: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_p = torch.log(p)
         log_q = torch.log_softmax(self.log_a.exp() * log_p + self.b, dim=1)
         log_ratio = (self.dim - 1) * self.log_a + log_q.sum(1) - log_p.sum(1)
         return log_q.exp(), log_ratio
 
-    def inverse(self, q: Tensor) -> Tensor:
+    def inverse(self, q: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(q)[0]
 
-    def inverse_and_log_det(self, q: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, q: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_q = torch.log(q)
         log_p = torch.log_softmax((log_q - self.b) * torch.exp(-self.log_a), dim=1)
         return log_p.exp(), -((self.dim - 1) * self.log_a + log_q.sum(1) - log_p.sum(1))
@@ -160,17 +160,17 @@ class GeneralizedCalibration(_Offset):
         v = self.basis
         return v @ self.log_ratio_map.matrix() @ v.T + torch.full_like(v @ v.T, 1.0 / self.dim)
 
-    def forward(self, p: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, p: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_p, v = torch.log(p), self.basis
         s = self.log_ratio_map.apply(log_p @ v)  # B V^T log p
         log_q = torch.log_softmax(s @ v.T + self.b, dim=1)
         log_ratio = self.log_ratio_map.log_abs_det() + log_q.sum(1) - log_p.sum(1)
         return log_q.exp(), log_ratio
 
-    def inverse(self, q: Tensor) -> Tensor:
+    def inverse(self, q: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(q)[0]
 
-    def inverse_and_log_det(self, q: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, q: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_q, v = torch.log(q), self.basis
         s = self.log_ratio_map.solve((log_q - self.b) @ v)
         log_p = torch.log_softmax(s @ v.T, dim=1)

@@ -166,16 +166,16 @@ class NormalizedTranslation(Transform):
     def k(self) -> Tensor:
         return _ball_point(self.v)[0]
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         k, _ = _ball_point(self.v)
         y = x + k
         r = y.norm(dim=1)
         return y / r[:, None], torch.log1p(x @ k) - self.dim * torch.log(r)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(z)[0]
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         k, one_minus_k2 = _ball_point(self.v)
         x, log_ratio = _translation_inverse(z, k, one_minus_k2)
         return x, -log_ratio
@@ -189,15 +189,15 @@ class NormalizedLinear(Transform):
         self.dim = _check_dim(dim, "NormalizedLinear")
         self.linear = InvertibleMatrix(dim, matrix)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y = self.linear.apply(x)
         r = y.norm(dim=1)
         return y / r[:, None], self.linear.log_abs_det() - self.dim * torch.log(r)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(z)[0]
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         w = self.linear.solve(z)
         r = w.norm(dim=1)
         # f^{-1} is the normalised linear map of M^{-1}: its ratio is |det M|^{-1} / ||M^{-1} z||^d
@@ -239,17 +239,17 @@ class NormalizedAffine(Transform):
     def k(self) -> Tensor:
         return self.linear.apply(self.u[None])[0]
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         u, _ = _ball_point(self.v)
         y = self.linear.apply(x + u)  # M x + k
         r = y.norm(dim=1)
         log_ratio = self.linear.log_abs_det() + torch.log1p(x @ u) - self.dim * torch.log(r)
         return y / r[:, None], log_ratio
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(z)[0]
 
-    def inverse_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         u, one_minus_u2 = _ball_point(self.v)
         w = self.linear.solve(z)
         r = w.norm(dim=1)

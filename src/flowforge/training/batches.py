@@ -27,3 +27,18 @@ def batch_input(model: nn.Module, batch: Any, stage: str = "train", step: int = 
             f"{stage} batch contains {int((~torch.isfinite(x)).sum())} NaN/inf values; check the dataset files"
         )
     return x
+
+
+def batch_context(model: nn.Module, batch: Any) -> Tensor | None:
+    """The context of ``batch`` for a conditional model (its second tensor: a class label or a context vector per
+    example), None for an unconditional model (which ignores labels a batch may carry); a clear error when a
+    conditional model gets a batch without one."""
+    if not getattr(model, "conditional", False):
+        return None
+    c = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    if c is None:
+        raise DataError(
+            "the model is conditional but the batches carry no context; use a dataset with one (class labels with "
+            "dataset.conditional=true, or a conditional dataset such as dataset=sbi)"
+        )
+    return c

@@ -138,7 +138,7 @@ class SampleFigures(pl.Callback):
             else:
                 images = None
                 if model.is_image:
-                    images = model.sample(self.num_images, self.temperature).cpu()
+                    images = model.sample(self.num_images, temperature=self.temperature).cpu()
                     if not torch.isfinite(images).all():
                         raise FloatingPointError("sampled images contain NaN/inf")
                 figure = visualize.model_figure(
@@ -182,7 +182,7 @@ class _OnDevice:
         return self.model.log_prob(x.to(self.device)).cpu()
 
     def sample(self, n, temperature=1.0):
-        return self.model.sample(n, temperature).cpu()
+        return self.model.sample(n, temperature=temperature).cpu()
 
 
 def _log_image(logger, key: str, path: Path, step: int) -> None:

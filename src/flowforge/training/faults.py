@@ -127,11 +127,11 @@ def nonfinite_samples(
     them first or None)``, replayed from the same random state; module names get ``prefix`` (the flow's name in
     the LightningModule, as training faults are reported)."""
     state = torch.random.get_rng_state()
-    x = flow.sample(n, temperature)
+    x = flow.sample(n, temperature=temperature)
     if bool(torch.isfinite(x).all()):
         return None
     torch.random.set_rng_state(state)
-    return int((~torch.isfinite(x)).sum()), locate_nonfinite(flow, lambda: flow.sample(n, temperature), prefix)
+    return int((~torch.isfinite(x)).sum()), locate_nonfinite(flow, lambda: flow.sample(n, temperature=temperature), prefix)
 
 
 class FaultInjection(pl.Callback):

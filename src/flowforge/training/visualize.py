@@ -99,7 +99,7 @@ def _density(model, grid: Tensor, temperature: float) -> tuple[Tensor, str]:
 
 
 def _samples(model, samples: Tensor | None, n_samples: int, temperature: float) -> Tensor:
-    return (model.sample(n_samples, temperature) if samples is None else samples).detach().float().cpu()
+    return (model.sample(n_samples, temperature=temperature) if samples is None else samples).detach().float().cpu()
 
 
 def _points_2d(ax, pts: Tensor, lim: float, what: str) -> None:

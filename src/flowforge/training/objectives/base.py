@@ -17,16 +17,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from flowforge.errors import ConfigError
+from flowforge.training.batches import batch_context
 from flowforge.training.objectives.options import parse_objective
 
 
-def likelihood_metrics(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    """Per-example ``nll = -log p(x)`` (nats) and, for images, ``bpd = nll / (D log 2)``; ``loss`` is ``bpd`` for
-    images and ``nll`` otherwise."""
+def likelihood_metrics(model: nn.Module, x: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-example ``nll = -log p(x)`` (nats; ``-log p(x | c)`` for a conditional model) and, for images, ``bpd = nll
+    / (D log 2)``; ``loss`` is ``bpd`` for images and ``nll`` otherwise."""
     if model.is_image:
-        bpd = model.bits_per_dim(x)
+        bpd = model.bits_per_dim(x) if context is None else model.bits_per_dim(x, context)
         return {"loss": bpd, "bpd": bpd, "nll": bpd * model.dim * math.log(2)}
-    nll = -model.log_prob(x)
+    nll = -(model.log_prob(x) if context is None else model.log_prob(x, context))
     return {"loss": nll, "nll": nll}
 
 
@@ -39,6 +40,8 @@ class Objective:
 
     name = "mle"
     figure = "density"
+    #: whether the objective trains a conditional model p(x | c) (reading the context from the batch)
+    conditional = False
 
     def __init__(self, name: str | None = None):
         if name is not None and name != self.name:
@@ -60,6 +63,11 @@ class Objective:
         self.dataset = ((config or {}).get("dataset") or {}).get("name") or "this dataset"
         for key, value in (parse_objective({"name": self.name, **self.given(config)}, model.dim) or {}).items():
             setattr(self, key, value)
+        if getattr(model, "conditional", False) and not self.conditional:
+            raise ConfigError(
+                f"objective={self.name} does not train conditional models p(x | c) yet; use objective=mle, or an "
+                "unconditional model (dataset.conditional=false)"
+            )
         self.check()
         return self
 
@@ -68,8 +76,9 @@ class Objective:
 
     def loss(self, batch: Any, x: Tensor, stage: str = "train") -> dict[str, Tensor]:
         """Per-example values of ``batch`` (``x``: its input tensor) at ``stage`` (train, val or test): ``"loss"``
-        is minimised, every value is logged as ``<stage>/<key>``."""
-        return self.metrics(x)
+        is minimised, every value is logged as ``<stage>/<key>``.  A conditional model reads its context from the
+        batch (:func:`~flowforge.training.batches.batch_context`)."""
+        return likelihood_metrics(self.model, x, batch_context(self.model, batch))
 
     def metrics(self, x: Tensor, y: Tensor | None = None) -> dict[str, Tensor]:
         """Likelihood metrics of ``x`` (:func:`likelihood_metrics`)."""
@@ -82,6 +91,8 @@ class Objective:
 
 class MaximumLikelihood(Objective):
     """Maximum likelihood: per-example loss ``-log p(x)`` in nats for vector data, or bits per dimension
-    ``-(log p(y) - D log K) / (D log 2)`` for images after dequantisation; logs ``/nll`` and (images) ``/bpd``."""
+    ``-(log p(y) - D log K) / (D log 2)`` for images after dequantisation; logs ``/nll`` and (images) ``/bpd``.
+    A conditional model is trained on ``-log p(x | c)``."""
 
     name = "mle"
+    conditional = True
