@@ -103,7 +103,10 @@ def test_declared_capabilities_match_the_model(name):
     estimated = any(hasattr(m, "logdet_estimator") for m in flow.modules())
     assert estimated == (f.log_det == "estimated")
     assert bool(lipschitz_layers(flow)) == f.maintenance
-    assert not f.conditional
+    assert not flow.conditional
+    if f.conditional:
+        overrides = [f"model={name}", f"dataset={_dataset_for(f)}", *SMALL[name], "model.context={features:2}"]
+        assert instantiate_model(compose(overrides)).conditional
     if isinstance(f.pathwise, str):
         assert not samples_pathwise(flow.transform)
         flow = instantiate_model(compose([f"model={name}", f"dataset={_dataset_for(f)}", *SMALL[name], f.pathwise]))
