@@ -293,3 +293,15 @@ def test_unconditional_models_are_unchanged(family, shape):
     extra += sum(p.numel() for p in conditional.context.parameters())
     extra += sum(p.numel() for p in conditional.base.parameters()) - sum(p.numel() for p in flow.base.parameters())
     assert sum(p.numel() for p in conditional.parameters()) == UNCONDITIONAL_COUNTS[(family, shape)] + extra
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_conditional_base_with_conditional_blocks(family):
+    """``base=conditional``: the base's mean and scale and the blocks read the same context features; the
+    log-density is the change of variables through the blocks at c plus the base's log-density at c."""
+    flow = settled(build(family, (3,), {"name": "exact"}, base="conditional", **TIGHT[family]))
+    x, c = data(flow, 4), contexts(flow, 4, 9)
+    h = flow.embed(c, 4)
+    z, log_det = flow.transform(x, h)
+    torch.testing.assert_close(flow.log_prob(x, c), flow.base.log_prob(z, h) + log_det, atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_det, brute_force_logdet(flow.transform, x, h), atol=1e-6, rtol=0)
