@@ -176,3 +176,27 @@ def test_conditional_flow_learns_the_closed_form_conditional_gaussian(tmp_path, 
     oracle = float(-dm.density.log_prob(x.double(), c.double()).mean())
     assert abs(oracle - dm.density.entropy()) < 0.06  # (the test set's mean of the closed form, about H[x | c])
     assert -0.01 < metrics["test/nll"] - oracle < 0.04, (metrics["test/nll"], oracle)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_plotted_conditional_density_integrates_to_one_per_context(temperature):
+    """The density panel of each context shows p_T(x | c): a normalised density of x for every c (Riemann sum over
+    a grid that holds the mass; tolerance 1%)."""
+    from flowforge.training.visualize import tempered_log_prob
+
+    torch.manual_seed(0)
+    model = _conditional_module().model.eval()
+    with torch.no_grad():
+        for p in model.transform.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # not the identity at initialisation
+        g = torch.linspace(-8, 8, 401)
+        xx, yy = torch.meshgrid(g, g, indexing="xy")
+        grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+        cell = float(g[1] - g[0]) ** 2
+        masses, densities = [], []
+        for c in (0.1, 0.9):
+            cs = torch.full((len(grid), 1), c)
+            densities.append(tempered_log_prob(model, grid, temperature, cs).exp())
+            masses.append(float(densities[-1].sum()) * cell)
+    assert masses == [pytest.approx(1.0, abs=0.01)] * 2
+    assert float((densities[0] - densities[1]).abs().max()) > 1e-3  # (the two contexts give different densities)
