@@ -30,7 +30,7 @@ class SampleFigures(pl.Callback):
     point (``val/...`` or ``test/...`` from the trainer's ``callback_metrics``: bits/dim for images, else the NLL
     in nats, the MSE for regression) and the temperature of the samples.
 
-    A conditional model ``p(x | c)`` is drawn at several contexts (:func:`figure_contexts`): a class-conditional
+    A conditional model ``p(x | c)`` is drawn at several contexts: a class-conditional
     image model as a grid with one row of samples per class (the first :data:`MAX_ROWS` classes), a 2-D model as one
     column per context (its density, and its samples over the data of that context); a context vector is taken at
     4 points of the data's contexts (:func:`flowforge.training.visualize.figure_contexts`).
