@@ -200,3 +200,23 @@ def test_the_plotted_conditional_density_integrates_to_one_per_context(temperatu
             masses.append(float(densities[-1].sum()) * cell)
     assert masses == [pytest.approx(1.0, abs=0.01)] * 2
     assert float((densities[0] - densities[1]).abs().max()) > 1e-3  # (the two contexts give different densities)
+
+
+def test_a_conditional_model_in_3d_trains_without_a_figure(tmp_path):
+    metrics = _train(
+        tmp_path,
+        [
+            "dataset=conditional_gaussian",
+            "dataset.shape=[3]",
+            "dataset.n_train=200",
+            "dataset.n_val=50",
+            "dataset.n_test=50",
+            "dataset.batch_size=100",
+            "model=maf",
+            "model.num_layers=1",
+            "model.hidden=[8]",
+            "trainer.max_epochs=1",
+        ],
+    )
+    assert math.isfinite(metrics["test/nll"])
+    assert not (tmp_path / "figures").exists()

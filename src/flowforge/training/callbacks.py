@@ -173,6 +173,8 @@ class SampleFigures(pl.Callback):
     def _draw_conditional(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str, title: str
     ) -> Path | None:
+        if not model.is_image and model.dim != 2:
+            return None  # (no figure of p(x | c) in other dimensions: nothing to sample)
         path = self.dirpath / f"{tag}.png"
         contexts = self._contexts(trainer, model)
         rows = len(contexts)
