@@ -13,7 +13,10 @@ import math
 
 import pytest
 import torch
+from conftest import compose
 
+from flowforge import experiment
+from flowforge.data.conditional_gaussian import ConditionalGaussianDataModule
 from flowforge.estimators import LogDetEstimator
 from flowforge.flows.contractive_block import ContractiveBlock
 from flowforge.flows.impflow import ImplicitFlow
@@ -305,3 +308,34 @@ def test_conditional_base_with_conditional_blocks(family):
     z, log_det = flow.transform(x, h)
     torch.testing.assert_close(flow.log_prob(x, c), flow.base.log_prob(z, h) + log_det, atol=1e-10, rtol=0)
     torch.testing.assert_close(log_det, brute_force_logdet(flow.transform, x, h), atol=1e-6, rtol=0)
+
+
+def test_conditional_residual_flow_learns_the_closed_form_conditional_gaussian(tmp_path):
+    """x | c ~ N(A c + b, Sigma): after a short fit the test NLL of a small conditional Residual Flow approaches the
+    closed-form NLL on the same test examples (the difference estimates KL(p || q) >= 0).  Measured (seed 0, 2
+    blocks, 5 epochs of 4000 examples, about 7 s): 0.013 nats; with 4 blocks and 10 epochs 0.011 (resflow), 0.015
+    (iresnet, and resflow with base=conditional), 0.015 (monotone), 0.052 (impflow).  Tolerance 0.04 nats."""
+    overrides = [
+        "dataset=conditional_gaussian",
+        "dataset.n_train=4000",
+        "dataset.n_val=1000",
+        "dataset.n_test=4000",
+        "dataset.batch_size=200",
+        "dataset.eval_batch_size=4000",
+        "model=resflow",
+        "model.num_blocks=2",
+        "model.hidden=[32]",
+        "trainer.max_epochs=5",
+        "~callbacks.ema",
+        "optim.optimizer.lr=0.003",
+        "callbacks.sample_figures.every_n_epochs=1000",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        f"paths.output_dir={tmp_path}",
+    ]
+    metrics = experiment.train(compose(overrides))
+    dm = ConditionalGaussianDataModule(n_train=4000, n_val=1000, n_test=4000)
+    dm.setup()
+    x, c = dm.splits["test"].tensors
+    oracle = float(-dm.density.log_prob(x.double(), c.double()).mean())
+    assert -0.01 < metrics["test/nll"] - oracle < 0.04, (metrics["test/nll"], oracle)
