@@ -220,3 +220,12 @@ def test_a_conditional_model_in_3d_trains_without_a_figure(tmp_path):
     )
     assert math.isfinite(metrics["test/nll"])
     assert not (tmp_path / "figures").exists()
+
+
+def test_a_model_config_that_drops_the_context_is_refused_on_a_conditional_dataset():
+    """A model config without ``context`` (an out-of-tree family's, say) would train p(x) and silently drop c."""
+    from flowforge.experiment import build
+
+    with pytest.raises(ConfigError, match="built an unconditional model"):
+        build(compose(["model=realnvp", "dataset=toy2d_conditional", "model.context=null"]))
+    build(compose(["model=realnvp", "dataset=toy2d", "model.context=null"]))  # no context in the data: fine

@@ -124,11 +124,25 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def check_context(cfg: DictConfig, model: Any) -> None:
+    """A dataset that carries a context needs a conditional model: a model config that does not pass
+    ``model.context`` would train p(x) and silently drop the context."""
+    context = context_of(cfg.dataset)
+    if context is not None and not getattr(model, "conditional", False):
+        context = OmegaConf.to_container(context) if isinstance(context, DictConfig) else context
+        raise ConfigError(
+            f"dataset={cfg.dataset.get('name')} carries a context ({context}) "
+            f"but model={cfg.model.get('_target_')} built an unconditional model; its config must pass "
+            "context: ${context_of:${dataset}} (and the family condition on it), or use an unconditional dataset"
+        )
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     """Instantiate the data module and the LightningModule (with its flow) from a composed config."""
     check_run_config(cfg)
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
+    check_context(cfg, model)
     apply_dequantization(cfg, model)
     check_estimator(cfg, model)
     module = FlowModule(
