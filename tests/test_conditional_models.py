@@ -54,7 +54,7 @@ def brute_force_logdet(flow, x, c):
     return torch.stack(out)
 
 
-def grid_integral(flow, c, half_width=10.0, n=250):
+def grid_integral(flow, c, half_width=10.0, n=128):
     """Midpoint rule of ``p(x | c)`` over ``[-w, w]^2`` (``n`` x ``n`` cells)."""
     step = 2 * half_width / n
     ticks = torch.linspace(-half_width + step / 2, half_width - step / 2, n, dtype=torch.float64)
