@@ -54,7 +54,7 @@ def brute_force_logdet(flow, x, c):
     return torch.stack(out)
 
 
-def grid_integral(flow, c, half_width=10.0, n=128):
+def grid_integral(flow, c, half_width=16.0, n=128):
     """Midpoint rule of ``p(x | c)`` over ``[-w, w]^2`` (``n`` x ``n`` cells)."""
     step = 2 * half_width / n
     ticks = torch.linspace(-half_width + step / 2, half_width - step / 2, n, dtype=torch.float64)
@@ -94,15 +94,23 @@ def test_image_log_det_with_class_label_is_exact(model):
 
 
 # ----------------------------------------------------------------------------- normalisation per context
-@pytest.mark.parametrize("base", ["normal", "conditional"])
-@pytest.mark.parametrize("model", VECTOR)
+# every family with the conditional base; the exact-log-det ones also with the standard normal base (so the layers
+# alone make the density depend on c).  Estimated-log-det families solve to 1e-10 here (their exact_test overrides),
+# so they run one base; that their layers read the context is checked by the log-det test above.
+INTEGRAL_CASES = [(m, "conditional") for m in VECTOR] + [
+    (m, "normal") for m in VECTOR if FAMILIES[m].log_det == "exact"
+]
+
+
+@pytest.mark.parametrize("model,base", INTEGRAL_CASES, ids=lambda v: str(v))
 def test_density_integrates_to_one_for_every_context(model, base):
-    """|integral of p(x | c) over [-10, 10]^2 - 1| < 0.005 for three contexts whose densities differ."""
+    """|integral of p(x | c) over [-16, 16]^2 - 1| < 0.003 for three contexts whose densities differ (a midpoint
+    rule on 128 x 128 cells: its error on these models is below 5e-4)."""
     torch.manual_seed(0)
     flow = build(model, f"model.base={base}")
     flow = settled(flow, torch.randn(8, 2, dtype=torch.float64), CONTEXTS[[0, 1, 2, 0, 1, 2, 0, 1]]).eval()
     for c in CONTEXTS:
-        assert abs(grid_integral(flow, c) - 1) < 0.005, f"context {c.tolist()}"
+        assert abs(grid_integral(flow, c) - 1) < 0.003, f"context {c.tolist()}"
     probe = torch.randn(16, 2, dtype=torch.float64)
     lp = [flow.log_prob(probe, c.expand(16, -1)).detach() for c in CONTEXTS]
     assert float((lp[1] - lp[0]).abs().max()) > 1e-3 and float((lp[2] - lp[0]).abs().max()) > 1e-3
