@@ -33,6 +33,12 @@ independent of ``x``).  The likelihood is then a bound, not exact; round trips a
 (``inverse`` drops the last ``A`` coordinates), and ``inverse_and_log_det`` returns the negated forward
 convention, ``-int tr + log N(a(0); 0, I)``.
 
+Conditional CNF ``p(x | c)``: the velocity reads the context features ``h = e(c)``, ``dx/dt = v(x, t, h)``
+(:mod:`flowforge.nn.velocity`), and ``h`` is constant along the path, so the log-det is still the trace integral in
+x.  The dynamics close over ``h``; with the adjoint, ``h`` (when it requires a gradient, e.g. the output of a
+context network) is handed to the adjoint solve with the parameters, so ``dL/dh = -int a(t)^T dv/dh dt`` reaches
+the context network as well.
+
 Numerics: the solve runs with autocast disabled, in the input's dtype (float16/bfloat16 inputs are
 promoted to float32); float64 inputs stay float64 end to end.  Under ``torch.inference_mode`` (Lightning's
 evaluation loops) the solve steps out of inference mode, without gradients, because the divergence needs
@@ -121,11 +127,20 @@ class _Dynamics(nn.Module):
     ||eps^T J||^2)``.  A fresh instance per solve carries that solve's probes, so an adjoint backward pass
     run later uses exactly the probes of its forward pass."""
 
-    def __init__(self, cnf: CNF, trace: str | None, probes: Tensor | None, regularize: bool):
+    def __init__(
+        self, cnf: CNF, trace: str | None, probes: Tensor | None, regularize: bool, context: Tensor | None = None
+    ):
         super().__init__()
         self.cnf = cnf
         self.trace, self.probes, self.regularize = trace, probes, regularize
+        self.context = context
         self.phase = "forward"  # evaluations after the solve returned come from the adjoint backward pass
+
+    def velocity(self, t: Tensor, x: Tensor) -> Tensor:
+        """``v(x, t)``, or ``v(x, t, h)`` for a conditional solve."""
+        if self.context is None:
+            return self.cnf.velocity(t, x)
+        return self.cnf.velocity(t, x, self.context)
 
     def forward(self, s: Tensor, state: tuple) -> tuple:
         interrupt.check()  # a stop requested (SIGTERM) ends the solve here, not hundreds of evaluations later
@@ -137,18 +152,18 @@ class _Dynamics(nn.Module):
         t = s.to(x.dtype) * big_t
         needs_vjp = self.trace == "hutchinson" or (self.regularize and cnf.jacobian > 0)
         if self.trace is None or not needs_vjp:  # no reverse-mode products: autograd only if the caller wants it
-            v = cnf.velocity(t, x)
+            v = self.velocity(t, x)
             out = [big_t * v]
             if self.trace is None:
                 return tuple(out)
-            div, frob = exact_divergence_jvp(lambda xx: cnf.velocity(t, xx), x), None
+            div, frob = exact_divergence_jvp(lambda xx: self.velocity(t, xx), x), None
         else:
             with torch.enable_grad():
                 if not x.requires_grad:
                     x = x.detach().requires_grad_(True)
-                v = cnf.velocity(t, x)
+                v = self.velocity(t, x)
                 if self.trace == "exact":
-                    div = exact_divergence_jvp(lambda xx: cnf.velocity(t, xx), x)
+                    div = exact_divergence_jvp(lambda xx: self.velocity(t, xx), x)
                     _, frob = hutchinson_divergence(v, x, self.probes, keep_graph, return_frobenius=True)
                 elif self.regularize and cnf.jacobian > 0:
                     div, frob = hutchinson_divergence(v, x, self.probes, keep_graph, return_frobenius=True)
@@ -339,20 +354,28 @@ class CNF(Transform):
             x = x.float()
         return x
 
-    def _solve(self, x0: Tensor, reverse: bool, with_logdet: bool) -> tuple[Tensor, Tensor | None]:
-        """Integrate the state from ``x0`` over ``[0, T]`` (``[T, 0]`` when ``reverse``); returns the end
-        state and ``int tr`` along the path (None without ``with_logdet``); stores RNODE terms."""
+    def _solve(
+        self, x0: Tensor, reverse: bool, with_logdet: bool, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Integrate the state from ``x0`` over ``[0, T]`` (``[T, 0]`` when ``reverse``) given the context features
+        ``context`` (None: unconditional); returns the end state and ``int tr`` along the path (None without
+        ``with_logdet``); stores RNODE terms."""
         import torchdiffeq
 
         # (Lightning's eval loops) the divergence needs autograd; a compiled training step is never in inference mode
         if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
-                return self._solve(x0.clone(), reverse, with_logdet)
+                h = None if context is None else context.clone()
+                return self._solve(x0.clone(), reverse, with_logdet, h)
+        if context is not None and context.shape[0] != x0.shape[0]:
+            raise DataError(
+                f"the context features have {context.shape[0]} rows but the batch has {x0.shape[0]} examples"
+            )
         regularize = with_logdet and not reverse and self.training and (self.kinetic > 0 or self.jacobian > 0)
         trace = (self.trace if self.training else self.eval_trace) if with_logdet else None
         needs_probe = trace == "hutchinson" or (regularize and self.jacobian > 0)
         probes = draw_probes(x0, self.probe, self.n_probes) if needs_probe else None
-        func = _Dynamics(self, trace, probes, regularize)
+        func = _Dynamics(self, trace, probes, regularize, context)
 
         zeros = x0.new_zeros(x0.shape[0])
         state = (x0,) + ((zeros,) if with_logdet else ()) + ((zeros, zeros) if regularize else ())
@@ -373,6 +396,8 @@ class CNF(Transform):
             with torch.autocast(device_type=x0.device.type, enabled=False):
                 if self.adjoint and torch.is_grad_enabled():
                     params = tuple(p for p in self.parameters() if p.requires_grad)
+                    if context is not None and context.requires_grad:
+                        params += (context,)  # the closed-over context gets its gradient from the adjoint too
                     out = torchdiffeq.odeint_adjoint(
                         func,
                         state,
@@ -430,17 +455,17 @@ class CNF(Transform):
             a = torch.randn(x.shape[0], self.augment_dim, dtype=x.dtype, device=x.device)
             log_q = self._augment_logq(a)
             x = torch.cat([x, a], dim=1)
-        z, trace_integral = self._solve(x, reverse=False, with_logdet=True)
+        z, trace_integral = self._solve(x, reverse=False, with_logdet=True, context=context)
         return z, (trace_integral if log_q is None else trace_integral - log_q)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         z = self._check(z, self.state_shape)
-        x, _ = self._solve(z, reverse=True, with_logdet=False)
+        x, _ = self._solve(z, reverse=True, with_logdet=False, context=context)
         return x[:, : self.shape[0]] if self.augment_dim else x
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z = self._check(z, self.state_shape)
-        x, neg_trace_integral = self._solve(z, reverse=True, with_logdet=True)
+        x, neg_trace_integral = self._solve(z, reverse=True, with_logdet=True, context=context)
         if not self.augment_dim:
             return x, neg_trace_integral
         return x[:, : self.shape[0]], neg_trace_integral + self._augment_logq(x[:, self.shape[0] :])

@@ -16,6 +16,9 @@ one term per CNF block (:mod:`flowforge.flows.cnf`), the trace exact or by Hutch
   ``blocks_per_scale`` CNFs over the whole image (``blocks_per_scale=1``: the single image CNF that flow
   matching trains).
 
+Conditional models ``p(x | c)`` (``context``): every block's velocity reads the embedded context,
+``v(x, t, h)`` (:mod:`flowforge.nn.velocity`), as FFJORD's conditional variants do.
+
 Settings: FFJORD's published results (MNIST 0.99, CIFAR-10 3.40 bits/dim) are in our reference table
 (verified).  The architecture details above and in ``conf/experiment/ffjord_*.yaml`` are recalled from the
 paper and its reference code, not verified against the PDF: concat layers, softplus, 64-channel
@@ -34,7 +37,7 @@ from typing import Any
 from flowforge.errors import ConfigError
 from flowforge.flows.base import Compose, Transform
 from flowforge.flows.cnf import CNF
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.distributions import make_base
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.multiscale import Squeeze, check_squeezable, multiscale
@@ -118,7 +121,8 @@ def FFJORD(
 ) -> Flow:
     """A FFJORD model for data of ``shape`` (see the module docstring).  ``eval_exact_max_dim`` in the
     ``estimator`` dict, when given, overrides the argument of the same name."""
-    unconditional_only("cnf", context, context_net)
+    emb = make_context(context, context_net)
+    features = context_features(emb)
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (1, 3):
         raise ConfigError(f"FFJORD takes vectors (D,) or images (C, H, W); got shape {shape}")
@@ -149,12 +153,17 @@ def FFJORD(
             raise ConfigError(f"num_blocks must be >= 1, got {num_blocks}")
         d, a = shape[0], int(augment_dim)
         blocks = [
-            CNF(VelocityMLP(d + a, hidden, act), dim=d if i == 0 else d + a, augment_dim=a if i == 0 else 0, **solver)
+            CNF(
+                VelocityMLP(d + a, hidden, act, features),
+                dim=d if i == 0 else d + a,
+                augment_dim=a if i == 0 else 0,
+                **solver,
+            )
             for i in range(int(num_blocks))
         ]
-        flow = build_flow(shape, Compose(blocks), base, num_levels, logit_alpha)
+        flow = build_flow(shape, Compose(blocks), base, num_levels, logit_alpha, context=emb)
         if a:
-            flow.base = make_base(base, (d + a,))
+            flow.base = make_base(base, (d + a,), features)
         return flow
 
     if augment_dim:
@@ -168,7 +177,8 @@ def FFJORD(
 
     def cnf_blocks(s: tuple) -> list[Transform]:
         return [
-            CNF(VelocityConvNet(s[0], channels, kernels, act), shape=s, **solver) for _ in range(int(blocks_per_scale))
+            CNF(VelocityConvNet(s[0], channels, kernels, act, features), shape=s, **solver)
+            for _ in range(int(blocks_per_scale))
         ]
 
     def make_scale(s: tuple, is_last: bool) -> tuple[list, tuple]:
@@ -178,7 +188,7 @@ def FFJORD(
         s2 = (4 * s[0], s[1] // 2, s[2] // 2)
         return layers + [Squeeze()] + cnf_blocks(s2), s2
 
-    return build_flow(shape, multiscale(shape, int(num_scales), make_scale), base, num_levels, logit_alpha)
+    return build_flow(shape, multiscale(shape, int(num_scales), make_scale), base, num_levels, logit_alpha, context=emb)
 
 
 register_family(
@@ -186,6 +196,7 @@ register_family(
     "cnf",
     title="FFJORD continuous flow (Grathwohl et al., 2019)",
     log_det="estimated",
+    conditional=True,
     test=(
         "model.num_blocks=2",
         "model.hidden=[8]",

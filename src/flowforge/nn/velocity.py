@@ -14,6 +14,11 @@ Both networks take ``forward(t, x)`` with ``t`` a scalar tensor (the same time f
 per-sample ``(B,)`` tensor (flow matching trains with one time per sample).  Weights use PyTorch's default
 (random) initialisation, including the last layer: a zero last layer would make the initial ODE the
 identity map, which would hide errors in tests of log-determinants and adjoints.
+
+A conditional CNF's velocity ``v(x, t, h)`` also reads the context features ``h`` (``(B, F)``,
+``context_features = F > 0``), concatenated to the input of the MLP's first layer, ``a(W_0 [x; t; h] + b_0)``,
+or, for images, broadcast over the pixels as ``F`` extra constant input channels of the first convolution.
+Without a context (``context_features = 0``) the networks are exactly the unconditional ones.
 """
 
 from __future__ import annotations
@@ -57,22 +62,26 @@ def _check_sizes(name: str, sizes: Sequence[int]) -> list[int]:
 
 class VelocityMLP(nn.Module):
     """``v(x, t)`` on flat vectors ``(B, dim)``: ``dim -> hidden... -> dim`` with ``t`` concatenated to
-    the input of every linear layer."""
+    the input of every linear layer, and the context features (``context_features > 0``) to the first."""
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (64, 64, 64), act: str = "softplus"):
+    def __init__(
+        self, dim: int, hidden: Sequence[int] = (64, 64, 64), act: str = "softplus", context_features: int = 0
+    ):
         super().__init__()
         if int(dim) < 1:
             raise ConfigError(f"the velocity network needs dim >= 1, got {dim}")
         self.dim = int(dim)
+        self.context_features = int(context_features)
         sizes = [self.dim, *_check_sizes("model.hidden", hidden), self.dim]
-        self.layers = nn.ModuleList(nn.Linear(a + 1, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        widths = [a + 1 + (self.context_features if i == 0 else 0) for i, a in enumerate(sizes[:-1])]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, sizes[1:]))
         self.acts = nn.ModuleList(velocity_activation(act) for _ in sizes[1:-1])
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         tc = time_column(t, x)
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer(torch.cat([h, tc], dim=1))
+            h = layer(torch.cat([h, tc] if i or context is None else [h, tc, context], dim=1))
             if i < len(self.acts):
                 h = self.acts[i](h)
         return h
@@ -81,8 +90,8 @@ class VelocityMLP(nn.Module):
 class VelocityConvNet(nn.Module):
     """``v(x, t)`` on images ``(B, C, H, W)``: one convolution per entry of ``kernels`` (odd sizes, 'same'
     padding), ``channels_in -> hidden_channels... -> channels_in``, each convolution reading the time as an
-    extra constant input channel.  ``hidden_channels`` is one width for every hidden layer or a list of
-    ``len(kernels) - 1`` widths."""
+    extra constant input channel (and the first one the context features, ``context_features > 0``, as constant
+    channels).  ``hidden_channels`` is one width for every hidden layer or a list of ``len(kernels) - 1`` widths."""
 
     def __init__(
         self,
@@ -90,6 +99,7 @@ class VelocityConvNet(nn.Module):
         hidden_channels: int | Sequence[int] = 64,
         kernels: Sequence[int] = (3, 3, 3),
         act: str = "softplus",
+        context_features: int = 0,
     ):
         super().__init__()
         kernels = _check_sizes("model.kernels", kernels)
@@ -106,18 +116,22 @@ class VelocityConvNet(nn.Module):
                 f"(model.channels) or one per hidden layer"
             )
         self.channels_in = int(channels_in)
+        self.context_features = int(context_features)
         sizes = [self.channels_in, *hidden, self.channels_in]
-        self.layers = nn.ModuleList(
-            nn.Conv2d(a + 1, b, k, padding=k // 2) for a, b, k in zip(sizes[:-1], sizes[1:], kernels)
-        )
+        widths = [a + 1 + (self.context_features if i == 0 else 0) for i, a in enumerate(sizes[:-1])]
+        self.layers = nn.ModuleList(nn.Conv2d(a, b, k, padding=k // 2) for a, b, k in zip(widths, sizes[1:], kernels))
         self.acts = nn.ModuleList(velocity_activation(act) for _ in hidden)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
         tmap = time_column(t, x).reshape(b, 1, 1, 1).expand(b, 1, h, w)
         out = x
         for i, layer in enumerate(self.layers):
-            out = layer(torch.cat([out, tmap], dim=1))
+            if i or context is None:
+                out = layer(torch.cat([out, tmap], dim=1))
+            else:
+                cmap = context.reshape(b, -1, 1, 1).expand(b, context.shape[1], h, w)
+                out = layer(torch.cat([out, tmap, cmap], dim=1))
             if i < len(self.acts):
                 out = self.acts[i](out)
         return out
