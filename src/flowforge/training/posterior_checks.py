@@ -7,7 +7,8 @@ For each standard observation ``x_o`` of an sbi data module (:class:`flowforge.d
    reference holds), in the task's units, keeping those inside the prior's support (samples outside it are redrawn,
    as sbi's posterior does; after ``max_rounds`` rounds the rest are kept as drawn);
 2. log ``test/c2st/obs_<k>``: :func:`flowforge.metrics.c2st` of them against the reference samples, and the mean
-   over the observations as ``test/c2st`` (0.5 is a perfect posterior);
+   over the observations as ``test/c2st`` (0.5 is a perfect posterior); with fewer samples than the reference
+   holds, the C2ST takes as many reference samples (the first ``n``), so both classes are equally large;
 3. log ``test/theta_nll``, the mean of ``-log q(theta_o | x_o)`` at the true parameters in the units of ``theta``
    (the standardisation's log-det accounted: ``-log q'(theta_o' | x_o') + sum_i log s_theta,i``).
 
@@ -82,7 +83,7 @@ class PosteriorChecks(pl.Callback):
                 for k, (x_o, ref) in enumerate(zip(reference.observations, reference.samples)):
                     n = datamodule.num_posterior_samples or len(ref)
                     samples = self.posterior_samples(model, datamodule, x_o, n)
-                    score = c2st(ref, samples, seed=self.seed)
+                    score = c2st(ref[:n], samples, seed=self.seed)
                     scores.append(score)
                     pl_module.log(f"test/c2st/obs_{k + 1}", score, batch_size=1)
                     if k < datamodule.pair_plots:
