@@ -9,6 +9,9 @@ on images only and the LU map starts at a random rotation on images and at the i
   ``num_steps + 1`` checkerboard steps (Dinh et al., 2017).
 - Images, ``layout="glow"``: each scale is a squeeze and ``num_steps`` channel-mask steps, then a
   factor-out (Kingma & Dhariwal, 2018).
+
+With ``context_features`` F > 0 every coupling's conditioner also reads the context features (F more inputs of
+the MLP, or F more input channels of the ConvNet; :mod:`flowforge.flows.coupling`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def coupling_stack(
     layout: str = "realnvp",
     act: str = "relu",
     lu_init: str | None = None,
+    context_features: int = 0,
 ) -> Transform:
     shape = tuple(shape)
     actnorm, lu_init = vector_defaults(shape, actnorm, lu_init)
@@ -56,7 +60,7 @@ def coupling_stack(
         layers = [ActNorm(s)] if actnorm else []
         if lu:
             layers.append(InvertibleLinearLU(s, lu_init))
-        return layers + [make_coupling(mask, elementwise, width, act)]
+        return layers + [make_coupling(mask, elementwise, width, act, context_features)]
 
     if len(shape) == 1:
         return Compose(sum((step(shape, alternating_mask(shape[0], i % 2), hidden) for i in range(num_steps)), []))

@@ -6,6 +6,14 @@ With a binary mask m, the unmasked part passes unchanged and conditions the rest
 
 ``tau`` is an elementwise map from :mod:`flowforge.flows.elementwise` or :mod:`flowforge.flows.spline`.
 Masks: alternating for vectors, checkerboard or channel halves for images.
+
+A conditional coupling's conditioner also reads the context features ``h`` (:mod:`flowforge.flows.context`):
+
+    z = m * x + (1 - m) * tau(x; theta(m * x, h)),
+
+the same log-determinant (the Jacobian is in x, h held fixed).  Vectors: the MLP reads ``[x_kept, h]``.  Images:
+``h`` is broadcast over the ``H x W`` grid as extra input channels of the ConvNet, as class-conditional Glow feeds
+its label embedding to the coupling networks (Kingma & Dhariwal, 2018).
 """
 
 from __future__ import annotations
@@ -44,27 +52,49 @@ def channel_mask(shape: Sequence[int], parity: int) -> Tensor:
 
 
 class VectorConditioner(nn.Module):
-    """MLP: the kept coordinates ``(B, D_in)`` -> parameters of the transformed ones ``(B, D_out, P)``."""
+    """MLP: the kept coordinates ``(B, D_in)`` -> parameters of the transformed ones ``(B, D_out, P)``; with
+    ``context_features`` F > 0 the MLP reads ``cat([x_kept, h])``, ``(B, D_in + F)``."""
 
-    def __init__(self, in_features: int, out_features: int, num_params: int, hidden: Sequence[int], act: str = "relu"):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_params: int,
+        hidden: Sequence[int],
+        act: str = "relu",
+        context_features: int = 0,
+    ):
         super().__init__()
         self.out_features, self.num_params = out_features, num_params
-        self.net = MLP(in_features, hidden, out_features * num_params, act=act)
+        self.net = MLP(in_features + context_features, hidden, out_features * num_params, act=act)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is not None:
+            x = torch.cat([x, context], dim=1)
         return self.net(x).view(x.shape[0], self.out_features, self.num_params)
 
 
 class ImageConditioner(nn.Module):
-    """ConvNet: ``(B, C_in, H, W)`` -> parameters ``(B, C_out, H, W, P)``."""
+    """ConvNet: ``(B, C_in, H, W)`` -> parameters ``(B, C_out, H, W, P)``; with ``context_features`` F > 0 the
+    features ``h`` ``(B, F)`` enter as F more input channels, constant over ``H x W``."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_params: int, hidden: int, act: str = "relu"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_params: int,
+        hidden: int,
+        act: str = "relu",
+        context_features: int = 0,
+    ):
         super().__init__()
         self.out_channels, self.num_params = out_channels, num_params
-        self.net = ConvNet(in_channels, hidden, out_channels * num_params, act=act)
+        self.net = ConvNet(in_channels + context_features, hidden, out_channels * num_params, act=act)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
+        if context is not None:
+            x = torch.cat([x, context[:, :, None, None].expand(-1, -1, h, w)], dim=1)
         return self.net(x).view(b, self.out_channels, self.num_params, h, w).permute(0, 1, 3, 4, 2)
 
 
@@ -125,12 +155,15 @@ class Coupling(Transform):
             self._index_cache[key] = index.to(like.device)
         return self._index_cache[key]
 
-    def _couple(self, x: Tensor, fn) -> tuple[Tensor, Tensor]:
+    def _condition(self, kept: Tensor, context: Tensor | None) -> Tensor:
+        return self.conditioner(kept) if context is None else self.conditioner(kept, context)
+
+    def _couple(self, x: Tensor, fn, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.split is None:
-            y, ladj = fn(x, self.conditioner(x * self.mask))
+            y, ladj = fn(x, self._condition(x * self.mask, context))
             return torch.where(self.mask, x, y), sum_except_batch(ladj.masked_fill(self.mask, 0.0))
         keep, free = (self._on(i, x) for i in self.split)
-        y, ladj = fn(x[:, free], self.conditioner(x[:, keep]))
+        y, ladj = fn(x[:, free], self._condition(x[:, keep], context))
         if isinstance(free, slice):
             out = torch.slice_scatter(x, y, 1, free.start, free.stop, free.step)
         else:
@@ -138,19 +171,20 @@ class Coupling(Transform):
         return out, sum_except_batch(ladj)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._couple(x, self.elementwise.forward)
+        return self._couple(x, self.elementwise.forward, context)
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._couple(z, self.elementwise.inverse)
+        return self._couple(z, self.elementwise.inverse, context)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.inverse_and_log_det(z)[0]
+        return self.inverse_and_log_det(z, context)[0]
 
 
-def make_coupling(mask: Tensor, elementwise, hidden, act: str = "relu") -> Coupling:
+def make_coupling(mask: Tensor, elementwise, hidden, act: str = "relu", context_features: int = 0) -> Coupling:
     """A coupling with an MLP conditioner for 1-D masks or a ConvNet for ``(C, H, W)`` masks.
 
-    ``hidden`` is a list of widths for vectors, or one channel count for images.
+    ``hidden`` is a list of widths for vectors, or one channel count for images; ``context_features``: the width
+    of the context features the conditioner also reads (0: unconditional).
     """
     P = elementwise.num_params
     if mask.dim() == 1 and mask.numel() < 2:
@@ -159,8 +193,8 @@ def make_coupling(mask: Tensor, elementwise, hidden, act: str = "relu") -> Coupl
     n_in, n_out = (mask.shape[0], mask.shape[0]) if split is None else (_count(i, mask.shape[0]) for i in split)
     if mask.dim() == 1:
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
-        cond = VectorConditioner(n_in, n_out, P, widths, act)
+        cond = VectorConditioner(n_in, n_out, P, widths, act, context_features)
     else:
         width = hidden if isinstance(hidden, int) else int(list(hidden)[0])
-        cond = ImageConditioner(n_in, n_out, P, width, act)
+        cond = ImageConditioner(n_in, n_out, P, width, act, context_features)
     return Coupling(mask, cond, elementwise)

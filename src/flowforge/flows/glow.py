@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flowforge.flows.architectures import coupling_stack
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.registry import register_family
@@ -28,7 +28,7 @@ def Glow(
     context: Any = None,
     context_net: Any = None,
 ) -> Flow:
-    unconditional_only("glow", context, context_net)
+    emb = make_context(context, context_net)
     stack = coupling_stack(
         shape,
         Affine("sigmoid"),
@@ -40,13 +40,15 @@ def Glow(
         lu=True,
         layout="glow",
         lu_init=lu_init,
+        context_features=context_features(emb),
     )
-    return build_flow(shape, stack, base, num_levels, logit_alpha)
+    return build_flow(shape, stack, base, num_levels, logit_alpha, context=emb)
 
 
 register_family(
     Glow,
     "glow",
+    conditional=True,
     title="Glow (Kingma & Dhariwal, 2018)",
     min_dim=2,
     test=("model.num_steps=2", "model.hidden=[16]", "model.channels=8"),

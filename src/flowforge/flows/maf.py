@@ -3,7 +3,8 @@
 MAF: ``z_i = (x_i - mu_i(x_{<i})) exp(-alpha_i(x_{<i}))`` written as ``x_i exp(s_i) + t_i`` with
 ``log |det dz/dx| = sum_i s_i``; density in one MADE pass, sampling in D passes.  Successive layers
 reverse the variable order.  IAF is the inverse of the same layer: sampling in one pass, density in D.
-Images are flattened to vectors first.
+Images are flattened to vectors first.  A conditional model's MADEs also read the context features
+(:mod:`flowforge.flows.autoregressive`).
 """
 
 from __future__ import annotations
@@ -15,21 +16,27 @@ from typing import Any
 from flowforge.errors import ConfigError
 from flowforge.flows.autoregressive import MaskedAutoregressive
 from flowforge.flows.base import Inverse, Transform
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow, flatten_images
 from flowforge.flows.registry import register_family
 
 
 def autoregressive_layers(
-    shape: Sequence[int], make_elementwise, num_layers: int, hidden: Sequence[int], inverse: bool
+    shape: Sequence[int],
+    make_elementwise,
+    num_layers: int,
+    hidden: Sequence[int],
+    inverse: bool,
+    context_features: int = 0,
 ) -> Transform:
-    """``num_layers`` MADE layers with alternating (identity, reversed) orders, optionally inverted."""
+    """``num_layers`` MADE layers with alternating (identity, reversed) orders, optionally inverted; each reads
+    ``context_features`` context features (0: unconditional)."""
     dim = math.prod(shape)
     layers = []
     for i in range(num_layers):
         order = list(range(dim)) if i % 2 == 0 else list(reversed(range(dim)))
-        layer = MaskedAutoregressive(dim, make_elementwise(), hidden, order=order)
+        layer = MaskedAutoregressive(dim, make_elementwise(), hidden, order=order, context_features=context_features)
         layers.append(Inverse(layer) if inverse else layer)
     return flatten_images(shape, layers)
 
@@ -45,9 +52,9 @@ def MAF(
     context: Any = None,
     context_net: Any = None,
 ) -> Flow:
-    unconditional_only("maf", context, context_net)
-    stack = autoregressive_layers(shape, lambda: Affine("tanh"), num_layers, hidden, inverse)
-    return build_flow(shape, stack, base, num_levels, logit_alpha)
+    emb = make_context(context, context_net)
+    stack = autoregressive_layers(shape, lambda: Affine("tanh"), num_layers, hidden, inverse, context_features(emb))
+    return build_flow(shape, stack, base, num_levels, logit_alpha, context=emb)
 
 
 def IAF(shape: Sequence[int], max_density_passes: int = 1024, **kwargs) -> Flow:
@@ -68,6 +75,7 @@ def IAF(shape: Sequence[int], max_density_passes: int = 1024, **kwargs) -> Flow:
 register_family(
     MAF,
     "maf",
+    conditional=True,
     title="MAF (Papamakarios et al., 2017)",
     test=("model.num_layers=2", "model.hidden=[16]"),
     smoke={"num_layers": 2, "hidden": [16]},
@@ -75,6 +83,7 @@ register_family(
 register_family(
     IAF,
     "iaf",
+    conditional=True,
     title="IAF (Kingma et al., 2016)",
     max_dim_option="max_density_passes",
     test=("model.num_layers=2", "model.hidden=[16]", "model.max_density_passes=64"),

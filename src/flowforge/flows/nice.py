@@ -11,7 +11,7 @@ from typing import Any
 from flowforge.flows.actnorm import ActNorm
 from flowforge.flows.architectures import coupling_stack
 from flowforge.flows.base import Compose
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.elementwise import Additive
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.registry import register_family
@@ -29,15 +29,25 @@ def NICE(
     context: Any = None,
     context_net: Any = None,
 ) -> Flow:
-    unconditional_only("nice", context, context_net)
-    stack = coupling_stack(shape, Additive(), num_steps, hidden, channels, num_scales, actnorm=False)
+    emb = make_context(context, context_net)
+    stack = coupling_stack(
+        shape,
+        Additive(),
+        num_steps,
+        hidden,
+        channels,
+        num_scales,
+        actnorm=False,
+        context_features=context_features(emb),
+    )
     scaling = ActNorm((math.prod(shape),), data_init=False)
-    return build_flow(shape, Compose([stack, scaling]), base, num_levels, logit_alpha)
+    return build_flow(shape, Compose([stack, scaling]), base, num_levels, logit_alpha, context=emb)
 
 
 register_family(
     NICE,
     "nice",
+    conditional=True,
     title="NICE (Dinh et al., 2015)",
     min_dim=2,
     test=("model.num_steps=2", "model.hidden=[16]", "model.channels=8"),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flowforge.flows.architectures import coupling_stack
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.maf import autoregressive_layers
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.registry import register_family
@@ -34,23 +34,35 @@ def NSF(
     context: Any = None,
     context_net: Any = None,
 ) -> Flow:
-    unconditional_only("nsf", context, context_net)
+    emb = make_context(context, context_net)
+    features = context_features(emb)
 
     def spline() -> RationalQuadraticSpline:
         return RationalQuadraticSpline(bins=bins, bound=bound)
 
     if autoregressive:
-        stack = autoregressive_layers(shape, spline, num_steps, hidden, inverse=False)
+        stack = autoregressive_layers(shape, spline, num_steps, hidden, inverse=False, context_features=features)
     else:
         stack = coupling_stack(
-            shape, spline(), num_steps, hidden, channels, num_scales, actnorm, lu=True, layout="glow", lu_init=lu_init
+            shape,
+            spline(),
+            num_steps,
+            hidden,
+            channels,
+            num_scales,
+            actnorm,
+            lu=True,
+            layout="glow",
+            lu_init=lu_init,
+            context_features=features,
         )
-    return build_flow(shape, stack, base, num_levels, logit_alpha)
+    return build_flow(shape, stack, base, num_levels, logit_alpha, context=emb)
 
 
 register_family(
     NSF,
     "nsf",
+    conditional=True,
     title="Neural spline flow, coupling or autoregressive (Durkan et al., 2019)",
     min_dim=2,
     test=("model.num_steps=2", "model.hidden=[16]", "model.channels=8", "model.bins=4"),

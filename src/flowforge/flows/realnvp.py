@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flowforge.flows.architectures import coupling_stack
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.elementwise import Affine
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.registry import register_family
@@ -29,14 +29,24 @@ def RealNVP(
     context: Any = None,
     context_net: Any = None,
 ) -> Flow:
-    unconditional_only("realnvp", context, context_net)
-    stack = coupling_stack(shape, Affine(scale), num_steps, hidden, channels, num_scales, actnorm=actnorm)
-    return build_flow(shape, stack, base, num_levels, logit_alpha)
+    emb = make_context(context, context_net)
+    stack = coupling_stack(
+        shape,
+        Affine(scale),
+        num_steps,
+        hidden,
+        channels,
+        num_scales,
+        actnorm=actnorm,
+        context_features=context_features(emb),
+    )
+    return build_flow(shape, stack, base, num_levels, logit_alpha, context=emb)
 
 
 register_family(
     RealNVP,
     "realnvp",
+    conditional=True,
     title="RealNVP (Dinh et al., 2017)",
     min_dim=2,
     test=("model.num_steps=2", "model.hidden=[16]", "model.channels=8"),

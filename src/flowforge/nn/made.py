@@ -5,6 +5,16 @@ that precede ``i`` in the autoregressive ``order``:  with input degrees ``m(d) =
 and hidden degrees ``m(k)``, hidden unit k sees input d iff ``m(k) >= m(d)``, and output d sees
 hidden unit k iff ``m(d) > m(k)``.  The output has ``num_params`` values per input dimension,
 returned with shape ``(batch, D, num_params)``.
+
+A conditional MADE (``context_features`` F > 0; Papamakarios et al., 2017, conditional MAF) also reads context
+features ``h`` ``(batch, F)``: they are inputs of degree 0, so every unit of the first hidden layer sees all of them
+through an unmasked weight matrix ``V``,
+
+    a_1 = (W_1 * M_1) x + V h + b_1,
+
+and the outputs see ``h`` only through the hidden layers (with no hidden layer, ``V h`` is added to the outputs).
+Hidden degrees then run over ``0..D-1``: a unit of degree 0 sees no x, only ``h``, so the first variable in the
+order depends on the context too.  The autoregressive property in x is unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ class MADE(nn.Module):
         order: Sequence[int] | None = None,
         act: str = "relu",
         zero_last: bool = True,
+        context_features: int = 0,
     ):
         super().__init__()
         self.features = features
@@ -51,7 +62,8 @@ class MADE(nn.Module):
         prev = degrees_in
         top = max(features - 1, 1)
         for h in hidden:
-            deg = torch.arange(h) % top + 1
+            # hidden degrees 1..D-1; a conditional MADE also has degree-0 units (context only) for the first output
+            deg = torch.arange(h) % features if context_features else torch.arange(h) % top + 1
             layers += [MaskedLinear(deg[:, None] >= prev[None, :]), activation(act, inplace=True)]
             prev = deg
         deg_out = degrees_in.repeat_interleave(num_params)
@@ -61,6 +73,13 @@ class MADE(nn.Module):
             nn.init.zeros_(last.bias)
         layers.append(last)
         self.net = nn.Sequential(*layers)
+        if context_features:
+            self.context_linear = nn.Linear(context_features, layers[0].out_features, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).view(x.shape[0], self.features, self.num_params)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is None:
+            return self.net(x).view(x.shape[0], self.features, self.num_params)
+        a = self.net[0](x) + self.context_linear(context)
+        for layer in self.net[1:]:
+            a = layer(a)
+        return a.view(x.shape[0], self.features, self.num_params)

@@ -131,7 +131,9 @@ def nonfinite_samples(
     if bool(torch.isfinite(x).all()):
         return None
     torch.random.set_rng_state(state)
-    return int((~torch.isfinite(x)).sum()), locate_nonfinite(flow, lambda: flow.sample(n, temperature=temperature), prefix)
+    return int((~torch.isfinite(x)).sum()), locate_nonfinite(
+        flow, lambda: flow.sample(n, temperature=temperature), prefix
+    )
 
 
 class FaultInjection(pl.Callback):
