@@ -283,3 +283,59 @@ def test_the_config_makes_the_model_conditional_on_x():
         t = make_task(task)
         assert list(cfg.dataset.shape) == [t.dim_theta]
         assert OmegaConf.to_container(cfg.model, resolve=True)["context"] == {"features": t.dim_x}
+
+
+# ----------------------------------------------------------------------------- NPE end to end
+
+
+def test_npe_on_gaussian_linear_reaches_c2st_0_6(tmp_path):
+    """Amortised NPE with a conditional MAF (5 MADE layers of 50 units, sbi's MAF size) on gaussian_linear at 10000
+    simulations, trained 8 epochs (batch 50, Adam 5e-4 as sbi): the C2ST of 500 posterior samples against 500 exact
+    posterior samples, for 2 of the 10 observations, is <= 0.6 (measured 0.51-0.55 at 5 epochs; chance is 0.5, the
+    standard error of one C2ST at this size about 0.02).  Also: the per-observation and mean C2ST are logged, the
+    pair plot is written and ``test/theta_nll`` is ``test/nll`` (standardised units) plus the standardisation's
+    log-det.  About 30 s on one core, most of it the C2ST classifiers."""
+    from functools import partial
+
+    import pytorch_lightning as pl
+
+    from flowforge.experiment import instantiate
+    from flowforge.training.module import FlowModule
+    from flowforge.training.posterior_checks import PosteriorChecks
+
+    cfg = compose(
+        [
+            "dataset=sbi",
+            "dataset.task=gaussian_linear",
+            "dataset.num_simulations=10000",
+            "dataset.num_observations=2",
+            "dataset.num_posterior_samples=500",
+            f"dataset.data_dir={tmp_path / 'no_files'}",
+            "dataset.batch_size=50",
+            "model=maf",
+            "model.num_layers=5",
+            "model.hidden=[50]",
+        ]
+    )
+    dm, flow = instantiate(cfg.dataset), instantiate(cfg.model)
+    assert flow.conditional
+    checks = PosteriorChecks(tmp_path / "figures")
+    module = FlowModule(flow, optimizer=partial(torch.optim.Adam, lr=5e-4), callbacks=[checks])
+    trainer = pl.Trainer(
+        max_epochs=8,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=5.0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    trainer.test(module, datamodule=dm, verbose=False)
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert dm.posterior_reference.source == "closed form"
+    assert m["test/c2st"] == pytest.approx((m["test/c2st/obs_1"] + m["test/c2st/obs_2"]) / 2)
+    assert 0.45 <= m["test/c2st"] <= 0.6, m
+    assert m["test/theta_nll"] == pytest.approx(m["test/nll"] + dm.theta_log_det(), abs=1e-4)
+    assert [p.name for p in checks.paths] == ["posterior_obs1.png"] and checks.paths[0].stat().st_size > 0
