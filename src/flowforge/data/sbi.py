@@ -43,7 +43,7 @@ class SBIDataModule(FlowDataModule):
         task: gaussian_linear, gaussian_mixture, two_moons, slcp or bernoulli_glm.
         num_simulations: the simulation budget (sbibm's are 1000, 10000 and 100000).
         val_fraction: the share of the simulations held out for validation.
-        num_observations: how many of the 10 standard observations the test split holds.
+        num_observations: how many of the 10 standard observations the test split holds (at most ``limit``).
         num_posterior_samples: posterior samples drawn per observation for C2ST (null: as many as the reference
             holds, 10000 in sbibm).
         pair_plots: for how many observations a posterior pair plot is drawn at the end of a run.
@@ -130,6 +130,12 @@ class SBIDataModule(FlowDataModule):
         ``theta`` (module docstring)."""
         return float(self.theta_std.double().log().sum())
 
+    def posterior_sample_count(self, reference_count: int) -> int:
+        """Posterior samples to draw per observation for C2ST: ``num_posterior_samples``, or as many as the reference
+        holds; with ``limit`` (quick runs) at most ``max(limit, 10)``."""
+        n = self.num_posterior_samples or reference_count
+        return n if self.limit is None else min(n, max(self.limit, 10))
+
     # ----------------------------------------------------------------- splits
     def simulate(self) -> tuple[Tensor, Tensor]:
         """The ``num_simulations`` pairs ``(theta, x)`` of this seed, in the task's units."""
@@ -148,7 +154,8 @@ class SBIDataModule(FlowDataModule):
         stats = lambda v: (v[:n_train].mean(0), v[:n_train].std(0).clamp_min(1e-6))  # noqa: E731
         self.theta_mean, self.theta_std = stats(theta)
         self.x_mean, self.x_std = stats(x)
-        self.posterior_reference = load_reference(self.task, self.data_dir, self.num_observations, seed=self.seed)
+        count = self.num_observations if self.limit is None else min(self.num_observations, self.limit)
+        self.posterior_reference = load_reference(self.task, self.data_dir, count, seed=self.seed)
         ref = self.posterior_reference
         raw = {
             "train": (theta[:n_train], x[:n_train]),

@@ -81,7 +81,7 @@ class PosteriorChecks(pl.Callback):
             with torch.random.fork_rng(devices=[] if pl_module.device.type == "cpu" else [pl_module.device]):
                 torch.manual_seed(self.seed)
                 for k, (x_o, ref) in enumerate(zip(reference.observations, reference.samples)):
-                    n = datamodule.num_posterior_samples or len(ref)
+                    n = datamodule.posterior_sample_count(len(ref))
                     samples = self.posterior_samples(model, datamodule, x_o, n)
                     score = c2st(ref[:n], samples, seed=self.seed)
                     scores.append(score)
