@@ -188,6 +188,22 @@ def test_missing_reference_files_say_where_to_get_them(tmp_path):
         load_reference(task, tmp_path, num_observations=3)
 
 
+def test_an_installed_sbibm_package_is_found_without_importing_it(tmp_path, monkeypatch):
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    task = make_task("slcp")
+    _write_task_files(tmp_path / "site", task, num_observations=1)
+    spec = importlib.machinery.ModuleSpec("sbibm", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path / "site" / "sbibm")]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "sbibm" else real(name, *a))
+    ref = load_reference(task, tmp_path / "empty", num_observations=1)
+    assert ref.source == str(tmp_path / "site" / "sbibm" / "tasks" / "slcp" / "files")
+    assert "sbibm" not in sys.modules
+
+
 @pytest.mark.parametrize(
     "damage,match",
     [
@@ -377,3 +393,26 @@ def test_npe_run_reads_reference_files_and_logs_c2st(tmp_path):
     assert all(0.0 <= metrics[f"test/c2st/obs_{k}"] <= 1.0 for k in (1, 2))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test/c2st"] == metrics["test/c2st"]
     assert (tmp_path / "run" / "figures" / "posterior_obs1.png").is_file()
+
+
+def test_posterior_samples_outside_the_prior_are_redrawn():
+    """PosteriorChecks keeps the samples inside the prior's support (two_moons: the box [-1, 1]^2), redrawing the
+    rest; after its last round it keeps what it has."""
+    from flowforge.training.posterior_checks import PosteriorChecks
+
+    dm = SBIDataModule(task="two_moons", num_simulations=100)
+    dm.theta_mean, dm.theta_std, dm.x_mean, dm.x_std = torch.zeros(2), torch.ones(2), torch.zeros(2), torch.ones(2)
+
+    class Wide(torch.nn.Module):  # a "posterior" N(0, 1.5^2 I): about 50% of its draws fall outside the box
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def sample(self, n, context=None):
+            assert context.shape == (2,)
+            return 1.5 * torch.randn(n, 2)
+
+    samples = PosteriorChecks(max_rounds=50).posterior_samples(Wide(), dm, torch.zeros(2), 400)
+    assert samples.shape == (400, 2) and dm.task.in_support(samples).all()
+    kept = PosteriorChecks(max_rounds=1).posterior_samples(Wide(), dm, torch.zeros(2), 400)
+    assert kept.shape == (400, 2) and not dm.task.in_support(kept).all()
