@@ -416,3 +416,51 @@ def test_posterior_samples_outside_the_prior_are_redrawn():
     assert samples.shape == (400, 2) and dm.task.in_support(samples).all()
     kept = PosteriorChecks(max_rounds=1).posterior_samples(Wide(), dm, torch.zeros(2), 400)
     assert kept.shape == (400, 2) and not dm.task.in_support(kept).all()
+
+
+def test_restore_best_weights_returns_to_the_best_validation_epoch(tmp_path):
+    """After training, the module holds the weights of the epoch with the lowest val/loss (checked by recomputing the
+    validation loss), not the last ones."""
+    import pytorch_lightning as pl
+
+    from flowforge.training.best_weights import RestoreBestWeights
+
+    class Recorder(pl.Callback):
+        def __init__(self):
+            self.losses, self.states = [], []
+
+        def on_validation_end(self, trainer, module):
+            if not trainer.sanity_checking:
+                self.losses.append(float(trainer.callback_metrics["val/loss"]))
+                self.states.append({k: v.clone() for k, v in module.state_dict().items()})
+
+    from functools import partial
+
+    from flowforge.experiment import instantiate
+    from flowforge.training.module import FlowModule
+
+    cfg = compose(["dataset=sbi", "dataset.task=two_moons", "model=maf", "model.hidden=[16]", "model.num_layers=2"])
+    dm = SBIDataModule(task="gaussian_mixture", num_simulations=300, num_observations=1, batch_size=20)
+    flow = instantiate(cfg.model)  # (two_moons and gaussian_mixture both have 2 parameters and 2 data)
+    best, record = RestoreBestWeights(), Recorder()
+    # a learning rate high enough that the validation loss goes up and down
+    module = FlowModule(flow, optimizer=partial(torch.optim.Adam, lr=0.05), callbacks=[])
+    trainer = pl.Trainer(
+        max_epochs=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[record, best],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    k = min(range(len(record.losses)), key=record.losses.__getitem__)
+    assert k < len(record.losses) - 1  # the premise: the last epoch is not the best (seeded)
+    assert best.best_epoch == k and best.best == pytest.approx(record.losses[k])
+    state = module.state_dict()
+    assert all(torch.equal(state[name], record.states[k][name]) for name in state)
+    with pytest.raises(ConfigError, match="min or max"):
+        RestoreBestWeights(mode="lowest")
