@@ -29,7 +29,7 @@ def posterior_pair_plot(
     samples, reference = samples.detach().cpu().double().numpy(), reference.detach().cpu().double().numpy()
     d = samples.shape[1]
     labels = list(labels) if labels is not None else [f"theta_{i + 1}" for i in range(d)]
-    size = min(2.0, 14.0 / d)
+    size = min(3.0, 14.0 / d)
     fig, axes = plt.subplots(d, d, figsize=(size * d + 0.5, size * d + 0.5), squeeze=False)
     both = np.concatenate([samples, reference])
     lo, hi = np.quantile(both, 0.001, axis=0), np.quantile(both, 0.999, axis=0)
@@ -44,7 +44,7 @@ def posterior_pair_plot(
                 ax.axis("off")
                 continue
             if i == j:
-                bins = np.linspace(lo[i], hi[i], 40)
+                bins = np.linspace(lo[i], hi[i], 60)
                 ax.hist(reference[:, i], bins=bins, density=True, color=REFERENCE_COLOUR, alpha=0.5, label="reference")
                 ax.hist(samples[:, i], bins=bins, density=True, histtype="step", color=MODEL_COLOUR, label="model")
                 ax.set_yticks([])
