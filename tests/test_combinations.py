@@ -17,6 +17,8 @@ GENERATED = {
     "target",
     "vmf_sphere",
     "dirichlet_simplex",
+    "toy2d_conditional",
+    "conditional_gaussian",
     "sbi",
 }  # the rest read files: replaced by synthetic data here
 
@@ -45,7 +47,7 @@ REFUSALS = {
 
 
 def expected_error(model, cfg):
-    if cfg.dataset.get("context") is not None and not FAMILIES[model].conditional:
+    if cfg.model.get("context") is not None and not FAMILIES[model].conditional:
         return "does not condition on a context"
     limit = FAMILIES[model].shape_limit(cfg.dataset.shape, cfg.dataset.get("manifold"), cfg.model)
     return REFUSALS[limit] if limit else None

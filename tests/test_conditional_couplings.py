@@ -202,3 +202,20 @@ def test_unconditional_model_is_unchanged(name):
     assert not flow.conditional
     assert sum(p.numel() for p in flow.parameters()) == count
     assert not any(hasattr(m, "context_linear") for m in flow.modules())
+
+
+def test_the_configs_build_conditional_models():
+    """``model.context`` / ``model.context_net`` / ``model.base=conditional`` from the Hydra configs reach every
+    family."""
+    from conftest import SMALL, compose, instantiate_model
+
+    x, c = torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1])
+    for name in sorted({"realnvp", "nice", "glow", "nsf", "maf", "iaf"}):
+        overrides = [
+            "model.context={classes:3}",
+            "model.context_net={name:embedding,features:4}",
+            "model.base=conditional",
+        ]
+        flow = instantiate_model(compose([f"model={name}", "dataset=toy2d", *SMALL[name], *overrides]))
+        assert flow.conditional and flow.context.features == 4 and flow.base.conditional
+        assert torch.isfinite(flow.log_prob(x, c)).all()

@@ -24,8 +24,8 @@ from flowforge.nn.lipschitz_net import lipschitz_convnet, lipschitz_mlp
 
 EXACT = LogDetEstimator("exact")
 FAMILIES = {"resflow": ResidualFlow, "iresnet": IResNet, "impflow": ImplicitFlow, "monotone": MonotoneFlow}
-#: keys the YAML gets from the dataset and estimator groups, not defaults of the family
-WIRED = {"_target_", "shape", "num_levels", "logit_alpha", "estimator"}
+#: keys the YAML gets from the dataset and estimator groups (the context from the dataset), not defaults of the family
+WIRED = {"_target_", "shape", "num_levels", "logit_alpha", "estimator", "context", "context_net"}
 #: recipe defaults that differ from the Python (paper-size) defaults on purpose: CPU-sized image models,
 #: and Residual Flows' toy coefficient (0.98 is the paper's image models')
 DELIBERATE = {

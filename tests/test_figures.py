@@ -29,10 +29,10 @@ class Scale(Transform):
         super().__init__()
         self.a = torch.as_tensor(a, dtype=torch.float32)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         return x * self.a, self.a.abs().log().sum().expand(x.shape[0])
 
-    def inverse(self, z):
+    def inverse(self, z, context=None):
         return z / self.a
 
 

@@ -103,7 +103,14 @@ def test_declared_capabilities_match_the_model(name):
     estimated = any(hasattr(m, "logdet_estimator") for m in flow.modules())
     assert estimated == (f.log_det == "estimated")
     assert bool(lipschitz_layers(flow)) == f.maintenance
-    assert not f.conditional
+    assert not flow.conditional
+    # conditional as declared: with a context the family builds p(x | c), or refuses the context clearly
+    with_context = [f"model={name}", f"dataset={_dataset_for(f)}", *SMALL[name], "model.context={features: 2}"]
+    if f.conditional:
+        assert instantiate_model(compose(with_context)).conditional
+    else:
+        with pytest.raises(ConfigError, match="does not condition on a context"):
+            instantiate_model(compose(with_context))
     if isinstance(f.pathwise, str):
         assert not samples_pathwise(flow.transform)
         flow = instantiate_model(compose([f"model={name}", f"dataset={_dataset_for(f)}", *SMALL[name], f.pathwise]))

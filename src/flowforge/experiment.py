@@ -125,11 +125,25 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def check_context(cfg: DictConfig, model: Any) -> None:
+    """A dataset that carries a context needs a conditional model: a model config that does not pass
+    ``model.context`` would train p(x) and silently drop the context."""
+    context = context_of(cfg.dataset)
+    if context is not None and not getattr(model, "conditional", False):
+        context = OmegaConf.to_container(context) if isinstance(context, DictConfig) else context
+        raise ConfigError(
+            f"dataset={cfg.dataset.get('name')} carries a context ({context}) "
+            f"but model={cfg.model.get('_target_')} built an unconditional model; its config must pass "
+            "context: ${context_of:${dataset}} (and the family condition on it), or use an unconditional dataset"
+        )
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
     """Instantiate the data module and the LightningModule (with its flow) from a composed config."""
     check_run_config(cfg)
     datamodule = instantiate(cfg.dataset)
     model = instantiate(cfg.model)
+    check_context(cfg, model)
     apply_dequantization(cfg, model)
     check_estimator(cfg, model)
     module = FlowModule(
@@ -555,7 +569,8 @@ def sample(cfg: DictConfig) -> Path:
     figure: for images a grid of the first :data:`SAMPLE_GRID_MAX`, else every sample next to the test data and the
     model's density at that temperature (:func:`flowforge.training.visualize.model_figure`), titled with the model
     family, dataset, the checkpoint's epoch and step, the validation loss it was saved with (when its checkpoint
-    callback recorded one) and the temperature."""
+    callback recorded one) and the temperature.  A conditional model samples at ``context``
+    (:func:`sample_contexts`; :func:`_sample_conditional`)."""
     from flowforge.training import visualize
 
     set_threads(cfg.get("threads", "auto"))
@@ -566,7 +581,10 @@ def sample(cfg: DictConfig) -> Path:
     temperature = positive_finite("temperature", cfg.temperature, "0.7")
     model = module.model.eval()
     out = Path(cfg.output_dir)
+    contexts = sample_contexts(cfg.get("context"), model, cfg.ckpt_path)
     torch.manual_seed(cfg.seed)
+    if contexts is not None:
+        return _sample_conditional(cfg, run_cfg, ckpt, datamodule, model, contexts, num_samples, temperature, out)
     state = torch.random.get_rng_state()
     x = model.sample(num_samples, temperature=temperature)
     if not bool(torch.isfinite(x).all()):
@@ -599,6 +617,125 @@ def sample(cfg: DictConfig) -> Path:
     if path is None:
         path = "(no figure for a model of this dimension or on this manifold; samples.pt holds the samples)"
     print(f"samples: {out / 'samples.pt'}\nfigure: {path}")
+    return path
+
+
+def sample_contexts(value: Any, model: torch.nn.Module, ckpt_path: str) -> torch.Tensor | None:
+    """The raw contexts ``sample.py`` draws at, from its ``context`` option: None for an unconditional model;
+    for a class-conditional model a label (``context=3``), a list of labels (``context=[0,3]``) or, unset, every
+    class (``arange(K)``); for a model of a context vector of ``K`` numbers one vector (``context=[0.2,0.5]``, or
+    ``context=0.2`` when ``K = 1``) or a list of vectors.  Returns ``(R,)`` labels or ``(R, K)`` vectors; a
+    ConfigError naming the fix for a context the model cannot take."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    spec = getattr(model, "context", None)
+    if spec is None:
+        if value is not None:
+            raise ConfigError(
+                f"context={value!r} was given, but the model of ckpt_path={ckpt_path} is unconditional; drop "
+                "context=..., or sample from a conditional model (trained with dataset.conditional=true or a "
+                "dataset with a context)"
+            )
+        return None
+    classes, features = spec.classes, spec.raw_features
+    if classes is not None:
+        if value is None:
+            return torch.arange(classes)
+        labels = value if isinstance(value, list) else [value]
+        if not labels or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < classes for v in labels):
+            raise ConfigError(
+                f"the model of ckpt_path={ckpt_path} is conditional on a class label in [0, {classes}); got "
+                f"context={value!r}: pass a label (context=3), a list of labels (context=[0,3]) or leave context "
+                "unset for one row per class"
+            )
+        return torch.tensor(labels, dtype=torch.long)
+    example = "[" + ",".join(["0.5"] * features) + "]"
+    if value is None:
+        raise ConfigError(
+            f"the model of ckpt_path={ckpt_path} is conditional on a context vector of {features} numbers; pass "
+            f"one, e.g. context={example} (or a list of them for one panel each)"
+        )
+    rows = value if isinstance(value, list) and value and all(isinstance(v, list) for v in value) else [value]
+    parsed = []
+    for row in rows:
+        row = row if isinstance(row, list) else [row]
+        if len(row) != features or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in row):
+            raise ConfigError(
+                f"the model of ckpt_path={ckpt_path} is conditional on a context vector of {features} numbers; got "
+                f"context={value!r}: pass e.g. context={example}"
+            )
+        parsed.append([float(v) for v in row])
+    c = torch.tensor(parsed, dtype=torch.float32)
+    if not bool(torch.isfinite(c).all()):
+        raise ConfigError(f"context={value!r} holds NaN/inf values; pass finite numbers")
+    return c
+
+
+#: sample.py's per-context image grid shows at most this many rows (classes) and columns (samples per class)
+CONTEXT_GRID_ROWS, CONTEXT_GRID_COLS = 10, 32
+
+
+def _sample_conditional(
+    cfg: DictConfig,
+    run_cfg: DictConfig,
+    ckpt: dict,
+    datamodule: pl.LightningDataModule,
+    model: torch.nn.Module,
+    contexts: torch.Tensor,
+    num_samples: int,
+    temperature: float,
+    out: Path,
+) -> Path:
+    """:func:`sample` for a conditional model: ``num_samples`` samples at each of the raw ``contexts`` (``R``),
+    saved as ``samples.pt`` ``(num_samples, ...)`` for one context and ``(R, num_samples, ...)`` for several, with
+    ``contexts.pt``; the figure has one row (images) or one column (2-D densities) per context."""
+    from flowforge.training import visualize
+    from flowforge.training.callbacks import conditional_nonfinite_samples
+
+    rows = len(contexts)
+    state = torch.random.get_rng_state()
+    x = model.sample(rows * num_samples, context=contexts.repeat_interleave(num_samples, 0), temperature=temperature)
+    if not bool(torch.isfinite(x).all()):
+        torch.random.set_rng_state(state)
+        found = conditional_nonfinite_samples(model, contexts, num_samples, temperature)
+        count, where = found if found else (int((~torch.isfinite(x)).sum()), None)
+        bad = nonfinite_tensors(model)
+        where = f"{bad[0]} (holds NaN/inf)" if bad else where
+        raise NonFiniteLossError(
+            f"sampling from {cfg.ckpt_path} at temperature={temperature} produced {count} NaN/inf values (first "
+            f"non-finite layer: {where or 'none found'}); nothing was written. The checkpoint's weights are unusable "
+            "or the temperature too high: try temperature=0.7, or an earlier checkpoint"
+        )
+    x = x.reshape(rows, num_samples, *x.shape[1:])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(x[0] if rows == 1 else x, out / "samples.pt")
+    torch.save(contexts, out / "contexts.pt")
+    title = visualize.figure_title(
+        family=model_name(run_cfg).removesuffix("_family"),
+        dataset=str(run_cfg.dataset.get("name") or "") or None,
+        when=f"checkpoint epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}",
+        score=_checkpoint_score(ckpt),
+        temperature=temperature,
+    )
+    data = data_contexts = None
+    if model.is_image:
+        shown_rows, shown_cols = min(rows, CONTEXT_GRID_ROWS), min(num_samples, CONTEXT_GRID_COLS)
+        if (shown_rows, shown_cols) != (rows, num_samples):
+            title += f" ({shown_rows} of {rows} contexts, {shown_cols} of {num_samples} samples each shown)"
+        path = visualize.conditional_figure(
+            model, out / "samples.png", contexts[:shown_rows], images=x[:shown_rows, :shown_cols], title=title
+        )
+    else:
+        datamodule.setup("test")
+        tensors = datamodule.splits["test"].tensors
+        if len(tensors) > 1:
+            data, data_contexts = tensors[0][:5000].float(), tensors[1][:5000]
+        path = visualize.conditional_figure(
+            model, out / "density.png", contexts, data, data_contexts, samples=x, temperature=temperature, title=title
+        )
+    if path is None:
+        path = "(no figure for a model of this dimension; samples.pt holds the samples)"
+    print(f"samples: {out / 'samples.pt'}\ncontexts: {out / 'contexts.pt'}\nfigure: {path}")
     return path
 
 

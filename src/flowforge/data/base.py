@@ -4,6 +4,11 @@ A data module holds three splits of tensors ``x`` (and optional integer labels `
 integer-valued floats in ``[0, num_levels - 1]`` with shape ``(C, H, W)``; the model dequantises them
 (see :meth:`flowforge.flows.model.Flow.bits_per_dim`). Vector data are continuous with shape ``(D,)``.
 Batches are tuples ``(x,)`` or ``(x, y)``.
+
+A conditional data module (:attr:`FlowDataModule.context`) yields ``(x, c)`` for a model of ``p(x | c)``: ``c`` is
+the class label (``conditional=True`` on a labelled dataset, labels in ``[0, num_classes)``) or a context vector of
+``K`` floats (``context={features: K}``, a dataset that is conditional by nature).  The contexts are checked once,
+when the splits are loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -19,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from flowforge.data.sampler import EvalSampler, ResumableSampler
 from flowforge.errors import ConfigError, DataError
+from flowforge.flows.context import parse_context
 
 SPLITS = ("train", "val", "test")
 
@@ -55,9 +62,14 @@ class FlowDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         flip: random horizontal flips of training images.
         limit: keep at most this many examples per split (for quick runs).
+        conditional: yield ``(x, label)`` for a class-conditional model (labelled datasets only).
+        num_classes: the number of classes of the labels (labelled datasets).
+        context: ``{features: K}`` for a dataset whose examples carry a context vector of ``K`` numbers.
     """
 
     kind: str = "vector"  # or "image"
+    #: whether the examples carry class labels (``conditional=True`` conditions on them)
+    labelled: bool = False
 
     def __init__(
         self,
@@ -72,6 +84,9 @@ class FlowDataModule(pl.LightningDataModule):
         limit: int | None = None,
         name: str | None = None,
         seed: int = 0,
+        conditional: bool = False,
+        num_classes: int | None = None,
+        context: Any = None,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size <= 0:
@@ -98,6 +113,40 @@ class FlowDataModule(pl.LightningDataModule):
         self.splits: dict[str, TensorDataset] = {}
         if flip and self.kind != "image":
             raise ConfigError(f"dataset.flip flips images; set it to false for vector data ({self.label})")
+        self.conditional = conditional
+        self.num_classes = num_classes
+        self.context = self._context_spec(conditional, num_classes, context)
+
+    def _context_spec(self, conditional: Any, num_classes: Any, context: Any) -> dict[str, int] | None:
+        """What a batch's second element is for a conditional model: ``{"classes": K}``, ``{"features": K}``, or
+        None (an unconditional dataset)."""
+        if not isinstance(conditional, bool):
+            raise ConfigError(f"dataset.conditional must be true or false, got {conditional!r}")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ConfigError(f"dataset.num_classes must be an integer >= 2, got {num_classes!r}")
+        if context is not None:
+            spec = parse_context(context)
+            if "features" not in spec:
+                raise ConfigError(
+                    f"dataset.context must be {{features: K}} (a context vector per example), got {context!r}; "
+                    "class labels are dataset.conditional=true with dataset.num_classes"
+                )
+            return spec
+        if not conditional:
+            return None
+        if not self.labelled:
+            raise ConfigError(
+                f"dataset.conditional=true conditions on class labels, but dataset '{self.label}' has none; use a "
+                "labelled dataset (digits, mnist, cifar10, imagenet32/64) or a conditional one (toy2d_conditional, "
+                "conditional_gaussian, sbi), or set dataset.conditional=false"
+            )
+        if num_classes is None:
+            raise ConfigError(
+                f"dataset.conditional=true needs dataset.num_classes (the number of classes of '{self.label}')"
+            )
+        return {"classes": num_classes}
 
     @property
     def label(self) -> str:
@@ -119,11 +168,57 @@ class FlowDataModule(pl.LightningDataModule):
                 raise DataError(f"{type(self).__name__} produced no '{split}' split")
             x, y = raw[split]
             x = self.check(x, split)
+            if self.context is not None:
+                y = self.check_context(y, len(x), split)
             if self.limit is not None:
                 x = x[: self.limit]
                 y = None if y is None else y[: self.limit]
-            tensors = (x,) if y is None else (x, torch.as_tensor(y).long())
+            if y is not None and self.context is None:
+                y = torch.as_tensor(y).long()
+            tensors = (x,) if y is None else (x, y)
             self.splits[split] = TensorDataset(*tensors)
+
+    def check_context(self, c: Any, n: int, split: str) -> torch.Tensor:
+        """Validate the contexts of a split of ``n`` examples: one per example; labels integers in ``[0,
+        num_classes)`` (returned int64), vectors ``(n, K)`` finite (returned float32)."""
+        name = self.label
+        if c is None:
+            raise DataError(f"dataset '{name}' is conditional, but its {split} split carries no context")
+        c = torch.as_tensor(c)
+        if c.shape[0] != n:
+            raise DataError(
+                f"dataset '{name}' is conditional, but its {split} split has {n} examples and {c.shape[0]} "
+                "contexts; every example needs one"
+            )
+        classes = self.context.get("classes")
+        if classes is not None:
+            if c.dim() != 1 or c.dtype.is_floating_point or c.dtype == torch.bool or c.is_complex():
+                raise DataError(
+                    f"dataset '{name}': class labels must be integers, one per example; the {split} split has "
+                    f"labels of dtype {c.dtype} and shape {tuple(c.shape)}"
+                )
+            lo, hi = int(c.min()), int(c.max())
+            if lo < 0 or hi >= classes:
+                raise DataError(
+                    f"dataset '{name}': class labels must lie in [0, {classes}) (dataset.num_classes={classes}); "
+                    f"the {split} split has labels in [{lo}, {hi}]"
+                )
+            return c.long()
+        k = self.context["features"]
+        if c.dim() != 2 or c.shape[1] != k:
+            raise DataError(
+                f"dataset '{name}': contexts must be vectors of {k} numbers (dataset.context.features={k}); the "
+                f"{split} split has contexts of shape {tuple(c.shape)}"
+            )
+        c = c.to(torch.float32)
+        bad = ~torch.isfinite(c)
+        if bad.any():
+            idx = bad.any(1).nonzero()[0].item()
+            raise DataError(
+                f"dataset '{name}': the {split} split has {int(bad.sum())} NaN/inf context values (first in "
+                f"example {idx}); clean the data"
+            )
+        return c
 
     def check(self, x: torch.Tensor, split: str) -> torch.Tensor:
         """Validate one split: non-empty, the promised shape, finite, in range; returns float32."""

@@ -9,7 +9,10 @@ from flowforge.data.base import FlowDataModule
 
 
 class DigitsDataModule(FlowDataModule):
+    """Labels 0-9 (``conditional=True`` for a class-conditional model)."""
+
     kind = "image"
+    labelled = True
 
     def __init__(self, **kwargs):
         kwargs.setdefault("shape", [1, 8, 8])

@@ -105,6 +105,7 @@ class _TorchvisionDataModule(_ImageFileDataModule):
 
     dataset_cls: type
     how_to_get: str
+    labelled = True
 
     def __init__(self, download: bool = False, val_size: int = 5000, **kwargs):
         super().__init__(**kwargs)
@@ -390,10 +391,23 @@ class ImageNetDownsampledDataModule(_PerItemImageDataModule):
 
     The two versions are resized differently and differ by roughly 0.2 bits/dim for the same model, so
     report which one a number comes from.
+
+    ``conditional=True`` (``version="chrabaszcz"``, ``num_classes=1000``) yields ``(x, label)``.
     """
+
+    labelled = True
 
     def __init__(self, resolution: int = 32, version: str = "chrabaszcz", val_size: int = 10000, **kwargs):
         super().__init__(**kwargs)
+        if self.context is not None and version == "oord":
+            raise ConfigError(
+                "dataset.conditional=true needs class labels, but dataset.version=oord (PNG folders) has none; use "
+                "dataset.version=chrabaszcz or dataset.conditional=false"
+            )
+        if self.context is not None and self.num_classes != 1000:
+            raise ConfigError(
+                f"downsampled ImageNet has 1000 classes; set dataset.num_classes=1000, not {self.num_classes}"
+            )
         if resolution not in (32, 64):
             raise ConfigError(f"dataset.resolution must be 32 or 64, got {resolution!r}")
         if version not in ("chrabaszcz", "oord"):

@@ -9,7 +9,8 @@ returns ``x = f^{-1}(z; c)``.  Composition follows the chain rule, every layer s
 
 ``context`` is the already-embedded context, a float tensor ``(batch, context_features)`` (the
 :class:`~flowforge.flows.model.Flow` embeds and checks the raw context once, see :mod:`flowforge.flows.context`);
-a layer that does not depend on it ignores it.
+a layer that does not depend on it ignores it.  Composites call their parts without a context when there is none,
+so a transform written as ``forward(self, x)`` / ``inverse(self, z)`` still works in an unconditional model.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ class Transform(nn.Module):
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, log |det dx/dz|)``.  The default runs the forward once more at ``x``."""
+        if context is None:
+            x = self.inverse(z)
+            return x, -self.forward(x)[1]
         x = self.inverse(z, context)
-        _, log_det = self.forward(x, context)
-        return x, -log_det
+        return x, -self.forward(x, context)[1]
 
 
 class Compose(Transform):
@@ -54,19 +57,19 @@ class Compose(Transform):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_det = x.new_zeros(x.shape[0])
         for t in self.transforms:
-            x, ld = t(x, context)
+            x, ld = t(x) if context is None else t(x, context)
             log_det = log_det + ld
         return x, log_det
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         for t in reversed(self.transforms):
-            z = t.inverse(z, context)
+            z = t.inverse(z) if context is None else t.inverse(z, context)
         return z
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_det = z.new_zeros(z.shape[0])
         for t in reversed(self.transforms):
-            z, ld = t.inverse_and_log_det(z, context)
+            z, ld = t.inverse_and_log_det(z) if context is None else t.inverse_and_log_det(z, context)
             log_det = log_det + ld
         return z, log_det
 
@@ -85,13 +88,17 @@ class Inverse(Transform):
         self.transform = transform
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self.transform.inverse_and_log_det(x, context)
+        return (
+            self.transform.inverse_and_log_det(x)
+            if context is None
+            else (self.transform.inverse_and_log_det(x, context))
+        )
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.transform(z, context)[0]
+        return (self.transform(z) if context is None else self.transform(z, context))[0]
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self.transform(z, context)
+        return self.transform(z) if context is None else self.transform(z, context)
 
 
 def samples_pathwise(t: Transform) -> bool:

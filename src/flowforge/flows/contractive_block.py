@@ -10,6 +10,11 @@ A :class:`ContractiveBlock` owns
 - ``solves``: the last :class:`flowforge.solvers.SolverStats` of each solve (``forward``, ``inverse``,
   their ``backward`` adjoints) and failure counts; an unconverged solve warns with the count or, with
   ``on_fail="raise"``, raises :class:`flowforge.errors.ConvergenceError`.
+
+A conditional block reads the context features ``h`` in g only (``g(x, h)``, the context an additive bias of
+g's first normalised layer, so Lip_x(g(., h)) < 1 for every h); the estimators and solvers see the map
+``x -> g(x, h)`` at fixed h (:class:`GivenContext`) and differentiate in x only, so the log-det is
+``log det(I + J_g(x; h))`` with the unconditional estimators.  Gradients reach h through the same graphs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,29 @@ from flowforge.estimators.roulette import RouletteDistribution
 from flowforge.flows.base import Transform
 from flowforge.solvers import Solver, SolveRecord, SolverStats, check_convergence
 from flowforge.solvers.solver import check_on_fail
+
+
+class GivenContext:
+    """``x -> g(x, h)`` at fixed context features ``h``: the network a log-det estimator or solver closes over.
+
+    ``linearize(x)`` is g's own linearisation at h (or forward-mode autograd); ``parameters()`` yields g's
+    parameters and ``h`` when it requires a gradient, so backward-in-forward also returns h's gradient."""
+
+    def __init__(self, g: nn.Module, context: Tensor):
+        self.g, self.context = g, context
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.g(x, self.context)
+
+    def linearize(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        if hasattr(self.g, "linearize"):
+            return self.g.linearize(x, self.context)
+        return self(x), lambda v: torch.func.jvp(self, (x,), (v,))[1]
+
+    def parameters(self) -> Iterator[Tensor]:
+        yield from self.g.parameters()
+        if self.context.requires_grad:
+            yield self.context
 
 
 class ContractiveBlock(Transform):
@@ -59,10 +87,15 @@ class ContractiveBlock(Transform):
         super()._load_from_state_dict(*args, **kwargs)
         self._refresh_roulette()
 
-    def estimate(self, x: Tensor, kind: str = "residual") -> tuple[Tensor, Tensor]:
-        """``(g(x), log-det of the given kind at x)`` with the block's estimator."""
+    def g_at(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``g(x)``, or ``g(x, h)`` for a conditional block."""
+        return self.g(x) if context is None else self.g(x, context)
+
+    def estimate(self, x: Tensor, kind: str = "residual", context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(g(x), log-det of the given kind at x)`` with the block's estimator (at fixed ``context``)."""
         roulette = self._roulette() if self.logdet_estimator.name == "roulette" else None
-        gx, log_det, info = self.logdet_estimator(self.g, x, training=self.training, roulette=roulette, kind=kind)
+        g = self.g if context is None else GivenContext(self.g, context)
+        gx, log_det, info = self.logdet_estimator(g, x, training=self.training, roulette=roulette, kind=kind)
         self.last_terms = info["terms"]
         return gx, log_det
 

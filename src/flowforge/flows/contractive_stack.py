@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from flowforge.errors import ConfigError
 from flowforge.flows.actnorm import ActNorm
 from flowforge.flows.base import Compose, Transform
+from flowforge.flows.context import ContextEmbedding
 from flowforge.flows.model import Flow, build_flow
 from flowforge.flows.multiscale import FactorOut, Reshape, Squeeze
 from flowforge.flows.options import Stack
@@ -63,9 +64,11 @@ def contractive_stack(
     base: str = "normal",
     num_levels: int | None = None,
     logit_alpha: float | None = None,
+    context: ContextEmbedding | None = None,
 ) -> Flow:
     """The flow on data of ``shape``: blocks from ``make_block`` arranged as ``stack`` says, and the base
-    distribution and image preprocessing of :func:`flowforge.flows.model.build_flow`."""
+    distribution and image preprocessing of :func:`flowforge.flows.model.build_flow`; ``context``: the
+    embedding of a conditional model (its blocks' g read the context features)."""
     shape = tuple(int(s) for s in shape)
     actnorm, fc_blocks, factor_out = stack.actnorm, stack.fc_blocks, stack.factor_out
 
@@ -80,7 +83,9 @@ def contractive_stack(
             layers.append(make_block("vector", shape, False))
             if actnorm:
                 layers.append(an(shape))
-        return build_flow(shape, Compose(layers), base=base, num_levels=num_levels, logit_alpha=logit_alpha)
+        return build_flow(
+            shape, Compose(layers), base=base, num_levels=num_levels, logit_alpha=logit_alpha, context=context
+        )
     if len(shape) != 3:
         raise ConfigError(f"these flows take vectors (D,) or images (C, H, W); got shape {shape}")
 
@@ -135,4 +140,6 @@ def contractive_stack(
         return out + build_scales(s, index + 1)
 
     layers += build_scales((c, h, w), 0)
-    return build_flow(shape, Compose(layers), base=base, num_levels=num_levels, logit_alpha=logit_alpha)
+    return build_flow(
+        shape, Compose(layers), base=base, num_levels=num_levels, logit_alpha=logit_alpha, context=context
+    )

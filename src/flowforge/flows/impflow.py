@@ -5,7 +5,9 @@ an inverse residual block, so
 
     log |det df/dx| = log det(I + J_gx(x)) - log det(I + J_gz(z)),
 
-each term from the ``estimator`` group.  Forward: ``a = x + g_x(x)`` then the root ``z`` of
+each term from the ``estimator`` group.  A conditional block uses ``g_x(x, h)`` and ``g_z(z, h)``, the context
+features ``h`` an additive bias inside each g (Lip in x and z < 1 for every h): ``z + g_z(z, h) = x + g_x(x, h)``.
+Forward: ``a = x + g_x(x)`` then the root ``z`` of
 ``z = a - g_z(z)`` (``forward_solver``, :data:`flowforge.solvers.presets.IMPLICIT_FORWARD` by default:
 Broyden, tolerance 1e-6, as the reference, with a Picard fallback); gradients reach ``g_x``, ``g_z`` and
 ``x`` by implicit differentiation, the adjoint ``u (I + J_gz(z)) = dL/dz`` solved by ``backward_solver``
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
 from flowforge.flows.base import Transform
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.contractive_stack import TEST_SIZES, TIGHT_SOLVES_EXACT, contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
@@ -75,17 +77,17 @@ class ImplicitBlock(Transform):
         )
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        a, ld_x = self.residual_x(x)
-        z, ld_z = self.residual_z.inverse_and_log_det(a)
+        a, ld_x = self.residual_x(x, context)
+        z, ld_z = self.residual_z.inverse_and_log_det(a, context)
         return z, ld_x + ld_z
 
     @torch.no_grad()
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.residual_x.inverse(z + self.residual_z.g(z))
+        return self.residual_x.inverse(z + self.residual_z.g_at(z, context), context)
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        a, ld_z = self.residual_z(z)
-        x, ld_x = self.residual_x.inverse_and_log_det(a)
+        a, ld_z = self.residual_z(z, context)
+        x, ld_x = self.residual_x.inverse_and_log_det(a, context)
         return x, ld_z + ld_x
 
 
@@ -110,11 +112,11 @@ def ImplicitFlow(
     ``config`` holds flat keys of ``conf/model/impflow.yaml`` (``hidden=[64, 64]``, ``forward_solver={...}``,
     ...), set on the groups by :func:`flowforge.flows.options.with_config`.
     """
-    unconditional_only("impflow", context, context_net)
+    emb = make_context(context, context_net)
     opts = with_config(config, g=g_net(g, IMPLICIT_G), lipschitz=lipschitz, stack=stack, solvers=solvers)
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"])
+    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"], context_features=context_features(emb))
     solvers = opts["solvers"]
 
     def make_block(kind: str, s: tuple, first: bool) -> ImplicitBlock:
@@ -128,7 +130,13 @@ def ImplicitFlow(
         )
 
     return contractive_stack(
-        shape, make_block, stack=opts["stack"], base=base, num_levels=num_levels, logit_alpha=logit_alpha
+        shape,
+        make_block,
+        stack=opts["stack"],
+        base=base,
+        num_levels=num_levels,
+        logit_alpha=logit_alpha,
+        context=emb,
     )
 
 
@@ -137,6 +145,7 @@ register_family(
     "impflow",
     title="Implicit Flow (Lu et al., 2021)",
     log_det="estimated",
+    conditional=True,
     maintenance=True,
     test=TEST_SIZES,
     exact_test=TIGHT_SOLVES_EXACT,

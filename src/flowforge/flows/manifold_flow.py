@@ -105,7 +105,7 @@ class ManifoldFlow(Flow):
 
     def _forward(self, x: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
         check_on_manifold(x, self.manifold, self.tol)
-        return self.transform(project(x, self.manifold), h)
+        return self.transform(project(x, self.manifold))
 
 
 def _check_manifold(model: str, expected: str, manifold: str | None) -> None:

@@ -105,13 +105,13 @@ class Flow(Transform):
 
     def _forward(self, x: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.preprocess is None:
-            return self.transform(x, h)
+            return self.transform(x) if h is None else self.transform(x, h)
         x, log_det = self.preprocess(x)
-        z, ld = self.transform(x, h)
+        z, ld = self.transform(x) if h is None else self.transform(x, h)
         return z, log_det + ld
 
     def _inverse(self, z: Tensor, h: Tensor | None) -> Tensor:
-        x = self.transform.inverse(z, h)
+        x = self.transform.inverse(z) if h is None else self.transform.inverse(z, h)
         return x if self.preprocess is None else self.preprocess.inverse(x)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -170,7 +170,7 @@ class Flow(Transform):
         h = self._embed_for_sampling(n, context)
         z = self._base_sample(n, 1.0, h)
         log_q = self._base_log_prob(z, h)
-        x, log_det = self.transform.inverse_and_log_det(z, h)
+        x, log_det = self.transform.inverse_and_log_det(z) if h is None else self.transform.inverse_and_log_det(z, h)
         if self.preprocess is not None:
             x, ld = self.preprocess.inverse_and_log_det(x)
             log_det = log_det + ld

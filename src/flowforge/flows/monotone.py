@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from flowforge.errors import ConfigError
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.contractive_block import ContractiveBlock
 from flowforge.flows.contractive_stack import TIGHT_SOLVES_EXACT, contractive_stack
 from flowforge.flows.model import Flow
@@ -66,32 +66,39 @@ class MonotoneBlock(ContractiveBlock):
         self.inverse_solver = as_solver(inverse_solver, **asdict(MONOTONE))
         self.backward_solver = as_solver(backward_solver, **asdict(ADJOINT))
 
-    def _solve(self, rhs: Tensor, sign: float, kind: str) -> Tensor:
-        """``w`` with ``w + sign * g(w) = rhs`` (implicit gradients when grad mode is on)."""
+    def _solve(self, rhs: Tensor, sign: float, kind: str, context: Tensor | None = None) -> Tensor:
+        """``w`` with ``w + sign * g(w, h) = rhs`` (implicit gradients when grad mode is on)."""
         solver = self.forward_solver if kind == "forward" else self.inverse_solver
 
-        def step(w: Tensor, idx: Tensor) -> Tensor:
-            return rhs[idx] - sign * self.g(w)
+        if context is None:
+
+            def step(w: Tensor, idx: Tensor) -> Tensor:
+                return rhs[idx] - sign * self.g(w)
+
+        else:
+
+            def step(w: Tensor, idx: Tensor) -> Tensor:
+                return rhs[idx] - sign * self.g(w, context[idx])
 
         with torch.no_grad():
-            w0 = rhs - sign * self.g(rhs)
+            w0 = rhs - sign * self.g_at(rhs, context)
         on_backward = self.recorder(f"{kind} backward", self.backward_solver)
         w, stats = implicit_solve(step, w0, forward=solver, backward=self.backward_solver, on_backward=on_backward)
         self.recorder(kind, solver)(stats)
         return w.to(rhs.dtype)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        w = self._solve(SQRT2 * x, 1.0, "forward")
-        _, log_det = self.estimate(w, "monotone")
+        w = self._solve(SQRT2 * x, 1.0, "forward", context)
+        _, log_det = self.estimate(w, "monotone", context)
         return SQRT2 * w - x, log_det
 
     @torch.no_grad()
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
-        return SQRT2 * self._solve(SQRT2 * y, -1.0, "inverse") - y
+        return SQRT2 * self._solve(SQRT2 * y, -1.0, "inverse", context) - y
 
     def inverse_and_log_det(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        w = self._solve(SQRT2 * y, -1.0, "inverse")
-        _, log_det = self.estimate(w, "monotone")
+        w = self._solve(SQRT2 * y, -1.0, "inverse", context)
+        _, log_det = self.estimate(w, "monotone", context)
         return SQRT2 * w - y, -log_det
 
 
@@ -117,7 +124,7 @@ def MonotoneFlow(
     groups by :func:`flowforge.flows.options.with_config`.  The blocks are monotone when Lip(g) < 1 in the
     Euclidean norm, so ``lipschitz.norm`` must be ``spectral``.
     """
-    unconditional_only("monotone", context, context_net)
+    emb = make_context(context, context_net)
     opts = with_config(config, g=g_net(g, MONOTONE_G), lipschitz=lipschitz, stack=stack, solvers=solvers)
     if opts["lipschitz"].norm != "spectral":
         raise ConfigError(
@@ -125,7 +132,7 @@ def MonotoneFlow(
         )
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"])
+    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"], context_features=context_features(emb))
     solvers = opts["solvers"]
 
     def make_block(kind: str, s: tuple, first: bool) -> MonotoneBlock:
@@ -136,7 +143,13 @@ def MonotoneFlow(
         )
 
     return contractive_stack(
-        shape, make_block, stack=opts["stack"], base=base, num_levels=num_levels, logit_alpha=logit_alpha
+        shape,
+        make_block,
+        stack=opts["stack"],
+        base=base,
+        num_levels=num_levels,
+        logit_alpha=logit_alpha,
+        context=emb,
     )
 
 
@@ -145,6 +158,7 @@ register_family(
     "monotone",
     title="Monotone Flow (Ahn et al., 2022)",
     log_det="estimated",
+    conditional=True,
     maintenance=True,
     test=(
         "model.num_blocks=2",

@@ -56,7 +56,7 @@ class FactorOut(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         kept, rest = x[:, : self.kept_shape[0]], x[:, self.kept_shape[0] :]
-        z_rest, log_det = self.inner(rest, context)
+        z_rest, log_det = self.inner(rest) if context is None else self.inner(rest, context)
         return _cat(kept.reshape(x.shape[0], -1), z_rest), log_det
 
     def _split(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,11 +64,17 @@ class FactorOut(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         kept, z_rest = self._split(z)
-        return _cat(kept, self.inner.inverse(z_rest, context), dim=1)
+        return _cat(
+            kept, (self.inner.inverse(z_rest) if context is None else self.inner.inverse(z_rest, context)), dim=1
+        )
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         kept, z_rest = self._split(z)
-        rest, log_det = self.inner.inverse_and_log_det(z_rest, context)
+        rest, log_det = (
+            self.inner.inverse_and_log_det(z_rest)
+            if context is None
+            else self.inner.inverse_and_log_det(z_rest, context)
+        )
         return _cat(kept, rest, dim=1), log_det
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from flowforge.errors import ConfigError
 from flowforge.estimators.logdet import LogDetEstimator, as_estimator
-from flowforge.flows.context import unconditional_only
+from flowforge.flows.context import context_features, make_context
 from flowforge.flows.contractive_stack import TEST_SIZES, contractive_stack
 from flowforge.flows.model import Flow
 from flowforge.flows.options import GNet, Lipschitz, Solvers, Stack, g_net, with_config
@@ -62,7 +62,7 @@ def ResidualFlow(
     ``g="dense"``, ...), set on the groups by :func:`flowforge.flows.options.with_config`, and
     ``inverse_atol``, ``inverse_rtol``, ``inverse_max_iters``: the options ``inverse_solver`` leaves out.
     """
-    unconditional_only("resflow", context, context_net)
+    emb = make_context(context, context_net)
     tolerances = {key: config.pop(key) for key in INVERSE_TOLERANCES if key in config}
     opts = with_config(config, g=g_net(g, GNet()), lipschitz=lipschitz, stack=stack, solvers=solvers)
     solvers = opts["solvers"]
@@ -70,7 +70,7 @@ def ResidualFlow(
         raise ConfigError("residual blocks have no forward solve (y = x + g(x)); set solvers.inverse instead")
     shape = tuple(int(s) for s in shape)
     est = as_estimator(estimator, math.prod(shape))
-    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"])
+    nets = ContractiveNets(g=opts["g"], lipschitz=opts["lipschitz"], context_features=context_features(emb))
 
     def make_block(kind: str, s: tuple, first: bool) -> ResidualBlock:
         return ResidualBlock(
@@ -83,7 +83,13 @@ def ResidualFlow(
         )
 
     return contractive_stack(
-        shape, make_block, stack=opts["stack"], base=base, num_levels=num_levels, logit_alpha=logit_alpha
+        shape,
+        make_block,
+        stack=opts["stack"],
+        base=base,
+        num_levels=num_levels,
+        logit_alpha=logit_alpha,
+        context=emb,
     )
 
 
@@ -98,8 +104,7 @@ def IResNet(
 ) -> Flow:
     """i-ResNet: a residual flow with ELU, coeff 0.9 (:data:`IRESNET_G`) and (by its config) the
     truncated power series; ``options`` as :func:`ResidualFlow` takes them."""
-    unconditional_only("iresnet", context, context_net)
-    return ResidualFlow(shape, estimator, g=g_net(g, IRESNET_G), **options)
+    return ResidualFlow(shape, estimator, g=g_net(g, IRESNET_G), context=context, context_net=context_net, **options)
 
 
 register_family(
@@ -107,6 +112,7 @@ register_family(
     "resflow",
     title="Residual Flow (Chen et al., 2019); i-DenseNet with `model.g=dense` (Perugachi-Diaz et al., 2021)",
     log_det="estimated",
+    conditional=True,
     maintenance=True,
     test=TEST_SIZES,
     exact_test=("estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"),
@@ -127,6 +133,7 @@ register_family(
     "iresnet",
     title="i-ResNet (Behrmann et al., 2019)",
     log_det="estimated",
+    conditional=True,
     maintenance=True,
     test=TEST_SIZES,
     exact_test=("estimator=exact", "model.inverse_atol=1e-13", "model.inverse_rtol=1e-13"),

@@ -62,17 +62,24 @@ class ResidualBlock(ContractiveBlock):
         return self.solves.failures.get("inverse", 0)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        gx, log_det = self.estimate(x)
+        gx, log_det = self.estimate(x, context=context)
         return x + gx, log_det
 
-    def solve_inverse(self, y: Tensor) -> Tensor:
-        """``x`` with ``x + g(x) = y``; differentiable by implicit differentiation when grad mode is on."""
+    def solve_inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        """``x`` with ``x + g(x, h) = y``; differentiable by implicit differentiation when grad mode is on."""
 
-        def step(x_sub: Tensor, idx: Tensor) -> Tensor:
-            return y[idx] - self.g(x_sub)
+        if context is None:
+
+            def step(x_sub: Tensor, idx: Tensor) -> Tensor:
+                return y[idx] - self.g(x_sub)
+
+        else:
+
+            def step(x_sub: Tensor, idx: Tensor) -> Tensor:
+                return y[idx] - self.g(x_sub, context[idx])
 
         with torch.no_grad():
-            x0 = y - self.g(y)
+            x0 = y - self.g_at(y, context)
         on_backward = self.recorder("inverse backward", self.backward_solver)
         x, stats = implicit_solve(
             step, x0, forward=self.inverse_solver, backward=self.backward_solver, on_backward=on_backward
@@ -82,10 +89,10 @@ class ResidualBlock(ContractiveBlock):
 
     @torch.no_grad()
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.solve_inverse(y)
+        return self.solve_inverse(y, context)
 
     def inverse_and_log_det(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(x, -log det(I + J_g(x)))``, differentiable in ``y`` and the parameters."""
-        x = self.solve_inverse(y)
-        _, log_det = self.estimate(x)
+        """``(x, -log det(I + J_g(x)))``, differentiable in ``y``, the context and the parameters."""
+        x = self.solve_inverse(y, context)
+        _, log_det = self.estimate(x, context=context)
         return x, -log_det

@@ -80,21 +80,27 @@ class Lipschitz:
 
 @dataclass(frozen=True)
 class ContractiveNets:
-    """Builds the g of each block from the network options ``g`` and the normalisation ``lipschitz``."""
+    """Builds the g of each block from the network options ``g`` and the normalisation ``lipschitz``;
+    with ``context_features > 0`` every g reads the context features as an additive bias of its first
+    normalised layer (:class:`flowforge.nn.lipschitz_net.ContextBias`)."""
 
     g: GNet = GNet()
     lipschitz: Lipschitz = Lipschitz()
+    context_features: int = 0
 
     def _power(self) -> dict:
         return dict(sn_rtol=self.lipschitz.rtol, sn_max_iters=self.lipschitz.max_iters)
 
     def _lip(self) -> dict:
         norm = dict(norm=self.lipschitz.norm, learn_p=self.lipschitz.learn_p)
-        return dict(act=self.g.act, coeff=self.g.coeff, **norm, **self._power())
+        return dict(act=self.g.act, coeff=self.g.coeff, **norm, **self._power(), **self._context())
+
+    def _context(self) -> dict:
+        return {"context_features": self.context_features} if self.context_features else {}
 
     def _dense(self) -> dict:
         g = self.g
-        return dict(depth=g.depth, act=g.act, coeff=g.coeff, lip_coeff=g.lip_coeff, **self._power())
+        return dict(depth=g.depth, act=g.act, coeff=g.coeff, lip_coeff=g.lip_coeff, **self._power(), **self._context())
 
     def vector(self, d: int, zero_last: bool = True) -> nn.Module:
         """g on vectors (toys, tabular data), starting at zero when ``zero_last`` (identity blocks)."""

@@ -24,6 +24,10 @@ graph, so DDP needs no ``find_unused_parameters``); Adam, with zero moments and 
 ``linearize(x)`` returns ``(g(x), jvp)`` with ``jvp(v) = J_g(x) v``; per dense layer
 ``J_D v = [eta_1 v, eta_2 a'(L x) (W v)]``, with the normalised weights and activation derivatives computed
 once per call (frozen at ``x``), differentiable in x and the parameters when grad mode is on.
+
+Conditional g (``context_features > 0``): the first dense layer computes ``a(L(x) + U h)``
+(:class:`~flowforge.nn.lipschitz_net.ContextBias`, ``U`` unconstrained); the bias is constant in x, so the bound
+Lip_x(g(., h)) <= coeff * lip_coeff^depth holds for every context.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch import Tensor, nn
 
 from flowforge.errors import ConfigError
 from flowforge.nn.activations import lipschitz_activation
-from flowforge.nn.lipschitz_net import Jvp, LipschitzNet, _layer_setup, _weight_op
+from flowforge.nn.lipschitz_net import ContextBias, Jvp, LipschitzNet, _layer_setup, _weight_op
 
 #: offset of the concatenation weights: eta = softplus(K) + ETA_MIN before the rescaling
 ETA_MIN = 0.1
@@ -47,15 +51,17 @@ class DenseLayer(nn.Module):
 
     ``layer`` is a spectral-norm (``normalized_weight``) layer, ``act`` a 1-Lipschitz activation with
     ``linearize``.  ``concat_k`` holds (K_1, K_2); it receives gradients only while ``learnable_concat``.
+    ``context_features > 0`` adds the context bias after ``layer``: ``a(L(x) + U h)``.
     """
 
-    def __init__(self, layer: nn.Module, act: nn.Module, lip_coeff: float = 0.98):
+    def __init__(self, layer: nn.Module, act: nn.Module, lip_coeff: float = 0.98, context_features: int = 0):
         super().__init__()
         self.layer = layer
         self.act = act
         self.lip_coeff = _check_lip_coeff(lip_coeff)
         self.concat_k = nn.Parameter(torch.zeros(2))
         self.learnable_concat = False
+        self.context_bias = ContextBias(context_features, layer.weight.shape[0]) if context_features else None
 
     def concat_weights(self) -> Tensor:
         """``(eta_1, eta_2)``, rescaled to 2-norm ``lip_coeff`` (K gets a zero gradient unless ``learnable_concat``)."""
@@ -65,13 +71,19 @@ class DenseLayer(nn.Module):
         eta = F.softplus(k) + ETA_MIN
         return eta * (self.lip_coeff / torch.linalg.vector_norm(eta))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         eta = self.concat_weights().to(x.dtype)
-        return torch.cat([eta[0] * x, eta[1] * self.act(self.layer(x))], dim=1)
+        u = self.layer(x)
+        if context is not None:
+            u = self.context_bias(u, context)
+        return torch.cat([eta[0] * x, eta[1] * self.act(u)], dim=1)
 
-    def linearize(self, x: Tensor) -> tuple[Tensor, Jvp]:
+    def linearize(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Jvp]:
         op, w = _weight_op(self.layer)
-        h, act_jvp = self.act.linearize(op(x, w, self.layer.bias))
+        u = op(x, w, self.layer.bias)
+        if context is not None:
+            u = self.context_bias(u, context)
+        h, act_jvp = self.act.linearize(u)
         eta = self.concat_weights().to(x.dtype)
         y = torch.cat([eta[0] * x, eta[1] * h], dim=1)
         return y, lambda v: torch.cat([eta[0] * v, eta[1] * act_jvp(op(v, w, None))], dim=1)
@@ -137,14 +149,17 @@ def _assemble(
     coeff: float,
     dense: Callable[[int, int], nn.Module],
     out: Callable[[int], nn.Module],
+    context_features: int = 0,
 ) -> DenseNet:
-    """``depth`` dense layers around ``dense(width, growth / mult)`` then ``out(channels + depth * growth)``."""
+    """``depth`` dense layers around ``dense(width, growth / mult)`` then ``out(channels + depth * growth)``;
+    the first dense layer reads the context (``context_features > 0``)."""
     lip_coeff = _check_lip_coeff(lip_coeff)
     hidden = _check_sizes(depth, growth, act, mult)
     layers: list[nn.Module] = []
     width = channels
-    for _ in range(depth):
-        layers.append(DenseLayer(dense(width, hidden), lipschitz_activation(act), lip_coeff))
+    for i in range(depth):
+        features = context_features if i == 0 else 0
+        layers.append(DenseLayer(dense(width, hidden), lipschitz_activation(act), lip_coeff, features))
         width += growth
     layers.append(out(width))
     return DenseNet(*layers, lipschitz_bound=coeff * lip_coeff**depth)
@@ -160,6 +175,7 @@ def dense_mlp(
     zero_last: bool = True,
     sn_rtol: float = 1e-3,
     sn_max_iters: int = 200,
+    context_features: int = 0,
 ) -> DenseNet:
     """i-DenseNet ``g`` on vectors: ``features -> features + depth * growth -> features`` with
     Lip(g) <= coeff * lip_coeff^depth.  ``zero_last`` starts the block at the identity."""
@@ -184,6 +200,7 @@ def dense_mlp(
         coeff=sn["coeff"],
         dense=lambda width, hidden: cls(width, hidden, **sn),
         out=lambda width: cls(width, features, zero_init=zero_last, **sn),
+        context_features=context_features,
     )
 
 
@@ -197,6 +214,7 @@ def dense_convnet(
     zero_last: bool = False,
     sn_rtol: float = 1e-3,
     sn_max_iters: int = 200,
+    context_features: int = 0,
 ) -> DenseNet:
     """i-DenseNet ``g`` on images ``(C, H, W)``: 3x3 dense convolutions at the input resolution
     (stride 1, same padding), then a 1x1 convolution ``C + depth * growth -> C``;
@@ -225,6 +243,7 @@ def dense_convnet(
         coeff=sn["coeff"],
         dense=lambda width, hidden: cls(width, hidden, 3, input_size=(h, w), padding=1, **sn),
         out=lambda width: cls(width, c, 1, input_size=(h, w), padding=0, zero_init=zero_last, **sn),
+        context_features=context_features,
     )
 
 

@@ -7,6 +7,12 @@ pre-activation (Residual Flows' image blocks) an activation also comes first.
 ``linearize(x)`` returns ``(g(x), jvp)`` with ``jvp(v) = J_g(x) v = W_n D_{n-1} W_{n-1} ... D_1 W_1 v``:
 the normalised weights ``W_i`` and activation derivatives ``D_i`` are computed once, so every further
 product ``J^k v`` is one pass of matrix products and elementwise scalings (no autograd graph walk).
+
+Conditional g (``context_features > 0``): the context features ``h`` enter only as an additive bias of the
+first normalised layer, ``W_1 x + b_1 + U h`` (:class:`ContextBias`; ``U`` unconstrained, a per-channel bias
+broadcast over H x W on images).  The bias does not depend on x, so ``J_g(x; h)`` has the same product form
+and Lip_x(g(., h)) <= prod_i ||W_i|| <= coeff for every h: the context weights take no part in the
+normalisation.  Without context the network has exactly the layers it has unconditionally.
 """
 
 from __future__ import annotations
@@ -31,10 +37,41 @@ def _weight_op(layer: nn.Module) -> tuple[Callable[[Tensor, Tensor, Tensor | Non
     return (lambda v, w_, b=None: F.conv2d(v, w_, b, stride, padding)), w
 
 
-class LipschitzNet(nn.Sequential):
-    """A sequence of Lipschitz layers (``normalized_weight``) and activations (``linearize``)."""
+class ContextBias(nn.Module):
+    """``u -> u + U h``: the context's additive bias after a normalised layer, ``U`` an unconstrained linear map
+    of the ``features`` context features to ``channels`` (broadcast over the spatial dimensions of images).
 
-    def linearize(self, x: Tensor) -> tuple[Tensor, Jvp]:
+    Its derivative in ``u`` is the identity, so it leaves the Lipschitz constant in x unchanged."""
+
+    def __init__(self, features: int, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(int(features), int(channels), bias=False)
+
+    def forward(self, u: Tensor, context: Tensor) -> Tensor:
+        b = self.proj(context.to(u.dtype))
+        return u + b.view(*b.shape, *([1] * (u.dim() - 2)))
+
+    def linearize(self, u: Tensor, context: Tensor) -> tuple[Tensor, Jvp]:
+        return self(u, context), lambda v: v
+
+
+def takes_context(layer: nn.Module) -> bool:
+    """Whether ``layer`` reads the context features (a :class:`ContextBias`, or a layer holding one)."""
+    return isinstance(layer, ContextBias) or getattr(layer, "context_bias", None) is not None
+
+
+class LipschitzNet(nn.Sequential):
+    """A sequence of Lipschitz layers (``normalized_weight``) and activations (``linearize``); in a conditional
+    net also layers reading the context features (:func:`takes_context`, module docstring)."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is None:
+            return super().forward(x)
+        for layer in self:
+            x = layer(x, context) if takes_context(layer) else layer(x)
+        return x
+
+    def linearize(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Jvp]:
         ops: list[Jvp] = []
         h = x
         for layer in self:
@@ -43,7 +80,9 @@ class LipschitzNet(nn.Sequential):
                 h = op(h, w, layer.bias)
                 ops.append(lambda v, op=op, w=w: op(v, w, None))
             else:
-                h, jvp = layer.linearize(h)
+                h, jvp = (
+                    layer.linearize(h, context) if context is not None and takes_context(layer) else layer.linearize(h)
+                )
                 ops.append(jvp)
 
         def jvp_all(v: Tensor) -> Tensor:
@@ -128,9 +167,11 @@ def lipschitz_mlp(
     learn_p: bool = False,
     sn_rtol: float = 1e-3,
     sn_max_iters: int = 200,
+    context_features: int = 0,
 ) -> LipschitzNet:
     """``features -> hidden... -> features`` with Lipschitz constant <= coeff (the toy/tabular g and
-    the fully connected blocks at the end of the image model)."""
+    the fully connected blocks at the end of the image model); with ``context_features`` the first layer
+    adds the context bias ``U h`` (:class:`ContextBias`)."""
     cls, sn, mult = _layer_setup(
         "linear",
         act,
@@ -148,7 +189,16 @@ def lipschitz_mlp(
         layers += [cls(width, h, **sn), lipschitz_activation(act)]
         width = h * mult
     layers.append(cls(width, features, zero_init=zero_last, **sn))
-    return LipschitzNet(*layers)
+    return LipschitzNet(*with_context_bias(layers, context_features))
+
+
+def with_context_bias(layers: list[nn.Module], context_features: int) -> list[nn.Module]:
+    """``layers`` with a :class:`ContextBias` after the first normalised layer (``context_features > 0``)."""
+    if not context_features:
+        return layers
+    i = next(i for i, layer in enumerate(layers) if hasattr(layer, "normalized_weight"))
+    width = layers[i].weight.shape[0]
+    return [*layers[: i + 1], ContextBias(context_features, width), *layers[i + 1 :]]
 
 
 def lipschitz_convnet(
@@ -165,9 +215,11 @@ def lipschitz_convnet(
     learn_p: bool = False,
     sn_rtol: float = 1e-3,
     sn_max_iters: int = 200,
+    context_features: int = 0,
 ) -> LipschitzNet:
     """Residual Flows' image ``g``: ``[a ->] conv k1 -> a -> conv k2 -> a -> ... -> conv kn`` at the
-    input resolution (stride 1, same padding), hidden width ``width``."""
+    input resolution (stride 1, same padding), hidden width ``width``; with ``context_features`` the first
+    convolution adds the per-channel context bias ``U h`` (:class:`ContextBias`)."""
     c, h, w = (int(s) for s in shape)
     cls, sn, mult = _layer_setup(
         "conv",
@@ -192,4 +244,4 @@ def lipschitz_convnet(
         if not last:
             layers.append(lipschitz_activation(act))
         cin = cout * mult
-    return LipschitzNet(*layers)
+    return LipschitzNet(*with_context_bias(layers, context_features))

@@ -26,7 +26,33 @@ def batch_input(model: nn.Module, batch: Any, stage: str = "train", step: int = 
         raise DataError(
             f"{stage} batch contains {int((~torch.isfinite(x)).sum())} NaN/inf values; check the dataset files"
         )
+    if stage != "train":
+        c = batch_context(model, batch)
+        if c is not None and torch.is_floating_point(c) and not torch.isfinite(c).all():
+            raise DataError(
+                f"{stage} batch has {int((~torch.isfinite(c)).sum())} NaN/inf values in its context vectors; check "
+                "the dataset's contexts"
+            )
     return x
+
+
+def batch_finite(model: nn.Module, batch: Any, x: Tensor) -> Tensor:
+    """Whether the training batch is finite, as a boolean device tensor: its input ``x`` and, for a conditional
+    model with context vectors, its context (labels are checked by the model)."""
+    finite = torch.isfinite(x).all()
+    c = batch_context(model, batch)
+    if c is not None and torch.is_floating_point(c):
+        finite = finite & torch.isfinite(c).all()
+    return finite
+
+
+def nonfinite_values(model: nn.Module, batch: Any, x: Tensor) -> Tensor:
+    """The values of a training batch that :func:`batch_finite` checks, flattened into one tensor (for the count of
+    NaN/inf values in a fault report)."""
+    c = batch_context(model, batch)
+    if c is None or not torch.is_floating_point(c):
+        return x
+    return torch.cat([x.reshape(-1), c.reshape(-1).to(x.dtype)])
 
 
 def batch_context(model: nn.Module, batch: Any) -> Tensor | None:

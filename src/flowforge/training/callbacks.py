@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from flowforge.training import visualize
-from flowforge.training.faults import nonfinite_samples
+from flowforge.training.faults import locate_nonfinite, nonfinite_samples
 
 log = logging.getLogger("flowforge")
 
@@ -29,6 +29,11 @@ class SampleFigures(pl.Callback):
     (``epoch E, step N`` after a validation, ``final, step N`` at the end of testing), the score logged at that
     point (``val/...`` or ``test/...`` from the trainer's ``callback_metrics``: bits/dim for images, else the NLL
     in nats, the MSE for regression) and the temperature of the samples.
+
+    A conditional model ``p(x | c)`` is drawn at several contexts: a class-conditional
+    image model as a grid with one row of samples per class (the first :data:`MAX_ROWS` classes), a 2-D model as one
+    column per context (its density, and its samples over the data of that context); a context vector is taken at
+    4 points of the data's contexts (:func:`flowforge.training.visualize.figure_contexts`).
 
     Figures go to ``<dirpath>/val_epoch{E}.png`` and ``<dirpath>/test.png``, and to W&B / TensorBoard when those
     log.
@@ -62,10 +67,16 @@ class SampleFigures(pl.Callback):
         was_training = model.training
         model.eval()
         try:
+            if getattr(model, "conditional", False):
+                return self._draw_conditional(trainer, pl_module, model, tag, title)
             return self._draw(trainer, pl_module, model, tag, title)
         except (FloatingPointError, ValueError, RuntimeError) as e:  # numerical failures: reported, run goes on
             try:
-                found = nonfinite_samples(model, 256, self.temperature)
+                found = (
+                    conditional_nonfinite_samples(model, self._contexts(trainer, model), 256, self.temperature)
+                    if getattr(model, "conditional", False)
+                    else nonfinite_samples(model, 256, self.temperature)
+                )
             except (FloatingPointError, ValueError, RuntimeError):
                 found = None
             where = found[1] if found else None
@@ -151,6 +162,52 @@ class SampleFigures(pl.Callback):
             _log_image(logger, f"samples/{tag.split('_')[0]}", path, trainer.global_step)
         return path
 
+    def _contexts(self, trainer: pl.Trainer, model) -> torch.Tensor:
+        """The raw contexts a conditional model is drawn at (class docstring)."""
+        if model.context.classes is not None:
+            return torch.arange(min(model.context.classes, MAX_ROWS))
+        dm = trainer.datamodule
+        split = dm.splits.get("test") or dm.splits.get("val")
+        return visualize.figure_contexts(split.tensors[1][:5000])
+
+    def _draw_conditional(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model, tag: str, title: str
+    ) -> Path | None:
+        if not model.is_image and model.dim != 2:
+            return None  # (no figure of p(x | c) in other dimensions: nothing to sample)
+        path = self.dirpath / f"{tag}.png"
+        contexts = self._contexts(trainer, model)
+        rows = len(contexts)
+        per_row = max(1, self.num_images // rows) if model.is_image else 1000
+        on_device = _OnDevice(model, pl_module.device)
+        with torch.autocast(device_type=pl_module.device.type, enabled=False):
+            drawn = on_device.sample(rows * per_row, contexts.repeat_interleave(per_row, 0), self.temperature)
+            if not torch.isfinite(drawn).all():
+                raise FloatingPointError("samples contain NaN/inf")
+            drawn = drawn.reshape(rows, per_row, *drawn.shape[1:])
+            data = data_contexts = None
+            if not model.is_image:
+                dm = trainer.datamodule
+                split = dm.splits.get("test") or dm.splits.get("val")
+                data, data_contexts = split.tensors[0][:5000].float(), split.tensors[1][:5000]
+            figure = visualize.conditional_figure(
+                on_device,
+                path,
+                contexts,
+                data,
+                data_contexts,
+                images=drawn if model.is_image else None,
+                samples=None if model.is_image else drawn,
+                temperature=self.temperature,
+                title=title,
+            )
+        if figure is None:
+            return None
+        self.last_path = path
+        for logger in trainer.loggers:
+            _log_image(logger, f"samples/{tag.split('_')[0]}", path, trainer.global_step)
+        return path
+
     @staticmethod
     def _data(trainer: pl.Trainer) -> torch.Tensor:
         dm = trainer.datamodule
@@ -165,24 +222,50 @@ def _target_function(datamodule):
     return step_function if isinstance(datamodule, Step1DDataModule) else None
 
 
+def conditional_nonfinite_samples(
+    model, contexts: torch.Tensor, n: int, temperature: float = 1.0, prefix: str = "model."
+) -> tuple[int, str | None] | None:
+    """:func:`~flowforge.training.faults.nonfinite_samples` of a conditional model: ``n`` samples at each of the
+    raw ``contexts``; None when all are finite, else the count of NaN/inf values and the first module whose inverse
+    produced them, at the first context that gives any."""
+    for c in contexts:
+        state = torch.random.get_rng_state()
+        x = model.sample(n, context=c, temperature=temperature)
+        if not bool(torch.isfinite(x).all()):
+            torch.random.set_rng_state(state)
+            where = locate_nonfinite(model, lambda c=c: model.sample(n, context=c, temperature=temperature), prefix)
+            return int((~torch.isfinite(x)).sum()), where
+    return None
+
+
+#: a class-conditional image model's figure shows at most this many classes (one row each)
+MAX_ROWS = 10
+
+
 class _OnDevice:
-    """Moves plotting inputs to the model's device and results back to the CPU."""
+    """Moves plotting inputs (and contexts) to the model's device and results back to the CPU."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
         self.is_image, self.dim = model.is_image, model.dim
         self.manifold = getattr(model, "manifold", None)
         self.base = getattr(model, "base", None)
+        self.conditional = getattr(model, "conditional", False)
 
-    def __call__(self, x):
-        z, log_det = self.model(x.to(self.device))
+    def _context(self, context):
+        return None if context is None else torch.as_tensor(context).to(self.device)
+
+    def __call__(self, x, context=None):
+        z, log_det = self.model(x.to(self.device), self._context(context))
         return z.cpu(), log_det.cpu()
 
-    def log_prob(self, x):
-        return self.model.log_prob(x.to(self.device)).cpu()
+    def log_prob(self, x, context=None):
+        return self.model.log_prob(x.to(self.device), self._context(context)).cpu()
 
-    def sample(self, n, temperature=1.0):
-        return self.model.sample(n, temperature=temperature).cpu()
+    def sample(self, n, context=None, temperature=1.0):
+        if context is None:
+            return self.model.sample(n, temperature=temperature).cpu()
+        return self.model.sample(n, context=self._context(context), temperature=temperature).cpu()
 
 
 def _log_image(logger, key: str, path: Path, step: int) -> None:

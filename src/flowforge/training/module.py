@@ -43,7 +43,7 @@ from flowforge.flows.base import initialize, pending_init, refresh_ready
 from flowforge.flows.cnf import clear_step_records, nfe_summary
 from flowforge.flows.contractive_block import clear_solve_records, solver_summary
 from flowforge.flows.model import Flow
-from flowforge.training.batches import batch_input
+from flowforge.training.batches import batch_finite, batch_input, nonfinite_values
 from flowforge.training.estimator_noise import EstimatorNoise
 from flowforge.training.fault_policy import FaultPolicy, nonfinite_step
 from flowforge.training.lipschitz_maintenance import LipschitzMaintenance
@@ -155,9 +155,9 @@ class FlowModule(pl.LightningModule):
         self._callbacks = [FaultPolicy(), LipschitzMaintenance()] if callbacks is None else list(callbacks)
 
     # ------------------------------------------------------------------ forward and metrics
-    def forward(self, x: Tensor) -> Tensor:
-        """``log p(x)`` per example."""
-        return self.model.log_prob(x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``log p(x)`` per example (``log p(x | c)`` given the raw ``context`` of a conditional model)."""
+        return self.model.log_prob(x, context)
 
     def batch_input(self, batch: Any, stage: str = "train") -> Tensor:
         return batch_input(self.model, batch, stage, self.global_step)
@@ -226,8 +226,8 @@ class FlowModule(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x = self.batch_input(batch)
-        if not torch.isfinite(x).all():  # host sync: a non-finite batch is never fed to the model
-            nonfinite_step(self, batch, x)
+        if not batch_finite(self.model, batch, x):  # host sync: a non-finite batch is never fed to the model
+            nonfinite_step(self, batch, nonfinite_values(self.model, batch, x))
             return None  # Lightning skips backward and the optimizer step
         if not self._data_init_done:
             self.initialize(batch, x)

@@ -2,6 +2,9 @@
 (target curve and the model's F(x) on a grid, also written as CSV), image grids (PNG), and manifold
 plots: S^2 in the equal-area Mollweide projection (longitude ``atan2(x_2, x_1)``, latitude ``asin(x_3)``),
 S^1 as densities over the angle, the 3-simplex as a ternary plot (``(p_2 + p_3 / 2, p_3 sqrt(3) / 2)``).
+Conditional models ``p(x | c)`` get one panel per context: 2-D densities ``p(x | c_k)`` for several contexts
+(:func:`conditional_density_plot_2d`) and, for images, a grid with one row of samples per class or context
+(:func:`context_grid`).
 
 Every figure takes a ``title`` (drawn as its suptitle; :func:`figure_title` composes the usual one: model
 family, dataset, when it was drawn, the likelihood score known then, and the sampling temperature) and,
@@ -73,17 +76,18 @@ def _suptitle(fig, title: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------- densities
-def tempered_log_prob(model, x: Tensor, temperature: float = 1.0) -> Tensor | None:
+def tempered_log_prob(model, x: Tensor, temperature: float = 1.0, context: Tensor | None = None) -> Tensor | None:
     """``log p_T(x)``: the log-density of ``model.sample(n, temperature)``, i.e. of ``f^{-1}(z)`` with ``z`` from the
     base Gaussian with its standard deviation scaled by ``T``:
     ``log N(f(x); mu, T^2 sigma^2) + log |det df/dx|`` (``model.log_prob`` at ``T = 1``).  None when the model's base
-    is not a :class:`~flowforge.flows.distributions.DiagonalGaussian` (manifold bases are tempered otherwise)."""
+    is not a :class:`~flowforge.flows.distributions.DiagonalGaussian` (manifold bases are tempered otherwise).
+    ``context``: the raw context of a conditional model, one per row of ``x`` (its base must not depend on it)."""
     if temperature == 1.0:
-        return model.log_prob(x)
+        return model.log_prob(x) if context is None else model.log_prob(x, context)
     base = getattr(model, "base", None)
-    if not isinstance(base, DiagonalGaussian):
+    if not isinstance(base, DiagonalGaussian) or getattr(base, "conditional", False):
         return None
-    z, log_det = model(x)
+    z, log_det = model(x) if context is None else model(x, context)
     loc, log_scale = base.loc.to(z), base.log_scale.to(z)
     eps = (z - loc) * torch.exp(-log_scale) / temperature
     const = log_scale.sum() + base.dim * (math.log(temperature) + 0.5 * math.log(2 * math.pi))
@@ -293,6 +297,137 @@ def panel_boxes(path: Path) -> list[tuple[int, int, int, int]] | None:
     return [tuple(b) for b in json.loads(text)] if text else None
 
 
+# ----------------------------------------------------------------------------- conditional models
+def context_label(c: Tensor) -> str:
+    """A context as a panel label: ``class k`` for a label, ``c = 0.25`` or ``c = (0.2, 0.5, ...)`` for a vector."""
+    c = torch.as_tensor(c)
+    if not torch.is_floating_point(c):
+        return f"class {int(c)}"
+    values = [f"{float(v):.3g}" for v in c.reshape(-1)[:4]]
+    more = ", ..." if c.numel() > 4 else ""
+    return f"c = {values[0]}" if c.numel() == 1 else f"c = ({', '.join(values)}{more})"
+
+
+def figure_contexts(contexts: Tensor, n: int = 4) -> Tensor:
+    """``n`` contexts to draw a conditional model at, from a split's contexts ``(N, K)``: for ``K = 1`` the
+    quantiles 5%, ..., 95% (evenly spaced), so the panels span the range of ``c``; else the first ``n`` rows."""
+    contexts = contexts.float()
+    if contexts.shape[1] == 1:
+        q = torch.linspace(0.05, 0.95, n, dtype=contexts.dtype)
+        return torch.quantile(contexts[:, 0], q).unsqueeze(1)
+    return contexts[:n]
+
+
+def nearest_data(data: Tensor, data_contexts: Tensor, c: Tensor, k: int = 300) -> Tensor:
+    """The ``k`` examples of ``data`` whose contexts are nearest to ``c`` (Euclidean): the data of ``p(x | c)``
+    when the contexts are continuous."""
+    d = (data_contexts.float().reshape(len(data_contexts), -1) - c.float().reshape(1, -1)).norm(dim=1)
+    return data[d.argsort()[:k]]
+
+
+@torch.no_grad()
+def conditional_density_plot_2d(
+    model,
+    contexts: Tensor,
+    path: Path,
+    data: Tensor | None = None,
+    data_contexts: Tensor | None = None,
+    n_grid: int = 100,
+    n_samples: int = 1000,
+    temperature: float = 1.0,
+    title: str | None = None,
+    samples: Tensor | None = None,
+) -> Path:
+    """One column per context ``c_k`` (``contexts``: raw contexts, labels ``(n,)`` or vectors ``(n, K)``): the
+    model density ``p(x | c_k)`` on a grid (top) and ``n_samples`` samples of ``p(x | c_k)`` at ``temperature``
+    (bottom; ``samples``: ``(n, m, 2)`` drawn already), with the data of that context (``data`` whose
+    ``data_contexts`` equal a label, or the 300 nearest to a vector) in black over the samples.  The range covers
+    the data and the samples.  The PNG records each panel's pixel box (:func:`panel_boxes`)."""
+    n = len(contexts)
+    drawn = []
+    for k in range(n):
+        c = contexts[k]
+        if samples is not None:
+            drawn.append(samples[k].detach().float().cpu())
+        else:
+            drawn.append(model.sample(n_samples, context=c, temperature=temperature).detach().float().cpu())
+    near = []
+    for k in range(n):
+        if data is None or data_contexts is None:
+            near.append(None)
+        elif not torch.is_floating_point(data_contexts):
+            near.append(data[data_contexts == contexts[k]][:SCATTER_MAX].float())
+        else:
+            near.append(nearest_data(data, data_contexts, contexts[k]).float())
+    extent = [p.abs().max() for p in [*drawn, *(d for d in near if d is not None and len(d))] if len(p)]
+    lim = float(torch.stack(extent).max()) * 1.1 + 1e-3 if extent else 3.0
+    lim = min(lim, 1e3)
+    g = torch.linspace(-lim, lim, n_grid)
+    xx, yy = torch.meshgrid(g, g, indexing="xy")
+    grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 0.6, 7.4), squeeze=False)
+    panels = []
+    for k in range(n):
+        c = contexts[k]
+        cs = c.unsqueeze(0).expand(grid.shape[0], *c.shape)
+        log_p = tempered_log_prob(model, grid, temperature, cs)
+        label = "p(x | c)" if temperature == 1.0 else f"p_T(x | c), T={temperature:g}"
+        if log_p is None:
+            log_p, label = model.log_prob(grid, cs), "p(x | c) at T=1"
+        top, bottom = axes[0, k], axes[1, k]
+        im = top.imshow(
+            log_p.exp().float().reshape(n_grid, n_grid).numpy(), extent=[-lim, lim, -lim, lim], origin="lower"
+        )
+        top.set_title(f"density, {context_label(c)}")
+        cbar = fig.colorbar(im, ax=top, fraction=0.046, pad=0.04, label=label)
+        pts = drawn[k]
+        bottom.scatter(
+            pts[:, 0].numpy(),
+            pts[:, 1].numpy(),
+            s=2,
+            alpha=min(1.0, 20.0 / math.sqrt(max(1, len(pts)))),
+            linewidths=0,
+            label="samples",
+        )
+        if near[k] is not None and len(near[k]):
+            bottom.scatter(near[k][:, 0].numpy(), near[k][:, 1].numpy(), s=3, c="black", linewidths=0, label="data")
+        bottom.set_xlim(-lim, lim)
+        bottom.set_ylim(-lim, lim)
+        bottom.set_title(
+            f"samples (n={len(pts)}), {context_label(c)}" + (", data in black" if near[k] is not None else "")
+        )
+        for ax in (top, bottom):
+            ax.set_aspect("equal")
+            ax.set_xlabel("x1")
+            ax.set_ylabel("x2")
+        panels += [[top, cbar.ax], [bottom]]
+    _suptitle(fig, title)
+    return save_figure(fig, path, panels=panels)
+
+
+def context_grid(images: Tensor, contexts: Tensor, path: Path, title: str | None = None) -> Path:
+    """Images in [0, 1] of shape ``(R, M, C, H, W)``: one row of ``M`` samples per context ``contexts[r]`` (a class
+    label or a context vector), labelled at the left; ``title`` above."""
+    rows, cols = images.shape[:2]
+    size = max(0.6, min(1.5, 10.0 / cols))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(4.0, cols * size + 1.2), rows * size + (0.6 if title else 0)), squeeze=False
+    )
+    for r in range(rows):
+        for m in range(cols):
+            ax = axes[r, m]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            img = images[r, m].clamp(0, 1).permute(1, 2, 0).numpy()
+            gray = img.shape[-1] == 1
+            ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=1)
+        axes[r, 0].set_ylabel(context_label(contexts[r]), rotation=0, ha="right", va="center", fontsize=9)
+    _suptitle(fig, title)
+    return save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------- manifolds
 def _lon_lat(x: Tensor) -> tuple[np.ndarray, np.ndarray]:
     x = x.double()
@@ -474,6 +609,8 @@ def model_figure(
     (:func:`manifold_figure`) for models on one, else a density plot next to ``data`` in 2-D and 1-D; None when
     there is no figure for the model (other dimensions).  ``samples`` are the points drawn in the samples panel
     (default: 2000 drawn at ``temperature``); ``title`` is the figure's suptitle (:func:`figure_title`)."""
+    if getattr(model, "conditional", False):
+        raise ValueError("a conditional model's figure is conditional_figure (one panel per context)")
     if model.is_image:
         return image_grid(images, path, title=title)
     options = {"samples": samples, "temperature": temperature, "title": title}
@@ -483,4 +620,28 @@ def model_figure(
         return density_plot_2d(model, data, path, **options)
     if model.dim == 1:
         return density_plot_1d(model, data, path, **options)
+    return None
+
+
+def conditional_figure(
+    model,
+    path: Path,
+    contexts: Tensor,
+    data: Tensor | None = None,
+    data_contexts: Tensor | None = None,
+    images: Tensor | None = None,
+    samples: Tensor | None = None,
+    temperature: float = 1.0,
+    title: str | None = None,
+) -> Path | None:
+    """The figure of a conditional flow at the raw ``contexts``: for image models a grid of ``images`` ``(R, M, C,
+    H, W)`` with one row per context (:func:`context_grid`), in 2-D the density and samples per context
+    (:func:`conditional_density_plot_2d`, ``samples`` ``(R, M, 2)`` when drawn already); None in other
+    dimensions."""
+    if model.is_image:
+        return context_grid(images, contexts, path, title=title)
+    if model.dim == 2:
+        return conditional_density_plot_2d(
+            model, contexts, path, data, data_contexts, samples=samples, temperature=temperature, title=title
+        )
     return None
