@@ -19,6 +19,7 @@ GENERATED = {
     "dirichlet_simplex",
     "toy2d_conditional",
     "conditional_gaussian",
+    "sbi",
 }  # the rest read files: replaced by synthetic data here
 
 
