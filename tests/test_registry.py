@@ -206,7 +206,12 @@ def test_a_family_is_one_module_and_one_config(tmp_path):
     env["FLOWFORGE_CONFIG_PATH"] = str(tmp_path / "conf")
     env.pop("PYTEST_XDIST_WORKER", None)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
-    command += ["tests/test_models.py", "tests/test_combinations.py", "-k", "throwaway and (toy2d or digits or step1d) and not conditional"]
+    command += [
+        "tests/test_models.py",
+        "tests/test_combinations.py",
+        "-k",
+        "throwaway and (toy2d or digits or step1d) and not conditional",
+    ]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
