@@ -17,6 +17,7 @@ GENERATED = {
     "target",
     "vmf_sphere",
     "dirichlet_simplex",
+    "sbi",
 }  # the rest read files: replaced by synthetic data here
 
 
@@ -44,6 +45,8 @@ REFUSALS = {
 
 
 def expected_error(model, cfg):
+    if cfg.dataset.get("context") is not None and not FAMILIES[model].conditional:
+        return "does not condition on a context"
     limit = FAMILIES[model].shape_limit(cfg.dataset.shape, cfg.dataset.get("manifold"), cfg.model)
     return REFUSALS[limit] if limit else None
 

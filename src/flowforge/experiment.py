@@ -46,6 +46,7 @@ from flowforge.training.faults import FaultInjection, locate_nonfinite, nonfinit
 from flowforge.training.lipschitz_maintenance import LipschitzMaintenance
 from flowforge.training.module import FlowModule
 from flowforge.training.objectives import make_objective
+from flowforge.training.posterior_checks import PosteriorChecks
 from flowforge.training.resume import EvaluationSeeds, ExactResume, check_resume_config
 from flowforge.training.run_lock import run_lock
 from flowforge.trust import check_stored_targets, load_torch_file
@@ -145,9 +146,19 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
                 **{arg: cfg[key] for arg, key in LIPSCHITZ_KEYS.items() if key in cfg},
                 checkpoint_every=cfg.get("checkpoint_every_n_steps"),
             ),
+            *posterior_checks(cfg, datamodule),
         ],
     )
     return datamodule, module
+
+
+def posterior_checks(cfg: DictConfig, datamodule: pl.LightningDataModule) -> list[pl.Callback]:
+    """C2ST against the reference posteriors and pair plots for simulation-based inference data (a data module with
+    ``posterior_reference``, :mod:`flowforge.data.sbi`); none for other data."""
+    if not hasattr(datamodule, "posterior_reference"):
+        return []
+    out = _output_dir(cfg)
+    return [PosteriorChecks(None if out is None else out / "figures")]
 
 
 #: top-level keys of ``conf/train.yaml`` that configure :class:`LipschitzMaintenance`
