@@ -30,9 +30,9 @@ classifier; 0.5 is a perfect posterior).  The reference posteriors are sbibm's f
 ``sbibm/tasks/<task>/files``: ``pip download sbibm==1.1.0 --no-deps`` and unzip the wheel there), or for
 ``gaussian_linear`` and ``gaussian_mixture`` their closed forms when the files are missing.
 
-Training time is the wall time of building the estimator and training it (sbi: ``append_simulations(...).train()``
-including its z-scoring; flowforge: the model's construction and the training loop); the ratio column divides it
-by ``sbi-maf``'s on the same task.
+Training time is the wall time of building the estimator and training it (sbi: ``append_simulations(...)
+.train()`` including its z-scoring, with a tracker that logs nothing; flowforge: the model's construction and the
+training loop); the ratio column divides it by ``sbi-maf``'s on the same task.
 
 Usage::
 
@@ -120,11 +120,34 @@ def prior_of(task):
     if isinstance(task, BernoulliGLM):
         return MultivariateNormal(torch.zeros(d), precision_matrix=task.precision.float())
     if hasattr(task, "low") and hasattr(task, "high"):
-        return Independent(Uniform(torch.full((d,), task.low), torch.full((d,), task.high)), 1)
+        # as sbi's BoxUniform: log_prob is -inf outside the box (no argument validation)
+        box = Uniform(torch.full((d,), task.low), torch.full((d,), task.high), validate_args=False)
+        return Independent(box, 1, validate_args=False)
     raise ValueError(f"no prior known for task {task.name}")
 
 
 # ----------------------------------------------------------------------------------------------- sbi
+class NoTracker:
+    """sbi's tracker interface, logging nothing (sbi's default writes TensorBoard files under ./sbi-logs)."""
+
+    log_dir = ""
+
+    def log_metric(self, name, value, step=None):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_params(self, params):
+        pass
+
+    def add_figure(self, name, figure, step=None):
+        pass
+
+    def flush(self):
+        pass
+
+
 def train_sbi(method: str, dm, args):
     """sbi's NPE on the data module's simulations; returns (sampler(x_o, n), epochs, params)."""
     from sbi.inference import NPE
@@ -132,7 +155,7 @@ def train_sbi(method: str, dm, args):
 
     theta, x = dm.simulate()
     estimator = "maf" if method == "sbi-maf" else posterior_nn("nsf", **NSF_MATCHED)
-    inference = NPE(prior=prior_of(dm.task), density_estimator=estimator, show_progress_bars=False)
+    inference = NPE(prior=prior_of(dm.task), density_estimator=estimator, tracker=NoTracker(), show_progress_bars=False)
     inference.append_simulations(theta, x)
     net = inference.train(
         training_batch_size=BATCH_SIZE,
