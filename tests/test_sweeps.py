@@ -50,6 +50,7 @@ CELLS = {
     "resflow_ablation": (9, 9),
     "resflow_hybrid": (18, 0),
     "resflow_table1": (18, 18),
+    "sbibm_npe": (15, 15),
     "tabular": (30, 30),
     "toy2d_monotone": (16, 0),
 }

@@ -54,6 +54,9 @@ miniboone     ``miniboone/data.npy``: float64 (78, 43) (27 kB); MAF split 64 / 7
 bsds300       ``BSDS300/BSDS300.hdf5`` with float32 datasets ``train`` (64, 63), ``validation``
               (16, 63), ``test`` (16, 63) (26 kB). Needs h5py (as the loader does); when h5py is
               missing, writing all datasets skips BSDS300 with a warning.
+sbi           ``sbi/sbibm/tasks/<task>/files/num_observation_<k>/`` for the five sbibm tasks and k = 1..10:
+              ``observation.csv``, ``true_parameters.csv`` and ``reference_posterior_samples.csv.bz2``
+              (``n`` samples), uniform in [-1, 1]; the simulations themselves are generated (0.2 MB).
 ============  ====================================================================================
 
 Every dataset folder also gets ``FAKE_DATA.txt``, which says the files are random. The writer refuses
@@ -75,6 +78,7 @@ Loader constraints the files cannot meet, and the Hydra overrides that lift them
 from __future__ import annotations
 
 import argparse
+import bz2
 import importlib.util
 import pickle
 import sys
@@ -95,6 +99,7 @@ DATASETS = (
     "hepmass",
     "miniboone",
     "bsds300",
+    "sbi",
 )
 DEFAULT_N = 64
 MIN_N = 8
@@ -120,6 +125,7 @@ FOLDERS = {
     "hepmass": "hepmass",
     "miniboone": "miniboone",
     "bsds300": "BSDS300",
+    "sbi": "sbi",
 }
 
 _CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -334,6 +340,28 @@ def _bsds300(folder: Path, n: int) -> None:
             f.create_dataset(key, data=(0.1 * rng.normal(size=(rows, 63))).astype(np.float32))
 
 
+def _sbi(folder: Path, n: int) -> None:
+    """sbibm's reference files (:mod:`flowforge.sbi.reference`) for every task: 10 observations, each with a random
+    observation, true parameter and ``n`` reference samples, uniform in [-1, 1] (inside every task's prior)."""
+    from flowforge.sbi.reference import NUM_OBSERVATIONS
+    from flowforge.sbi.tasks import TASKS
+
+    rng = _rng("sbi")
+
+    def csv_text(prefix: str, rows: np.ndarray) -> bytes:
+        head = ",".join(f"{prefix}_{i + 1}" for i in range(rows.shape[1]))
+        return ("\n".join([head, *(",".join(f"{v:.6f}" for v in row) for row in rows)]) + "\n").encode()
+
+    for name, task in TASKS.items():
+        for k in range(1, NUM_OBSERVATIONS + 1):
+            where = folder / "sbibm" / "tasks" / name / "files" / f"num_observation_{k}"
+            where.mkdir(parents=True, exist_ok=True)
+            (where / "observation.csv").write_bytes(csv_text("data", rng.uniform(-1, 1, (1, task.dim_x))))
+            (where / "true_parameters.csv").write_bytes(csv_text("parameter", rng.uniform(-1, 1, (1, task.dim_theta))))
+            samples = csv_text("parameter", rng.uniform(-1, 1, (n, task.dim_theta)))
+            (where / "reference_posterior_samples.csv.bz2").write_bytes(bz2.compress(samples))
+
+
 _WRITERS: dict[str, Callable[[Path, int], None]] = {
     "mnist": _mnist,
     "cifar10": _cifar10,
@@ -345,6 +373,7 @@ _WRITERS: dict[str, Callable[[Path, int], None]] = {
     "hepmass": _hepmass,
     "miniboone": _miniboone,
     "bsds300": _bsds300,
+    "sbi": _sbi,
 }
 
 
