@@ -363,7 +363,7 @@ def test_npe_recipes_compose_into_conditional_models(task):
 
     cfg = compose([f"experiment=npe_{task}"])
     t = make_task(task)
-    assert cfg.dataset.task == task and cfg.dataset.batch_size == 50 and cfg.model.num_steps == 5
+    assert cfg.dataset.task == task and cfg.dataset.batch_size == 200 and cfg.model.num_steps == 5
     flow = instantiate(cfg.model)
     assert flow.conditional and flow.data_shape == (t.dim_theta,) and flow.context.raw_shape == (t.dim_x,)
     dm = instantiate(cfg.dataset)
