@@ -6,8 +6,8 @@ For each task (Lueckmann et al. 2021, "Benchmarking Simulation-Based Inference";
 ``x ~ p(x | theta)`` once (``torch.Generator`` seeded with ``--seed``, the pairs of ``dataset=sbi``) and trains
 four estimators of ``q(theta | x)`` on exactly those pairs, each from ``torch.manual_seed(--seed)``:
 
-- ``sbi-maf``: sbi's ``NPE`` with its default density estimator (``density_estimator="maf"``: 5 MADE layers with
-  residual blocks of 50 units, z-scored theta and x);
+- ``sbi-maf``: sbi's ``NPE`` with its default density estimator (``density_estimator="maf"``: 5 MADE layers of 50
+  hidden units in 2 blocks without residual connections, z-scored theta and x);
 - ``sbi-nsf``: sbi's ``NPE`` with ``posterior_nn("nsf", hidden_features=50, num_transforms=5, num_bins=10,
   tail_bound=3.0)``, matched to flowforge's NSF below (sbi's conditioners are residual networks of 2 blocks);
 - ``flowforge-nsf``: the ``npe_<task>`` recipe's model (``conf/experiment/npe_<task>.yaml``: 5 rational-quadratic
@@ -320,23 +320,30 @@ def main(argv=None) -> list[Row]:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
-    logging.getLogger("flowforge").setLevel(logging.ERROR)
     t0 = time.perf_counter()
     rows = []
-    for task in args.tasks:
-        dm = load_data(task, args)
-        for method in args.methods:
-            row = run_method(method, dm, args)
-            rows.append(row)
-            print(
-                f"{task} {method}: C2ST {row.c2st:.3f}, {row.train_s:.1f} s, {row.epochs} epochs",
-                file=sys.stderr,
-                flush=True,
-            )
-            if args.progress:
-                with open(args.progress, "a") as fh:
-                    fh.write(json.dumps(asdict(row)) + "\n")
+    logger = logging.getLogger("flowforge")
+    level = logger.level
+    # quiet while the estimators train; the caller's warning filters and log level come back afterwards
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        logger.setLevel(logging.ERROR)
+        try:
+            for task in args.tasks:
+                dm = load_data(task, args)
+                for method in args.methods:
+                    row = run_method(method, dm, args)
+                    rows.append(row)
+                    print(
+                        f"{task} {method}: C2ST {row.c2st:.3f}, {row.train_s:.1f} s, {row.epochs} epochs",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    if args.progress:
+                        with open(args.progress, "a") as fh:
+                            fh.write(json.dumps(asdict(row)) + "\n")
+        finally:
+            logger.setLevel(level)
     emit(report(rows, args, time.perf_counter() - t0), args.out)
     return rows
 
