@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -563,6 +564,28 @@ def first_nonfinite_layer(module: FlowModule, datamodule: pl.LightningDataModule
 SAMPLE_GRID_MAX = 256
 
 
+def checked_samples(
+    cfg: DictConfig, temperature: float, draw: Callable[[], torch.Tensor], locate: Callable[[], Any], modules: Any
+) -> torch.Tensor:
+    """``draw()``, or a :class:`NonFiniteLossError` naming the first non-finite layer when the samples hold NaN/inf:
+    the random state is rewound and ``locate()`` replays the draw layer by layer (``(count, where)`` or None), and
+    a parameter or buffer of ``modules`` holding NaN/inf is named first."""
+    state = torch.random.get_rng_state()
+    x = draw()
+    if not bool(torch.isfinite(x).all()):
+        torch.random.set_rng_state(state)
+        found = locate()
+        count, where = found if found else (int((~torch.isfinite(x)).sum()), None)
+        bad = nonfinite_tensors(modules)
+        where = f"{bad[0]} (holds NaN/inf)" if bad else where
+        raise NonFiniteLossError(
+            f"sampling from {cfg.ckpt_path} at temperature={temperature} produced {count} NaN/inf values (first "
+            f"non-finite layer: {where or 'none found'}); nothing was written. The checkpoint's weights are unusable "
+            "or the temperature too high: try temperature=0.7, or an earlier checkpoint"
+        )
+    return x
+
+
 @torch.no_grad()
 def sample(cfg: DictConfig) -> Path:
     """Draw ``num_samples`` samples from a checkpoint at ``temperature`` and write them (``samples.pt``) with a
@@ -585,19 +608,13 @@ def sample(cfg: DictConfig) -> Path:
     torch.manual_seed(cfg.seed)
     if contexts is not None:
         return _sample_conditional(cfg, run_cfg, ckpt, datamodule, model, contexts, num_samples, temperature, out)
-    state = torch.random.get_rng_state()
-    x = model.sample(num_samples, temperature=temperature)
-    if not bool(torch.isfinite(x).all()):
-        torch.random.set_rng_state(state)
-        found = nonfinite_samples(model, num_samples, temperature)
-        count, where = found if found else (int((~torch.isfinite(x)).sum()), None)
-        bad = nonfinite_tensors(module)
-        where = f"{bad[0]} (holds NaN/inf)" if bad else where
-        raise NonFiniteLossError(
-            f"sampling from {cfg.ckpt_path} at temperature={temperature} produced {count} NaN/inf values (first "
-            f"non-finite layer: {where or 'none found'}); nothing was written. The checkpoint's weights are unusable "
-            "or the temperature too high: try temperature=0.7, or an earlier checkpoint"
-        )
+    x = checked_samples(
+        cfg,
+        temperature,
+        lambda: model.sample(num_samples, temperature=temperature),
+        lambda: nonfinite_samples(model, num_samples, temperature),
+        module,
+    )
     out.mkdir(parents=True, exist_ok=True)
     torch.save(x, out / "samples.pt")
     data = None
@@ -693,19 +710,15 @@ def _sample_conditional(
     from flowforge.training.callbacks import conditional_nonfinite_samples
 
     rows = len(contexts)
-    state = torch.random.get_rng_state()
-    x = model.sample(rows * num_samples, context=contexts.repeat_interleave(num_samples, 0), temperature=temperature)
-    if not bool(torch.isfinite(x).all()):
-        torch.random.set_rng_state(state)
-        found = conditional_nonfinite_samples(model, contexts, num_samples, temperature)
-        count, where = found if found else (int((~torch.isfinite(x)).sum()), None)
-        bad = nonfinite_tensors(model)
-        where = f"{bad[0]} (holds NaN/inf)" if bad else where
-        raise NonFiniteLossError(
-            f"sampling from {cfg.ckpt_path} at temperature={temperature} produced {count} NaN/inf values (first "
-            f"non-finite layer: {where or 'none found'}); nothing was written. The checkpoint's weights are unusable "
-            "or the temperature too high: try temperature=0.7, or an earlier checkpoint"
-        )
+    x = checked_samples(
+        cfg,
+        temperature,
+        lambda: model.sample(
+            rows * num_samples, context=contexts.repeat_interleave(num_samples, 0), temperature=temperature
+        ),
+        lambda: conditional_nonfinite_samples(model, contexts, num_samples, temperature),
+        model,
+    )
     x = x.reshape(rows, num_samples, *x.shape[1:])
     out.mkdir(parents=True, exist_ok=True)
     torch.save(x[0] if rows == 1 else x, out / "samples.pt")
