@@ -38,6 +38,9 @@ class SyntheticData(FlowDataModule):
 
 
 # what the error names when a model cannot take a dataset, by the limit its family declares it breaks
+#: image datasets too large for a training step of every family in the suite
+LARGE_IMAGES = ("celebahq",)
+
 REFUSALS = {
     "manifold": "models data on the",
     "image": "acts on vector data",
@@ -64,6 +67,11 @@ def test_model_dataset_combination(model, dataset, tmp_path):
             instantiate_model(cfg)
         return
     flow = instantiate_model(cfg)
+    if dataset in LARGE_IMAGES and FAMILIES[model].maintenance:
+        # a step of a Lipschitz-constrained family on 3 x 256 x 256 images costs 20-60 s of one core; these families
+        # train on the other image shapes here and on CelebA-HQ in the resflow_table1 smoke sweep
+        assert flow.data_shape == tuple(cfg.dataset.shape)
+        return
     if dataset in GENERATED:
         import hydra
 
