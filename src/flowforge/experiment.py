@@ -564,6 +564,19 @@ def first_nonfinite_layer(module: FlowModule, datamodule: pl.LightningDataModule
 SAMPLE_GRID_MAX = 256
 
 
+def sample_title(run_cfg: DictConfig, ckpt: dict, temperature: float) -> str:
+    """The title of a ``sample.py`` figure: the family, the dataset, the checkpoint's epoch, step and score."""
+    from flowforge.training import visualize
+
+    return visualize.figure_title(
+        family=model_name(run_cfg).removesuffix("_family"),
+        dataset=str(run_cfg.dataset.get("name") or "") or None,
+        when=f"checkpoint epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}",
+        score=_checkpoint_score(ckpt),
+        temperature=temperature,
+    )
+
+
 def checked_samples(
     cfg: DictConfig, temperature: float, draw: Callable[[], torch.Tensor], locate: Callable[[], Any], modules: Any
 ) -> torch.Tensor:
@@ -623,13 +636,9 @@ def sample(cfg: DictConfig) -> Path:
         data = datamodule.splits["test"].tensors[0]
     name = "samples.png" if model.is_image else "density.png"
     shown = min(num_samples, SAMPLE_GRID_MAX)
-    title = visualize.figure_title(
-        family=model_name(run_cfg).removesuffix("_family"),
-        dataset=str(run_cfg.dataset.get("name") or "") or None,
-        when=f"checkpoint epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}",
-        score=_checkpoint_score(ckpt),
-        temperature=temperature,
-    ) + (f" ({shown} of {num_samples} shown)" if model.is_image and shown < num_samples else "")
+    title = sample_title(run_cfg, ckpt, temperature) + (
+        f" ({shown} of {num_samples} shown)" if model.is_image and shown < num_samples else ""
+    )
     path = visualize.model_figure(model, out / name, data, x[:shown], samples=x, temperature=temperature, title=title)
     if path is None:
         path = "(no figure for a model of this dimension or on this manifold; samples.pt holds the samples)"
@@ -723,13 +732,7 @@ def _sample_conditional(
     out.mkdir(parents=True, exist_ok=True)
     torch.save(x[0] if rows == 1 else x, out / "samples.pt")
     torch.save(contexts, out / "contexts.pt")
-    title = visualize.figure_title(
-        family=model_name(run_cfg).removesuffix("_family"),
-        dataset=str(run_cfg.dataset.get("name") or "") or None,
-        when=f"checkpoint epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}",
-        score=_checkpoint_score(ckpt),
-        temperature=temperature,
-    )
+    title = sample_title(run_cfg, ckpt, temperature)
     data = data_contexts = None
     if model.is_image:
         shown_rows, shown_cols = min(rows, CONTEXT_GRID_ROWS), min(num_samples, CONTEXT_GRID_COLS)
