@@ -6,6 +6,12 @@ Logit transform (RealNVP):  ``s = alpha + (1 - 2 alpha) x``,  ``y = log s - log(
 Uniform dequantisation: discrete x in {0, ..., K-1}^D becomes ``y = (x + u) / K`` with
 ``u ~ U[0, 1)^D``; then ``log P(x) >= E_u[log p(y)] - D log K`` (Theis et al., 2016), which is the
 bound :meth:`flowforge.flows.model.Flow.bits_per_dim` reports.
+
+Gaussian noise augmentation (TarFlow, Zhai et al. 2025): ``y = (x + 1/2) / K + s eps`` with ``eps ~ N(0, I)``.  The
+model is then a density of the noisy data, and ``-(log p(y) - D log K) / (D log 2)`` is its bits per dimension in
+pixel units (the change of measure from [0, 1] to [0, K)), not a bound on the discrete model's.
+
+The symmetric map ``y = 2 x - 1`` (log-det ``D log 2``) takes [0, 1] to [-1, 1], TarFlow's data range.
 """
 
 from __future__ import annotations
@@ -56,3 +62,33 @@ class UniformDequantization(nn.Module):
     def quantize(self, y: Tensor) -> Tensor:
         """Back to integer levels: ``floor(y K)`` clamped to the valid range."""
         return torch.floor(y * self.num_levels).clamp(0, self.num_levels - 1)
+
+
+class GaussianDequantization(nn.Module):
+    """``dequantize(x) -> (y, log_weight)`` with ``y = (x + 1/2) / K + s eps``, ``eps ~ N(0, I)``, and
+    ``log_weight = -D log K`` (module docstring: the bits/dim of the noisy density, not a bound)."""
+
+    name = "gaussian"
+
+    def __init__(self, num_levels: int, std: float):
+        super().__init__()
+        if not std > 0:
+            raise ConfigError(f"the Gaussian noise std must be positive, got {std}")
+        self.num_levels, self.std = int(num_levels), float(std)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = (x + 0.5) / self.num_levels + self.std * torch.randn_like(x)
+        d = x[0].numel()
+        return y, torch.full((x.shape[0],), -d * math.log(self.num_levels), device=x.device, dtype=x.dtype)
+
+    quantize = UniformDequantization.quantize
+
+
+class Symmetric(Transform):
+    """``y = 2 x - 1``: [0, 1] to [-1, 1], ``log |det dy/dx| = D log 2``."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return 2 * x - 1, x.new_full((x.shape[0],), x[0].numel() * math.log(2))
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        return (y + 1) / 2
