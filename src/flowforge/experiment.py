@@ -6,6 +6,7 @@ a Lightning ``Trainer`` and reports where the results went.  Nothing here does m
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -191,8 +192,9 @@ def _fault_options(cfg: DictConfig) -> tuple[dict, dict]:
 def apply_dequantization(cfg: DictConfig, model: torch.nn.Module) -> str | None:
     """Give an image model the dequantiser ``cfg.dequantization`` names; returns its name (None for vectors).
 
-    Models are built with uniform dequantisation; any other choice replaces ``model.dequantizer`` (so its
-    parameters are trained with the flow).  Vector data are not quantised: only ``uniform`` is accepted.
+    Models are built with uniform dequantisation (or Gaussian noise augmentation, TarFlow's ``model.noise_std``);
+    any other choice replaces uniform ``model.dequantizer`` (so its parameters are trained with the flow).  Vector
+    data are not quantised: only ``uniform`` is accepted.
     """
     options = dict(cfg.get("dequantization") or {})
     name = check_dequantization(options.pop("name", "uniform"))
@@ -205,6 +207,12 @@ def apply_dequantization(cfg: DictConfig, model: torch.nn.Module) -> str | None:
             )
         return None
     if name != "uniform":
+        if model.dequantizer.name != "uniform":
+            raise ConfigError(
+                f"dequantization={name} replaces uniform dequantisation, but this model already adds "
+                f"{model.dequantizer.name} noise (model.noise_std); choose one: model.noise_std=null or "
+                "dequantization=uniform"
+            )
         model.dequantizer = make_dequantizer(name, model.data_shape, cfg.dataset.num_levels, **options)
     return model.dequantizer.name
 
@@ -425,7 +433,12 @@ def _report(out_dir: Path, metrics: dict[str, float], trainer: pl.Trainer, dequa
     lines += [f"figure: {p}" for p in figures]
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith("test/")}
     lines.append(f"test metrics: {shown}")
-    if dequantization is not None:
+    if dequantization == "gaussian":
+        lines.append(
+            "dequantization: gaussian (bits/dim of the Gaussian-noise-augmented density in pixel units, not a bound "
+            "on the discrete bits/dim)"
+        )
+    elif dequantization is not None:
         lines.append(f"dequantization: {dequantization}")
     print("\n".join(lines), flush=True)
     log_to_files(log, "\n".join(lines))
@@ -566,17 +579,19 @@ def first_nonfinite_layer(module: FlowModule, datamodule: pl.LightningDataModule
 SAMPLE_GRID_MAX = 256
 
 
-def sample_title(run_cfg: DictConfig, ckpt: dict, temperature: float) -> str:
-    """The title of a ``sample.py`` figure: the family, the dataset, the checkpoint's epoch, step and score."""
+def sample_title(run_cfg: DictConfig, ckpt: dict, temperature: float, options: dict | None = None) -> str:
+    """The title of a ``sample.py`` figure: the family, the dataset, the checkpoint's epoch, step and score, and the
+    sampling options given."""
     from flowforge.training import visualize
 
-    return visualize.figure_title(
+    title = visualize.figure_title(
         family=model_name(run_cfg).removesuffix("_family"),
         dataset=str(run_cfg.dataset.get("name") or "") or None,
         when=f"checkpoint epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}",
         score=_checkpoint_score(ckpt),
         temperature=temperature,
     )
+    return title + "".join(f", {k}={v}" for k, v in sorted((options or {}).items()))
 
 
 def checked_samples(
@@ -620,13 +635,16 @@ def sample(cfg: DictConfig) -> Path:
     model = module.model.eval()
     out = Path(cfg.output_dir)
     contexts = sample_contexts(cfg.get("context"), model, cfg.ckpt_path)
+    options = sampling_options(cfg.get("sampling"), model)
     torch.manual_seed(cfg.seed)
     if contexts is not None:
-        return _sample_conditional(cfg, run_cfg, ckpt, datamodule, model, contexts, num_samples, temperature, out)
+        return _sample_conditional(
+            cfg, run_cfg, ckpt, datamodule, model, contexts, num_samples, temperature, out, options
+        )
     x = checked_samples(
         cfg,
         temperature,
-        lambda: model.sample(num_samples, temperature=temperature),
+        lambda: model.sample(num_samples, temperature=temperature, **options),
         lambda: nonfinite_samples(model, num_samples, temperature),
         module,
     )
@@ -638,7 +656,7 @@ def sample(cfg: DictConfig) -> Path:
         data = datamodule.splits["test"].tensors[0]
     name = "samples.png" if model.is_image else "density.png"
     shown = min(num_samples, SAMPLE_GRID_MAX)
-    title = sample_title(run_cfg, ckpt, temperature) + (
+    title = sample_title(run_cfg, ckpt, temperature, options) + (
         f" ({shown} of {num_samples} shown)" if model.is_image and shown < num_samples else ""
     )
     path = visualize.model_figure(model, out / name, data, x[:shown], samples=x, temperature=temperature, title=title)
@@ -646,6 +664,29 @@ def sample(cfg: DictConfig) -> Path:
         path = "(no figure for a model of this dimension or on this manifold; samples.pt holds the samples)"
     print(f"samples: {out / 'samples.pt'}\nfigure: {path}")
     return path
+
+
+def sampling_options(value: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """``sample.py``'s ``sampling`` options that are set (not null): keyword arguments of the model's own ``sample``
+    beyond ``n``, ``context`` and ``temperature`` (TarFlow: guidance, guide, attn_temperature, annealed_guidance,
+    denoise, cache); a ConfigError naming the ones the model takes for any other."""
+    if value is None:
+        return {}
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"sampling must be a mapping of the model's sampling options, e.g. sampling.guidance=2, got {value!r}"
+        )
+    value = {k: v for k, v in value.items() if v is not None}
+    params = inspect.signature(model.sample).parameters
+    taken = [k for k in params if k not in ("n", "context", "temperature")]
+    unknown = sorted(set(value) - set(taken))
+    if unknown:
+        family = type(model).__name__
+        offered = ", ".join(taken) if taken else "none"
+        raise ConfigError(f"sampling options {unknown} are not options of {family}.sample (it takes: {offered})")
+    return value
 
 
 def sample_contexts(value: Any, model: torch.nn.Module, ckpt_path: str) -> torch.Tensor | None:
@@ -713,6 +754,7 @@ def _sample_conditional(
     num_samples: int,
     temperature: float,
     out: Path,
+    options: dict[str, Any] | None = None,
 ) -> Path:
     """:func:`sample` for a conditional model: ``num_samples`` samples at each of the raw ``contexts`` (``R``),
     saved as ``samples.pt`` ``(num_samples, ...)`` for one context and ``(R, num_samples, ...)`` for several, with
@@ -725,7 +767,10 @@ def _sample_conditional(
         cfg,
         temperature,
         lambda: model.sample(
-            rows * num_samples, context=contexts.repeat_interleave(num_samples, 0), temperature=temperature
+            rows * num_samples,
+            context=contexts.repeat_interleave(num_samples, 0),
+            temperature=temperature,
+            **(options or {}),
         ),
         lambda: conditional_nonfinite_samples(model, contexts, num_samples, temperature),
         model,
@@ -734,7 +779,7 @@ def _sample_conditional(
     out.mkdir(parents=True, exist_ok=True)
     torch.save(x[0] if rows == 1 else x, out / "samples.pt")
     torch.save(contexts, out / "contexts.pt")
-    title = sample_title(run_cfg, ckpt, temperature)
+    title = sample_title(run_cfg, ckpt, temperature, options)
     data = data_contexts = None
     if model.is_image:
         shown_rows, shown_cols = min(rows, CONTEXT_GRID_ROWS), min(num_samples, CONTEXT_GRID_COLS)
