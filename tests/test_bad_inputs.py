@@ -440,6 +440,8 @@ CASES = [
         r"dataset\.num_levels must be >= 2, got 1",
     ),
     ("warmup-negative", ["optim.warmup_steps=-1"], ConfigError, r"warmup_steps must be >= 0, got -1"),
+    ("schedule-unknown", ["optim.schedule=linear"], ConfigError, r"optim.schedule='linear' is not one of constant"),
+    ("min-lr-negative", ["optim.schedule=cosine", "optim.min_lr=-1"], ConfigError, r"optim.min_lr must be a number"),
     (
         "on-nonfinite-unknown",
         ["faults.on_nonfinite=explode"],

@@ -9,7 +9,7 @@ from conftest import compose
 
 from flowforge import experiment
 from flowforge.errors import NonFiniteLossError
-from flowforge.training.module import FlowModule, linear_warmup
+from flowforge.training.module import FlowModule, linear_warmup, lr_multiplier
 
 FAST = [
     "dataset=toy2d",
@@ -71,6 +71,23 @@ def test_adam_l2_weight_decay_changes_the_update():
 def test_linear_warmup_schedule():
     assert [linear_warmup(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert linear_warmup(0, 0) == 1.0
+
+
+def test_cosine_schedule_after_warmup():
+    m = [lr_multiplier(t, 2, "cosine", 12, 0.1) for t in range(14)]
+    assert m[:3] == [0.5, 1.0, 1.0] and m[12:] == [0.1, 0.1]
+    assert m[7] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half way: the mean
+    assert all(a >= b for a, b in zip(m[2:], m[3:]))  # monotone decay
+    assert [lr_multiplier(t, 2, "constant", 12, 0.1) for t in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_cosine_schedule_ends_the_run_at_min_lr(tmp_path):
+    cfg = compose([*FAST, "optim.schedule=cosine", "optim.min_lr=1e-5", "optim.optimizer.lr=1e-3", "test=false"])
+    cfg.paths.output_dir = str(tmp_path)
+    experiment.train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    (sched,) = ckpt["lr_schedulers"]
+    assert sched["last_epoch"] == 20 and sched["_last_lr"][0] == pytest.approx(1e-5)  # 2 epochs x 10 steps
 
 
 def test_train_writes_metrics_checkpoints_and_figures(tmp_path):

@@ -74,6 +74,8 @@ def check_run_config(cfg: DictConfig) -> None:
         )
     if "warmup_steps" in optim:
         nonnegative_int("optim.warmup_steps", optim.warmup_steps, "1000")
+    if "schedule" in optim or "min_lr" in optim:
+        check_schedule(optim.get("schedule", "constant"), optim.get("min_lr", 0.0))
     trainer = cfg.get("trainer") or {}
     optional_nonnegative_finite("trainer.gradient_clip_val", trainer.get("gradient_clip_val"), "1.0")
     if trainer.get("accumulate_grad_batches") is not None:
@@ -110,3 +112,14 @@ def check_moved_keys(keys: list[str]) -> None:
                 f"{key} is now {MOVED_KEYS[key]} (the faults config group); e.g. {MOVED_KEYS[key]}="
                 f"{str(item).split('=', 1)[1] if '=' in str(item) else '...'}"
             )
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def check_schedule(schedule: str, min_lr: float) -> tuple[str, float]:
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if not (isinstance(min_lr, (int, float)) and not isinstance(min_lr, bool) and 0 <= min_lr < math.inf):
+        raise ConfigError(f"optim.min_lr must be a number >= 0 (the learning rate the cosine ends at), got {min_lr!r}")
+    return schedule, float(min_lr)

@@ -151,6 +151,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, FlowModule]:
         model=model,
         optimizer=hydra.utils.instantiate(cfg.optim.optimizer),
         warmup_steps=cfg.optim.warmup_steps,
+        schedule=cfg.optim.get("schedule", "constant"),
+        min_lr=cfg.optim.get("min_lr", 0.0),
         config=OmegaConf.to_container(cfg, resolve=True),
         objective=make_objective(OmegaConf.to_container(cfg.objective, resolve=True) if cfg.get("objective") else None),
         target=getattr(datamodule, "target", None),

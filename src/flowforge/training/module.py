@@ -28,6 +28,7 @@ gradients before the update.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -37,7 +38,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from flowforge.checks import nonnegative_int
+from flowforge.checks import check_schedule, nonnegative_int
 from flowforge.errors import ConfigError
 from flowforge.flows.base import initialize, pending_init, refresh_ready
 from flowforge.flows.cnf import clear_step_records, nfe_summary
@@ -111,11 +112,26 @@ def linear_warmup(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def lr_multiplier(step: int, warmup_steps: int, schedule: str, total_steps: int, min_ratio: float) -> float:
+    """The learning rate of optimizer step ``step`` over the configured one: linear warm-up, then ``constant`` (1) or
+    ``cosine`` decay to ``min_ratio`` at ``total_steps`` (Loshchilov & Hutter 2017, without restarts):
+
+        m(t) = r + (1 - r) (1 + cos(pi (t - w) / (T - w))) / 2,   w <= t <= T.
+    """
+    warm = linear_warmup(step, warmup_steps)
+    if schedule == "constant" or step < warmup_steps:
+        return warm
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class FlowModule(pl.LightningModule):
     """Args:
     model: the flow.
     optimizer: a callable ``params -> torch.optim.Optimizer`` (Hydra ``_partial_``).
     warmup_steps: linear learning-rate warm-up length in optimizer steps.
+    schedule: ``constant`` or ``cosine`` (decay to ``min_lr`` over the run's optimizer steps, after the warm-up).
     config: the resolved run configuration (stored in checkpoints so ``eval.py`` can rebuild the model).
     objective: an :class:`~flowforge.training.objectives.Objective`, its config (with ``_target_``, or a ``name``),
         or None for maximum likelihood.
@@ -130,6 +146,8 @@ class FlowModule(pl.LightningModule):
         model: Flow,
         optimizer: Callable | None = None,
         warmup_steps: int = 0,
+        schedule: str = "constant",
+        min_lr: float = 0.0,
         config: dict | None = None,
         objective: Objective | dict | None = None,
         target: Any | None = None,
@@ -142,6 +160,7 @@ class FlowModule(pl.LightningModule):
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.warmup_steps = nonnegative_int("warmup_steps", warmup_steps, "1000")
+        self.schedule, self.min_lr = check_schedule(schedule, min_lr)
         self.save_hyperparameters({"config": config or {}})
         self.objective = make_objective(objective).bind(model, config, target)
         self.classifier = self.objective.classifier  # (a submodule: its heads train with the flow)
@@ -316,5 +335,21 @@ class FlowModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameters())
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(linear_warmup, warmup_steps=self.warmup_steps))
+        total, ratio = 0, 0.0
+        if self.schedule == "cosine":
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ConfigError(
+                    "optim.schedule=cosine decays over the run's optimizer steps: set trainer.max_epochs or "
+                    "trainer.max_steps"
+                )
+            total = int(total)
+            lr = opt.param_groups[0]["lr"]
+            if self.min_lr > lr:
+                raise ConfigError(f"optim.min_lr={self.min_lr} exceeds the learning rate {lr}; the cosine decays to it")
+            ratio = self.min_lr / lr
+        multiplier = partial(
+            lr_multiplier, warmup_steps=self.warmup_steps, schedule=self.schedule, total_steps=total, min_ratio=ratio
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
