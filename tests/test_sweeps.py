@@ -52,6 +52,7 @@ CELLS = {
     "resflow_table1": (18, 18),
     "sbibm_npe": (15, 15),
     "tabular": (30, 30),
+    "tarflow_likelihood": (1, 1),
     "toy2d_monotone": (16, 0),
 }
 # the run directory of job 0 of each sweep (the documented layouts; fit1d's and toy2d's are read by
