@@ -451,3 +451,19 @@ def test_bf16_autocast_on_cpu():
     assert torch.isfinite(z).all() and torch.isfinite(log_det).all() and torch.isfinite(lp).all()
     # bf16 keeps ~3 significant digits of each log-scale
     torch.testing.assert_close(log_det, ref, atol=0.05 * float(ref.detach().abs().max()), rtol=0)
+
+
+def test_sampling_in_train_mode_never_drops_the_context():
+    torch.manual_seed(0)
+    model = TarFlow(
+        (4,), channels=8, heads=2, num_blocks=2, layers_per_block=1, context={"classes": 3}, context_dropout=0.9
+    )
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    model.train()
+    c = torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(1)
+    x_train = model.sample(4, context=c)
+    model.eval()
+    torch.manual_seed(1)
+    torch.testing.assert_close(x_train, model.sample(4, context=c), rtol=1e-6, atol=1e-6)

@@ -326,6 +326,7 @@ class TarFlowModel(Flow):
         self.context_dropout = float(context_dropout)
         features = context_features(self.context)
         self.null_context = nn.Parameter(torch.zeros(features)) if features and self.context_dropout > 0 else None
+        self._sampling_now = False  # sampling and denoising never drop the context, in train mode too
 
     @property
     def blocks(self) -> list[TarFlowBlock]:
@@ -333,7 +334,7 @@ class TarFlowModel(Flow):
 
     def embed(self, context: Any, batch: int | None) -> Tensor | None:
         h = super().embed(context, batch)
-        if h is not None and self.training and self.null_context is not None:
+        if h is not None and self.training and self.null_context is not None and not self._sampling_now:
             drop = torch.rand(h.shape[0], 1, device=h.device) < self.context_dropout
             h = torch.where(drop, self.null_context.to(h.dtype).expand_as(h), h)
         return h
@@ -380,10 +381,18 @@ class TarFlowModel(Flow):
                 "dequantisation (model.noise_std: null): sample without denoise"
             )
         s2 = (self.noise_std / 2) ** 2
-        with torch.enable_grad():
+        with torch.enable_grad(), self._no_context_dropout():
             y = y.detach().requires_grad_(True)
             (score,) = torch.autograd.grad(self.log_prob(y, context).sum(), y)
         return (y + strength * s2 * score).detach()
+
+    @contextmanager
+    def _no_context_dropout(self):
+        saved, self._sampling_now = self._sampling_now, True
+        try:
+            yield
+        finally:
+            self._sampling_now = saved
 
     def sample(
         self,
@@ -401,7 +410,7 @@ class TarFlowModel(Flow):
         ``denoise`` > 0: then one score step of that strength (1: Tweedie), ``cache=False``: without the key/value
         cache (the same samples, slower)."""
         self.check_guidance(guidance, guide, attn_temperature)
-        with torch.no_grad():
+        with torch.no_grad(), self._no_context_dropout():
             c = self.sample_context(n, context)
             h = self._embed_for_sampling(n, context)
             null = None
