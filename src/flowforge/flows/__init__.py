@@ -16,6 +16,7 @@ from flowforge.flows.nsf import NSF
 from flowforge.flows.planar import Planar, planar_family
 from flowforge.flows.radial import Radial, radial_family
 from flowforge.flows.realnvp import RealNVP
+from flowforge.flows.tarflow import TarFlow
 
 __all__ = [
     "ActNorm",
@@ -38,6 +39,7 @@ __all__ = [
     "SimplexFlow",
     "SphereFlow",
     "StandardNormal",
+    "TarFlow",
     "Transform",
     "build_flow",
     "initialize",

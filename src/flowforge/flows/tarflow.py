@@ -234,12 +234,13 @@ class TarFlowBlock(Transform):
     def _order(self, u: Tensor) -> Tensor:
         return u.flip(1) if self.reverse else u
 
-    def _embed(self, u: Tensor, h: Tensor | None, start: int) -> Tensor:
-        pos = self.pos_embed.flip(0) if self.reverse else self.pos_embed
-        e = self.proj_in(u) + pos[start : start + u.shape[1]]
+    def _offsets(self, h: Tensor | None) -> Tensor:
+        """What every token's input embedding adds: its positional embedding (processing order), plus the context's
+        projection ``(1 or B, T, channels)``."""
+        pos = (self.pos_embed.flip(0) if self.reverse else self.pos_embed).unsqueeze(0)
         if h is not None and self.context_proj is not None:
-            e = e + self.context_proj(h).unsqueeze(1)
-        return e
+            return pos + self.context_proj(h).unsqueeze(1)
+        return pos
 
     def _split(self, out: Tensor) -> tuple[Tensor, Tensor]:
         if self.nvp:
@@ -257,7 +258,7 @@ class TarFlowBlock(Transform):
 
     def _trunk(self, u: Tensor, h: Tensor | None, temperature: float = 1.0) -> Tensor:
         """The transformer's outputs at every position of ``u`` (processing order), causal."""
-        e = self._embed(u, h, 0)
+        e = self.proj_in(u) + self._offsets(h)[:, : u.shape[1]]
         for layer in self.layers:
             e = layer(e, temperature=temperature)
         return self.proj_out(e)
@@ -273,12 +274,12 @@ class TarFlowBlock(Transform):
         z = (u - mu) * torch.exp(-_wide(alpha)).to(u.dtype)
         return self._order(z), -_wide(alpha).sum(dim=(1, 2))
 
-    def _step(self, tokens: list[Tensor], h: Tensor | None, temperature: float, caches: list[KVCache] | None):
-        """The output that parameterises token ``len(tokens)``: a one-token pass with the cache, else a pass over
-        the whole prefix."""
+    def _step(self, tokens: list[Tensor], h: Tensor | None, offsets: Tensor, temperature: float, caches):
+        """The output that parameterises token ``len(tokens)``: a one-token pass with the cache (``offsets``: the
+        precomputed :meth:`_offsets`), else a pass over the whole prefix."""
         i = len(tokens) - 1
         if caches is not None:
-            e = self._embed(tokens[-1], h, i)
+            e = self.proj_in(tokens[-1]) + offsets[:, i : i + 1]
             for layer, cache in zip(self.layers, caches):
                 e = layer(e, cache, temperature)
             return self.proj_out(e)
@@ -292,11 +293,12 @@ class TarFlowBlock(Transform):
         if opts.guidance:
             branches.append((opts.null_context if opts.null_context is not None else context, opts.attn_temperature))
         caches = [[KVCache(t_max) for _ in self.layers] if opts.cache else None for _ in branches]
+        offsets = [self._offsets(h) for h, _ in branches]
         alpha, mu = self._split(self._first(z))
         tokens = [z[:, :1] * torch.exp(_wide(alpha)).to(z.dtype) + mu]
-        log_det = _wide(alpha).sum(dim=(1, 2))
+        alphas = [alpha]
         for i in range(t_max - 1):
-            outs = [self._step(tokens, h, temp, c) for (h, temp), c in zip(branches, caches)]
+            outs = [self._step(tokens, h, o, temp, c) for (h, temp), o, c in zip(branches, offsets, caches)]
             alpha, mu = self._split(outs[0])
             if opts.guidance:
                 w = opts.guidance * (i + 1) / (t_max - 1) if opts.annealed else opts.guidance
@@ -306,8 +308,8 @@ class TarFlowBlock(Transform):
                 if "b" in opts.guide:
                     mu = mu + w * (mu - mu_u)
             tokens.append(z[:, i + 1 : i + 2] * torch.exp(_wide(alpha)).to(z.dtype) + mu)
-            log_det = log_det + _wide(alpha).sum(dim=(1, 2))
-        return self._order(torch.cat(tokens, dim=1)), log_det
+            alphas.append(alpha)
+        return self._order(torch.cat(tokens, dim=1)), _wide(torch.cat(alphas, dim=1)).sum(dim=(1, 2))
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(z, context)[0]
