@@ -540,5 +540,5 @@ register_family(
         "model.layers_per_block=1",
         "model.max_tokens=16",
     ),
-    smoke={"channels": 16, "heads": 2, "num_blocks": 2, "layers_per_block": 1, "max_tokens": 64},
+    smoke={"channels": 16, "heads": 2, "num_blocks": 2, "layers_per_block": 1, "patch_size": "auto", "max_tokens": 64},
 )
