@@ -467,3 +467,9 @@ def test_sampling_in_train_mode_never_drops_the_context():
     model.eval()
     torch.manual_seed(1)
     torch.testing.assert_close(x_train, model.sample(4, context=c), rtol=1e-6, atol=1e-6)
+
+
+def test_a_temperature_passed_by_position_is_refused():
+    model = TarFlow((4,), channels=8, heads=2, num_blocks=2, layers_per_block=1)
+    with pytest.raises(TypeError, match="pass the temperature by keyword"):
+        model.sample(4, 0.7)

@@ -145,15 +145,20 @@ class Flow(Transform):
             c = c.to(device or next(self.parameters()).device)
         return self.embed(c, n)
 
-    @torch.no_grad()
-    def sample(self, n: int, context: Any = None, temperature: float = 1.0) -> Tensor:
-        """``n`` samples ``f^{-1}(z; c)``, ``z ~ p_Z(. | c)`` with its standard deviation scaled by ``temperature``;
-        ``context``: one per sample or one for all ``n`` (conditional models)."""
+    def check_sample_context(self, context: Any) -> None:
+        """A number given as the context of an unconditional model is a temperature passed by position: a TypeError
+        that says so."""
         if isinstance(context, (float, int)) and not isinstance(context, bool) and self.context is None:
             raise TypeError(
                 f"sample(n, context=None, temperature=1.0) got context={context!r} for an unconditional "
                 "model; pass the temperature by keyword: sample(n, temperature=...)"
             )
+
+    @torch.no_grad()
+    def sample(self, n: int, context: Any = None, temperature: float = 1.0) -> Tensor:
+        """``n`` samples ``f^{-1}(z; c)``, ``z ~ p_Z(. | c)`` with its standard deviation scaled by ``temperature``;
+        ``context``: one per sample or one for all ``n`` (conditional models)."""
+        self.check_sample_context(context)
         h = self._embed_for_sampling(n, context)
         return self._inverse(self._base_sample(n, temperature, h), h)
 

@@ -411,6 +411,7 @@ class TarFlowModel(Flow):
         """``n`` samples (as :meth:`Flow.sample`), with guidance of strength ``guidance`` (module docstring),
         ``denoise`` > 0: then one score step of that strength (1: Tweedie), ``cache=False``: without the key/value
         cache (the same samples, slower)."""
+        self.check_sample_context(context)
         self.check_guidance(guidance, guide, attn_temperature)
         with torch.no_grad(), self._no_context_dropout():
             c = self.sample_context(n, context)
