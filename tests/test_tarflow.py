@@ -470,6 +470,8 @@ def test_sampling_in_train_mode_never_drops_the_context():
 
 
 def test_a_temperature_passed_by_position_is_refused():
-    model = TarFlow((4,), channels=8, heads=2, num_blocks=2, layers_per_block=1)
-    with pytest.raises(TypeError, match="pass the temperature by keyword"):
-        model.sample(4, 0.7)
+    from flowforge.flows import RealNVP
+
+    for model in (TarFlow((4,), channels=8, heads=2, num_blocks=2, layers_per_block=1), RealNVP((2,), num_steps=2)):
+        with pytest.raises(TypeError, match="pass the temperature by keyword"):
+            model.sample(4, 0.7)
