@@ -29,14 +29,17 @@ def autoregressive_layers(
     hidden: Sequence[int],
     inverse: bool,
     context_features: int = 0,
+    act: str = "relu",
 ) -> Transform:
-    """``num_layers`` MADE layers with alternating (identity, reversed) orders, optionally inverted; each reads
-    ``context_features`` context features (0: unconditional)."""
+    """``num_layers`` MADE layers (hidden units ``act``) with alternating (identity, reversed) orders, optionally
+    inverted; each reads ``context_features`` context features (0: unconditional)."""
     dim = math.prod(shape)
     layers = []
     for i in range(num_layers):
         order = list(range(dim)) if i % 2 == 0 else list(reversed(range(dim)))
-        layer = MaskedAutoregressive(dim, make_elementwise(), hidden, order=order, context_features=context_features)
+        layer = MaskedAutoregressive(
+            dim, make_elementwise(), hidden, order=order, act=act, context_features=context_features
+        )
         layers.append(Inverse(layer) if inverse else layer)
     return flatten_images(shape, layers)
 
@@ -51,9 +54,13 @@ def MAF(
     inverse: bool = False,
     context: Any = None,
     context_net: Any = None,
+    act: str = "relu",
 ) -> Flow:
+    """Model config ``maf`` (module docstring); ``act``: the MADE's hidden activation (relu, or tanh as sbi's MAF)."""
     emb = make_context(context, context_net)
-    stack = autoregressive_layers(shape, lambda: Affine("tanh"), num_layers, hidden, inverse, context_features(emb))
+    stack = autoregressive_layers(
+        shape, lambda: Affine("tanh"), num_layers, hidden, inverse, context_features(emb), act=act
+    )
     return build_flow(shape, stack, base, num_levels, logit_alpha, context=emb)
 
 
