@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("ResFlow", "Monotone", "Glow", "FFJORD")
+MODELS = ("ResFlow", "Monotone", "Glow", "FFJORD", "TarFlow")
 
 
 def _run(*args, timeout=120, **env):
