@@ -12,8 +12,7 @@ four estimators of ``q(theta | x)`` on exactly those pairs, each from ``torch.ma
   tail_bound=3.0)``, matched to flowforge's NSF below (sbi's conditioners are residual networks of 2 blocks);
 - ``flowforge-nsf``: the ``npe_<task>`` recipe's model (``conf/experiment/npe_<task>.yaml``: 5 rational-quadratic
   coupling layers of 10 bins, tail bound 3, MLP conditioners [50, 50], each after an LU map);
-- ``flowforge-maf``: ``model=maf`` with 5 MADE layers of [50, 50] tanh hidden units (sbi's MAF activation) and a
-  conditional Gaussian base (``model.base=conditional``: its mean and log-scale an MLP of x).
+- ``flowforge-maf``: ``model=maf`` with 5 MADE layers of [50, 50] hidden units.
 
 flowforge's models see theta and x z-scored per dimension with the training split's statistics (as the
 ``dataset=sbi`` data module, sbi's ``z_score_theta`` / ``z_score_x`` "independent"); its posterior samples are
@@ -71,7 +70,7 @@ STOP_AFTER_EPOCHS = 20
 CLIP_MAX_NORM = 5.0
 # sbi's NSF as flowforge's npe_<task> recipes build it
 NSF_MATCHED = {"hidden_features": 50, "num_transforms": 5, "num_bins": 10, "tail_bound": 3.0}
-MAF_OVERRIDES = ["model=maf", "model.num_layers=5", "model.hidden=[50,50]", "model.act=tanh", "model.base=conditional"]
+MAF_OVERRIDES = ["model=maf", "model.num_layers=5", "model.hidden=[50,50]"]
 QUICK = {"num_simulations": 1000, "observations": 2, "num_posterior_samples": 1000, "max_epochs": 5}
 FULL = {"num_simulations": 10000, "observations": 10, "num_posterior_samples": 10000, "max_epochs": None}
 
