@@ -19,6 +19,8 @@ from flowforge.data.fake import write_fake_datasets
 NOT_SMOKED = {
     "sbibm_npe": "15 runs, each with C2ST classifiers (about 150 s on one core); test_sweeps composes every job and "
     "checks its recipe, test_sbi runs dataset=sbi end to end (train.py smoke run, C2ST, report metrics)",
+    "tarflow_likelihood": "one run, experiment=tarflow_imagenet64, which test_tarflow_recipes runs as a smoke run; "
+    "test_sweeps composes the job and checks its table cell",
 }
 SWEEPS = sorted(
     p for p in (ROOT / "sweeps").glob("*.yaml") if "table" in yaml.safe_load(p.read_text()) and p.stem not in NOT_SMOKED
