@@ -55,33 +55,32 @@ class UniformDequantization(nn.Module):
         self.num_levels = int(num_levels)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = (x + torch.rand_like(x)) / self.num_levels
+        return (x + torch.rand_like(x)) / self.num_levels, self.log_weight(x)
+
+    def log_weight(self, x: Tensor) -> Tensor:
+        """``-D log K`` per sample: the change of measure from [0, 1] to the K levels' scale."""
         d = x[0].numel()
-        return y, torch.full((x.shape[0],), -d * math.log(self.num_levels), device=x.device, dtype=x.dtype)
+        return torch.full((x.shape[0],), -d * math.log(self.num_levels), device=x.device, dtype=x.dtype)
 
     def quantize(self, y: Tensor) -> Tensor:
         """Back to integer levels: ``floor(y K)`` clamped to the valid range."""
         return torch.floor(y * self.num_levels).clamp(0, self.num_levels - 1)
 
 
-class GaussianDequantization(nn.Module):
+class GaussianDequantization(UniformDequantization):
     """``dequantize(x) -> (y, log_weight)`` with ``y = (x + 1/2) / K + s eps``, ``eps ~ N(0, I)``, and
     ``log_weight = -D log K`` (module docstring: the bits/dim of the noisy density, not a bound)."""
 
     name = "gaussian"
 
     def __init__(self, num_levels: int, std: float):
-        super().__init__()
+        super().__init__(num_levels)
         if not std > 0:
             raise ConfigError(f"the Gaussian noise std must be positive, got {std}")
-        self.num_levels, self.std = int(num_levels), float(std)
+        self.std = float(std)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = (x + 0.5) / self.num_levels + self.std * torch.randn_like(x)
-        d = x[0].numel()
-        return y, torch.full((x.shape[0],), -d * math.log(self.num_levels), device=x.device, dtype=x.dtype)
-
-    quantize = UniformDequantization.quantize
+        return (x + 0.5) / self.num_levels + self.std * torch.randn_like(x), self.log_weight(x)
 
 
 class Symmetric(Transform):

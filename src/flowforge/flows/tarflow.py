@@ -344,11 +344,11 @@ class TarFlowModel(Flow):
     @contextmanager
     def sampling(self, **options: Any):
         """Run the blocks' inverses with :class:`SamplingOptions` ``options`` inside the ``with``."""
-        blocks = self.blocks
+        blocks, opts = self.blocks, SamplingOptions(**options)
         saved = [b.sampling for b in blocks]
         try:
             for b in blocks:
-                b.sampling = SamplingOptions(**options)
+                b.sampling = opts
             yield
         finally:
             for b, s in zip(blocks, saved):
@@ -414,22 +414,19 @@ class TarFlowModel(Flow):
         self.check_sample_context(context)
         self.check_guidance(guidance, guide, attn_temperature)
         with torch.no_grad(), self._no_context_dropout():
-            c = self.sample_context(n, context)
             h = self._embed_for_sampling(n, context)
-            null = None
-            if guidance and self.conditional:
-                null = self.null_context.to(h.dtype).expand_as(h)
-            options = dict(
+            null = self.null_context.to(h.dtype).expand_as(h) if guidance and self.conditional else None
+            with self.sampling(
                 guidance=guidance,
                 guide=guide,
                 annealed=annealed_guidance,
                 null_context=null,
                 attn_temperature=attn_temperature,
                 cache=cache,
-            )
-            with self.sampling(**options):
+            ):
                 x = self._inverse(self._base_sample(n, temperature, h), h)
         if denoise:
+            c = self.sample_context(n, context)
             x = self.denoise(x, c.to(x.device) if isinstance(c, Tensor) else c, denoise)
         return x
 
