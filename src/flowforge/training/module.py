@@ -161,7 +161,9 @@ class FlowModule(pl.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.warmup_steps = nonnegative_int("warmup_steps", warmup_steps, "1000")
         self.schedule, self.min_lr = check_schedule(schedule, min_lr)
-        self.save_hyperparameters({"config": config or {}})
+        # kept in the checkpoint; the loggers get the resolved run configuration once, from the experiment
+        # layer, instead of Lightning writing it again at the start of every fit and test
+        self.save_hyperparameters({"config": config or {}}, logger=False)
         self.objective = make_objective(objective).bind(model, config, target)
         self.classifier = self.objective.classifier  # (a submodule: its heads train with the flow)
         self.fault_events: list[dict] = []  # faults found in this run (FaultPolicy, SampleFigures)
