@@ -589,6 +589,7 @@ def test_block_power_iteration_resolves_clustered_top_singular_values():
     for block in (1, 4):
         layer = SpectralNormLinear(64, 64, coeff=0.9, rtol=1e-9, max_iters=100).double()
         layer.power_block = block
+        layer.power_iteration()  # the first estimate (Lanczos) on the initial weight
         with torch.no_grad():
             layer.weight.copy_(w)
         iters = layer.power_iteration()
@@ -622,9 +623,12 @@ def test_subspace_state_round_trip_gives_the_same_next_iteration(kind):
 
     torch.manual_seed(0)
     layer = make()
-    if kind == "linear":
-        with torch.no_grad():
+    layer.power_iteration()  # the first estimate (Lanczos); then the block iteration on a changed weight
+    with torch.no_grad():
+        if kind == "linear":
             layer.weight.copy_(_clustered_matrix())
+        else:
+            layer.weight.add_(0.3 * torch.randn(layer.weight.shape, dtype=F64))
     layer.power_iteration()  # capped: the subspace carries what the next call continues from
     state = layer.subspace_state()
     assert state is not None and state.shape[0] == layer.power_block
@@ -648,6 +652,8 @@ def test_subspace_state_round_trip_gives_the_same_next_iteration(kind):
 def test_subspace_state_is_none_when_stale_and_load_checks_the_shape():
     layer = SpectralNormLinear(8, 6, coeff=0.9)
     assert layer.subspace_state() is None  # never iterated
+    layer.power_iteration()
+    assert layer.subspace_state() is None  # the first estimate (Lanczos) keeps no subspace
     layer.power_iteration()
     basis = layer.subspace_state()
     assert basis.shape == (4, 8)

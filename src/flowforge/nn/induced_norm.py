@@ -137,6 +137,8 @@ class _InducedNorm:
     restarts: int = 16
     #: the generalised power method iterates one vector pair (the block method is for the spectral norm)
     power_block = 1
+    #: the first estimate comes from the generalised power method with restarts (Lanczos is for the 2 -> 2 norm)
+    lanczos_init = False
 
     def power_iteration(
         self, max_iters: int | None = None, rtol: float | None = None, atol: float | None = None
