@@ -11,8 +11,9 @@
   ``torch.autocast("cuda", dtype=torch.bfloat16)``, as Lightning's ``precision=bf16-mixed`` does); and compiled
   (the training loss ``model.bits_per_dim(x).mean()`` wrapped in ``torch.compile``, fp32).  One step is the
   loss, backward, an Adam step and, for residual models, the recipe's per-step power iteration
-  (``update_lipschitz`` with ``lipschitz_step_iters``).  The step time is the median of the timed steps after
-  the warm-up steps; the peak memory is ``torch.cuda.max_memory_allocated`` over the mode's steps.
+  (``update_lipschitz`` with ``lipschitz_step_iters`` and ``lipschitz_step_method``).  The step time is the
+  median of the timed steps after the warm-up steps; the peak memory is ``torch.cuda.max_memory_allocated`` over
+  the mode's steps.
 * **host syncs per step**: one step run under ``torch.cuda.set_sync_debug_mode("warn")``, the warnings counted,
   split into the training step (loss, backward, Adam) and the power-iteration update after it.
 * **DDP smoke**: ``train.py`` with 2 processes (NCCL) on a small Glow and fake CIFAR-10 files, when
@@ -149,7 +150,7 @@ def has_lipschitz(model) -> bool:
 class Stepper:
     """One training step of a flow: loss (optionally autocast or compiled), backward, Adam, power iteration."""
 
-    def __init__(self, model, mode: str, lip_iters, compile_backend: str):
+    def __init__(self, model, mode: str, lip_iters, compile_backend: str, lip_method: str = "subspace"):
         from flowforge.nn.lipschitz import update_lipschitz
 
         self.model = model
@@ -158,6 +159,7 @@ class Stepper:
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         self.lip = has_lipschitz(model)
         self.lip_iters = lip_iters
+        self.lip_method = lip_method
         self.update_lipschitz = update_lipschitz
 
         def loss_fn(x):
@@ -180,7 +182,7 @@ class Stepper:
 
     def lip_part(self):
         if self.lip:
-            self.update_lipschitz(self.model, max_iters=self.lip_iters)
+            self.update_lipschitz(self.model, max_iters=self.lip_iters, method=self.lip_method)
 
     def step(self, x):
         loss = self.train_part(x)
@@ -223,7 +225,7 @@ def time_mode(cfg, mode: str, args, device) -> dict:
     lip_iters = cfg.get("lipschitz_step_iters")
     # the data-dependent initialisation, once, outside the timed and compiled step
     initialize(model, x0, run=lambda x: model.bits_per_dim(x))
-    stepper = Stepper(model, mode, lip_iters, args.compile_backend)
+    stepper = Stepper(model, mode, lip_iters, args.compile_backend, cfg.get("lipschitz_step_method", "subspace"))
     out = {"params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -300,7 +302,7 @@ def train_bpd(cfg, precision: str, steps: int, device, seed: int = 0) -> float:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.trainer.gradient_clip_val or 1e9))
             opt.step()
             if lip:
-                update_lipschitz(model, max_iters=lip_iters)
+                update_lipschitz(model, max_iters=lip_iters, method=cfg.get("lipschitz_step_method", "subspace"))
             step += 1
             if step >= steps:
                 break

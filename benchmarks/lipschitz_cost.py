@@ -4,11 +4,12 @@
 Prints one Markdown table:
 
 * per-step power-iteration update of the CIFAR-10 Residual Flow (``experiment=resflow_cifar10``, built as in
-  ``benchmarks/resflow_cifar10_step.py``): flowforge's ``update_lipschitz(flow, max_iters=2)`` (the recipe's
-  ``lipschitz_step_iters: 2``) against the official model's ``compute_weight(update=True)`` on every
-  spectral-norm layer (the power iteration its layers run inside a training forward, ``--sn-tol 1e-3``, no
-  iteration cap).  Before each timed update both models' weights get the same kind of perturbation, the size of
-  one Adam step (``lr * sign(noise)``, lr 1e-3).  The two sides alternate, ``--steps`` times; medians.
+  ``benchmarks/resflow_cifar10_step.py``): flowforge's ``update_lipschitz(flow, max_iters=1, method="krylov")``
+  (the recipe's ``lipschitz_step_iters: 1``, ``lipschitz_step_method: krylov``) against the official model's
+  ``compute_weight(update=True)`` on every spectral-norm layer (the power iteration its layers run inside a training
+  forward, ``--sn-tol 1e-3``, no iteration cap). Before each timed update both models' weights get the same kind of
+  perturbation, the size of one Adam step (``lr * sign(noise)``, lr 1e-3). The two sides alternate, ``--steps`` times;
+  medians.
 * first-step initialisation: flowforge's first ``update_lipschitz`` on a fresh model against the official
   model's first training-mode forward (which initialises its layers' ``u``, ``v``) minus its second one;
 * layers stopped by the iteration cap in flowforge's per-step update (the official update has no cap);
@@ -71,7 +72,7 @@ def _official_sn_layers(model: nn.Module) -> list[nn.Module]:
 
 def cifar_rows(official_dir: str, steps: int) -> list[tuple[str, str, str]]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from resflow_cifar10_step import build
+    from resflow_cifar10_step import STEP_ITERS, STEP_METHOD, build
 
     from flowforge.nn.lipschitz import update_lipschitz
 
@@ -107,7 +108,7 @@ def cifar_rows(official_dir: str, steps: int) -> list[tuple[str, str, str]]:
     for _ in range(steps):
         _perturb(flow, gen)
         t0 = time.process_time()
-        info = update_lipschitz(flow, max_iters=2)
+        info = update_lipschitz(flow, max_iters=STEP_ITERS, method=STEP_METHOD)
         ff_t.append(time.process_time() - t0)
         unconverged.append(len(info["unconverged"]))
         _perturb(official, gen)

@@ -221,7 +221,7 @@ def train_flowforge(overrides: list[str], batches) -> tuple[torch.nn.Module, flo
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
         opt.step()
-        update_lipschitz(model, max_iters=step_iters)
+        update_lipschitz(model, max_iters=step_iters, method=cfg.get("lipschitz_step_method", "subspace"))
         if i % 50 == 0 or i == len(batches) - 1:
             print(f"  step {i}: loss {float(loss):.4f}", flush=True)
     return model, time.perf_counter() - t0

@@ -7,9 +7,10 @@ of [128, 128], LipSwish, coeff 0.98, ActNorm, pre-activation, 256 levels, logit 
 ``mem_eff``: 2 exact terms + geometric(0.5) roulette, Neumann gradients, backward-in-forward.  The parameter
 count is checked against the recipe's 25,174,233.
 
-One step = ``flow.bits_per_dim(x).mean()`` + backward + Adam + ``update_lipschitz(flow)`` (the library's
-defaults: rtol 1e-3, at most 200 warm-started power iterations), on random integer pixels.  One untimed
-warm-up step (ActNorm and power-iteration initialisation), then the median of ``--steps`` timed steps.
+One step = ``flow.bits_per_dim(x).mean()`` + backward + Adam + ``update_lipschitz(flow, max_iters=1,
+method="krylov")`` (the recipe's ``lipschitz_step_iters`` and ``lipschitz_step_method``; ``--step-iters``,
+``--step-method``), on random integer pixels.  One untimed warm-up step (ActNorm and the first, to-tolerance
+norm estimates), then the median of ``--steps`` timed steps.
 
 * CPU: batch ``--cpu-batch`` (default 4); compared with the reference implementation's ~10 s/step on
   this kind of 2-core machine (a reference constant, not measured here).
@@ -74,7 +75,8 @@ def build(device):
     return ResidualFlow((3, 32, 32), estimator=est, **MODEL_KWARGS).to(device)
 
 
-STEP_ITERS = 2
+STEP_ITERS = 1  # the recipe's lipschitz_step_iters
+STEP_METHOD = "krylov"  # the recipe's lipschitz_step_method
 
 
 def time_steps(flow, batch: int, steps: int, warmup: int, device, autocast_dtype=None) -> dict:
@@ -107,7 +109,7 @@ def time_steps(flow, batch: int, steps: int, warmup: int, device, autocast_dtype
         opt.step()
         sync()
         t1 = time.perf_counter()
-        info = update_lipschitz(flow, max_iters=STEP_ITERS)
+        info = update_lipschitz(flow, max_iters=STEP_ITERS, method=STEP_METHOD)
         sync()
         t2 = time.perf_counter()
         losses.append(loss.item())
@@ -136,6 +138,7 @@ def time_steps(flow, batch: int, steps: int, warmup: int, device, autocast_dtype
 
 
 def main(argv=None) -> int:
+    global STEP_ITERS, STEP_METHOD
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -149,12 +152,17 @@ def main(argv=None) -> int:
     p.add_argument(
         "--step-iters",
         type=int,
-        default=2,
-        help="power iterations per step at most (the recipes' lipschitz_step_iters, default 2)",
+        default=STEP_ITERS,
+        help=f"power iterations per step at most (the recipe's lipschitz_step_iters, default {STEP_ITERS})",
+    )
+    p.add_argument(
+        "--step-method",
+        choices=["subspace", "krylov"],
+        default=STEP_METHOD,
+        help=f"the per-step update (the recipe's lipschitz_step_method, default {STEP_METHOD})",
     )
     args = p.parse_args(argv)
-    global STEP_ITERS
-    STEP_ITERS = args.step_iters
+    STEP_ITERS, STEP_METHOD = args.step_iters, args.step_method
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -200,8 +208,8 @@ def main(argv=None) -> int:
         f"- parameters: {n_params:,} incl. frozen roulette scalars, {n_train:,} trainable "
         f"(recipe: {EXPECTED_PARAMS:,}, {'match' if n_params == EXPECTED_PARAMS else 'MISMATCH'})",
         f"- step = bits_per_dim(x).mean() + backward + Adam + update_lipschitz (rtol 1e-3, <= {STEP_ITERS} "
-        "warm-started iterations per step, as the recipes' lipschitz_step_iters; the first forward initialises "
-        "each layer with up to 200); "
+        f"warm-started {STEP_METHOD} iterations per step, as the recipe's lipschitz_step_iters and "
+        "lipschitz_step_method; the first forward initialises each layer by Lanczos, up to 200 steps); "
         "estimator: 2 exact terms + geometric(0.5) roulette, Neumann gradient, backward-in-forward; random "
         f"integer pixels; {args.warmup} warm-up step(s), median of {args.steps} timed steps",
         f"- {gpu_note}",

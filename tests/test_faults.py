@@ -766,8 +766,8 @@ def stale_capped_iteration(monkeypatch):
 
     full = module_mod.update_lipschitz
 
-    def capped_does_nothing(model, max_iters=None, rtol=None):
-        return {} if max_iters is not None else full(model, rtol=rtol)
+    def capped_does_nothing(model, max_iters=None, rtol=None, method="subspace"):
+        return {} if max_iters is not None else full(model, rtol=rtol, method=method)
 
     monkeypatch.setattr(module_mod, "update_lipschitz", capped_does_nothing)
 

@@ -110,3 +110,34 @@ def test_spectral_norm_layers_start_from_a_lanczos_estimate():
         assert abs(float(layer.sigma) - exact) < 1e-6 * exact
         assert float(layer.initialized) == 1.0
         assert update_lipschitz(layer)["power_iterations"] <= 3
+
+
+def test_krylov_update_is_one_plain_power_step_per_step_and_refines_with_more():
+    """update_lipschitz(method="krylov", max_iters=1) on an initialised layer is exactly one power-iteration step
+    from its v (the official code's per-step update); more steps never give a lower estimate; bad names raise."""
+    from flowforge.errors import ConfigError
+    from flowforge.training.lipschitz_maintenance import LipschitzMaintenance
+
+    torch.manual_seed(1)
+    layer = SpectralNormConv2d(3, 6, 3, input_size=(6, 6), coeff=0.9).double()
+    update_lipschitz(layer)
+    with torch.no_grad():  # a training step's change
+        layer.weight.add_(0.2 * torch.randn(layer.weight.shape, dtype=F64))
+    w = layer.weight.detach()
+    v = layer.v / layer.v.norm()
+    u = layer._op(v, w)
+    u = u / u.norm()
+    expected_v = layer._adj(u, w)
+    expected_sigma = float(expected_v.norm())
+    state = {k: b.clone() for k, b in layer.state_dict().items()}
+    info = update_lipschitz(layer, max_iters=1, method="krylov")
+    assert info["power_iterations"] == 1
+    assert float(layer.sigma) == pytest.approx(expected_sigma, rel=1e-12)
+    torch.testing.assert_close(layer.v, expected_v / expected_sigma, atol=1e-12, rtol=0)
+    layer.load_state_dict(state)
+    update_lipschitz(layer, max_iters=4, method="krylov")
+    assert float(layer.sigma) > expected_sigma
+    with pytest.raises(ConfigError, match="method must be one of subspace, krylov"):
+        update_lipschitz(layer, method="lanczos")
+    with pytest.raises(ConfigError, match="lipschitz_step_method must be one of subspace, krylov"):
+        LipschitzMaintenance(step_method="block")

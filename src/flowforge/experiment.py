@@ -180,7 +180,11 @@ def posterior_checks(cfg: DictConfig, datamodule: pl.LightningDataModule) -> lis
 
 
 #: top-level keys of ``conf/train.yaml`` that configure :class:`LipschitzMaintenance`
-LIPSCHITZ_KEYS = {"step_iters": "lipschitz_step_iters", "check_every": "lipschitz_check_every"}
+LIPSCHITZ_KEYS = {
+    "step_iters": "lipschitz_step_iters",
+    "check_every": "lipschitz_check_every",
+    "step_method": "lipschitz_step_method",
+}
 
 
 def _fault_options(cfg: DictConfig) -> tuple[dict, dict]:

@@ -6,7 +6,8 @@ extends orthonormal bases ``U_j = [u_1 .. u_j]`` and ``V_{j+1} = [v_1 .. v_{j+1}
     alpha_j u_j     = A v_j   - (its components along u_1 .. u_{j-1})
     beta_j  v_{j+1} = A^T u_j - (its components along v_1 .. v_j)
 
-(full reorthogonalisation, classical Gram-Schmidt applied twice), so that ``A^T U_k = V_{k+1} B_k^T`` with the
+(full reorthogonalisation: classical Gram-Schmidt, repeated when it removed most of the vector, Kahan's "twice
+is enough"), so that ``A^T U_k = V_{k+1} B_k^T`` with the
 upper bidiagonal ``k x (k + 1)`` matrix ``B_k = U_k^T A V_{k+1}`` (diagonal ``alpha``, superdiagonal ``beta``).
 The Ritz triplet is the top singular triplet ``(theta, p, q)`` of ``B_k``:
 
@@ -50,12 +51,14 @@ class Triplet:
 
 
 def _orthogonalise(x: Tensor, basis: Tensor) -> Tensor:
-    """``x`` minus its components along the orthonormal rows of ``basis`` (classical Gram-Schmidt, twice)."""
+    """``x`` minus its components along the orthonormal rows of ``basis``: classical Gram-Schmidt, applied a second
+    time when the first pass removed more than half of ``x`` (then rounding may have left it unorthogonal)."""
     if basis.shape[0] == 0:
         return x
-    for _ in range(2):
-        x = x - basis.T @ (basis @ x)
-    return x
+    before = torch.linalg.vector_norm(x)
+    x = x - basis.T @ (basis @ x)
+    again = torch.linalg.vector_norm(x) < 0.5 * before  # (a device synchronisation, as the step's own)
+    return x - basis.T @ (basis @ x) if bool(again) else x
 
 
 def top_singular_triplet(

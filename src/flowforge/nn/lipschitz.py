@@ -146,6 +146,9 @@ class LipschitzLayer(nn.Module):
     def _adj(self, y: Tensor, w: Tensor) -> Tensor:  # A(w)^T y, y shaped like u
         raise NotImplementedError
 
+    def _adjoint_map(self, w: Tensor):  # y -> A(w)^T y, for many y (subclasses may prepare w once)
+        return lambda y: self._adj(y, w)
+
     def _layer_map(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # the layer on a batch
         raise NotImplementedError
 
@@ -221,7 +224,7 @@ class LipschitzLayer(nn.Module):
         """
         max_iters, rtol, atol = self._settings(max_iters, rtol, atol, type(self).__name__)
         if not self._is_initialized() and self.lanczos_init:
-            return self._lanczos_initialisation(max(max_iters, 200), rtol, atol)
+            return self._lanczos(max(max_iters, 200), rtol, atol)
         if self._subspace_shape()[0] > 1:
             return _block_power_iteration([self], max_iters, rtol, atol)
         first = not self._is_initialized()
@@ -247,21 +250,23 @@ class LipschitzLayer(nn.Module):
 
     #: width of the subspace iterated by :func:`_block_power_iteration` (1 = plain power iteration)
     power_block = 4
-    #: whether the first estimate comes from :meth:`_lanczos_initialisation` (the 2 -> 2 norm only)
+    #: whether the first estimate comes from :meth:`_lanczos` (the 2 -> 2 norm only)
     lanczos_init = True
 
-    def _lanczos_initialisation(self, max_iters: int, rtol: float, atol: float) -> int:
-        """The first estimate: Golub-Kahan-Lanczos from the random ``v`` to the power iteration's tolerance
-        (module docstring); returns the steps run.  Later calls continue with the block power iteration from the
-        ``v`` it leaves (its subspace is rebuilt from ``v``)."""
+    @torch.no_grad()
+    def _lanczos(self, max_iters: int, rtol: float, atol: float) -> int:
+        """Golub-Kahan-Lanczos from the current ``v`` (module docstring) for at most ``max_iters`` steps; returns
+        the steps run.  The first estimate (from the random ``v``) and ``method="krylov"`` updates of
+        :func:`update_lipschitz`; a block power iteration after it rebuilds its subspace from ``v``."""
         dt = self._iteration_dtype()
         with _no_autocast(self.weight.device):
             w = self.weight.detach().to(dt)
             vshape, ushape = self.v.shape, self.u.shape
+            adjoint = self._adjoint_map(w)
             try:
                 t = top_singular_triplet(
                     lambda x: self._op(x.reshape(vshape), w).reshape(-1),
-                    lambda y: self._adj(y.reshape(ushape), w).reshape(-1),
+                    lambda y: adjoint(y.reshape(ushape)).reshape(-1),
                     self.v.to(dt).reshape(-1),
                     max_iters,
                     rtol,
@@ -512,9 +517,14 @@ class _LipschitzConv2d(LipschitzLayer):
         return F.conv2d(x, w, None, self.stride, self.padding)
 
     def _adj(self, y: Tensor, w: Tensor) -> Tensor:
+        return self._adjoint_map(w)(y)
+
+    def _adjoint_map(self, w: Tensor):
+        """``y -> A(w)^T y`` with the kernel prepared once (:func:`conv_adjoint_map`)."""
         if self._is_matrix:
-            return w.reshape(w.shape[0], -1).t() @ y
-        return F.conv_transpose2d(y, w, None, self.stride, self.padding, self._output_padding)
+            wt = w.reshape(w.shape[0], -1).t()
+            return lambda y: wt @ y
+        return conv_adjoint_map(w, self.stride, self.padding, self._output_padding)
 
     #: ``M(u, v)`` of :meth:`sigma_hat`, valid while ``u`` and ``v`` are unchanged
     _sigma_direction_cache = VersionCache()
@@ -587,6 +597,25 @@ class SpectralNormConv2d(_LipschitzConv2d):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def conv_adjoint_map(w: Tensor, stride: int, padding: int, output_padding=(0, 0), groups: int = 1):
+    """``y -> conv_transpose2d(y, w, stride, padding, output_padding, groups)``, the adjoint of
+    ``x -> conv2d(x, w, stride, padding, groups)``.  At stride 1 it is the convolution with the flipped kernel whose
+    input and output channels are swapped within each group, padded by ``k - 1 - padding``: the same operator, and
+    on CPUs several times faster than ``conv_transpose2d`` when one side has few channels."""
+    if stride != 1:
+        return lambda y: F.conv_transpose2d(y, w, None, stride, padding, output_padding, groups)
+    out_c, in_c, kh, kw = w.shape
+    flipped = (
+        w.reshape(groups, out_c // groups, in_c, kh, kw)
+        .transpose(1, 2)
+        .flip(-2, -1)
+        .reshape(groups * in_c, out_c // groups, kh, kw)
+        .contiguous()
+    )
+    pad = (kh - 1 - padding, kw - 1 - padding)
+    return lambda y: F.conv2d(y, flipped, None, 1, pad, 1, groups)
+
+
 def _refresh_ready(module: LipschitzLayer, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: mirror the loaded ``initialized`` buffer into the Python flag (one host
     read per load; weight averaging may average the 0/1 flag, hence the threshold)."""
@@ -658,16 +687,10 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
                 )
                 return y.reshape(k, g, out_c, *y.shape[-2:]).transpose(0, 1)
 
+            adjoint = conv_adjoint_map(wc, first.stride, first.padding, first._output_padding, g)
+
             def adj(y):
-                x = F.conv_transpose2d(
-                    y.transpose(0, 1).reshape(k, g * out_c, *y.shape[-2:]),
-                    wc,
-                    None,
-                    first.stride,
-                    first.padding,
-                    first._output_padding,
-                    g,
-                )
+                x = adjoint(y.transpose(0, 1).reshape(k, g * out_c, *y.shape[-2:]))
                 return x.reshape(k, g, in_c, *x.shape[-2:]).transpose(0, 1)
         else:
             wm = w.reshape(g, w.shape[1], -1)
@@ -719,16 +742,28 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
     return iters
 
 
+#: the warm-started updates :func:`update_lipschitz` can run on the spectral-norm layers
+UPDATE_METHODS = ("subspace", "krylov")
+
+
 @torch.no_grad()
-def update_lipschitz(module: nn.Module, max_iters: int | None = None, rtol: float | None = None) -> dict:
+def update_lipschitz(
+    module: nn.Module, max_iters: int | None = None, rtol: float | None = None, method: str = "subspace"
+) -> dict:
     """Run power iteration on every normalised layer (after each optimiser step, before validation).
 
-    Spectral-norm layers of the same geometry are iterated together (one batched product or grouped
-    convolution per iteration for the whole group); the others one by one.
+    ``method="subspace"`` (the default): spectral-norm layers of the same geometry run the block power iteration
+    together (one batched product or grouped convolution per iteration for the whole group); the others one by
+    one.  ``method="krylov"``: each spectral-norm layer runs Golub-Kahan-Lanczos from its ``v`` (one step costs
+    what one plain power-iteration step costs, and with ``max_iters=1`` it is that step: the per-step update of
+    the official Residual Flows code), without a subspace carried between calls.  Uninitialised layers get
+    their first estimate by Lanczos either way; induced-norm layers always run their own method.
     Returns ``{"max_sigma": largest raw-weight norm estimate (before normalisation), "power_iterations": most
     iterations any layer needed, "num_layers": n, "unconverged": names of the layers whose iteration stopped at its
     cap before meeting its tolerance}``, or ``{}`` when ``module`` has no such layer.
     """
+    if method not in UPDATE_METHODS:
+        raise ConfigError(f"update_lipschitz: method must be one of {', '.join(UPDATE_METHODS)}, got {method!r}")
     layers = lipschitz_layers(module)
     if not layers:
         return {}
@@ -737,7 +772,10 @@ def update_lipschitz(module: nn.Module, max_iters: int | None = None, rtol: floa
     iters = []
     for layer in layers:
         key = _group_key(layer)
-        if key is None:
+        if method == "krylov" and getattr(layer, "lanczos_init", False) and layer._is_initialized():
+            settings = layer._settings(max_iters, rtol, None, "update_lipschitz")
+            iters.append(layer._lanczos(*settings))
+        elif key is None:
             iters.append(layer.power_iteration(max_iters=max_iters, rtol=rtol))
         else:
             groups.setdefault(key, []).append(layer)

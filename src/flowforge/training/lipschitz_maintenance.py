@@ -26,7 +26,7 @@ import torch
 
 from flowforge.checks import positive_int
 from flowforge.errors import ConfigError
-from flowforge.nn.lipschitz import lipschitz_layers, update_lipschitz
+from flowforge.nn.lipschitz import UPDATE_METHODS, lipschitz_layers, update_lipschitz
 from flowforge.training.fault_policy import report_fault
 
 log = logging.getLogger("flowforge")
@@ -39,11 +39,27 @@ class LipschitzMaintenance(pl.Callback):
 
     Args:
         step_iters: cap on the warm-started iterations after each optimizer step (None: to tolerance).
+        step_method: the per-step update of the spectral-norm layers (:func:`flowforge.nn.lipschitz.update_lipschitz`):
+            ``subspace`` (block power iteration, its subspace carried from step to step) or ``krylov`` (Lanczos
+            from ``v``; one step costs one plain power-iteration step).  The to-tolerance runs (checks,
+            validation, test) use ``subspace``.
         check_every: with ``step_iters``, run to tolerance and check the bounds every this many steps.
         checkpoint_every: the periodic checkpoint's interval in steps (the bounds are also checked before it).
     """
 
-    def __init__(self, step_iters: int | None = None, check_every: int = 1000, checkpoint_every: int | None = None):
+    def __init__(
+        self,
+        step_iters: int | None = None,
+        check_every: int = 1000,
+        checkpoint_every: int | None = None,
+        step_method: str = "subspace",
+    ):
+        if step_method not in UPDATE_METHODS:
+            raise ConfigError(
+                f"lipschitz_step_method must be one of {', '.join(UPDATE_METHODS)}, got {step_method!r} (subspace: "
+                "block power iteration carried across steps; krylov: Lanczos from v, the cost of plain power iteration)"
+            )
+        self.step_method = step_method
         if step_iters is not None and (
             isinstance(step_iters, bool) or not isinstance(step_iters, int) or step_iters < 1
         ):
@@ -57,7 +73,7 @@ class LipschitzMaintenance(pl.Callback):
     # ------------------------------------------------------------------ training
     def on_after_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After each update (called by :meth:`FlowModule.optimizer_step`)."""
-        self._stats = update_lipschitz(pl_module.model, max_iters=self.step_iters)
+        self._stats = update_lipschitz(pl_module.model, max_iters=self.step_iters, method=self.step_method)
         if self._stats.get("unconverged") and self.step_iters is None:
             report_fault(
                 pl_module,
