@@ -652,8 +652,10 @@ def test_subspace_state_round_trip_gives_the_same_next_iteration(kind):
 def test_subspace_state_is_none_when_stale_and_load_checks_the_shape():
     layer = SpectralNormLinear(8, 6, coeff=0.9)
     assert layer.subspace_state() is None  # never iterated
-    layer.power_iteration()
-    assert layer.subspace_state() is None  # the first estimate (Lanczos) keeps no subspace
+    layer.power_iteration()  # the first estimate (Lanczos) leaves its leading right Ritz vectors, v first
+    ritz = layer.subspace_state()
+    assert ritz.shape == (4, 8) and torch.equal(ritz[0], layer.v)
+    torch.testing.assert_close(ritz @ ritz.T, torch.eye(4), atol=1e-5, rtol=0)
     layer.power_iteration()
     basis = layer.subspace_state()
     assert basis.shape == (4, 8)

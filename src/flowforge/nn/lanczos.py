@@ -41,13 +41,16 @@ _TINY = 1e-30
 @dataclass
 class Triplet:
     """Result of :func:`top_singular_triplet`: unit ``u`` and ``v`` with ``u^T A v = sigma``; ``iters`` products
-    with each of ``A`` and ``A^T``; ``converged`` when the stopping test (or an invariant subspace) ended it."""
+    with each of ``A`` and ``A^T``; ``converged`` when the stopping test (or an invariant subspace) ended it;
+    ``right_ritz``: the leading right Ritz vectors of the last basis (orthonormal rows, the first ``v``), at most
+    ``num_ritz`` of them, for a block method to continue from."""
 
     u: Tensor
     v: Tensor
     sigma: Tensor
     iters: int
     converged: bool
+    right_ritz: Tensor | None = None
 
 
 def _orthogonalise(x: Tensor, basis: Tensor) -> Tensor:
@@ -69,6 +72,7 @@ def top_singular_triplet(
     rtol: float,
     atol: float = 0.0,
     max_basis: int = 32,
+    num_ritz: int = 1,
 ) -> Triplet:
     """Top singular triplet of ``A`` (``op(x) = A x``, ``adj(y) = A^T y`` on flat vectors) from the start ``v0``.
 
@@ -120,7 +124,7 @@ def top_singular_triplet(
                 p, q = -p, -q
             moved = float(torch.linalg.vector_norm(q[:-1] - q_prev).square() + q[-1] ** 2) ** 0.5
             q_prev = q
-            sigma, best_p, best_q = theta, p, q
+            sigma, best_p, best_q, best_right = theta, p, q, right_h
             if invariant or theta * moved <= atol + rtol * theta:
                 converged = True
                 break
@@ -135,5 +139,7 @@ def top_singular_triplet(
         u = u / torch.linalg.vector_norm(u).clamp_min(_TINY)
         v = v / torch.linalg.vector_norm(v).clamp_min(_TINY)
         v_start = v
+        ritz = best_right[: min(num_ritz, k + 1)].to(device=dev, dtype=dt) @ vs[: k + 1]
+        ritz[0] = v
     sigma_t = torch.tensor(sigma, dtype=v.dtype, device=v.device)
-    return Triplet(u, v, sigma_t, total, converged)
+    return Triplet(u, v, sigma_t, total, converged, ritz)

@@ -271,6 +271,7 @@ class LipschitzLayer(nn.Module):
                     max_iters,
                     rtol,
                     atol,
+                    num_ritz=self._subspace_shape()[0],
                 )
             except FloatingPointError as err:
                 raise ConvergenceError(
@@ -283,6 +284,12 @@ class LipschitzLayer(nn.Module):
         self.sigma.copy_(t.sigma)
         self._mark_initialized()
         self.power_converged = t.converged
+        k, *vshape = self._subspace_shape()
+        if k > 1 and float(t.sigma) > _TINY and t.right_ritz is not None:  # a block iteration continues from here
+            basis = t.right_ritz
+            if basis.shape[0] < k:  # a short Krylov space: complete it as a rebuilt subspace would be
+                basis = torch.cat([basis, self._warm_basis(dt).reshape(k, -1)[basis.shape[0] :]])
+            self._subspace_cache.put((self.v,), basis.reshape(k, *vshape))
         return t.iters
 
     #: whether the latest power iteration met its stopping test (False: it stopped at ``max_iters``)
@@ -316,6 +323,10 @@ class LipschitzLayer(nn.Module):
         if basis is None or tuple(basis.shape) != self._subspace_shape():
             return None
         return basis
+
+    def forget_subspace(self) -> None:
+        """Drop the stored subspace: the next block power iteration rebuilds it from ``v``."""
+        self.__dict__.pop("_subspace_cache", None)
 
     def load_subspace_state(self, basis: Tensor) -> None:
         """Install ``basis`` (from :meth:`subspace_state`) as the warm start of the next block power iteration.

@@ -129,6 +129,7 @@ class LipschitzMaintenance(pl.Callback):
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _forget_subspaces(pl_module.model)
         stats = update_lipschitz(pl_module.model)
         if stats.get("unconverged") and not trainer.sanity_checking:
             log.warning(
@@ -139,6 +140,7 @@ class LipschitzMaintenance(pl.Callback):
             )
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _forget_subspaces(pl_module.model)
         update_lipschitz(pl_module.model)
 
     # ------------------------------------------------------------------ exact resume
@@ -160,3 +162,13 @@ class LipschitzMaintenance(pl.Callback):
         pending, self._pending = self._pending, {}
         for name, basis in pending.items():
             pl_module.get_submodule(name).load_subspace_state(basis)
+
+
+def _forget_subspaces(model: torch.nn.Module) -> None:
+    """Drop the warm-start subspaces before an evaluation: the weights evaluated may be swapped in (weight
+    averaging), and a subspace left from an earlier evaluation of the same tensors would make the result depend
+    on the run's history rather than on the checkpointed weights and buffers alone."""
+    for layer in lipschitz_layers(model):
+        forget = getattr(layer, "forget_subspace", None)
+        if forget is not None:
+            forget()
