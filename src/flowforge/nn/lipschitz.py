@@ -56,8 +56,11 @@ _TINY = 1e-30
 
 
 def _no_autocast(device: torch.device):
-    """A context that switches autocast off on ``device`` (our norm computations must stay in fp32)."""
-    if device.type in ("cpu", "cuda", "xpu", "mps", "hpu"):
+    """A context that switches autocast off on ``device`` (our norm computations must stay in fp32); a no-op
+    context when autocast is off there already (the common case, and the cheaper one in every forward)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps", "hpu") and (
+        torch.compiler.is_compiling() or torch.is_autocast_enabled(device.type)
+    ):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -159,18 +162,36 @@ class LipschitzLayer(nn.Module):
         sigma = torch.linalg.vector_norm(y)
         return y / sigma.clamp_min(_TINY), v, sigma
 
+    #: ``M(u, v)`` of :meth:`sigma_hat`, valid while ``u`` and ``v`` are unchanged
+    _sigma_direction_cache = VersionCache()
+
+    def _sigma_direction(self, u: Tensor, v: Tensor) -> Tensor:
+        """``M`` with ``<W, M> = u^T A(W) v`` for every ``W`` (``u^T A(W) v`` is linear in ``W``): for a matrix
+        ``u v^T``, shaped like the weight."""
+        return torch.outer(u.reshape(-1), v.reshape(-1)).reshape(self.weight.shape)
+
     def sigma_hat(self) -> Tensor:
         """Differentiable estimate ``|u^T A(W) v|`` of the norm of the raw weight (u, v fixed; computed in
         float32 or higher with autocast off).  ``u``/``v`` are renormalised first, so averaged (EMA) copies
-        that drifted off the unit sphere still give a lower bound of the norm."""
+        that drifted off the unit sphere still give a lower bound of the norm.
+
+        ``u^T A(W) v = <W, M(u, v)>`` is linear in ``W``: ``M`` is computed once per power-iteration update
+        (keyed by the buffers' identity and version counters, so in-place updates and weight-averaging swaps
+        refresh it), and every forward then costs one elementwise product and a sum.  Under ``torch.compile``
+        ``u^T A(W) v`` is traced directly (a compiled graph cannot key a cache on buffer versions)."""
         dt = self._iteration_dtype()
+        if torch.compiler.is_compiling():
+            with _no_autocast(self.weight.device):
+                u, v = _normalize(self.u.to(dt)), _normalize(self.v.to(dt))
+                return (u * self._op(v, self.weight.to(dt))).sum().abs()
+
+        def direction() -> Tensor:
+            with torch.no_grad(), _no_autocast(self.weight.device):
+                return self._sigma_direction(_normalize(self.u.to(dt)), _normalize(self.v.to(dt)))
+
+        m = self._sigma_direction_cache.get_or_compute((self.u, self.v), direction, extra=dt)
         with _no_autocast(self.weight.device):
-            w = self.weight.to(dt)
-            u = self.u.to(dt)
-            v = self.v.to(dt)
-            u = u / torch.linalg.vector_norm(u).clamp_min(_TINY)
-            v = v / torch.linalg.vector_norm(v).clamp_min(_TINY)
-            return (u * self._op(v, w)).sum().abs()
+            return (self.weight.to(dt) * m).sum().abs()
 
     # ------------------------------------------------------------------ public API
     def _iteration_dtype(self) -> torch.dtype:
@@ -537,28 +558,12 @@ class _LipschitzConv2d(LipschitzLayer):
             return lambda y: wt @ y
         return conv_adjoint_map(w, self.stride, self.padding, self._output_padding)
 
-    #: ``M(u, v)`` of :meth:`sigma_hat`, valid while ``u`` and ``v`` are unchanged
-    _sigma_direction_cache = VersionCache()
-
-    def sigma_hat(self) -> Tensor:
-        """For k x k kernels ``<u, conv(v, W)>`` is linear in W: ``= <W, M(u, v)>`` with ``M`` the weight
-        gradient of the convolution at (v, u).  ``M`` is computed once per power-iteration update (keyed
-        by the buffers' identity and version counters, so in-place updates and weight-averaging swaps
-        refresh it), and every forward then costs one elementwise product instead of a convolution of
-        the full-resolution vector.  Under ``torch.compile`` the convolution form is traced instead."""
-        if self._is_matrix or torch.compiler.is_compiling():
-            # a compiled graph cannot key a cache on buffer versions: it evaluates <u, conv(v, W)> directly
-            return super().sigma_hat()
-        dt = self._iteration_dtype()
-
-        def direction() -> Tensor:
-            with torch.no_grad(), _no_autocast(self.weight.device):
-                u, v = _normalize(self.u.to(dt)), _normalize(self.v.to(dt))
-                return torch.nn.grad.conv2d_weight(v, self.weight.shape, u, self.stride, self.padding)
-
-        m = self._sigma_direction_cache.get_or_compute((self.u, self.v), direction, extra=dt)
-        with _no_autocast(self.weight.device):
-            return (self.weight.to(dt) * m).sum().abs()
+    def _sigma_direction(self, u: Tensor, v: Tensor) -> Tensor:
+        """For k x k kernels ``<u, conv(v, W)> = <W, M(u, v)>`` with ``M`` the weight gradient of the
+        convolution at (v, u)."""
+        if self._is_matrix:
+            return super()._sigma_direction(u, v)
+        return torch.nn.grad.conv2d_weight(v, self.weight.shape, u, self.stride, self.padding)
 
     def _layer_map(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
