@@ -757,3 +757,26 @@ def test_ready_flag_follows_the_loaded_buffer():
     assert not layer._is_initialized()
     layer(_input(layer))  # the forward initialises it again
     assert layer._is_initialized() and float(layer.initialized) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_sigma_direction_follows_buffers_swapped_through_data(kind):
+    """Weight averaging swaps buffers through ``.data`` (no version bump): after ``forget_sigma_direction`` (which
+    the Lipschitz callback calls before every training step and evaluation) sigma_hat is u^T A(W) v of the
+    swapped-in u, v."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = SpectralNormLinear(6, 5, coeff=0.9).double()
+    else:
+        layer = SpectralNormConv2d(2, 3, 3, input_size=(5, 5), coeff=0.9).double()
+    layer.power_iteration()
+    before = float(layer.sigma_hat())
+    other_u, other_v = torch.randn_like(layer.u), torch.randn_like(layer.v)
+    layer.u.data.copy_(other_u / other_u.norm())
+    layer.v.data.copy_(other_v / other_v.norm())
+    w = layer.weight.detach()
+    expected = abs(float((layer.u * layer._op(layer.v, w)).sum()))
+    assert float(layer.sigma_hat()) == pytest.approx(before)  # stale: the versions did not change
+    layer.forget_sigma_direction()
+    assert float(layer.sigma_hat()) == pytest.approx(expected, rel=1e-12)
+    assert abs(expected - before) > 1e-3

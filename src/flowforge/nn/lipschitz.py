@@ -345,6 +345,12 @@ class LipschitzLayer(nn.Module):
             return None
         return basis
 
+    def forget_sigma_direction(self) -> None:
+        """Drop the cached ``M(u, v)`` of :meth:`sigma_hat`.  The cache notices in-place updates through the
+        buffers' version counters, but not writes through ``.data`` (which weight averaging uses to swap weights
+        and buffers in and out): call this after such a swap."""
+        self.__dict__.pop("_sigma_direction_cache", None)
+
     def forget_subspace(self) -> None:
         """Drop the stored subspace: the next block power iteration rebuilds it from ``v``."""
         self.__dict__.pop("_subspace_cache", None)

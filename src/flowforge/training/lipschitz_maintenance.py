@@ -120,6 +120,14 @@ class LipschitzMaintenance(pl.Callback):
                 droppable=False,
             )
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        """Every step's first forward computes ``sigma_hat``'s direction from the buffers as they are: weight
+        averaging writes the evaluation weights in and out through ``.data``, which version counters do not see."""
+        for layer in lipschitz_layers(pl_module.model):
+            forget = getattr(layer, "forget_sigma_direction", None)
+            if forget is not None:
+                forget()
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
@@ -169,6 +177,7 @@ def _forget_subspaces(model: torch.nn.Module) -> None:
     averaging), and a subspace left from an earlier evaluation of the same tensors would make the result depend
     on the run's history rather than on the checkpointed weights and buffers alone."""
     for layer in lipschitz_layers(model):
-        forget = getattr(layer, "forget_subspace", None)
-        if forget is not None:
-            forget()
+        for name in ("forget_subspace", "forget_sigma_direction"):
+            forget = getattr(layer, name, None)
+            if forget is not None:
+                forget()
