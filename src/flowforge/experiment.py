@@ -254,7 +254,10 @@ def make_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
         callbacks.append(FaultInjection(**injection))
     loggers = _instantiate_group(cfg.get("logger"))
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        # the CSV logger's copy (csv/version_0/hparams.yaml, written through OmegaConf at ~0.15 s a run) would repeat
+        # the run folder's .hydra/config.yaml; W&B and TensorBoard show the configuration in their interfaces
+        if not isinstance(lg, pl.loggers.CSVLogger):
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     precision, accelerator = str(cfg.trainer.get("precision")), str(cfg.trainer.get("accelerator", "auto"))
     if precision in ("16-mixed", "16", "16-true") and (
         accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
