@@ -4,6 +4,7 @@ zero and non-finite operators, and the spectral-norm layers' first estimate."""
 
 import pytest
 import torch
+from test_lipschitz import _clustered_matrix  # (top singular values 1.0 and 0.999)
 
 from flowforge.nn.lanczos import top_singular_triplet
 from flowforge.nn.lipschitz import SpectralNormConv2d, SpectralNormLinear, update_lipschitz
@@ -51,15 +52,6 @@ def test_step_count_is_power_iterations_cost_and_the_estimate_never_below_it(ste
     assert float(t.u @ w @ t.v) == pytest.approx(float(t.sigma), rel=1e-10)
     assert float((w.T @ t.u - t.sigma * t.v).norm()) < 1e-10
     assert float(t.u.norm()) == pytest.approx(1.0) and float(t.v.norm()) == pytest.approx(1.0)
-
-
-def _clustered_matrix(n=64):
-    """Top singular values 1.0 and 0.999, the rest <= 0.6: power iteration's rate is (0.999)^2 per step."""
-    g = torch.Generator().manual_seed(3)
-    q1 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
-    q2 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
-    s = torch.cat([torch.tensor([1.0, 0.999], dtype=F64), torch.linspace(0.6, 0.1, n - 2, dtype=F64)])
-    return q1 @ torch.diag(s) @ q2.T
 
 
 def test_clustered_top_values_resolved_where_power_iteration_stalls():
