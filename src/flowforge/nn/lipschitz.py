@@ -176,8 +176,9 @@ class LipschitzLayer(nn.Module):
         that drifted off the unit sphere still give a lower bound of the norm.
 
         ``u^T A(W) v = <W, M(u, v)>`` is linear in ``W``: ``M`` is computed once per power-iteration update
-        (keyed by the buffers' identity and version counters, so in-place updates and weight-averaging swaps
-        refresh it), and every forward then costs one elementwise product and a sum.  Under ``torch.compile``
+        (keyed by the buffers' identity and version counters, so in-place updates refresh it; writes through
+        ``.data``, as weight averaging swaps, need :meth:`forget_sigma_direction`), and every forward then costs
+        one elementwise product and a sum.  Under ``torch.compile``
         ``u^T A(W) v`` is traced directly (a compiled graph cannot key a cache on buffer versions)."""
         dt = self._iteration_dtype()
         if torch.compiler.is_compiling():
@@ -278,7 +279,7 @@ class LipschitzLayer(nn.Module):
     def _lanczos(self, max_iters: int, rtol: float, atol: float) -> int:
         """Golub-Kahan-Lanczos from the current ``v`` (module docstring) for at most ``max_iters`` steps; returns
         the steps run.  The first estimate (from the random ``v``) and ``method="krylov"`` updates of
-        :func:`update_lipschitz`; a block power iteration after it rebuilds its subspace from ``v``."""
+        :func:`update_lipschitz`; its leading right Ritz vectors become the block power iteration's warm subspace."""
         dt = self._iteration_dtype()
         with _no_autocast(self.weight.device):
             w = self.weight.detach().to(dt)
@@ -295,10 +296,7 @@ class LipschitzLayer(nn.Module):
                     num_ritz=self._subspace_shape()[0],
                 )
             except FloatingPointError as err:
-                raise ConvergenceError(
-                    f"{type(self).__name__}: power iteration produced a non-finite norm estimate ({err}); the weight "
-                    "contains NaN/inf values (lower the learning rate or check the loss)"
-                ) from None
+                raise _non_finite(self, err) from None
         if float(t.sigma) > _TINY:  # a zero weight keeps the unit vectors it had
             self.u.copy_(t.u.reshape(ushape))
             self.v.copy_(t.v.reshape(vshape))
@@ -396,10 +394,7 @@ class LipschitzLayer(nn.Module):
             moved = torch.linalg.vector_norm(v - v_old) / torch.linalg.vector_norm(v).clamp_min(_TINY)
             s, moved = torch.stack([sigma, moved.to(sigma.dtype)]).tolist()  # one device sync per iteration
             if not math.isfinite(s):
-                raise ConvergenceError(
-                    f"{type(self).__name__}: power iteration produced a non-finite norm estimate ({s}); the "
-                    "weight contains NaN/inf values (lower the learning rate or check the loss)"
-                )
+                raise _non_finite(self, s)
             if s <= _TINY:  # zero weight (or u orthogonal to its range): keep the unit vectors we had
                 u, v = u_old, v_old
                 self.power_converged = True
@@ -619,6 +614,14 @@ class SpectralNormConv2d(_LipschitzConv2d):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _non_finite(layer: nn.Module, estimate) -> ConvergenceError:
+    """The error of a power iteration whose norm estimate came out NaN/inf."""
+    return ConvergenceError(
+        f"{type(layer).__name__}: power iteration produced a non-finite norm estimate ({estimate}); the weight "
+        "contains NaN/inf values (lower the learning rate or check the loss)"
+    )
+
+
 def conv_adjoint_map(w: Tensor, stride: int, padding: int, output_padding=(0, 0), groups: int = 1):
     """``y -> conv_transpose2d(y, w, stride, padding, output_padding, groups)``, the adjoint of
     ``x -> conv2d(x, w, stride, padding, groups)``.  At stride 1 it is the convolution with the flipped kernel whose
@@ -745,10 +748,7 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
             sigmas, passed = torch.stack([sigma, converged.to(sigma.dtype)]).tolist()  # one device sync per iteration
             bad = [(layer, s_) for layer, s_ in zip(layers, sigmas) if not math.isfinite(s_)]
             if bad:
-                raise ConvergenceError(
-                    f"{type(bad[0][0]).__name__}: power iteration produced a non-finite norm estimate ({bad[0][1]}); "
-                    "the weight contains NaN/inf values (lower the learning rate or check the loss)"
-                )
+                raise _non_finite(*bad[0])
             v_prev = v_new
             if all(passed):
                 break

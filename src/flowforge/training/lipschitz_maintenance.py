@@ -123,10 +123,7 @@ class LipschitzMaintenance(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Every step's first forward computes ``sigma_hat``'s direction from the buffers as they are: weight
         averaging writes the evaluation weights in and out through ``.data``, which version counters do not see."""
-        for layer in lipschitz_layers(pl_module.model):
-            forget = getattr(layer, "forget_sigma_direction", None)
-            if forget is not None:
-                forget()
+        _forget(pl_module.model, "forget_sigma_direction")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
@@ -176,8 +173,13 @@ def _forget_subspaces(model: torch.nn.Module) -> None:
     """Drop the warm-start subspaces before an evaluation: the weights evaluated may be swapped in (weight
     averaging), and a subspace left from an earlier evaluation of the same tensors would make the result depend
     on the run's history rather than on the checkpointed weights and buffers alone."""
+    _forget(model, "forget_subspace", "forget_sigma_direction")
+
+
+def _forget(model: torch.nn.Module, *methods: str) -> None:
+    """Call each named ``forget_*`` method on every normalised layer that has it."""
     for layer in lipschitz_layers(model):
-        for name in ("forget_subspace", "forget_sigma_direction"):
+        for name in methods:
             forget = getattr(layer, name, None)
             if forget is not None:
                 forget()
