@@ -21,7 +21,9 @@
 * **bits/dim after 200 steps** of a small Glow on fake CIFAR-10 files (``flowforge.data.fake``), trained in
   fp32 and in bf16-mixed from the same initialisation and batches, evaluated in fp32 on the test split.
 
-A part that fails or runs out of its budget puts the error in its cell and the script goes on.  Without a GPU
+A part that fails or runs out of its budget puts the error in its cell and the script goes on.  Each model's
+modes run in a worker process, killed when a mode overruns its budget, so that an interrupted compile cannot
+break the parts after it.  Without a GPU
 the script refuses, unless given ``--device cpu --tiny``: a dry run of every part at toy sizes on the CPU
 (the recipes shrunk as ``smoke=true`` shrinks them, batch 8, 2 training steps for the bits/dim row, compile
 with the ``eager`` backend) that checks the command end to end in well under a minute.
@@ -89,7 +91,7 @@ def budget(seconds: float | None):
 
     def _alarm(signum, frame):
         fired.append(True)
-        raise Budget(f"over its {seconds:.0f} s budget")
+        raise Budget(f"over its {seconds:.3g} s budget")
 
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -99,7 +101,7 @@ def budget(seconds: float | None):
         # code interrupted by the alarm may swallow the Budget and fail with an unrelated error of its own
         # (torch.compile does: a half-traced frame surfaces as a KeyError); the alarm is still the cause
         if fired and not isinstance(e, Budget):
-            raise Budget(f"over its {seconds:.0f} s budget") from e
+            raise Budget(f"over its {seconds:.3g} s budget") from e
         raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -257,6 +259,123 @@ def time_mode(cfg, mode: str, args, device) -> dict:
         sync(device)
         out["sync_train"] = count_syncs(lambda: stepper.train_part(x))
         out["sync_lip"] = count_syncs(stepper.lip_part) if stepper.lip else 0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- isolation
+#: seconds a fresh worker process may take to compose its recipe before its first mode starts
+WORKER_START_S = 120.0
+
+
+def configure(args) -> None:
+    """Process-wide settings of a run, in the main process and in every worker."""
+    if not args.donated_buffers:
+        import torch._functorch.config as functorch_config
+
+        # backward-in-forward (the residual recipes' mem_eff estimator) calls autograd.grad inside the compiled
+        # loss, which AOTAutograd's donated buffers refuse ("requires create_graph=False and retain_graph=False")
+        functorch_config.donated_buffer = False
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def mode_worker(conn, name: str, recipe: str, modes: list[str], args, device_type: str) -> None:
+    """A worker process: compose ``recipe``, then time ``modes`` in order, reporting over ``conn``.
+
+    Messages: ``("start", mode, None)`` before a mode; ``("done", mode, result)`` or ``("error", mode, cell)``
+    after it; ``("config_error", None, cell)`` when the recipe does not compose.
+    """
+    configure(args)
+    device = torch.device(device_type)
+    try:
+        cfg = recipe_config(recipe, args.tiny)
+    except Exception as e:  # noqa: BLE001  (the row reports it)
+        conn.send(("config_error", None, error_cell(e)))
+        return
+    for mode in modes:
+        conn.send(("start", mode, None))
+        print(f"{name} {mode} ...", flush=True)
+        try:
+            conn.send(("done", mode, time_mode(cfg, mode, args, device)))
+        except Exception as e:  # noqa: BLE001
+            if os.environ.get("GPU_CHECK_TRACEBACK"):
+                traceback.print_exc()
+            conn.send(("error", mode, error_cell(e)))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_modes(name: str, recipe: str, modes, args, device, part_budget) -> dict[str, dict | str]:
+    """Each mode's :func:`time_mode` result, or its error cell, timed in worker processes.
+
+    A mode over its budget (``part_budget(args.mode_budget)`` seconds from its start) has its worker killed, and
+    a fresh worker runs the modes after it; so does a worker that dies (a crash, the out-of-memory killer).  A
+    compile or a CUDA context cut short in one part thus never leaves state behind for the next: an interrupted
+    ``torch.compile`` can leave dynamo's caches in a state that fails later, unrelated models.  Workers are forked
+    from a server that has imported torch and flowforge once (``forkserver``: CUDA is initialised in the workers
+    only).
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "flowforge.experiment"])
+    out: dict[str, dict | str] = {}
+    pending = list(modes)
+    while pending:
+        try:
+            limit = part_budget(WORKER_START_S)
+        except Budget as e:
+            out.update({m: error_cell(e) for m in pending})
+            break
+        conn, child_conn = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=mode_worker, args=(child_conn, name, recipe, list(pending), args, device.type), daemon=True
+        )
+        proc.start()
+        child_conn.close()
+        current = None
+        deadline = time.monotonic() + limit
+        try:
+            while pending:
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    victim = current or pending[0]
+                    out[victim] = (
+                        f"error: over its {limit:.3g} s budget"
+                        if current
+                        else f"error: the worker process did not start within {limit:.3g} s"
+                    )
+                    pending.remove(victim)
+                    break
+                try:
+                    kind, mode, payload = conn.recv()
+                except EOFError:
+                    proc.join(10)
+                    victim = current or pending[0]
+                    out[victim] = f"error: the worker process died (exit code {proc.exitcode})"
+                    pending.remove(victim)
+                    break
+                if kind == "config_error":
+                    out.update({m: payload for m in pending})
+                    pending.clear()
+                elif kind == "start":
+                    try:
+                        limit = part_budget(args.mode_budget)
+                    except Budget as e:
+                        out.update({m: error_cell(e) for m in pending})
+                        pending.clear()
+                        break
+                    current = mode
+                    deadline = time.monotonic() + limit
+                else:  # "done" or "error"
+                    out[mode] = payload
+                    pending.remove(mode)
+                    current = None
+                    deadline = time.monotonic() + WORKER_START_S
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(30)
+            conn.close()
     return out
 
 
@@ -434,17 +553,10 @@ def main(argv=None) -> int:
     args.bpd_steps = args.bpd_steps if args.bpd_steps is not None else (2 if tiny else 200)
     args.bpd_budget = args.bpd_budget or (30.0 if tiny else 60.0)
     args.compile_backend = args.compile_backend or ("eager" if tiny else "inductor")
-    if not args.donated_buffers:
-        import torch._functorch.config as functorch_config
-
-        # backward-in-forward (the residual recipes' mem_eff estimator) calls autograd.grad inside the compiled
-        # loss, which AOTAutograd's donated buffers refuse ("requires create_graph=False and retain_graph=False")
-        functorch_config.donated_buffer = False
     if tiny:
         args.steps = min(args.steps, 2)
         args.warmup = min(args.warmup, 1)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    configure(args)
     t_start = time.perf_counter()
 
     def part_budget(seconds: float) -> float:
@@ -466,37 +578,24 @@ def main(argv=None) -> int:
         label = f"{name} ({recipe}, {size}, batch {model_args.batch})"
         cells = {k: {} for k in ("ms", "mem", "sync")}
         notes = []
-        try:
-            cfg = recipe_config(recipe, tiny)
-        except Exception as e:  # noqa: BLE001  (the row reports it)
-            for k in cells:
-                cells[k] = {m: error_cell(e) for m in args.modes}
-            cfg = None
-        for mode in args.modes if cfg is not None else ():
-            print(f"{name} {mode} ...", flush=True)
-            try:
-                with budget(part_budget(args.mode_budget)):
-                    r = time_mode(cfg, mode, model_args, device)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                cells["ms"][mode] = f"{r['ms']:.1f}"
-                if "params" in r and not any(n.startswith("params") for n in notes):
-                    notes.append(f"params {r['params']:,}")
-                if "compile_s" in r:
-                    notes.append(f"compile + warm-up {r['compile_s']:.0f} s")
-                if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf"):
-                    notes.append(f"{mode}: non-finite loss")
-                cells["mem"][mode] = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a (CPU)"
-                cells["sync"][mode] = f"{r['sync_train']} + {r['sync_lip']}" if "sync_train" in r else "n/a (CPU)"
-                print(f"  {r}", flush=True)
-            except Exception as e:  # noqa: BLE001
-                if os.environ.get("GPU_CHECK_TRACEBACK"):
-                    traceback.print_exc()
+        results = run_modes(name, recipe, args.modes, model_args, device, part_budget)
+        for mode in args.modes:
+            r = results[mode]
+            if isinstance(r, str):
                 for k in cells:
-                    cells[k][mode] = error_cell(e)
-                print(f"  {error_cell(e)}", flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    cells[k][mode] = r
+                print(f"  {name} {mode}: {r}", flush=True)
+                continue
+            cells["ms"][mode] = f"{r['ms']:.1f}"
+            if "params" in r and not any(n.startswith("params") for n in notes):
+                notes.append(f"params {r['params']:,}")
+            if "compile_s" in r:
+                notes.append(f"compile + warm-up {r['compile_s']:.0f} s")
+            if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf"):
+                notes.append(f"{mode}: non-finite loss")
+            cells["mem"][mode] = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a (CPU)"
+            cells["sync"][mode] = f"{r['sync_train']} + {r['sync_lip']}" if "sync_train" in r else "n/a (CPU)"
+            print(f"  {name} {mode}: {r}", flush=True)
         for key, what in (("ms", "step time (ms)"), ("mem", "peak memory (GiB)"), ("sync", "host syncs per step")):
             row = [what, label] + [cells[key].get(m, "-") for m in MODES]
             row.append("; ".join(notes) if key == "ms" else ("train step + power iteration" if key == "sync" else ""))
