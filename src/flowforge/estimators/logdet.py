@@ -11,7 +11,10 @@ Options: ``probe`` (gaussian | rademacher) and ``n_probes`` (estimates averaged 
 ``neumann_grad`` (O(1)-memory Neumann gradient series); ``mem_eff`` (backward-in-forward);
 ``eval_n_exact_terms`` (exact terms of the roulette series in eval mode, default 20, so the test
 estimate has negligible variance); ``eval_exact_max_dim`` (inputs of at most this many dimensions use
-the exact log-det in eval mode, e.g. the 2-D toys).
+the exact log-det in eval mode, e.g. the 2-D toys); ``fused`` (with ``neumann_grad``, a g that is a Lipschitz
+MLP of linear layers and elementwise activations takes the hand-written route of
+:mod:`flowforge.estimators.neumann_mlp`: the same value and gradient, a fraction of the operations; with or
+without ``mem_eff``, whose memory it already has).
 
 Every J^k v product uses the network's linearisation (``g.linearize``) when it has one, else
 ``torch.func.jvp``.
@@ -29,6 +32,7 @@ from flowforge.errors import ConfigError
 from flowforge.estimators.exact import MAX_EXACT_DIM, exact_logdet
 from flowforge.estimators.hutchinson import PROBES, sample_probe
 from flowforge.estimators.mem_eff import backward_in_forward
+from flowforge.estimators.neumann_mlp import mlp_plan, neumann_mlp_logdet
 from flowforge.estimators.roulette import RouletteDistribution
 from flowforge.estimators.series import neumann_logdet, series_logdet
 
@@ -71,6 +75,7 @@ class LogDetEstimator:
         mem_eff: bool = False,
         eval_n_exact_terms: int = 20,
         eval_exact_max_dim: int = 2,
+        fused: bool = True,
     ):
         if name not in ESTIMATORS:
             raise ConfigError(
@@ -98,6 +103,7 @@ class LogDetEstimator:
         self.probe, self.n_probes = probe, int(n_probes)
         self.neumann_grad, self.mem_eff = bool(neumann_grad), bool(mem_eff)
         self.eval_n_exact_terms, self.eval_exact_max_dim = int(eval_n_exact_terms), int(eval_exact_max_dim)
+        self.fused = bool(fused)
 
     @property
     def stochastic(self) -> bool:
@@ -136,6 +142,11 @@ class LogDetEstimator:
         raw = self.coefficients(training, roulette)
         coeffs = [a * c for a, c in zip(series_signs(kind, len(raw)), raw)]
         probes = [sample_probe(x, self.probe) for _ in range(self.n_probes)]
+        if self.neumann_grad and training and torch.is_grad_enabled() and self.fused:
+            plan = mlp_plan(g, x)
+            if plan is not None:
+                y, est = neumann_mlp_logdet(plan, x, probes, coeffs)
+                return y, est, {"terms": len(coeffs)}
         series = neumann_logdet if (self.neumann_grad and training) else series_logdet
 
         def compute(xx: Tensor) -> tuple[Tensor, Tensor]:

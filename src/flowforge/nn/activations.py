@@ -49,6 +49,12 @@ from flowforge.errors import ConfigError
 Jvp = Callable[[Tensor], Tensor]
 
 
+#: ``pullback(c_value, c_slope) -> (dL/dx, [dL/dp for each trainable parameter p])`` for
+#: ``L = <c_value, phi(x)> + <c_slope, phi'(x)>`` (``c_slope`` may be ``None``: no slope term); it may
+#: overwrite ``c_value`` and ``c_slope`` (the caller passes tensors it no longer needs)
+Pullback = Callable[[Tensor, "Tensor | None"], tuple[Tensor, list[Tensor]]]
+
+
 class ElementwiseActivation(nn.Module):
     """An activation applied per element; subclasses give ``value_and_derivative(x)``."""
 
@@ -61,6 +67,23 @@ class ElementwiseActivation(nn.Module):
     def linearize(self, x: Tensor) -> tuple[Tensor, Jvp]:
         y, d = self.value_and_derivative(x)
         return y, lambda v: v * d
+
+    def second_order(self, x: Tensor) -> tuple[Tensor, Tensor, Pullback]:
+        """``(phi(x), phi'(x), pullback)`` without a graph; the pullback (see :data:`Pullback`) carries
+        ``phi'`` and ``phi''`` and the parameters' derivatives of both.  Here by autograd through
+        ``value_and_derivative``; an activation may give the derivatives in closed form."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            h = x.detach().requires_grad_(True)
+            y, d = self.value_and_derivative(h)
+
+        def pullback(c_value: Tensor, c_slope: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+            outs, cots = ((y, d), (c_value, c_slope)) if c_slope is not None else ((y,), (c_value,))
+            gx, *gp = torch.autograd.grad(outs, [h, *params], cots, allow_unused=True)
+            gx = torch.zeros_like(h) if gx is None else gx
+            return gx, [torch.zeros_like(p) if g is None else g for g, p in zip(gp, params)]
+
+        return y.detach(), d.detach(), pullback
 
 
 class LipSwish(ElementwiseActivation):
@@ -75,6 +98,39 @@ class LipSwish(ElementwiseActivation):
         beta = F.softplus(self.beta)
         s = torch.sigmoid(beta * x)
         return x * s / 1.1, (s + beta * x * s * (1 - s)) / 1.1
+
+    def second_order(self, x: Tensor) -> tuple[Tensor, Tensor, Pullback]:
+        """Closed form, with ``s = sigmoid(beta z)``, ``s' = s (1 - s)`` and ``k = s' (2 + beta z (1 - 2 s)) / 1.1``:
+        ``phi'' = beta k``, ``d phi / d beta = z^2 s' / 1.1``, ``d phi' / d beta = z k``, and
+        ``d beta / d b = sigmoid(b)``."""
+        with torch.no_grad():
+            beta = F.softplus(self.beta)
+            bx = x * beta
+            s = torch.sigmoid(bx)
+            ds = torch.addcmul(s, s, s, value=-1.0).mul_(1 / 1.1)  # s' / 1.1
+            zero = x.new_zeros(())
+            y = torch.addcmul(zero, x, s, value=1 / 1.1)
+            d = torch.addcmul(s.mul_(1 / 1.1), bx, ds)
+            # k and q while s', beta z and z are in cache: k = s' (2 + beta z - 2 beta z s) / 1.1, q = z^2 s' / 1.1
+            k = torch.add(bx, 2.0).addcmul_(bx, s, value=-2.0 * 1.1).mul_(ds)
+            q = torch.addcmul(zero, x, x).mul_(ds) if self.beta.requires_grad else None
+            del s, ds, bx
+
+        def pullback(c_value: Tensor, c_slope: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+            with torch.no_grad():
+                ck = c_slope.mul_(k) if c_slope is not None else None
+                grads = []
+                if q is not None:
+                    gbeta = torch.dot(c_value.reshape(-1), q.reshape(-1))
+                    if ck is not None:
+                        gbeta = gbeta + torch.dot(ck.reshape(-1), x.reshape(-1))
+                    grads.append(gbeta * torch.sigmoid(self.beta.detach()))
+                gx = c_value.mul_(d)
+                if ck is not None:
+                    gx.addcmul_(ck, beta)
+                return gx, grads
+
+        return y, d, pullback
 
 
 class CLipSwish(nn.Module):

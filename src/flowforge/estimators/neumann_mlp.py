@@ -1,0 +1,223 @@
+"""The Neumann-gradient log-det of a residual block whose ``g`` is a Lipschitz MLP, with hand-written
+derivatives (no autograd graph through the series).
+
+For ``g = L_n o ... o L_1`` whose stages are linear maps ``L(a) = a W^T + b`` and elementwise activations
+``phi``, the Jacobian is ``J = W_n D_{n-1} W_{n-1} ... D_1 W_1`` with ``D = diag(phi'(h))`` at the
+activation's input ``h``.  The value is the series estimate of :func:`flowforge.estimators.series.neumann_logdet`,
+
+    est = sum_k w_k v^T J^k v / k,
+
+and its gradient is that of the Neumann surrogate (Chen et al., 2019, Eq. 8)
+
+    S = v^T J u,   u = sum_k w_k J^{k-1} v   (v, u held fixed),
+
+worked out stage by stage from one forward tangent of ``u`` and one cotangent of ``v``:
+
+    tangent:    t_0 = u,   t_{j+1} = t_j W^T (linear)  or  t_j * phi'(h) (activation)
+    cotangent:  r = v,     r <- r W (linear)           or  r * phi'(h) (activation), from the last stage back
+    dS/dW = r^T t_in (linear stage),   dS/dphi'(h) = r * t_in (activation stage),
+
+``r`` and ``t_in`` being the cotangent at the stage's output and the tangent at its input.  ``dS/dphi'(h)``
+reaches ``h`` (through ``phi''``) and the activation's own parameters, and from ``h`` the earlier weights and
+``x`` through the forward pass.  The backward pass joins that with the upstream gradient of ``g(x)`` in one
+sweep through the network, and weighs each sample's ``S`` by the upstream gradient of its own log-det, so the
+gradient is exact for any loss (mean, sum or per-sample weights) without a host synchronisation.
+
+On data of ``d`` dimensions with fewer dimensions than series terms (the 2-D toys), the ``d`` columns of ``J``
+are pushed through the stages in one pass and every ``J^k v`` is a per-sample ``d x d`` product: fewer passes
+through ``g`` for the same value.
+
+Memory is that of one forward pass of ``g`` whatever the number of series terms, as with backward-in-forward
+(:mod:`flowforge.estimators.mem_eff`), and no autograd graph is built through the series or ``g``.  The
+activation's ``phi'`` and its derivatives come from
+:meth:`~flowforge.nn.activations.ElementwiseActivation.second_order` (closed form for LipSwish, autograd over
+the activation alone otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowforge.estimators.hutchinson import batch_dot
+from flowforge.nn.activations import ElementwiseActivation
+
+
+@dataclass(frozen=True)
+class MLPPlan:
+    """The stages of ``g``: ``("linear", layer)`` or ``("act", activation)`` in order."""
+
+    stages: tuple[tuple[str, nn.Module], ...]
+
+
+def mlp_plan(g: nn.Module, x: Tensor) -> MLPPlan | None:
+    """The plan of ``g`` when the hand-written route applies, else ``None``: ``g`` a sequence of linear layers
+    with a 2-D ``normalized_weight()`` and elementwise activations with ``value_and_derivative``, ``x`` a
+    batch of vectors, autocast off, and no ``torch.compile`` tracing."""
+    if x.dim() != 2 or not isinstance(g, nn.Sequential) or not hasattr(g, "linearize"):
+        return None
+    if torch.compiler.is_compiling():  # torch.compile traces (and fuses) the autograd route instead
+        return None
+    if x.device.type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(x.device.type):
+        return None  # mixed precision keeps the autograd route and its casts
+    stages = []
+    for layer in g:
+        if hasattr(layer, "normalized_weight") and isinstance(getattr(layer, "weight", None), Tensor):
+            if layer.weight.dim() != 2:
+                return None
+            stages.append(("linear", layer))
+        elif (
+            isinstance(layer, ElementwiseActivation)
+            and type(layer).value_and_derivative is not ElementwiseActivation.value_and_derivative
+        ):
+            stages.append(("act", layer))
+        else:
+            return None
+    if not any(kind == "linear" for kind, _ in stages):
+        return None
+    return MLPPlan(tuple(stages))
+
+
+def _tangent_pass(kinds: Sequence[str], stage_params: Sequence, t: Tensor, batch: int | None = None) -> Tensor:
+    """``J t`` through the stages (``t`` is not modified).  With ``batch``, ``t`` is a ``d x d`` matrix whose
+    columns are pushed through at every sample at once, and the result is the per-sample ``J`` (batch, out, d)."""
+    if batch is not None:
+        cols = t.shape[1]
+        t = t.t().unsqueeze(1).expand(cols, batch, t.shape[0])  # (column, sample, feature)
+    fresh = False
+    for kind, p in zip(kinds, stage_params):
+        if kind == "linear":
+            t, fresh = F.linear(t, p[0]), True
+        else:
+            t = t.mul_(p) if fresh else t * p
+    return t.permute(1, 2, 0) if batch is not None else t
+
+
+class _NeumannMLP(torch.autograd.Function):
+    """``(g(x), est)`` with the Neumann surrogate's gradient (module docstring).
+
+    Inputs after ``(plan, probes, weights, x)``: each linear stage's normalised weight and bias (a zero-size
+    tensor for none), then the parameters of every activation, in stage order."""
+
+    @staticmethod
+    def forward(ctx, plan: MLPPlan, probes: Sequence[Tensor], weights: Sequence[float], x: Tensor, *tensors):
+        linears = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(sum(k == "linear" for k, _ in plan.stages))]
+        inputs, acts, lin_it = [], [], iter(linears)
+        a = x.detach()
+        stage_params = []
+        for kind, module in plan.stages:
+            inputs.append(a)
+            if kind == "linear":
+                w, b = next(lin_it)
+                a = F.linear(a, w, b if b.numel() else None)
+                stage_params.append((w, b))
+            else:
+                a, d, pullback = module.second_order(a)
+                acts.append(pullback)
+                stage_params.append(d)
+
+        kinds = [k for k, _ in plan.stages]
+        last = max((k for k, c in enumerate(weights, start=1) if c), default=0)
+        dim = x.shape[1]
+        est = x.new_zeros(x.shape[0])
+        accs = []
+        if 0 < dim < last:
+            # fewer passes through g: the d columns of J in one pass, then every J^k v as d x d products
+            jac = _tangent_pass(kinds, stage_params, torch.eye(dim, dtype=x.dtype, device=x.device), x.shape[0])
+            step = lambda t: torch.einsum("bij,bj->bi", jac, t)  # noqa: E731
+        else:
+            step = lambda t: _tangent_pass(kinds, stage_params, t)  # noqa: E731
+        for v in probes:
+            t, acc = v, torch.zeros_like(v)
+            for k, c in enumerate(weights[:last], start=1):
+                if c:
+                    acc = acc + c * t  # t = J^{k-1} v here
+                t = step(t)
+                if c:
+                    est = est + (c / k) * batch_dot(v, t)
+            accs.append(acc)
+        ctx.plan, ctx.inputs, ctx.acts, ctx.stage_params = plan, inputs, acts, stage_params
+        ctx.probes, ctx.accs, ctx.any_term = list(probes), accs, last > 0
+        ctx.n_tensors = len(tensors)
+        return a, est / len(probes)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor, grad_est: Tensor):
+        plan, stage_params = ctx.plan, ctx.stage_params
+        kinds = [k for k, _ in plan.stages]
+        n = len(kinds)
+        grad_w: dict[int, Tensor] = {}
+        grad_b: dict[int, Tensor] = {}
+        grad_d: dict[int, Tensor] = {}  # dS/dphi'(h) per activation stage
+        if ctx.any_term:
+            scale = (grad_est / len(ctx.probes)).unsqueeze(1)
+            for v, u in zip(ctx.probes, ctx.accs):
+                tangents = [u]
+                for kind, p in zip(kinds, stage_params):
+                    t = tangents[-1]
+                    tangents.append(F.linear(t, p[0]) if kind == "linear" else t * p)  # kept: no in-place
+                r = v * scale  # a fresh tensor, as is every r below: updated in place
+                for j in reversed(range(n)):
+                    t_in = tangents[j]
+                    if kinds[j] == "linear":
+                        if j in grad_w:
+                            grad_w[j].addmm_(r.t(), t_in)
+                        else:
+                            grad_w[j] = r.t() @ t_in
+                        if j:
+                            r = r @ stage_params[j][0]
+                    else:
+                        if j in grad_d:
+                            grad_d[j].addcmul_(r, t_in)
+                        else:
+                            grad_d[j] = r * t_in
+                        r.mul_(stage_params[j])
+        # one sweep through the forward pass: the upstream gradient of g(x) plus dS/dphi'(h) at every activation
+        act_grads: list[Tensor | None] = []
+        # pullbacks may overwrite their cotangents: delta is always a fresh tensor when one runs
+        delta = grad_y.clone() if kinds[-1] == "act" else grad_y
+        act_iter = len(ctx.acts)
+        for j in reversed(range(n)):
+            if kinds[j] == "linear":
+                w, b = stage_params[j]
+                if j in grad_w:
+                    grad_w[j].addmm_(delta.t(), ctx.inputs[j])
+                else:
+                    grad_w[j] = delta.t() @ ctx.inputs[j]
+                if b.numel():
+                    grad_b[j] = delta.sum(0)
+                delta = delta @ w
+            else:
+                act_iter -= 1
+                delta, param_grads = ctx.acts[act_iter](delta, grad_d.get(j))
+                act_grads.extend(reversed(param_grads))
+        act_grads.reverse()
+        out_grads: list[Tensor | None] = []
+        for j, kind in enumerate(kinds):
+            if kind == "linear":
+                b = stage_params[j][1]
+                out_grads += [grad_w.get(j), grad_b.get(j) if b.numel() else None]
+        out_grads += act_grads
+        ctx.acts = ctx.inputs = ctx.accs = None
+        return (None, None, None, delta, *out_grads)
+
+
+def neumann_mlp_logdet(
+    plan: MLPPlan, x: Tensor, probes: Sequence[Tensor], weights: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """``(g(x), est)``: the value of :func:`~flowforge.estimators.series.neumann_logdet` averaged over
+    ``probes``, with the Neumann gradient in ``x`` and every parameter of ``g`` (module docstring)."""
+    tensors: list[Tensor] = []
+    for kind, module in plan.stages:
+        if kind == "linear":
+            b = module.bias if module.bias is not None else x.new_zeros(0)
+            tensors += [module.normalized_weight(), b]
+    for kind, module in plan.stages:
+        if kind == "act":
+            tensors += [p for p in module.parameters() if p.requires_grad]
+    return _NeumannMLP.apply(plan, tuple(probes), tuple(weights), x, *tensors)
