@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowforge.estimators.hutchinson import batch_dot
+from flowforge.estimators.series import neumann_series
 from flowforge.nn.activations import ElementwiseActivation
 
 
@@ -132,13 +132,8 @@ class _NeumannMLP(torch.autograd.Function):
         else:
             step = lambda t: _tangent_pass(kinds, stage_params, t)  # noqa: E731
         for v in probes:
-            t, acc = v, torch.zeros_like(v)
-            for k, c in enumerate(weights[:last], start=1):
-                if c:
-                    acc = acc + c * t  # t = J^{k-1} v here
-                t = step(t)
-                if c:
-                    est = est + (c / k) * batch_dot(v, t)
+            est_v, acc = neumann_series(step, v, weights)
+            est = est + est_v
             accs.append(acc)
         ctx.plan, ctx.inputs, ctx.acts, ctx.stage_params = plan, inputs, acts, stage_params
         ctx.probes, ctx.accs, ctx.any_term = list(probes), accs, last > 0

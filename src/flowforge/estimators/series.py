@@ -46,17 +46,24 @@ def series_logdet(jvp: Jvp, v: Tensor, weights: Sequence[float]) -> Tensor:
     return est
 
 
+@torch.no_grad()
+def neumann_series(jvp: Jvp, v: Tensor, weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """Without a graph: the estimate ``sum_k w_k v^T J^k v / k`` per sample and the Neumann vector
+    ``u = sum_k w_k J^{k-1} v`` whose surrogate ``v^T J u`` carries the gradient."""
+    last = max((k for k, c in enumerate(weights, start=1) if c), default=0)
+    w, est, acc = v, v.new_zeros(v.shape[0]), torch.zeros_like(v)
+    for k, c in enumerate(weights[:last], start=1):
+        if c:
+            acc = acc + c * w  # w = J^{k-1} v here
+        w = jvp(w)
+        if c:
+            est = est + (c / k) * batch_dot(v, w)
+    return est, acc
+
+
 def neumann_logdet(jvp: Jvp, v: Tensor, weights: Sequence[float]) -> Tensor:
     """The series estimate as value, with the Neumann-series gradient."""
-    last = max((k for k, c in enumerate(weights, start=1) if c), default=0)
-    with torch.no_grad():
-        w, est, acc = v, v.new_zeros(v.shape[0]), torch.zeros_like(v)
-        for k, c in enumerate(weights[:last], start=1):
-            if c:
-                acc = acc + c * w  # w = J^{k-1} v here
-            w = jvp(w)
-            if c:
-                est = est + (c / k) * batch_dot(v, w)
+    est, acc = neumann_series(jvp, v, weights)
     if not torch.is_grad_enabled():
         return est
     surrogate = batch_dot(v, jvp(acc))
