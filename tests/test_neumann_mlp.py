@@ -140,3 +140,20 @@ def test_residual_block_trains_the_same_with_and_without_the_fused_route(mem_eff
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-12)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_any_sequence_of_stages_two_linear_maps_in_a_row():
+    from flowforge.nn.activations import LipSwish
+    from flowforge.nn.lipschitz import SpectralNormLinear
+    from flowforge.nn.lipschitz_net import LipschitzNet
+
+    torch.manual_seed(0)
+    lin = [SpectralNormLinear(a, b, coeff=0.9) for a, b in ((2, 8), (8, 8), (8, 2))]
+    g = LipschitzNet(lin[0], lin[1], LipSwish(), lin[2]).double()
+    g(torch.randn(4, 2, dtype=torch.float64))
+    weights = [1.0, -1.0, 0.5, -0.25]  # more terms than dimensions: the per-sample Jacobian route
+    y0, e0, g0 = _grads(g, False, weights, dim=2)
+    y1, e1, g1 = _grads(g, True, weights, dim=2)
+    torch.testing.assert_close(e1, e0, rtol=0, atol=1e-12)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
