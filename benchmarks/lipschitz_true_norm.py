@@ -200,12 +200,13 @@ def train_flowforge(overrides: list[str], batches) -> tuple[torch.nn.Module, flo
     after each step). Returns the model and the wall time."""
     from flowforge.experiment import build, instantiate
     from flowforge.flows.base import initialize
-    from flowforge.nn.lipschitz import update_lipschitz
+    from flowforge.nn.lipschitz import set_init_iters, update_lipschitz
 
     cfg = compose(overrides)
     torch.manual_seed(0)
     _, module = build(cfg)
     model = module.model
+    set_init_iters(model, cfg.get("lipschitz_init_iters"))  # as LipschitzMaintenance does when fitting starts
     opt = instantiate(cfg.optim.optimizer)(model.parameters())
     clip = cfg.trainer.get("gradient_clip_val")
     step_iters = cfg.get("lipschitz_step_iters")

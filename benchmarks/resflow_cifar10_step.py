@@ -77,6 +77,7 @@ def build(device):
 
 STEP_ITERS = 1  # the recipe's lipschitz_step_iters
 STEP_METHOD = "krylov"  # the recipe's lipschitz_step_method
+INIT_ITERS = 8  # the recipe's lipschitz_init_iters
 
 
 def time_steps(flow, batch: int, steps: int, warmup: int, device, autocast_dtype=None) -> dict:

@@ -963,6 +963,12 @@ CASES = [
         ConfigError,
         r"lipschitz_check_every must be a positive integer, got 0; e\.g\. lipschitz_check_every=1000",
     ),
+    (
+        "lipschitz-init-iters-0",
+        [*RESFLOW, "lipschitz_init_iters=0"],
+        ConfigError,
+        r"lipschitz_init_iters must be null or a positive integer, got 0",
+    ),
     # one run per folder
     (
         "run-dir-in-use",

@@ -133,3 +133,46 @@ def test_krylov_update_is_one_plain_power_step_per_step_and_refines_with_more():
         update_lipschitz(layer, method="lanczos")
     with pytest.raises(ConfigError, match="lipschitz_step_method must be one of subspace, krylov"):
         LipschitzMaintenance(step_method="block")
+
+
+def test_first_estimate_capped_by_init_iters_is_that_many_lanczos_steps():
+    """set_init_iters(n): a fresh layer's first estimate is n Lanczos steps (not converged on a clustered
+    spectrum), a lower bound of the norm no lower than n power-iteration steps from the same v, and the next
+    to-tolerance update reaches the exact norm; LipschitzMaintenance sets it when fitting starts; bad values
+    raise."""
+    from types import SimpleNamespace
+
+    from flowforge.errors import ConfigError
+    from flowforge.nn.lipschitz import set_init_iters
+    from flowforge.training.lipschitz_maintenance import LipschitzMaintenance
+
+    def fresh():
+        torch.manual_seed(0)
+        layer = SpectralNormLinear(64, 64, coeff=0.9, rtol=1e-9).double()
+        with torch.no_grad():
+            layer.weight.copy_(_clustered_matrix())
+        return layer
+
+    layer = fresh()
+    v0 = layer.v.clone()
+    assert set_init_iters(layer, 3) == 1
+    info = update_lipschitz(layer)
+    assert info["power_iterations"] == 3 and info["unconverged"], info
+    w = layer.weight.detach()
+    v = v0 / v0.norm()
+    for _ in range(3):  # three plain power-iteration steps from the same start
+        v = w.T @ (w @ v)
+        v = v / v.norm()
+    assert float((w @ v).norm()) - 1e-12 <= float(layer.sigma) <= 1.0 + 1e-12
+    info = update_lipschitz(layer)  # the to-tolerance update refines it
+    assert not info["unconverged"] and abs(float(layer.sigma) - 1.0) < 1e-6
+    uncapped = fresh()
+    assert update_lipschitz(uncapped)["power_iterations"] > 3
+    callback, model = LipschitzMaintenance(init_iters=5), fresh()
+    callback.on_fit_start(None, SimpleNamespace(model=model))
+    assert model.init_iters == 5 and update_lipschitz(model)["power_iterations"] == 5
+    for bad in (0, True, 2.5, "3"):
+        with pytest.raises(ConfigError, match="lipschitz_init_iters must be null or a positive integer"):
+            set_init_iters(layer, bad)
+        with pytest.raises(ConfigError, match="lipschitz_init_iters must be null or a positive integer"):
+            LipschitzMaintenance(init_iters=bad)

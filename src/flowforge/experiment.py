@@ -184,6 +184,7 @@ LIPSCHITZ_KEYS = {
     "step_iters": "lipschitz_step_iters",
     "check_every": "lipschitz_check_every",
     "step_method": "lipschitz_step_method",
+    "init_iters": "lipschitz_init_iters",
 }
 
 

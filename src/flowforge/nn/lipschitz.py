@@ -240,13 +240,14 @@ class LipschitzLayer(nn.Module):
         iteration of :func:`update_lipschitz` on a group of one layer.
         A warm-started call on an unchanged weight stops after one iteration.  The first call on an
         uninitialised layer (random ``u``, ``v``) runs Golub-Kahan-Lanczos (spectral norm; the induced norms their
-        own method) for up to ``max(max_iters, 200)`` steps and sets ``initialized``.  Buffers are updated in
+        own method) for up to ``max(max_iters, 200)`` steps (``init_iters`` steps when set) and sets
+        ``initialized``.  Buffers are updated in
         place.  Raises
         :class:`~flowforge.errors.ConvergenceError` when the weight is not finite.
         """
         max_iters, rtol, atol = self._settings(max_iters, rtol, atol, type(self).__name__)
         if not self._is_initialized() and self.lanczos_init:
-            return self._lanczos(max(max_iters, 200), rtol, atol)
+            return self._lanczos(self.init_iters or max(max_iters, 200), rtol, atol)
         if self._subspace_shape()[0] > 1:
             return _block_power_iteration([self], max_iters, rtol, atol)
         first = not self._is_initialized()
@@ -274,6 +275,9 @@ class LipschitzLayer(nn.Module):
     power_block = 4
     #: whether the first estimate comes from :meth:`_lanczos` (the 2 -> 2 norm only)
     lanczos_init = True
+    #: cap on the first estimate's Lanczos steps (None: to tolerance, at most ``max(max_iters, 200)``); see
+    #: :func:`set_init_iters`
+    init_iters: int | None = None
 
     @torch.no_grad()
     def _lanczos(self, max_iters: int, rtol: float, atol: float) -> int:
@@ -281,6 +285,7 @@ class LipschitzLayer(nn.Module):
         the steps run.  The first estimate (from the random ``v``) and ``method="krylov"`` updates of
         :func:`update_lipschitz`; its leading right Ritz vectors become the block power iteration's warm subspace."""
         dt = self._iteration_dtype()
+        first = not self._is_initialized()
         with _no_autocast(self.weight.device):
             w = self.weight.detach().to(dt)
             vshape, ushape = self.v.shape, self.u.shape
@@ -306,9 +311,10 @@ class LipschitzLayer(nn.Module):
         k, *vshape = self._subspace_shape()
         if k > 1 and float(t.sigma) > _TINY and t.right_ritz is not None:  # a block iteration continues from here
             basis = t.right_ritz
-            if basis.shape[0] < k:  # a short Krylov space: complete it as a rebuilt subspace would be
+            if basis.shape[0] < k and first:  # a short Krylov space: complete it as a rebuilt subspace would be
                 basis = torch.cat([basis, self._warm_basis(dt).reshape(k, -1)[basis.shape[0] :]])
-            self._subspace_cache.put((self.v,), basis.reshape(k, *vshape))
+            if basis.shape[0] == k:  # (a short one of a krylov update: the block iteration rebuilds it when it runs)
+                self._subspace_cache.put((self.v,), basis.reshape(k, *vshape))
         return t.iters
 
     #: whether the latest power iteration met its stopping test (False: it stopped at ``max_iters``)
@@ -762,6 +768,21 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
         layer.power_converged = bool(passed[i])
         layer._subspace_cache.put((layer.v,), basis[i])
     return iters
+
+
+def set_init_iters(module: nn.Module, init_iters: int | None) -> int:
+    """Cap the first estimate of every spectral-norm layer of ``module`` at ``init_iters`` Lanczos steps (None: to
+    tolerance); returns the number of layers set.
+
+    A capped first estimate is a Ritz value, a lower bound on the norm, so until later updates refine it a
+    normalised weight may exceed ``coeff`` by the estimate's error.  ``k`` Lanczos steps cost ``k`` power-iteration
+    steps, and their estimate is never below that of ``k`` power-iteration steps from the same start."""
+    if init_iters is not None and (isinstance(init_iters, bool) or not isinstance(init_iters, int) or init_iters < 1):
+        raise ConfigError(f"lipschitz_init_iters must be null or a positive integer, got {init_iters!r}")
+    layers = [m for m in lipschitz_layers(module) if getattr(m, "lanczos_init", False)]
+    for layer in layers:
+        layer.init_iters = init_iters
+    return len(layers)
 
 
 #: the warm-started updates :func:`update_lipschitz` can run on the spectral-norm layers

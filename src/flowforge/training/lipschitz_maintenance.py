@@ -26,7 +26,7 @@ import torch
 
 from flowforge.checks import positive_int
 from flowforge.errors import ConfigError
-from flowforge.nn.lipschitz import UPDATE_METHODS, lipschitz_layers, update_lipschitz
+from flowforge.nn.lipschitz import UPDATE_METHODS, lipschitz_layers, set_init_iters, update_lipschitz
 from flowforge.training.fault_policy import report_fault
 
 log = logging.getLogger("flowforge")
@@ -45,6 +45,8 @@ class LipschitzMaintenance(pl.Callback):
             validation, test) use ``subspace``.
         check_every: with ``step_iters``, run to tolerance and check the bounds every this many steps.
         checkpoint_every: the periodic checkpoint's interval in steps (the bounds are also checked before it).
+        init_iters: cap on the Lanczos steps of each spectral-norm layer's first estimate (None: to tolerance);
+            set on the layers when fitting starts (:func:`flowforge.nn.lipschitz.set_init_iters`).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class LipschitzMaintenance(pl.Callback):
         check_every: int = 1000,
         checkpoint_every: int | None = None,
         step_method: str = "subspace",
+        init_iters: int | None = None,
     ):
         if step_method not in UPDATE_METHODS:
             raise ConfigError(
@@ -65,12 +68,21 @@ class LipschitzMaintenance(pl.Callback):
         ):
             raise ConfigError(f"lipschitz_step_iters must be null or a positive integer, got {step_iters!r}")
         self.step_iters = step_iters
+        if init_iters is not None and (
+            isinstance(init_iters, bool) or not isinstance(init_iters, int) or init_iters < 1
+        ):
+            raise ConfigError(f"lipschitz_init_iters must be null or a positive integer, got {init_iters!r}")
+        self.init_iters = init_iters
         self.check_every = positive_int("lipschitz_check_every", check_every, "1000")
         self.checkpoint_every = checkpoint_every
         self._stats: dict = {}
         self._pending: dict = {}
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the first batch (whose forward makes the first estimates): the first estimate's cap."""
+        set_init_iters(pl_module.model, self.init_iters)
+
     def on_after_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After each update (called by :meth:`FlowModule.optimizer_step`)."""
         self._stats = update_lipschitz(pl_module.model, max_iters=self.step_iters, method=self.step_method)

@@ -356,6 +356,8 @@ FREE_ON_RESUME = (
     "trainer.log_every_n_steps",
     "threads",
     "compile",
+    "estimator.fused",  # an implementation route: the same values and gradients
+    "lipschitz_init_iters",  # acts on uninitialised layers only; a resumed model's are initialised
     "callbacks.epoch_intervals",
     "callbacks.progress_bar",
     "callbacks.sample_figures",
