@@ -137,7 +137,6 @@ class _NeumannMLP(torch.autograd.Function):
             accs.append(acc)
         ctx.plan, ctx.inputs, ctx.acts, ctx.stage_params = plan, inputs, acts, stage_params
         ctx.probes, ctx.accs, ctx.any_term = list(probes), accs, last > 0
-        ctx.n_tensors = len(tensors)
         return a, est / len(probes)
 
     @staticmethod

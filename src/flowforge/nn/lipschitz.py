@@ -283,7 +283,9 @@ class LipschitzLayer(nn.Module):
     def _lanczos(self, max_iters: int, rtol: float, atol: float) -> int:
         """Golub-Kahan-Lanczos from the current ``v`` (module docstring) for at most ``max_iters`` steps; returns
         the steps run.  The first estimate (from the random ``v``) and ``method="krylov"`` updates of
-        :func:`update_lipschitz`; its leading right Ritz vectors become the block power iteration's warm subspace."""
+        :func:`update_lipschitz`; its leading right Ritz vectors, when there are as many as the block power
+        iteration's subspace holds (or on the first estimate, completed as a rebuilt subspace would be), become that
+        iteration's warm subspace."""
         dt = self._iteration_dtype()
         first = not self._is_initialized()
         with _no_autocast(self.weight.device):
@@ -770,6 +772,13 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
     return iters
 
 
+def check_init_iters(init_iters) -> int | None:
+    """``init_iters`` when it is None or a positive integer; a :class:`ConfigError` otherwise."""
+    if init_iters is not None and (isinstance(init_iters, bool) or not isinstance(init_iters, int) or init_iters < 1):
+        raise ConfigError(f"lipschitz_init_iters must be null or a positive integer, got {init_iters!r}")
+    return init_iters
+
+
 def set_init_iters(module: nn.Module, init_iters: int | None) -> int:
     """Cap the first estimate of every spectral-norm layer of ``module`` at ``init_iters`` Lanczos steps (None: to
     tolerance); returns the number of layers set.
@@ -777,8 +786,7 @@ def set_init_iters(module: nn.Module, init_iters: int | None) -> int:
     A capped first estimate is a Ritz value, a lower bound on the norm, so until later updates refine it a
     normalised weight may exceed ``coeff`` by the estimate's error.  ``k`` Lanczos steps cost ``k`` power-iteration
     steps, and their estimate is never below that of ``k`` power-iteration steps from the same start."""
-    if init_iters is not None and (isinstance(init_iters, bool) or not isinstance(init_iters, int) or init_iters < 1):
-        raise ConfigError(f"lipschitz_init_iters must be null or a positive integer, got {init_iters!r}")
+    init_iters = check_init_iters(init_iters)
     layers = [m for m in lipschitz_layers(module) if getattr(m, "lanczos_init", False)]
     for layer in layers:
         layer.init_iters = init_iters

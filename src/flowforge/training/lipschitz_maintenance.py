@@ -26,7 +26,13 @@ import torch
 
 from flowforge.checks import positive_int
 from flowforge.errors import ConfigError
-from flowforge.nn.lipschitz import UPDATE_METHODS, lipschitz_layers, set_init_iters, update_lipschitz
+from flowforge.nn.lipschitz import (
+    UPDATE_METHODS,
+    check_init_iters,
+    lipschitz_layers,
+    set_init_iters,
+    update_lipschitz,
+)
 from flowforge.training.fault_policy import report_fault
 
 log = logging.getLogger("flowforge")
@@ -68,11 +74,7 @@ class LipschitzMaintenance(pl.Callback):
         ):
             raise ConfigError(f"lipschitz_step_iters must be null or a positive integer, got {step_iters!r}")
         self.step_iters = step_iters
-        if init_iters is not None and (
-            isinstance(init_iters, bool) or not isinstance(init_iters, int) or init_iters < 1
-        ):
-            raise ConfigError(f"lipschitz_init_iters must be null or a positive integer, got {init_iters!r}")
-        self.init_iters = init_iters
+        self.init_iters = check_init_iters(init_iters)
         self.check_every = positive_int("lipschitz_check_every", check_every, "1000")
         self.checkpoint_every = checkpoint_every
         self._stats: dict = {}
