@@ -97,22 +97,41 @@ def _tangent_pass(kinds: Sequence[str], stage_params: Sequence, t: Tensor, batch
     return t.permute(1, 2, 0) if batch is not None else t
 
 
+def _normalize_weight(w: Tensor, m: Tensor, coeff: float) -> tuple[Tensor, tuple]:
+    """``W_hat = W / f`` with ``f = max(1, |<W, M>| / coeff)`` (:class:`~flowforge.nn.lipschitz.LipschitzLayer`),
+    and what :func:`_normalization_grad` needs."""
+    sig = torch.dot(w.reshape(-1), m.reshape(-1))
+    f = (sig.abs() / coeff).clamp_(min=1.0)
+    return w / f, (w, m, sig, f, coeff)
+
+
+def _normalization_grad(g: Tensor, saved: tuple) -> Tensor:
+    """``dL/dW`` from ``G = dL/dW_hat`` (overwritten): ``G / f - [f > 1] <G, W> sign(<W, M>) M / (coeff f^2)``."""
+    w, m, sig, f, coeff = saved
+    c = torch.dot(g.reshape(-1), w.reshape(-1)) * torch.sign(sig) * (f > 1) / (f * f * coeff)
+    return g.div_(f).addcmul_(m, c, value=-1.0)
+
+
 class _NeumannMLP(torch.autograd.Function):
     """``(g(x), est)`` with the Neumann surrogate's gradient (module docstring).
 
-    Inputs after ``(plan, probes, weights, x)``: each linear stage's normalised weight and bias (a zero-size
-    tensor for none), then the parameters of every activation, in stage order."""
+    Inputs after ``(plan, probes, weights, x)``: for each linear stage its weight, its bias (a zero-size tensor
+    for none) and the direction ``M`` of its spectral normalisation (``W_hat = W / max(1, |<W, M>| / coeff)``,
+    applied here with its derivative; a zero-size tensor when the weight is passed normalised already), then the
+    parameters of every activation, in stage order."""
 
     @staticmethod
     def forward(ctx, plan: MLPPlan, probes: Sequence[Tensor], weights: Sequence[float], x: Tensor, *tensors):
-        linears = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(sum(k == "linear" for k, _ in plan.stages))]
+        linears = [tensors[3 * i : 3 * i + 3] for i in range(sum(k == "linear" for k, _ in plan.stages))]
         inputs, acts, lin_it = [], [], iter(linears)
         a = x.detach()
-        stage_params = []
-        for kind, module in plan.stages:
+        stage_params, norms = [], {}
+        for j, (kind, module) in enumerate(plan.stages):
             inputs.append(a)
             if kind == "linear":
-                w, b = next(lin_it)
+                w, b, m = next(lin_it)
+                if m.numel():
+                    w, norms[j] = _normalize_weight(w, m, module.coeff)
                 a = F.linear(a, w, b if b.numel() else None)
                 stage_params.append((w, b))
             else:
@@ -135,7 +154,7 @@ class _NeumannMLP(torch.autograd.Function):
             est_v, acc = neumann_series(step, v, weights)
             est = est + est_v
             accs.append(acc)
-        ctx.plan, ctx.inputs, ctx.acts, ctx.stage_params = plan, inputs, acts, stage_params
+        ctx.plan, ctx.inputs, ctx.acts, ctx.stage_params, ctx.norms = plan, inputs, acts, stage_params, norms
         ctx.probes, ctx.accs, ctx.any_term = list(probes), accs, last > 0
         return a, est / len(probes)
 
@@ -195,9 +214,10 @@ class _NeumannMLP(torch.autograd.Function):
         for j, kind in enumerate(kinds):
             if kind == "linear":
                 b = stage_params[j][1]
-                out_grads += [grad_w.get(j), grad_b.get(j) if b.numel() else None]
+                gw = grad_w[j] if j not in ctx.norms else _normalization_grad(grad_w[j], ctx.norms[j])
+                out_grads += [gw, grad_b.get(j) if b.numel() else None, None]
         out_grads += act_grads
-        ctx.acts = ctx.inputs = ctx.accs = None
+        ctx.acts = ctx.inputs = ctx.accs = ctx.norms = None
         return (None, None, None, delta, *out_grads)
 
 
@@ -207,10 +227,15 @@ def neumann_mlp_logdet(
     """``(g(x), est)``: the value of :func:`~flowforge.estimators.series.neumann_logdet` averaged over
     ``probes``, with the Neumann gradient in ``x`` and every parameter of ``g`` (module docstring)."""
     tensors: list[Tensor] = []
+    empty = x.new_zeros(0)
     for kind, module in plan.stages:
         if kind == "linear":
-            b = module.bias if module.bias is not None else x.new_zeros(0)
-            tensors += [module.normalized_weight(), b]
+            b = module.bias if module.bias is not None else empty
+            parts = module.normalization_parts() if hasattr(module, "normalization_parts") else None
+            if parts is not None:  # the raw weight: the normalisation and its derivative are applied inside
+                tensors += [parts[0], b, parts[1]]
+            else:
+                tensors += [module.normalized_weight(), b, empty]
     for kind, module in plan.stages:
         if kind == "act":
             tensors += [p for p in module.parameters() if p.requires_grad]

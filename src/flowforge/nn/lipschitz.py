@@ -186,13 +186,20 @@ class LipschitzLayer(nn.Module):
                 u, v = _normalize(self.u.to(dt)), _normalize(self.v.to(dt))
                 return (u * self._op(v, self.weight.to(dt))).sum().abs()
 
+        m = self.sigma_direction()
+        with _no_autocast(self.weight.device):
+            return (self.weight.to(dt) * m).sum().abs()
+
+    def sigma_direction(self) -> Tensor:
+        """``M`` (no gradient, shaped like the weight, in the iteration's precision) with
+        ``sigma_hat = |<W, M>|``, from the current ``u``, ``v``; cached until they change (:meth:`sigma_hat`)."""
+        dt = self._iteration_dtype()
+
         def direction() -> Tensor:
             with torch.no_grad(), _no_autocast(self.weight.device):
                 return self._sigma_direction(_normalize(self.u.to(dt)), _normalize(self.v.to(dt)))
 
-        m = self._sigma_direction_cache.get_or_compute((self.u, self.v), direction, extra=dt)
-        with _no_autocast(self.weight.device):
-            return (self.weight.to(dt) * m).sum().abs()
+        return self._sigma_direction_cache.get_or_compute((self.u, self.v), direction, extra=dt)
 
     # ------------------------------------------------------------------ public API
     def _iteration_dtype(self) -> torch.dtype:
@@ -418,6 +425,14 @@ class LipschitzLayer(nn.Module):
         factor = torch.clamp(self.sigma_hat() / self.coeff, min=1.0)
         w = self.weight
         return (w.to(factor.dtype) / factor).to(w.dtype)
+
+    def normalization_parts(self) -> tuple[Tensor, Tensor] | None:
+        """``(W, M)`` with ``normalized_weight() = W / max(1, |<W, M>| / coeff)`` (``M`` from
+        :meth:`sigma_direction`, no gradient), for code that applies the normalisation and its derivative
+        itself; ``None`` when the weight is not in the iteration's precision (the normalisation then casts)."""
+        self._ensure_initialized()
+        m = self.sigma_direction()
+        return (self.weight, m) if m.dtype == self.weight.dtype else None
 
     def normalized_sigma(self) -> float:
         """The effective norm estimate after normalisation, ``sigma_hat / max(1, sigma_hat / coeff)``."""
