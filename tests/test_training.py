@@ -68,6 +68,47 @@ def test_adam_l2_weight_decay_changes_the_update():
     assert torch.all(p < 1)  # a zero gradient still moves the weights: the decay is real
 
 
+@pytest.mark.parametrize("optim", ["adam", "adamw"])
+def test_fused_auto_takes_the_fused_kernels_and_updates_as_the_plain_loop(optim):
+    """``fused: auto`` (the default) builds the fused optimizer on the CPU; its update equals torch's for-loop
+    implementation's to float32 rounding (one step and a second one from the loaded state)."""
+    cfg = compose([*FAST, f"optim={optim}"])
+    _, module = experiment.build(cfg)
+    x = torch.randn(64, 2)
+    module.model(x)  # ActNorm init
+    opt = module.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"] is True
+    theta0 = [p.detach().clone() for p in module.parameters()]
+    plain = type(opt)(
+        [p.detach().clone().requires_grad_() for p in module.parameters()],
+        **{k: v for k, v in opt.defaults.items() if k in ("lr", "betas", "weight_decay")},
+        foreach=False,
+    )
+    for _ in range(2):
+        module.metrics(x)["loss"].mean().backward()
+        for p, q in zip(module.parameters(), plain.param_groups[0]["params"]):
+            q.grad = p.grad.clone()
+        opt.step(), plain.step()
+        opt.zero_grad(), plain.zero_grad()
+        for p, q in zip(module.parameters(), plain.param_groups[0]["params"]):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert max(float((p.detach() - p0).abs().max()) for p, p0 in zip(module.parameters(), theta0)) > 1e-3  # it moved
+
+
+def test_fused_auto_stays_off_where_the_gradients_are_scaled_and_an_explicit_choice_is_kept():
+    class Trainer:
+        precision = "16-mixed"
+
+    module = experiment.build(compose(FAST))[1]
+    assert module.fused_optimizer()
+    module._trainer = Trainer()
+    assert not module.fused_optimizer()  # fp16: Lightning's gradient clipping needs to unscale first
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is False
+    module._trainer = None
+    module.optimizer_factory = lambda params: torch.optim.Adam(params, fused=False)
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is False
+
+
 def test_linear_warmup_schedule():
     assert [linear_warmup(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert linear_warmup(0, 0) == 1.0

@@ -335,8 +335,23 @@ class FlowModule(pl.LightningModule):
         attached = {id(cb) for cb in self._trainer.callbacks} if self._trainer is not None else set()
         return [cb for cb in self._callbacks if id(cb) not in attached]
 
+    def fused_optimizer(self) -> bool:
+        """What ``fused: auto`` in the optimizer's arguments resolves to: the fused kernels (one per parameter
+        tensor, on the CPU and CUDA) unless a parameter lives elsewhere or is not floating point, or fp16 training
+        scales its gradients (a fused optimizer unscales them inside its step, so Lightning could not clip them)."""
+        params = list(self.parameters())
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        return (
+            bool(params)
+            and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+            and precision not in ("16-mixed", "16")
+        )
+
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.parameters())
+        factory = self.optimizer_factory
+        if isinstance(factory, partial) and factory.keywords.get("fused") == "auto":
+            factory = partial(factory, fused=self.fused_optimizer())
+        opt = factory(self.parameters())
         total, ratio = 0, 0.0
         if self.schedule == "cosine":
             total = self.trainer.estimated_stepping_batches

@@ -357,6 +357,7 @@ FREE_ON_RESUME = (
     "threads",
     "compile",
     "estimator.fused",  # an implementation route: the same values and gradients
+    "optim.optimizer.fused",  # an implementation route of the same update (the optimizer state is the same)
     "lipschitz_init_iters",  # acts on uninitialised layers only; a resumed model's are initialised
     "callbacks.epoch_intervals",
     "callbacks.progress_bar",
