@@ -337,14 +337,16 @@ class FlowModule(pl.LightningModule):
 
     def fused_optimizer(self) -> bool:
         """What ``fused: auto`` in the optimizer's arguments resolves to: the fused kernels (one per parameter
-        tensor, on the CPU and CUDA) unless a parameter lives elsewhere or is not floating point, or fp16 training
-        scales its gradients (a fused optimizer unscales them inside its step, so Lightning could not clip them)."""
+        tensor, on the CPU and CUDA) unless a parameter lives elsewhere or is not floating point, or the run uses
+        mixed precision (``16-mixed``, ``bf16-mixed``): Lightning's mixed-precision plugin refuses to clip the
+        gradients of an optimizer that unscales them inside its step, as the fused ones do."""
         params = list(self.parameters())
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         return (
             bool(params)
             and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-            and precision not in ("16-mixed", "16")
+            and "mixed" not in precision
+            and precision not in ("16", "bf16")
         )
 
     def configure_optimizers(self):
