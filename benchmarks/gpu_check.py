@@ -393,13 +393,14 @@ def train_bpd(cfg, precision: str, steps: int, device, seed: int = 0) -> float:
     from flowforge.experiment import build, instantiate
     from flowforge.flows.base import initialize
     from flowforge.nn.lipschitz import update_lipschitz
+    from flowforge.training.module import build_optimizer
 
     torch.manual_seed(seed)
     datamodule, module = build(cfg)
     model = module.model.to(device)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    opt = instantiate(cfg.optim.optimizer)(model.parameters())
+    opt = build_optimizer(instantiate(cfg.optim.optimizer), model.parameters(), precision)  # as training resolves it
     lip = has_lipschitz(model)
     lip_iters = cfg.get("lipschitz_step_iters")
     torch.manual_seed(seed + 1)

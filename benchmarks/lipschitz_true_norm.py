@@ -201,13 +201,14 @@ def train_flowforge(overrides: list[str], batches) -> tuple[torch.nn.Module, flo
     from flowforge.experiment import build, instantiate
     from flowforge.flows.base import initialize
     from flowforge.nn.lipschitz import set_init_iters, update_lipschitz
+    from flowforge.training.module import build_optimizer
 
     cfg = compose(overrides)
     torch.manual_seed(0)
     _, module = build(cfg)
     model = module.model
     set_init_iters(model, cfg.get("lipschitz_init_iters"))  # as LipschitzMaintenance does when fitting starts
-    opt = instantiate(cfg.optim.optimizer)(model.parameters())
+    opt = build_optimizer(instantiate(cfg.optim.optimizer), model.parameters())  # fp32, as training resolves it
     clip = cfg.trainer.get("gradient_clip_val")
     step_iters = cfg.get("lipschitz_step_iters")
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ def test_dry_run_prints_every_row(tmp_path):
     out = tmp_path / "gpu_check.md"
     # compiled first: the residual and FFJORD compiles overrun the budget, their workers are killed, and the eager
     # modes after them run in fresh workers
-    flags = "--device cpu --tiny --mode-budget 3 --modes compiled fp32 bf16-mixed".split()
+    flags = "--device cpu --tiny --mode-budget 8 --modes compiled fp32 bf16-mixed".split()
     proc = _run(*flags, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()

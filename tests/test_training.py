@@ -9,7 +9,7 @@ from conftest import compose
 
 from flowforge import experiment
 from flowforge.errors import NonFiniteLossError
-from flowforge.training.module import FlowModule, linear_warmup, lr_multiplier
+from flowforge.training.module import FlowModule, build_optimizer, linear_warmup, lr_multiplier
 
 FAST = [
     "dataset=toy2d",
@@ -109,6 +109,12 @@ def test_fused_auto_stays_off_under_mixed_precision_and_an_explicit_choice_is_ke
     module._trainer = None
     module.optimizer_factory = lambda params: torch.optim.Adam(params, fused=False)
     assert module.configure_optimizers()["optimizer"].defaults["fused"] is False
+    # the scripts that build an optimizer from the config resolve ``auto`` the same way
+    factory = experiment.instantiate(compose(FAST).optim.optimizer)
+    assert factory.keywords["fused"] == "auto"
+    params = list(module.parameters())
+    assert build_optimizer(factory, params).defaults["fused"] is True
+    assert build_optimizer(factory, params, "bf16-mixed").defaults["fused"] is False
 
 
 def test_linear_warmup_schedule():

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -124,6 +124,29 @@ def lr_multiplier(step: int, warmup_steps: int, schedule: str, total_steps: int,
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fused_ok(params: Iterable[Tensor], precision: str = "32-true") -> bool:
+    """What ``fused: auto`` in an optimizer's arguments resolves to: torch's fused kernels (one per parameter
+    tensor, on the CPU and CUDA) unless a parameter lives elsewhere or is not floating point, or the run uses
+    mixed precision (``16-mixed``, ``bf16-mixed``): Lightning's mixed-precision plugin refuses to clip the
+    gradients of an optimizer that unscales them inside its step, as the fused ones do."""
+    params = list(params)
+    return (
+        bool(params)
+        and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        and "mixed" not in precision
+        and precision not in ("16", "bf16")
+    )
+
+
+def build_optimizer(factory: Callable, params: Iterable[Tensor], precision: str = "32-true") -> torch.optim.Optimizer:
+    """``factory(params)`` with a ``fused="auto"`` argument of a ``functools.partial`` factory (Hydra's
+    ``_partial_``) resolved by :func:`fused_ok`."""
+    params = list(params)
+    if isinstance(factory, partial) and factory.keywords.get("fused") == "auto":
+        factory = partial(factory, fused=fused_ok(params, precision))
+    return factory(params)
 
 
 class FlowModule(pl.LightningModule):
@@ -336,24 +359,12 @@ class FlowModule(pl.LightningModule):
         return [cb for cb in self._callbacks if id(cb) not in attached]
 
     def fused_optimizer(self) -> bool:
-        """What ``fused: auto`` in the optimizer's arguments resolves to: the fused kernels (one per parameter
-        tensor, on the CPU and CUDA) unless a parameter lives elsewhere or is not floating point, or the run uses
-        mixed precision (``16-mixed``, ``bf16-mixed``): Lightning's mixed-precision plugin refuses to clip the
-        gradients of an optimizer that unscales them inside its step, as the fused ones do."""
-        params = list(self.parameters())
-        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        return (
-            bool(params)
-            and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-            and "mixed" not in precision
-            and precision not in ("16", "bf16")
-        )
+        """What ``fused: auto`` resolves to in this run (:func:`fused_ok`)."""
+        return fused_ok(self.parameters(), str(self._trainer.precision) if self._trainer is not None else "32-true")
 
     def configure_optimizers(self):
-        factory = self.optimizer_factory
-        if isinstance(factory, partial) and factory.keywords.get("fused") == "auto":
-            factory = partial(factory, fused=self.fused_optimizer())
-        opt = factory(self.parameters())
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        opt = build_optimizer(self.optimizer_factory, self.parameters(), precision)
         total, ratio = 0, 0.0
         if self.schedule == "cosine":
             total = self.trainer.estimated_stepping_batches
