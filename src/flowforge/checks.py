@@ -29,6 +29,13 @@ def positive_int(key: str, value: Any, example: str) -> int:
     return value
 
 
+def optional_positive_int(key: str, value: Any) -> int | None:
+    """``value`` when it is null or a positive integer, else a ConfigError naming ``key``."""
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ConfigError(f"{key} must be null or a positive integer, got {value!r}")
+    return value
+
+
 def nonnegative_int(key: str, value: Any, example: str) -> int:
     if not _is_int(value) or value < 0:
         raise ConfigError(f"{key} must be >= 0, got {value!r} (an integer); e.g. {key}={example}")

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from flowforge.checks import optional_positive_int
 from flowforge.data.sampler import EvalSampler, ResumableSampler
 from flowforge.errors import ConfigError, DataError
 from flowforge.flows.context import parse_context
@@ -95,8 +96,7 @@ class FlowDataModule(pl.LightningDataModule):
             raise ConfigError(f"dataset.eval_batch_size must be a positive integer, got {eval_batch_size!r}")
         if logit_alpha is not None and not (0.0 < float(logit_alpha) < 0.5):
             raise ConfigError(f"dataset.logit_alpha must lie in (0, 0.5), got {logit_alpha!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-            raise ConfigError(f"dataset.limit must be null or a positive integer, got {limit!r}")
+        optional_positive_int("dataset.limit", limit)
         if num_levels is not None and int(num_levels) < 2:
             raise ConfigError(f"dataset.num_levels must be >= 2, got {num_levels!r}")
         self.shape = tuple(int(s) for s in shape)

@@ -232,10 +232,10 @@ def neumann_mlp_logdet(
         if kind == "linear":
             b = module.bias if module.bias is not None else empty
             parts = module.normalization_parts() if hasattr(module, "normalization_parts") else None
-            if parts is not None:  # the raw weight: the normalisation and its derivative are applied inside
-                tensors += [parts[0], b, parts[1]]
-            else:
-                tensors += [module.normalized_weight(), b, empty]
+            # the raw weight and its direction M (the normalisation and its derivative are applied inside), or
+            # the normalised weight
+            w, m = parts if parts is not None else (module.normalized_weight(), empty)
+            tensors += [w, b, m]
     for kind, module in plan.stages:
         if kind == "act":
             tensors += [p for p in module.parameters() if p.requires_grad]

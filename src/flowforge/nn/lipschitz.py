@@ -180,15 +180,15 @@ class LipschitzLayer(nn.Module):
         ``.data``, as weight averaging swaps, need :meth:`forget_sigma_direction`), and every forward then costs
         one elementwise product and a sum.  Under ``torch.compile``
         ``u^T A(W) v`` is traced directly (a compiled graph cannot key a cache on buffer versions)."""
-        dt = self._iteration_dtype()
         if torch.compiler.is_compiling():
+            dt = self._iteration_dtype()
             with _no_autocast(self.weight.device):
                 u, v = _normalize(self.u.to(dt)), _normalize(self.v.to(dt))
                 return (u * self._op(v, self.weight.to(dt))).sum().abs()
 
-        m = self.sigma_direction()
+        m = self.sigma_direction()  # in the iteration's precision
         with _no_autocast(self.weight.device):
-            return (self.weight.to(dt) * m).sum().abs()
+            return (self.weight.to(m.dtype) * m).sum().abs()
 
     def sigma_direction(self) -> Tensor:
         """``M`` (no gradient, shaped like the weight, in the iteration's precision) with

@@ -24,7 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from flowforge.checks import positive_int
+from flowforge.checks import optional_positive_int, positive_int
 from flowforge.errors import ConfigError
 from flowforge.nn.lipschitz import (
     UPDATE_METHODS,
@@ -69,11 +69,7 @@ class LipschitzMaintenance(pl.Callback):
                 "block power iteration carried across steps; krylov: Lanczos from v, the cost of plain power iteration)"
             )
         self.step_method = step_method
-        if step_iters is not None and (
-            isinstance(step_iters, bool) or not isinstance(step_iters, int) or step_iters < 1
-        ):
-            raise ConfigError(f"lipschitz_step_iters must be null or a positive integer, got {step_iters!r}")
-        self.step_iters = step_iters
+        self.step_iters = optional_positive_int("lipschitz_step_iters", step_iters)
         self.init_iters = check_init_iters(init_iters)
         self.check_every = positive_int("lipschitz_check_every", check_every, "1000")
         self.checkpoint_every = checkpoint_every

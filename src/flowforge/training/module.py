@@ -358,13 +358,15 @@ class FlowModule(pl.LightningModule):
         attached = {id(cb) for cb in self._trainer.callbacks} if self._trainer is not None else set()
         return [cb for cb in self._callbacks if id(cb) not in attached]
 
+    def _precision(self) -> str:
+        return str(self._trainer.precision) if self._trainer is not None else "32-true"
+
     def fused_optimizer(self) -> bool:
         """What ``fused: auto`` resolves to in this run (:func:`fused_ok`)."""
-        return fused_ok(self.parameters(), str(self._trainer.precision) if self._trainer is not None else "32-true")
+        return fused_ok(self.parameters(), self._precision())
 
     def configure_optimizers(self):
-        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        opt = build_optimizer(self.optimizer_factory, self.parameters(), precision)
+        opt = build_optimizer(self.optimizer_factory, self.parameters(), self._precision())
         total, ratio = 0, 0.0
         if self.schedule == "cosine":
             total = self.trainer.estimated_stepping_batches
