@@ -1,10 +1,9 @@
 """benchmarks/resflow_official.py runs the official Residual Flows code and flowforge side by side."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+import forked
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,11 +12,11 @@ OFFICIAL = os.environ.get("FLOWFORGE_OFFICIAL_RESFLOWS", "/work/scratch/residual
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(OFFICIAL, "resflows")), reason="official code not present")
 def test_resflow_official_benchmark_tiny_run():
-    cmd = [sys.executable, "benchmarks/resflow_official.py", "--official-dir", OFFICIAL, "--threads", "1"]
+    cmd = ["benchmarks/resflow_official.py", "--official-dir", OFFICIAL, "--threads", "1"]
     cmd += ["--nblocks", "1", "--hidden", "8", "--batch", "16", "--steps", "1", "--rounds", "2", "--warmup", "1"]
     cmd += ["--nll-steps", "3", "--n-test", "32"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = forked.run(cmd, cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     for row in (
         "| official: neumann",
@@ -32,8 +31,8 @@ def test_resflow_official_benchmark_tiny_run():
 
 
 def test_resflow_official_benchmark_missing_dir(tmp_path):
-    cmd = [sys.executable, "benchmarks/resflow_official.py", "--official-dir", str(tmp_path / "nope")]
+    cmd = ["benchmarks/resflow_official.py", "--official-dir", str(tmp_path / "nope")]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = forked.run(cmd, cwd=ROOT, env=env, timeout=120)
     assert out.returncode != 0
     assert "git clone https://github.com/rtqichen/residual-flows" in out.stderr

@@ -3,9 +3,8 @@ eval.py and sample.py on a checkpoint it wrote; clear errors for bad command lin
 
 import json
 import os
-import subprocess
-import sys
 
+import forked
 import pytest
 from conftest import ROOT
 
@@ -27,7 +26,7 @@ def job(sweep, num):
 
 def sh(*args, timeout=600):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = forked.run(args, cwd=ROOT, env=env, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -206,9 +206,8 @@ def test_train_py_with_compile_true(tmp_path):
     """A short real run with compile=true: finite training, validation and test metrics."""
     import json
     import os
-    import subprocess
-    import sys
 
+    import forked
     from conftest import ROOT
 
     args = [
@@ -220,7 +219,7 @@ def test_train_py_with_compile_true(tmp_path):
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = forked.run(args, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] >= 2

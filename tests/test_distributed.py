@@ -5,9 +5,8 @@ through train.py validates and tests to the same metrics as one process on its c
 import json
 import os
 import socket
-import subprocess
-import sys
 
+import forked
 import pytest
 import torch
 import torch.distributed as dist
@@ -118,7 +117,6 @@ def test_example_means_reduce_to_the_pooled_mean_over_uneven_ranks(tmp_path):
 def _train_ddp(run_dir, *overrides):
     """train.py with 2 CPU processes (``trainer=ddp_sim``); returns the process and the run's metrics.json."""
     cmd = [
-        sys.executable,
         "train.py",
         "trainer=ddp_sim",
         *overrides,
@@ -128,7 +126,7 @@ def _train_ddp(run_dir, *overrides):
         f"hydra.run.dir={run_dir}",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = forked.run(cmd, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads((run_dir / "metrics.json").read_text())
 

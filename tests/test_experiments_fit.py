@@ -5,9 +5,8 @@ fit.csv and figures written), and ``python -m flowforge.figures`` on the runs.""
 import csv
 import json
 import os
-import subprocess
-import sys
 
+import forked
 import pytest
 import torch
 from conftest import ROOT, compose
@@ -23,7 +22,7 @@ QUIET = ["+trainer.fast_dev_run=true", "~callbacks.progress_bar", "trainer.enabl
 
 def sh(*args, timeout=300):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = forked.run(args, cwd=ROOT, env=env, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -4,9 +4,8 @@ the CLI works; and ``train.py smoke=true`` runs end to end on the fake files."""
 
 import json
 import os
-import subprocess
-import sys
 
+import forked
 import hydra
 import numpy as np
 import pytest
@@ -124,7 +123,7 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
 def _python(*args, cwd, timeout=120):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     env.pop("FLOWFORGE_DATA", None)
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = forked.run(args, cwd=cwd, env=env, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
 

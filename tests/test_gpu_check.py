@@ -4,9 +4,10 @@ clearly without a GPU."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+import forked
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("ResFlow", "Monotone", "Glow", "FFJORD", "TarFlow")
@@ -14,14 +15,7 @@ MODELS = ("ResFlow", "Monotone", "Glow", "FFJORD", "TarFlow")
 
 def _run(*args, timeout=120, **env):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), **env)
-    return subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return forked.run(["benchmarks/gpu_check.py", *args], cwd=ROOT, env=env, timeout=timeout)
 
 
 def _cells(line: str) -> list[str]:

@@ -7,9 +7,8 @@ writes an ``#SBATCH`` header with those resources.  The Optuna sweep runs for re
 """
 
 import os
-import subprocess
-import sys
 
+import forked
 import pytest
 import yaml
 from conftest import ROOT
@@ -101,7 +100,6 @@ def test_slurm_launcher_needs_a_gpu_count():
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     out = tmp_path / "sweep"
     cmd = [
-        sys.executable,
         "train.py",
         "-m",
         "hydra/sweeper=optuna_search",
@@ -113,7 +111,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
         "trainer.enable_progress_bar=false",
         f"hydra.sweep.dir={out}",
     ]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = forked.run(cmd, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     result = yaml.safe_load((out / "optimization_results.yaml").read_text())
     lr = result["best_params"]["optim.optimizer.lr"]

@@ -4,9 +4,8 @@ summary.csv into its sweep folder and prints the table; a failure to summarise n
 import csv
 import io
 import os
-import subprocess
-import sys
 
+import forked
 from conftest import ROOT
 from omegaconf import OmegaConf
 
@@ -28,12 +27,10 @@ TINY = [
 def test_multirun_ends_with_summary_table(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(
-        [sys.executable, "train.py", "-m", "model=realnvp", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"],
+    proc = forked.run(
+        ["train.py", "-m", "model=realnvp", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"],
         cwd=ROOT,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     out = proc.stdout + proc.stderr

@@ -17,11 +17,10 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import forked
 import pytest
 import torch
 
@@ -77,15 +76,13 @@ STATE_KEYS = (
 
 
 def train(run_dir: Path, config: str, *extra: str, env: dict | None = None, wait: bool = True):
-    cmd = [sys.executable, "train.py", *CONFIGS[config], *COMMON, *extra]
+    cmd = ["train.py", *CONFIGS[config], *COMMON, *extra]
     if run_dir is not None:
         cmd.append(f"hydra.run.dir={run_dir}")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
-        return subprocess.Popen(
-            cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-    p = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+        return forked.start(cmd, cwd=ROOT, env=full_env)
+    p = forked.run(cmd, cwd=ROOT, env=full_env, timeout=300)
     return p.returncode, p.stdout + p.stderr
 
 
@@ -305,7 +302,7 @@ def test_process_killed_while_saving_keeps_the_previous_checkpoint(tmp_path):
         "torch.save = save\n"
         f"atomic_torch_save({{'step': 2}}, {str(path)!r})\n"
     )
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    p = forked.run(["-c", script], timeout=120)
     assert p.returncode == -signal.SIGKILL
     assert torch.load(path, weights_only=False)["step"] == 1
     partial = list(tmp_path.glob(".*.partial"))
@@ -424,9 +421,9 @@ PHASE_RUN = [
 
 
 def phase_run(run_dir: Path, *extra: str) -> tuple[int, str]:
-    cmd = [sys.executable, "train.py", *PHASE_RUN, *extra, f"hydra.run.dir={run_dir}"]
+    cmd = ["train.py", *PHASE_RUN, *extra, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = forked.run(cmd, cwd=ROOT, env=env, timeout=300)
     return p.returncode, p.stdout + p.stderr
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import forked
 import pytest
 from conftest import ROOT, compose
 from test_bad_inputs import QUICK_TRAIN, _fill, _write_lock
@@ -39,27 +40,13 @@ def _dead_pid():
 def test_second_run_in_a_folder_in_use_is_refused(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(
-        [sys.executable, "train.py", *SLOW, f"hydra.run.dir={run}"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = forked.start(["train.py", *SLOW, f"hydra.run.dir={run}"], cwd=ROOT, env=env)
     try:
         deadline = time.time() + 120
         while not (run / LOCK_NAME).exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.1)
         assert (run / LOCK_NAME).exists()
-        second = subprocess.run(
-            [sys.executable, "train.py", *SLOW, f"hydra.run.dir={run}"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        second = forked.run(["train.py", *SLOW, f"hydra.run.dir={run}"], cwd=ROOT, env=env, timeout=300)
         out = second.stdout + second.stderr
         assert second.returncode != 0
         assert f"the run directory {run} is in use by another run: pid {first.pid} on" in out

@@ -3,9 +3,8 @@ at start, the summary in train.log, eval.py's own folder and metrics.json, and n
 
 import json
 import os
-import subprocess
-import sys
 
+import forked
 import pytest
 from conftest import ROOT, compose
 
@@ -20,9 +19,11 @@ NOISE = (
 )
 
 
-def sh(*args, timeout=300):
+def sh(*args, timeout=300, fork=True):
+    """``python *args``; ``fork=False`` for the runs whose whole output is checked (a forked child does not print
+    the import-time messages of the modules its fork server imported)."""
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = forked.run(args, cwd=ROOT, env=env, timeout=timeout, fork=fork)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -34,7 +35,7 @@ def only_run(root):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    code, out, err = sh("train.py", "smoke=true", "trainer.max_steps=3", f"paths.log_dir={logs}")
+    code, out, err = sh("train.py", "smoke=true", "trainer.max_steps=3", f"paths.log_dir={logs}", fork=False)
     assert code == 0, (out + err)[-4000:]
     return logs, only_run(logs / "train" / "runs"), out, err
 

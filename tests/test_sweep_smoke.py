@@ -10,9 +10,8 @@ smoke size, by test_sweeps; every model x dataset pair trains a step in test_com
 
 import csv
 import os
-import subprocess
-import sys
 
+import forked
 import pytest
 import yaml
 from conftest import ROOT
@@ -53,7 +52,7 @@ def first_values(spec: dict) -> dict[str, str]:
 
 def run(*args, timeout=900):
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return forked.run(args, cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)

@@ -3,10 +3,9 @@
 
 import csv
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
+import forked
 import pytest
 from conftest import ROOT
 from pytorch_lightning.callbacks import TQDMProgressBar
@@ -79,7 +78,6 @@ def test_a_short_epoch_logs_step_level_training_loss_with_the_chosen_threads(tmp
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     env.pop("OMP_NUM_THREADS", None)
     cmd = [
-        sys.executable,
         "train.py",
         "threads=2",
         "dataset.n_train=190",
@@ -92,7 +90,7 @@ def test_a_short_epoch_logs_step_level_training_loss_with_the_chosen_threads(tmp
         "callbacks.sample_figures.every_n_epochs=100",
         f"hydra.run.dir={tmp_path}",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = forked.run(cmd, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "threads: 2 intra-op thread(s) per process" in (tmp_path / "train.log").read_text()
     assert "smaller than the logging interval" not in proc.stderr
@@ -103,12 +101,6 @@ def test_a_short_epoch_logs_step_level_training_loss_with_the_chosen_threads(tmp
 
 
 def test_a_bad_threads_value_stops_the_run_with_the_fix(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "train.py", "threads=-3", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = forked.run(["train.py", "threads=-3", f"hydra.run.dir={tmp_path}"], cwd=ROOT, timeout=120)
     assert proc.returncode != 0
     assert "threads=-3 is not a thread count" in proc.stderr + proc.stdout
