@@ -109,6 +109,7 @@ def test_quick_defaults_and_explicit_options():
         bench.parse(["--observations", "11"])
 
 
+@pytest.mark.slow
 def test_npe_side_by_side_quick_run(tmp_path, capsys):
     """All four estimators on gaussian_linear (closed-form posterior: no reference files needed), 1000
     simulations, 1 epoch, one observation: a row each, C2ST a valid accuracy, times and ratios reported."""

@@ -99,6 +99,7 @@ def _first_break(loss_fn, x) -> str:
 
 
 @pytest.mark.parametrize("model,dataset", CASES, ids=[f"{m}-{d}" for m, d in CASES])
+@pytest.mark.slow
 def test_training_step_traces_without_host_reads(model, dataset, monkeypatch):
     """The training loss of every config compiles with ``fullgraph=True`` and its backward runs.  An exempt config's
     first graph break is its named place; the roulette draw, fixed in the test, then traces (so for resflow and
@@ -202,6 +203,7 @@ def test_compile_option_must_be_a_boolean():
         _module("realnvp", "toy2d", compile="maybe")
 
 
+@pytest.mark.slow
 def test_train_py_with_compile_true(tmp_path):
     """A short real run with compile=true: finite training, validation and test metrics."""
     import json

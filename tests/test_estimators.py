@@ -77,6 +77,7 @@ def draws(est, g, x, m):
         dict(name="roulette", dist="poisson", lam=1.0, probe="gaussian", n_exact_terms=1),
     ],
 )
+@pytest.mark.slow
 def test_roulette_hutchinson_unbiased(d, kwargs):
     torch.manual_seed(0)
     for gname, g in nets(d, lip=0.8).items():
@@ -150,6 +151,7 @@ def _flat_grad(scalar, params):
 
 
 @pytest.mark.parametrize("gname", ["tanh", "lipschitz_mlp"])
+@pytest.mark.slow
 def test_neumann_gradient_unbiased(gname):
     """E[grad of the Neumann surrogate] = grad of the exact log-det (parameters and inputs together).
 

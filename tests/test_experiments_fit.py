@@ -176,6 +176,7 @@ def test_figures_fit1d_draws_the_runs_and_prints_a_table(fit1d_sweep, tmp_path, 
     assert "objective=regression" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_toy_sweep_and_figure(tmp_path):
     """sweeps/toy2d_monotone.yaml on one toy (both models), then the toy2d figure and table."""
     sweep = tmp_path / "toys"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import forked
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("ResFlow", "Monotone", "Glow", "FFJORD", "TarFlow")
@@ -30,6 +31,7 @@ def _is_number(cell: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_dry_run_prints_every_row(tmp_path):
     out = tmp_path / "gpu_check.md"
     # compiled first: the residual and FFJORD compiles overrun the budget, their workers are killed, and the eager

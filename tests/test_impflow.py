@@ -113,6 +113,7 @@ def test_one_block_reaches_slopes_no_residual_block_can():
     torch.testing.assert_close(ld, torch.full((5,), math.log(199), dtype=torch.float64), atol=1e-10, rtol=0)
 
 
+@pytest.mark.slow
 def test_roulette_logdet_is_unbiased_for_the_block():
     """The block's estimate is the difference of two unbiased series: its mean matches the exact log-det."""
     torch.manual_seed(3)

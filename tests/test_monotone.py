@@ -199,6 +199,7 @@ def test_image_block_exact_logdet_and_inverse():
     assert (blk.inverse(y) - x).abs().amax((1, 2, 3)).max() < 1e-10
 
 
+@pytest.mark.slow
 def test_image_model_builds_with_the_paper_layout_and_round_trips():
     torch.manual_seed(0)
     flow = MonotoneFlow(

@@ -4,10 +4,10 @@ written outside the repository (one module and one config in a temporary directo
 suites."""
 
 import os
-import subprocess
 import sys
 import textwrap
 
+import forked
 import pytest
 import torch
 import yaml
@@ -205,14 +205,14 @@ def test_a_family_is_one_module_and_one_config(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH")) if p)
     env["FLOWFORGE_CONFIG_PATH"] = str(tmp_path / "conf")
     env.pop("PYTEST_XDIST_WORKER", None)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    command = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
     command += [
         "tests/test_models.py",
         "tests/test_combinations.py",
         "-k",
         "throwaway and (toy2d or digits or step1d) and not conditional",
     ]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = forked.run(command, cwd=ROOT, env=env, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "13 passed" in out, out[-4000:]

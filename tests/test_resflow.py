@@ -259,6 +259,7 @@ def test_lightning_logs_sigma_and_estimator_std(tmp_path):
     assert "test/loss_std" not in results["exact"]
 
 
+@pytest.mark.slow
 def test_default_power_iteration_keeps_the_bound_during_training():
     """With the default tolerance (1e-3) and no extra iterations, every layer's exact norm stays within
     1e-4 of coeff throughout Adam training of the toy model (the zero-initialised last layers'

@@ -304,6 +304,7 @@ def test_the_config_makes_the_model_conditional_on_x():
 # ----------------------------------------------------------------------------- NPE end to end
 
 
+@pytest.mark.slow
 def test_npe_on_gaussian_linear_reaches_c2st_0_6(tmp_path):
     """Amortised NPE with a conditional MAF (5 MADE layers of 50 units, sbi's MAF size) on gaussian_linear at 10000
     simulations, trained 5 epochs (batch 50, Adam 5e-4): the C2ST of 250 posterior samples against 250 exact
@@ -370,6 +371,7 @@ def test_npe_recipes_compose_into_conditional_models(task):
     assert dm.task.name == task and dm.num_simulations == 10000
 
 
+@pytest.mark.slow
 def test_npe_run_reads_reference_files_and_logs_c2st(tmp_path):
     """train.py's path on a smoke-sized npe_two_moons run: the reference files (written in sbibm's format) are read,
     test/c2st per observation and their mean are logged and written to metrics.json, the pair plot is drawn."""

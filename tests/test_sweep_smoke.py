@@ -56,6 +56,7 @@ def run(*args, timeout=900):
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_smoke_sweep_runs_every_cell_and_reports_it(sweep, fake_data, tmp_path):
     spec = yaml.safe_load(sweep.read_text())
     table, chosen = spec["table"], first_values(spec)
