@@ -18,7 +18,7 @@ would have:
 
 What a child cannot show is an import-time message of a preloaded module: tests that check that a run's output
 is free of warnings use ``fork=False`` (a real ``python``), as does anything that needs interpreter options.
-``FLOWFORGE_TEST_FORK=0`` makes every call a real subprocess.
+``FLOWFORGE_TEST_FORK=0`` makes every call a real subprocess, as it is on systems other than Linux.
 
 Protocol: the test process writes pickled requests ``(token, args, cwd, env, out_path, err_path)`` to the
 server's stdin; the server answers ``("pid", token, pid)`` at the fork and ``("exit", pid, status)`` when the
@@ -245,7 +245,8 @@ def _fork_server() -> _Server:
 
 
 def _fork_enabled() -> bool:
-    return os.environ.get("FLOWFORGE_TEST_FORK", "1").lower() not in ("0", "false", "no")
+    """Linux only (macOS frameworks are not safe to use in a forked child), unless ``FLOWFORGE_TEST_FORK=0``."""
+    return sys.platform == "linux" and os.environ.get("FLOWFORGE_TEST_FORK", "1").lower() not in ("0", "false", "no")
 
 
 # ------------------------------------------------------------------------------------------------ the API
