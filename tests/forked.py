@@ -10,8 +10,8 @@ would have:
 - the environment given (``env``, else the caller's), the working directory, ``sys.argv`` and ``sys.path[0]``
   (the script's folder for a script, the working directory for ``-m``, ``''`` for ``-c``), and ``PYTHONPATH``
   entries the server did not have;
-- stdout and stderr on files (read back as ``CompletedProcess.stdout`` / ``.stderr``, or together), stdin on
-  ``/dev/null``, default signal handlers;
+- stdout and stderr on files (read back as ``CompletedProcess.stdout`` / ``.stderr``, or together; stdout
+  unbuffered under ``PYTHONUNBUFFERED``), stdin on ``/dev/null``, default signal handlers;
 - torch's intra-op thread count from ``OMP_NUM_THREADS`` (else torch's default), float32 default dtype;
 - the exit status as Python's: ``SystemExit``'s code (a message: printed, status 1), 1 after an uncaught
   exception (traceback on stderr), ``-N`` when killed by signal N; ``atexit`` handlers run at the end.
@@ -96,7 +96,8 @@ def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str | 
         for fd in {null, out_fd, err_fd} - {0, 1, 2}:
             os.close(fd)
         sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8")
+        unbuffered = bool(env.get("PYTHONUNBUFFERED"))  # (as python -u: what a killed run printed is kept)
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=unbuffered)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", line_buffering=True)
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
