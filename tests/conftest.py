@@ -12,8 +12,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one intra-op thread per xdist worker: with -n 2 on 2 cores, more threads oversubscribe the CPU and
-    # small convolutions stall for milliseconds each
+    # small convolutions stall for milliseconds each; the same for numpy's and scipy's BLAS (scikit-learn's
+    # classifiers in the C2ST tests)
     torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
 
 
 def pytest_collection_modifyitems(config, items):

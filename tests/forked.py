@@ -12,7 +12,8 @@ would have:
   entries the server did not have;
 - stdout and stderr on files (read back as ``CompletedProcess.stdout`` / ``.stderr``, or together; stdout
   unbuffered under ``PYTHONUNBUFFERED``), stdin on ``/dev/null``, default signal handlers;
-- torch's intra-op thread count from ``OMP_NUM_THREADS`` (else torch's default), float32 default dtype;
+- torch's intra-op thread count from ``OMP_NUM_THREADS`` (else torch's default), OpenBLAS's from
+  ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS``, float32 default dtype;
 - the exit status as Python's: ``SystemExit``'s code (a message: printed, status 1), 1 after an uncaught
   exception (traceback on stderr), ``-N`` when killed by signal N; ``atexit`` handlers run at the end.
 
@@ -44,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ("torch", "flowforge.experiment", "flowforge.report")
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -112,6 +114,11 @@ def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str | 
 
         given = next((env[k] for k in _THREAD_VARIABLES if env.get(k, "").isdigit()), None)
         torch.set_num_threads(int(given) if given else threads)
+        blas = next((env[k] for k in _BLAS_VARIABLES if env.get(k, "").isdigit()), None)
+        if blas:  # numpy's and scipy's OpenBLAS read these when they load, in the server
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(int(blas), user_api="blas")
         torch.set_default_dtype(torch.float32)
         try:
             if args[0] == "-m":
@@ -187,7 +194,7 @@ class _Server:
     """The test process's end of one fork server."""
 
     def __init__(self):
-        env = {k: v for k, v in os.environ.items() if k not in _THREAD_VARIABLES}
+        env = {k: v for k, v in os.environ.items() if k not in _THREAD_VARIABLES + _BLAS_VARIABLES}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--serve"],
             cwd=ROOT,

@@ -15,7 +15,9 @@ if not forked._fork_enabled():
 
 PROBE = """
 import os, sys, torch, warnings
+from threadpoolctl import threadpool_info
 print(sys.argv, os.getcwd(), os.environ.get("FF_PROBE"), torch.get_num_threads(), torch.get_default_dtype())
+print(sorted({p["num_threads"] for p in threadpool_info() if p["internal_api"] == "openblas"}))
 print(sys.path[0] == "", __name__)
 print("to stderr", file=sys.stderr)
 """
