@@ -154,7 +154,8 @@ def _child(args: list[str], cwd: str, env: dict, out_path: str, err_path: str | 
 
 # ------------------------------------------------------------------------------------------------ the server
 def serve() -> None:
-    """The fork server: import :data:`PRELOAD`, then fork a child per request until stdin closes."""
+    """The fork server: import :data:`PRELOAD`, then fork a child per request until stdin closes (then any child
+    still running is killed)."""
     requests = 0
     answers = os.dup(1)
     os.dup2(2, 1)  # whatever an import prints goes to stderr, not into the answers
@@ -167,14 +168,12 @@ def serve() -> None:
 
     threads = torch.get_num_threads()  # the default of a fresh interpreter (started without a thread count)
     children: set[int] = set()
-    open_ = True
-    while open_ or children:
-        readable, _, _ = select.select([requests] if open_ else [], [], [], 0.02)
-        if readable:
-            message = _receive(requests)
-            if message is None:
-                open_ = False
-            else:
+    try:
+        while True:
+            if select.select([requests], [], [], 0.02)[0]:
+                message = _receive(requests)
+                if message is None:
+                    break
                 token, args, cwd, env, out_path, err_path = message
                 pid = os.fork()
                 if pid == 0:
@@ -182,12 +181,19 @@ def serve() -> None:
                     _child(args, cwd, env, out_path, err_path, threads)
                 children.add(pid)
                 _send(answers, ("pid", token, pid))
-        while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            children.discard(pid)
-            _send(answers, ("exit", pid, os.waitstatus_to_exitcode(status)))
+            while children:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                children.discard(pid)
+                _send(answers, ("exit", pid, os.waitstatus_to_exitcode(status)))
+    except BrokenPipeError:
+        pass
+    # the test process has ended: so do the children it left running
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    for pid in children:
+        os.waitpid(pid, 0)
 
 
 class _Server:
