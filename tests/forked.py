@@ -39,6 +39,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -164,9 +165,7 @@ def serve() -> None:
     os.set_inheritable(requests, False)
     for name in PRELOAD:
         __import__(name)
-    import torch
-
-    threads = torch.get_num_threads()  # the default of a fresh interpreter (started without a thread count)
+    threads = sys.modules["torch"].get_num_threads()  # a fresh interpreter's default (no thread count given)
     children: set[int] = set()
     try:
         while True:
@@ -234,18 +233,12 @@ class _Server:
 
     def status(self, pid: int, timeout: float | None = 0.0) -> int | None:
         """The exit status of child ``pid``, waiting up to ``timeout`` seconds (None: for ever)."""
-        deadline = None if timeout is None else _now() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while pid not in self.exits:
-            left = None if deadline is None else max(0.0, deadline - _now())
-            if self._next(left) is None and deadline is not None and _now() >= deadline:
-                return None
-        return self.exits[pid]
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
+            left = None if deadline is None else deadline - time.monotonic()
+            if self._next(None if left is None else max(0.0, left)) is None and left <= 0:
+                break
+        return self.exits.get(pid)
 
 
 _server: _Server | None = None

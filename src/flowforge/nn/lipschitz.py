@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowforge.checks import optional_positive_int
 from flowforge.errors import ConfigError, ConvergenceError
 from flowforge.nn.lanczos import top_singular_triplet
 from flowforge.nn.version_cache import VersionCache
@@ -789,9 +790,7 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
 
 def check_init_iters(init_iters) -> int | None:
     """``init_iters`` when it is None or a positive integer; a :class:`ConfigError` otherwise."""
-    if init_iters is not None and (isinstance(init_iters, bool) or not isinstance(init_iters, int) or init_iters < 1):
-        raise ConfigError(f"lipschitz_init_iters must be null or a positive integer, got {init_iters!r}")
-    return init_iters
+    return optional_positive_int("lipschitz_init_iters", init_iters)
 
 
 def set_init_iters(module: nn.Module, init_iters: int | None) -> int:
