@@ -63,6 +63,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from _report import emit  # benchmarks/_report.py (scripts run as python benchmarks/<name>.py)
@@ -248,6 +249,8 @@ def sync(device: str) -> None:
 def timing(ref_module, cfg: Config, classes: int, args) -> dict[str, tuple[float, float]]:
     """Median milliseconds of a training step and of sampling (module docstring): ``name -> (ms, spread)``, the
     spread being the interquartile range."""
+    from flowforge.training.module import build_optimizer
+
     device, dtype = args.device, getattr(torch, args.dtype)
     ref, model = build_pair(ref_module, cfg, classes, dtype, device, args.seed)
     g = torch.Generator().manual_seed(args.seed + 3)
@@ -255,7 +258,8 @@ def timing(ref_module, cfg: Config, classes: int, args) -> dict[str, tuple[float
     labels = torch.randint(classes, (cfg.batch,), generator=g).to(device) if classes else None
     y = (x + 1) / 2
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
-    ff_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # what flowforge's training builds (optim.optimizer.fused: auto): torch's fused AdamW on the CPU and CUDA
+    ff_opt = build_optimizer(partial(torch.optim.AdamW, lr=1e-4, fused="auto"), model.parameters())
 
     def ref_step():
         ref_opt.zero_grad(set_to_none=True)
@@ -276,9 +280,9 @@ def timing(ref_module, cfg: Config, classes: int, args) -> dict[str, tuple[float
         with torch.no_grad():
             ref.reverse(z_ref, c)
 
-    def ff_sample(cache: bool):
+    def ff_sample(cache: bool, compile: bool = False):
         def run():
-            model.sample(m, c, cache=cache)
+            return model.sample(m, c, cache=cache, compile=compile)
 
         return run
 
@@ -288,6 +292,17 @@ def timing(ref_module, cfg: Config, classes: int, args) -> dict[str, tuple[float
     results.update(take_turns(step, args.steps, args.rounds, device, prefix="step"))
     ref.eval(), model.eval()
     sample = {"reference": ref_sample, "flowforge cached": ff_sample(True)}
+    if not args.no_compiled:
+        # the first call compiles; its samples against the eager cached sampler's from the same seed
+        torch.manual_seed(args.seed)
+        eager = ff_sample(True)()
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        compiled = ff_sample(True, compile=True)()
+        sync(device)
+        results["compile: first call s"] = (time.perf_counter() - t0, 0.0)
+        results["compile: largest sample difference"] = ((compiled - eager).abs().max().item(), 0.0)
+        sample["flowforge cached, compiled"] = ff_sample(True, compile=True)
     if not args.no_uncached:
         sample["flowforge uncached"] = ff_sample(False)
     results.update(take_turns(sample, 1, args.rounds, device, prefix="sample"))
@@ -358,10 +373,20 @@ def report(cfg: Config, classes: int, agree: dict, times: dict, args, elapsed: f
         ]
         for name, (ms, iqr) in times.items():
             op = name.split(":")[0]
+            if op == "compile":
+                continue
             base = times[f"{op}: reference"][0]
             ratio = "1.00" if name.endswith("reference") else f"{ms / base:.2f}"
             lines.append(f"| {name} | {ms:.1f} | {iqr:.1f} | {ratio} |")
         lines.append("")
+        if "compile: first call s" in times:
+            first, diff = times["compile: first call s"][0], times["compile: largest sample difference"][0]
+            lines += [
+                f"Compiled sampler (`model.sample(..., compile=True)`): first call {first:.1f} s (compilation, not in "
+                "the medians); its samples differ from the eager cached sampler's (same seed) by "
+                f"{diff:.2e} at most.",
+                "",
+            ]
     lines.append(f"Total time {elapsed:.0f} s.")
     return "\n".join(lines) + "\n"
 
@@ -396,6 +421,7 @@ def parse(argv=None):
     p.add_argument("--no-agreement", action="store_true", help="timing only")
     p.add_argument("--no-timing", action="store_true", help="agreement only")
     p.add_argument("--no-uncached", action="store_true", help="skip the uncached flowforge sampler in the timing")
+    p.add_argument("--no-compiled", action="store_true", help="skip the compiled flowforge sampler in the timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the Markdown report here")
     args = p.parse_args(argv)

@@ -205,6 +205,65 @@ def test_cached_sampling_equals_uncached(build, sample_kwargs):
         torch.testing.assert_close(plain, cached, atol=1e-12, rtol=0)
 
 
+@pytest.fixture
+def eager_decode(monkeypatch):
+    """``sample(..., compile=True)`` with :meth:`TarFlowBlock.decode` run eagerly: the fixed-size buffer step's
+    mathematics without the compilation's seconds."""
+    import flowforge.flows.tarflow as tarflow
+
+    monkeypatch.setattr(tarflow, "_compiled_decode", lambda device_type: tarflow._decode)
+
+
+SAMPLERS = [
+    (lambda: sampler((6,), token_size=1), dict(guidance=1.5, attn_temperature=0.6)),
+    (lambda: sampler((1, 4, 4), patch_size=2, first_token="learned", num_blocks=3), {}),
+    (classes_model, dict(context=torch.tensor([0, 1, 2, 1]), guidance=2.0, annealed_guidance=True)),
+    (classes_model, dict(context=2, guidance=1.0, guide="a", attn_temperature=0.7)),
+]
+SAMPLER_IDS = ["uncond-guided", "img-learned-3blocks", "classes-cfg-annealed", "classes-cfg-a-temp"]
+
+
+@pytest.mark.parametrize("build, sample_kwargs", SAMPLERS, ids=SAMPLER_IDS)
+def test_fixed_buffer_step_equals_the_cached_sampler(eager_decode, build, sample_kwargs):
+    """The compiled sampler's step (:meth:`TarFlowBlock.decode`: key/value buffers of every position, written at
+    the step's position, the later positions masked out) gives the cached sampler's samples, guided and conditional
+    too: float64, to 1e-12."""
+    model = build().eval()
+    torch.manual_seed(3)
+    cached = model.sample(4, **sample_kwargs)
+    torch.manual_seed(3)
+    fixed = model.sample(4, compile=True, **sample_kwargs)
+    assert torch.isfinite(cached).all()
+    torch.testing.assert_close(fixed, cached, atol=1e-12, rtol=0)
+
+
+def test_fixed_buffer_step_under_bf16_autocast(eager_decode):
+    """Under bf16 autocast the buffers take the autocast dtype of the keys and values, and the samples agree with
+    the cached sampler's to bf16 rounding."""
+    model = sampler((2, 4, 4), patch_size=2).float().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(5)
+        cached = model.sample(3)
+        torch.manual_seed(5)
+        fixed = model.sample(3, compile=True)
+    assert torch.isfinite(fixed).all()
+    torch.testing.assert_close(fixed, cached, atol=0.05, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_sampling_equals_eager():
+    """``sample(..., compile=True)`` really compiled (torch.compile), class-conditional with classifier-free
+    guidance and an image model with attention-temperature guidance: the eager cached sampler's samples to 1e-10
+    (float64); a second call reuses the compilation."""
+    for build, kwargs in (SAMPLERS[2], (SAMPLERS[1][0], dict(guidance=0.8, attn_temperature=1.4))):
+        model = build().eval()
+        torch.manual_seed(3)
+        eager = model.sample(4, **kwargs)
+        for _ in range(2):
+            torch.manual_seed(3)
+            torch.testing.assert_close(model.sample(4, compile=True, **kwargs), eager, atol=1e-10, rtol=0)
+
+
 def test_guidance_zero_is_plain_sampling_and_guidance_changes_samples():
     for model, kwargs in (
         (sampler((6,), token_size=1), dict(attn_temperature=0.5)),
@@ -339,6 +398,8 @@ def test_sampling_option_errors():
         uncond.sample(2, guidance=1.0, guide="c", attn_temperature=0.5)
     with pytest.raises(ValueError, match="attn_temperature must be > 0"):
         uncond.sample(2, guidance=1.0, attn_temperature=0.0)
+    with pytest.raises(ValueError, match="compile=True compiles the key/value cached sampler's one-token step"):
+        uncond.sample(2, cache=False, compile=True)
     image = TarFlow((1, 4, 4), num_levels=256, patch_size=2, **TINY)
     with pytest.raises(ValueError, match="trained with uniform dequantisation"):
         image.denoise(torch.rand(2, 1, 4, 4))

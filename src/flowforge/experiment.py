@@ -677,7 +677,7 @@ def sample(cfg: DictConfig) -> Path:
 def sampling_options(value: Any, model: torch.nn.Module) -> dict[str, Any]:
     """``sample.py``'s ``sampling`` options that are set (not null): keyword arguments of the model's own ``sample``
     beyond ``n``, ``context`` and ``temperature`` (TarFlow: guidance, guide, attn_temperature, annealed_guidance,
-    denoise, cache); a ConfigError naming the ones the model takes for any other."""
+    denoise, cache, compile); a ConfigError naming the ones the model takes for any other."""
     if value is None:
         return {}
     if OmegaConf.is_config(value):

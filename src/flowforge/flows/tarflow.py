@@ -15,6 +15,8 @@ reverses between blocks, so every token is transformed given every other one acr
 The inverse is sequential over tokens: ``u_t = z_t exp(alpha_t) + mu_t``.  With a key/value cache
 (:class:`KVCache`) step ``t`` runs the transformer on token ``u_{t-1}`` alone, reusing the keys and values of the
 earlier tokens: ``T - 1`` one-token passes per block instead of ``T - 1`` passes over the whole prefix.
+``sample(..., compile=True)`` compiles that one-token step (:meth:`TarFlowBlock.decode`) with ``torch.compile``, over
+key/value buffers of all ``T`` positions whose later positions are masked out, so that every step has the same shapes.
 
 Guidance (sampling only): at every step the affine parameters of a second, "unconditional" pass ``(alpha^u, mu^u)``
 are extrapolated away from, ``alpha <- alpha + w (alpha - alpha^u)`` (and ``mu`` likewise).  For a class-conditional
@@ -32,8 +34,9 @@ by one score step (Tweedie's formula; the score from the flow by autograd):
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -142,19 +145,38 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, temperature: float = 1.0) -> Tensor:
-        b, t, c = x.shape
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values ``(B, heads, t, head_dim)`` of ``x`` ``(B, t, C)``."""
+        b, t, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        return q, k, v
+
+    def _merge(self, out: Tensor) -> Tensor:
+        """The heads' outputs ``(B, heads, t, head_dim)`` through the output projection: ``(B, t, C)``."""
+        b, _, t, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, temperature: float = 1.0) -> Tensor:
+        q, k, v = self._qkv(x)
         scale = self.head_dim**-0.5 / temperature
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            if t != 1:
-                raise ValueError("the key/value cache takes one token per step")
-            k, v = cache.extend(k, v)
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+            return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
+        if x.shape[1] != 1:
+            raise ValueError("the key/value cache takes one token per step")
+        k, v = cache.extend(k, v)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, scale=scale))
+
+    def step(self, x: Tensor, keys: Tensor, values: Tensor, pos: Tensor, visible: Tensor, scale: Tensor) -> Tensor:
+        """One token ``x`` ``(B, 1, C)`` at position ``pos`` (a one-element index tensor) over fixed-size buffers
+        ``keys, values`` ``(B, heads, T, head_dim)``: its key and value are written at ``pos`` and it attends to the
+        positions where ``visible`` ``(1, T)`` is true, ``softmax(q K^T scale) V`` with the others masked out.  Every
+        shape is the same at every step, so the step compiles once (:meth:`TarFlowBlock.decode`)."""
+        q, k, v = self._qkv(x)
+        keys.index_copy_(2, pos, k)
+        values.index_copy_(2, pos, v)
+        logits = (q @ keys.transpose(-1, -2)) * scale
+        return self._merge(logits.masked_fill(~visible, float("-inf")).softmax(-1) @ values)
 
 
 class FeedForward(nn.Module):
@@ -183,6 +205,11 @@ class TransformerLayer(nn.Module):
         x = x + self.attention(x, cache, temperature)
         return x + self.mlp(x)
 
+    def step(self, x: Tensor, keys: Tensor, values: Tensor, pos: Tensor, visible: Tensor, scale: Tensor) -> Tensor:
+        """:meth:`forward` of one token over fixed-size key/value buffers (:meth:`CausalSelfAttention.step`)."""
+        x = x + self.attention.step(x, keys, values, pos, visible, scale)
+        return x + self.mlp(x)
+
 
 # ------------------------------------------------------------------------------------------------ the flow block
 @dataclass
@@ -190,7 +217,7 @@ class SamplingOptions:
     """How :meth:`TarFlowBlock.inverse` runs (set by :meth:`TarFlowModel.sample`): guidance strength ``guidance``
     (0: none) on ``guide`` (``ab``: log-scale and shift, ``a``, ``b``), linearly annealed over the tokens or not,
     the second pass's context features ``null_context`` (None: the model's own context) and attention temperature,
-    and whether to use the key/value cache."""
+    whether to use the key/value cache, and whether its one-token step runs compiled (:meth:`TarFlowBlock.decode`)."""
 
     guidance: float = 0.0
     guide: str = "ab"
@@ -198,6 +225,7 @@ class SamplingOptions:
     null_context: Tensor | None = None
     attn_temperature: float = 1.0
     cache: bool = True
+    compiled: bool = False
 
 
 class TarFlowBlock(Transform):
@@ -264,9 +292,12 @@ class TarFlowBlock(Transform):
         return self.proj_out(e)
 
     def params(self, u: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(alpha, mu)`` of every token of ``u`` (processing order): the outputs shifted right by one."""
-        out = self._trunk(u, h)
-        return self._split(torch.cat([self._first(out), out[:, :-1]], dim=1))
+        """``(alpha, mu)`` of every token of ``u`` (processing order): the outputs shifted right by one.  The
+        transformer sees tokens ``1 .. T - 1`` only: being causal, its outputs there do not depend on token ``T``,
+        whose own output would parameterise nothing."""
+        t = u.shape[1]
+        out = self._trunk(u[:, : t - 1] if t > 1 else u, h)
+        return self._split(torch.cat([self._first(out), out[:, : t - 1]], dim=1))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         u = self._order(x)
@@ -274,16 +305,64 @@ class TarFlowBlock(Transform):
         z = (u - mu) * torch.exp(-_wide(alpha)).to(u.dtype)
         return self._order(z), -_wide(alpha).sum(dim=(1, 2))
 
-    def _step(self, tokens: list[Tensor], h: Tensor | None, offsets: Tensor, temperature: float, caches):
-        """The output that parameterises token ``len(tokens)``: a one-token pass with the cache (``offsets``: the
-        precomputed :meth:`_offsets`), else a pass over the whole prefix."""
-        i = len(tokens) - 1
-        if caches is not None:
+    def decode(
+        self,
+        u: Tensor,
+        pos: Tensor,
+        visible: Tensor,
+        offsets: Tensor,
+        keys: Sequence[Tensor],
+        values: Sequence[Tensor],
+        scale: Tensor,
+    ) -> Tensor:
+        """The output that parameterises the token after position ``pos`` from the token ``u`` ``(B, 1, d)`` at
+        ``pos``: a one-token pass over fixed-size key/value buffers, one pair per layer
+        (:meth:`TransformerLayer.step`), attending to the positions where row ``pos`` of ``visible`` ``(T, T)`` (the
+        causal lower triangle) is true.  The compiled sampler's step (``sample(..., compile=True)``)."""
+        e = self.proj_in(u) + offsets.index_select(1, pos)
+        row = visible.index_select(0, pos)
+        for layer, k, v in zip(self.layers, keys, values):
+            e = layer.step(e, k, v, pos, row, scale)
+        return self.proj_out(e)
+
+    def _stepper(self, z: Tensor, h: Tensor | None, temperature: float) -> Callable[[list[Tensor]], Tensor]:
+        """For one branch of the inverse (its context features ``h`` and attention temperature): ``tokens ->`` the
+        output that parameterises token ``len(tokens)`` (processing order).  A one-token pass with a
+        :class:`KVCache`, the compiled one-token pass over fixed-size buffers (:meth:`decode`), or, without the
+        cache, a pass over the whole prefix."""
+        opts = self.sampling
+        if not opts.cache:
+            return lambda tokens: self._trunk(torch.cat(tokens, dim=1), h, temperature)[:, -1:]
+        offsets = self._offsets(h)
+        if opts.compiled:
+            return self._compiled_stepper(z, offsets.detach(), temperature)
+        caches = [KVCache(z.shape[1]) for _ in self.layers]
+
+        def step(tokens: list[Tensor]) -> Tensor:
+            i = len(tokens) - 1
             e = self.proj_in(tokens[-1]) + offsets[:, i : i + 1]
             for layer, cache in zip(self.layers, caches):
                 e = layer(e, cache, temperature)
             return self.proj_out(e)
-        return self._trunk(torch.cat(tokens, dim=1), h, temperature)[:, -1:]
+
+        return step
+
+    def _compiled_stepper(self, z: Tensor, offsets: Tensor, temperature: float) -> Callable[[list[Tensor]], Tensor]:
+        """:meth:`_stepper` through the compiled :meth:`decode`: the buffers, the causal visibility rows and the
+        positions are tensors of the same shapes at every step, so one compilation serves every token and block."""
+        b, t = z.shape[:2]
+        device, attention = z.device, self.layers[0].attention
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else z.dtype
+        # zeros, not uninitialised memory: a masked position's weight is 0, and 0 times a stray NaN is NaN
+        keys = [z.new_zeros(b, attention.heads, t, attention.head_dim, dtype=dtype) for _ in self.layers]
+        values = [torch.zeros_like(k) for k in keys]
+        visible = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        positions = torch.arange(t, device=device)
+        scale = torch.tensor(attention.head_dim**-0.5 / temperature, dtype=_wide(keys[0]).dtype, device=device)
+        decode = _compiled_decode(device.type)
+        return lambda tokens: decode(
+            self, tokens[-1], positions[len(tokens) - 1 : len(tokens)], visible, offsets, keys, values, scale
+        )
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         opts = self.sampling
@@ -292,13 +371,12 @@ class TarFlowBlock(Transform):
         branches = [(context, 1.0)]
         if opts.guidance:
             branches.append((opts.null_context if opts.null_context is not None else context, opts.attn_temperature))
-        caches = [[KVCache(t_max) for _ in self.layers] if opts.cache else None for _ in branches]
-        offsets = [self._offsets(h) for h, _ in branches]
+        steps = [self._stepper(z, h, temp) for h, temp in branches]
         alpha, mu = self._split(self._first(z))
         tokens = [z[:, :1] * torch.exp(_wide(alpha)).to(z.dtype) + mu]
         alphas = [alpha]
         for i in range(t_max - 1):
-            outs = [self._step(tokens, h, o, temp, c) for (h, temp), o, c in zip(branches, offsets, caches)]
+            outs = [step(tokens) for step in steps]
             alpha, mu = self._split(outs[0])
             if opts.guidance:
                 w = opts.guidance * (i + 1) / (t_max - 1) if opts.annealed else opts.guidance
@@ -313,6 +391,19 @@ class TarFlowBlock(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.inverse_and_log_det(z, context)[0]
+
+
+def _decode(block: TarFlowBlock, *args: Any) -> Tensor:
+    return block.decode(*args)
+
+
+@functools.cache
+def _compiled_decode(device_type: str) -> Callable[..., Tensor]:
+    """:meth:`TarFlowBlock.decode` compiled with ``torch.compile``, once per process and device type: every block
+    shares it (a new batch size, dtype or architecture compiles a new version on its first call).  On the CPU the
+    compiled step is called from C++ (inductor's ``cpp_wrapper``): a one-token step is a few small products, and the
+    Python code that otherwise calls them costs a tenth of the step."""
+    return torch.compile(_decode, options={"cpp_wrapper": True} if device_type == "cpu" else None)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -407,12 +498,17 @@ class TarFlowModel(Flow):
         annealed_guidance: bool = False,
         denoise: float = 0.0,
         cache: bool = True,
+        compile: bool = False,
     ) -> Tensor:
         """``n`` samples (as :meth:`Flow.sample`), with guidance of strength ``guidance`` (module docstring),
         ``denoise`` > 0: then one score step of that strength (1: Tweedie), ``cache=False``: without the key/value
-        cache (the same samples, slower)."""
+        cache (the same samples, slower), ``compile=True``: the cached sampler's one-token step compiled with
+        ``torch.compile`` (the same samples to rounding; the first call of a batch size, dtype and device compiles,
+        seconds to a minute, and every later one reuses it)."""
         self.check_sample_context(context)
         self.check_guidance(guidance, guide, attn_temperature)
+        if compile and not cache:
+            raise ValueError("compile=True compiles the key/value cached sampler's one-token step: keep cache=True")
         with torch.no_grad(), self._no_context_dropout():
             h = self._embed_for_sampling(n, context)
             null = self.null_context.to(h.dtype).expand_as(h) if guidance and self.conditional else None
@@ -423,6 +519,7 @@ class TarFlowModel(Flow):
                 null_context=null,
                 attn_temperature=attn_temperature,
                 cache=cache,
+                compiled=compile,
             ):
                 x = self._inverse(self._base_sample(n, temperature, h), h)
         if denoise:
