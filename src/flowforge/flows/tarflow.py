@@ -15,8 +15,8 @@ reverses between blocks, so every token is transformed given every other one acr
 The inverse is sequential over tokens: ``u_t = z_t exp(alpha_t) + mu_t``.  With a key/value cache
 (:class:`KVCache`) step ``t`` runs the transformer on token ``u_{t-1}`` alone, reusing the keys and values of the
 earlier tokens: ``T - 1`` one-token passes per block instead of ``T - 1`` passes over the whole prefix.
-``sample(..., compile=True)`` compiles that one-token step (:meth:`TarFlowBlock.decode`) with ``torch.compile``, over
-key/value buffers of all ``T`` positions whose later positions are masked out, so that every step has the same shapes.
+``sample(..., compile=True)`` compiles that one-token step (:meth:`TarFlowBlock.decode`) with ``torch.compile``, the
+position a symbolic integer, so that one compilation serves every step and block.
 
 Guidance (sampling only): at every step the affine parameters of a second, "unconditional" pass ``(alpha^u, mu^u)``
 are extrapolated away from, ``alpha <- alpha + w (alpha - alpha^u)`` (and ``mu`` likewise).  For a class-conditional
@@ -167,16 +167,16 @@ class CausalSelfAttention(nn.Module):
         k, v = cache.extend(k, v)
         return self._merge(F.scaled_dot_product_attention(q, k, v, scale=scale))
 
-    def step(self, x: Tensor, keys: Tensor, values: Tensor, pos: Tensor, visible: Tensor, scale: Tensor) -> Tensor:
-        """One token ``x`` ``(B, 1, C)`` at position ``pos`` (a one-element index tensor) over fixed-size buffers
-        ``keys, values`` ``(B, heads, T, head_dim)``: its key and value are written at ``pos`` and it attends to the
-        positions where ``visible`` ``(1, T)`` is true, ``softmax(q K^T scale) V`` with the others masked out.  Every
-        shape is the same at every step, so the step compiles once (:meth:`TarFlowBlock.decode`)."""
+    def step(self, x: Tensor, keys: Tensor, values: Tensor, pos: int, scale: Tensor) -> Tensor:
+        """One token ``x`` ``(B, 1, C)`` at position ``pos`` over buffers ``keys, values`` ``(B, heads, T,
+        head_dim)`` of every position: its key and value are written at ``pos`` and it attends to positions
+        ``0 .. pos``, ``softmax(q K^T scale) V``.  Written as plain products so that the compiled step
+        (:meth:`TarFlowBlock.decode`) fuses them."""
         q, k, v = self._qkv(x)
-        keys.index_copy_(2, pos, k)
-        values.index_copy_(2, pos, v)
-        logits = (q @ keys.transpose(-1, -2)) * scale
-        return self._merge(logits.masked_fill(~visible, float("-inf")).softmax(-1) @ values)
+        keys[:, :, pos : pos + 1] = k
+        values[:, :, pos : pos + 1] = v
+        keys, values = keys[:, :, : pos + 1], values[:, :, : pos + 1]
+        return self._merge(((q @ keys.transpose(-1, -2)) * scale).softmax(-1) @ values)
 
 
 class FeedForward(nn.Module):
@@ -205,9 +205,9 @@ class TransformerLayer(nn.Module):
         x = x + self.attention(x, cache, temperature)
         return x + self.mlp(x)
 
-    def step(self, x: Tensor, keys: Tensor, values: Tensor, pos: Tensor, visible: Tensor, scale: Tensor) -> Tensor:
-        """:meth:`forward` of one token over fixed-size key/value buffers (:meth:`CausalSelfAttention.step`)."""
-        x = x + self.attention.step(x, keys, values, pos, visible, scale)
+    def step(self, x: Tensor, keys: Tensor, values: Tensor, pos: int, scale: Tensor) -> Tensor:
+        """:meth:`forward` of one token over key/value buffers (:meth:`CausalSelfAttention.step`)."""
+        x = x + self.attention.step(x, keys, values, pos, scale)
         return x + self.mlp(x)
 
 
@@ -306,23 +306,14 @@ class TarFlowBlock(Transform):
         return self._order(z), -_wide(alpha).sum(dim=(1, 2))
 
     def decode(
-        self,
-        u: Tensor,
-        pos: Tensor,
-        visible: Tensor,
-        offsets: Tensor,
-        keys: Sequence[Tensor],
-        values: Sequence[Tensor],
-        scale: Tensor,
+        self, u: Tensor, pos: int, offsets: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], scale: Tensor
     ) -> Tensor:
         """The output that parameterises the token after position ``pos`` from the token ``u`` ``(B, 1, d)`` at
-        ``pos``: a one-token pass over fixed-size key/value buffers, one pair per layer
-        (:meth:`TransformerLayer.step`), attending to the positions where row ``pos`` of ``visible`` ``(T, T)`` (the
-        causal lower triangle) is true.  The compiled sampler's step (``sample(..., compile=True)``)."""
-        e = self.proj_in(u) + offsets.index_select(1, pos)
-        row = visible.index_select(0, pos)
+        ``pos``: a one-token pass over key/value buffers of every position, one pair per layer
+        (:meth:`TransformerLayer.step`).  The compiled sampler's step (``sample(..., compile=True)``)."""
+        e = self.proj_in(u) + offsets[:, pos : pos + 1]
         for layer, k, v in zip(self.layers, keys, values):
-            e = layer.step(e, k, v, pos, row, scale)
+            e = layer.step(e, k, v, pos, scale)
         return self.proj_out(e)
 
     def _stepper(self, z: Tensor, h: Tensor | None, temperature: float) -> Callable[[list[Tensor]], Tensor]:
@@ -348,21 +339,15 @@ class TarFlowBlock(Transform):
         return step
 
     def _compiled_stepper(self, z: Tensor, offsets: Tensor, temperature: float) -> Callable[[list[Tensor]], Tensor]:
-        """:meth:`_stepper` through the compiled :meth:`decode`: the buffers, the causal visibility rows and the
-        positions are tensors of the same shapes at every step, so one compilation serves every token and block."""
+        """:meth:`_stepper` through the compiled :meth:`decode`, over key/value buffers allocated once."""
         b, t = z.shape[:2]
         device, attention = z.device, self.layers[0].attention
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else z.dtype
-        # zeros, not uninitialised memory: a masked position's weight is 0, and 0 times a stray NaN is NaN
-        keys = [z.new_zeros(b, attention.heads, t, attention.head_dim, dtype=dtype) for _ in self.layers]
-        values = [torch.zeros_like(k) for k in keys]
-        visible = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-        positions = torch.arange(t, device=device)
+        keys = [z.new_empty(b, attention.heads, t, attention.head_dim, dtype=dtype) for _ in self.layers]
+        values = [torch.empty_like(k) for k in keys]
         scale = torch.tensor(attention.head_dim**-0.5 / temperature, dtype=_wide(keys[0]).dtype, device=device)
         decode = _compiled_decode(device.type)
-        return lambda tokens: decode(
-            self, tokens[-1], positions[len(tokens) - 1 : len(tokens)], visible, offsets, keys, values, scale
-        )
+        return lambda tokens: decode(self, tokens[-1], len(tokens) - 1, offsets, keys, values, scale)
 
     def inverse_and_log_det(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         opts = self.sampling
@@ -399,10 +384,12 @@ def _decode(block: TarFlowBlock, *args: Any) -> Tensor:
 
 @functools.cache
 def _compiled_decode(device_type: str) -> Callable[..., Tensor]:
-    """:meth:`TarFlowBlock.decode` compiled with ``torch.compile``, once per process and device type: every block
-    shares it (a new batch size, dtype or architecture compiles a new version on its first call).  On the CPU the
-    compiled step is called from C++ (inductor's ``cpp_wrapper``): a one-token step is a few small products, and the
-    Python code that otherwise calls them costs a tenth of the step."""
+    """:meth:`TarFlowBlock.decode` compiled with ``torch.compile``, once per process and device type, shared by
+    every block.  The position is a Python int: dynamo compiles the first step (position 0) on its own, then one
+    version with a symbolic position that serves every later step and block (a second batch size compiles once
+    more, with the batch size symbolic).  On the CPU the compiled step is called from C++ (inductor's
+    ``cpp_wrapper``): a one-token step is a few small products, and the Python code that otherwise calls them costs
+    a tenth of the step."""
     return torch.compile(_decode, options={"cpp_wrapper": True} if device_type == "cpu" else None)
 
 
@@ -503,8 +490,8 @@ class TarFlowModel(Flow):
         """``n`` samples (as :meth:`Flow.sample`), with guidance of strength ``guidance`` (module docstring),
         ``denoise`` > 0: then one score step of that strength (1: Tweedie), ``cache=False``: without the key/value
         cache (the same samples, slower), ``compile=True``: the cached sampler's one-token step compiled with
-        ``torch.compile`` (the same samples to rounding; the first call of a batch size, dtype and device compiles,
-        seconds to a minute, and every later one reuses it)."""
+        ``torch.compile`` (the same samples to rounding; the first call compiles, seconds to a minute, and so does
+        the first at a second batch size, dtype or device; later calls reuse those)."""
         self.check_sample_context(context)
         self.check_guidance(guidance, guide, attn_temperature)
         if compile and not cache:
