@@ -176,6 +176,12 @@ def classes_model(shape=(6,), **kwargs):
     return sampler(shape, token_size=2, context={"classes": 3}, context_dropout=0.5, **kwargs)
 
 
+def seeded_samples(model, **kwargs):
+    """4 samples drawn after ``torch.manual_seed(3)``: the same base draw for every sampler option."""
+    torch.manual_seed(3)
+    return model.sample(4, **kwargs)
+
+
 @pytest.mark.parametrize(
     "build, sample_kwargs",
     [
@@ -190,10 +196,8 @@ def classes_model(shape=(6,), **kwargs):
 )
 def test_cached_sampling_equals_uncached(build, sample_kwargs):
     model = build().eval()
-    torch.manual_seed(3)
-    cached = model.sample(4, **sample_kwargs)
-    torch.manual_seed(3)
-    uncached = model.sample(4, cache=False, **sample_kwargs)
+    cached = seeded_samples(model, **sample_kwargs)
+    uncached = seeded_samples(model, cache=False, **sample_kwargs)
     assert torch.isfinite(cached).all()
     torch.testing.assert_close(cached, uncached, atol=1e-12, rtol=0)
     if not sample_kwargs.get("guidance"):  # the context manager is the same switch for Flow.sample
@@ -207,8 +211,8 @@ def test_cached_sampling_equals_uncached(build, sample_kwargs):
 
 @pytest.fixture
 def eager_decode(monkeypatch):
-    """``sample(..., compile=True)`` with :meth:`TarFlowBlock.decode` run eagerly: the fixed-size buffer step's
-    mathematics without the compilation's seconds."""
+    """``sample(..., compile=True)`` with :meth:`TarFlowBlock.decode` run eagerly: the compiled step's mathematics
+    without the compilation's seconds."""
     import flowforge.flows.tarflow as tarflow
 
     monkeypatch.setattr(tarflow, "_compiled_decode", lambda device_type: tarflow._decode)
@@ -224,22 +228,19 @@ SAMPLER_IDS = ["uncond-guided", "img-learned-3blocks", "classes-cfg-annealed", "
 
 
 @pytest.mark.parametrize("build, sample_kwargs", SAMPLERS, ids=SAMPLER_IDS)
-def test_fixed_buffer_step_equals_the_cached_sampler(eager_decode, build, sample_kwargs):
+def test_decode_step_equals_the_cached_sampler(eager_decode, build, sample_kwargs):
     """The compiled sampler's step (:meth:`TarFlowBlock.decode`: key/value buffers of every position, written at
     the step's position, attention over the positions up to it) gives the cached sampler's samples, guided and
     conditional too: float64, to 1e-12."""
     model = build().eval()
-    torch.manual_seed(3)
-    cached = model.sample(4, **sample_kwargs)
-    torch.manual_seed(3)
-    fixed = model.sample(4, compile=True, **sample_kwargs)
+    cached = seeded_samples(model, **sample_kwargs)
     assert torch.isfinite(cached).all()
-    torch.testing.assert_close(fixed, cached, atol=1e-12, rtol=0)
+    torch.testing.assert_close(seeded_samples(model, compile=True, **sample_kwargs), cached, atol=1e-12, rtol=0)
 
 
-def test_fixed_buffer_step_under_bf16_autocast(eager_decode):
-    """Under bf16 autocast the buffers take the autocast dtype of the keys and values, and the samples agree with
-    the cached sampler's to bf16 rounding."""
+def test_decode_step_under_bf16_autocast(eager_decode):
+    """Under bf16 autocast (keys and values in bf16) the compiled sampler's step gives the cached sampler's samples
+    to bf16 rounding."""
     model = sampler((2, 4, 4), patch_size=2).float().eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(5)
@@ -257,11 +258,9 @@ def test_compiled_sampling_equals_eager():
     (float64); a second call reuses the compilation."""
     build, kwargs = SAMPLERS[3]
     model = build().eval()
-    torch.manual_seed(3)
-    eager = model.sample(4, **kwargs)
+    eager = seeded_samples(model, **kwargs)
     for _ in range(2):
-        torch.manual_seed(3)
-        torch.testing.assert_close(model.sample(4, compile=True, **kwargs), eager, atol=1e-10, rtol=0)
+        torch.testing.assert_close(seeded_samples(model, compile=True, **kwargs), eager, atol=1e-10, rtol=0)
 
 
 def test_guidance_zero_is_plain_sampling_and_guidance_changes_samples():
