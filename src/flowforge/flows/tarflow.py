@@ -16,7 +16,7 @@ The inverse is sequential over tokens: ``u_t = z_t exp(alpha_t) + mu_t``.  With 
 (:class:`KVCache`) step ``t`` runs the transformer on token ``u_{t-1}`` alone, reusing the keys and values of the
 earlier tokens: ``T - 1`` one-token passes per block instead of ``T - 1`` passes over the whole prefix.
 ``sample(..., compile=True)`` compiles that one-token step (:meth:`TarFlowBlock.decode`) with ``torch.compile``, the
-position a symbolic integer, so that one compilation serves every step and block.
+position a symbolic integer, so that one compilation serves every step after the first, in every block.
 
 Guidance (sampling only): at every step the affine parameters of a second, "unconditional" pass ``(alpha^u, mu^u)``
 are extrapolated away from, ``alpha <- alpha + w (alpha - alpha^u)`` (and ``mu`` likewise).  For a class-conditional
@@ -319,8 +319,8 @@ class TarFlowBlock(Transform):
     def _stepper(self, z: Tensor, h: Tensor | None, temperature: float) -> Callable[[list[Tensor]], Tensor]:
         """For one branch of the inverse (its context features ``h`` and attention temperature): ``tokens ->`` the
         output that parameterises token ``len(tokens)`` (processing order).  A one-token pass with a
-        :class:`KVCache`, the compiled one-token pass over fixed-size buffers (:meth:`decode`), or, without the
-        cache, a pass over the whole prefix."""
+        :class:`KVCache`, the compiled one-token pass (:meth:`decode`), or, without the cache, a pass over the whole
+        prefix."""
         opts = self.sampling
         if not opts.cache:
             return lambda tokens: self._trunk(torch.cat(tokens, dim=1), h, temperature)[:, -1:]
