@@ -325,7 +325,8 @@ class TarFlowBlock(Transform):
         if not opts.cache:
             return lambda tokens: self._trunk(torch.cat(tokens, dim=1), h, temperature)[:, -1:]
         offsets = self._offsets(h)
-        if opts.compiled:
+        if opts.compiled:  # detached: a reversed block's flipped embedding does not require grad, and the compiled
+            # step would otherwise be compiled again for the blocks whose embedding does
             return self._compiled_stepper(z, offsets.detach(), temperature)
         caches = [KVCache(z.shape[1]) for _ in self.layers]
 
