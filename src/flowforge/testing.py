@@ -9,25 +9,41 @@ import torch
 from torch import Tensor
 
 
-def jacobian_matrix(fn, x: Tensor) -> Tensor:
+def jacobian_matrix(fn, x: Tensor, copies: bool = True) -> Tensor:
     """Per-sample full Jacobian ``d fn(x)_i / d x_j`` of a batched map, shape ``(B, D_out, D_in)``.
 
-    Each sample is pushed through ``fn`` alone (batch of one), so ``fn`` must not depend on the
-    batch (initialise data-dependent layers such as ActNorm first).
+    With ``copies`` (the default), each sample is repeated ``D_out`` times and the copies go through ``fn`` as one
+    batch; one backward pass with the identity as the cotangents (copy ``i`` gets ``e_i``) leaves row ``i`` of
+    the Jacobian in copy ``i``'s gradient.  Without, each sample goes through ``fn`` alone (a batch of one)
+    followed by ``D_out`` backward passes: slower for most maps, faster for one whose cost grows with the
+    batch times the dimension (a continuous flow with the exact divergence).
+
+    Either way ``fn`` must treat the examples of a batch independently (initialise data-dependent layers such
+    as ActNorm first); every copy then runs what a batch of one would, adaptive solvers included (identical
+    copies take identical steps and iterations).
     """
     out = []
     for xi in x:
+        if not copies:
 
-        def f(v: Tensor, shape=xi.shape) -> Tensor:
-            return fn(v.reshape(1, *shape)).reshape(-1)
+            def f(v: Tensor, shape=xi.shape) -> Tensor:
+                return fn(v.reshape(1, *shape)).reshape(-1)
 
-        out.append(torch.autograd.functional.jacobian(f, xi.reshape(-1)))
+            out.append(torch.autograd.functional.jacobian(f, xi.reshape(-1)))
+            continue
+        with torch.enable_grad():
+            n_out = fn(xi.detach().unsqueeze(0)).numel()
+            batch = xi.detach().unsqueeze(0).repeat(n_out, *([1] * xi.dim())).requires_grad_(True)
+            y = fn(batch).reshape(n_out, n_out)
+            (grad,) = torch.autograd.grad(y, batch, torch.eye(n_out, dtype=y.dtype, device=y.device))
+        out.append(grad.reshape(n_out, -1))
     return torch.stack(out)
 
 
-def batch_jacobian_logdet(transform, x: Tensor) -> Tensor:
-    """Brute-force ``log |det df/dx|`` per sample of a transform returning ``(z, log_det)``."""
-    return torch.linalg.slogdet(jacobian_matrix(lambda v: transform(v)[0], x))[1]
+def batch_jacobian_logdet(transform, x: Tensor, copies: bool = True) -> Tensor:
+    """Brute-force ``log |det df/dx|`` per sample of a transform returning ``(z, log_det)``
+    (``copies``: see :func:`jacobian_matrix`)."""
+    return torch.linalg.slogdet(jacobian_matrix(lambda v: transform(v)[0], x, copies))[1]
 
 
 def exact_lipschitz_linear(weight: Tensor) -> float:
