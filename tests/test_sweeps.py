@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, compose
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flowforge.report import PROVENANCE, claims_problem, provenance_problem
 
@@ -139,39 +139,65 @@ def header(path: Path) -> str:
     return path.read_text().split("\ndefaults:")[0]
 
 
-@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_every_sweep_point_composes(path):
-    points = grid(path)
-    assert points
-    for overrides in points:
-        cfg = composed(overrides)
-        for o in overrides:
-            key, value = o.split("=", 1)
-            if key == "estimator":  # a config group: its config names itself
-                assert cfg.estimator.name == value, (path.name, o)
-            elif key not in ("experiment", "dataset"):
-                node = cfg
-                for part in key.split("."):
-                    node = node[part]
-                assert str(node) == value, (path.name, o)
-        assert cfg.model._target_ and cfg.dataset._target_
+def with_values(cfg: DictConfig, overrides) -> DictConfig | None:
+    """``cfg`` with ``key=value`` overrides of existing leaf values applied (``smoke=true``,
+    ``paths.data_dir=...``: what composing them would give), or None when one is not such an override (a config
+    group, a new key), which the caller then composes.  Saves composing a grid point twice."""
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if key.startswith(("+", "~")) or OmegaConf.is_config(OmegaConf.select(cfg, key, default=cfg)):
+            return None
+        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+    return cfg
+
+
+def assert_recipe_matches(cell: dict, cfg: DictConfig) -> None:
+    """recipe.epochs (or recipe.steps when the recipe counts optimizer steps) and recipe.batch_size are what
+    the run of the cell's grid point is configured to do; recipe.gpus is a count."""
+    recipe = cell["recipe"]
+    assert set(recipe) in ({"epochs", "batch_size", "gpus"}, {"steps", "batch_size", "gpus"}), recipe
+    if "steps" in recipe:
+        assert cfg.trainer.max_steps == recipe["steps"] > 0, (cell["match"], cfg.trainer.max_steps)
+        assert cfg.trainer.max_epochs == -1, (cell["match"], "max_steps must decide")
+    else:
+        assert cfg.trainer.max_epochs == recipe["epochs"] > 0, (cell["match"], cfg.trainer.max_epochs)
+        assert cfg.trainer.max_steps in (-1, None), (cell["match"], "max_epochs must decide")
+    assert cfg.dataset.batch_size == recipe["batch_size"], (cell["match"], cfg.dataset.batch_size)
+    assert isinstance(recipe["gpus"], int) and recipe["gpus"] >= 0, recipe
+
+
+def assert_overrides_applied(path: Path, cfg: DictConfig, overrides) -> None:
+    """Every sweep axis of ``overrides`` shows in the composed ``cfg`` as Hydra would set it."""
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if key == "estimator":  # a config group: its config names itself
+            assert cfg.estimator.name == value, (path.name, o)
+        elif key not in ("experiment", "dataset"):
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert str(node) == value, (path.name, o)
+    assert cfg.model._target_ and cfg.dataset._target_
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_documented_smoke_runs_build_and_cover_the_grid(path):
-    """The smoke command(s) in the header expand to jobs whose data module, model (with dequantiser,
-    estimator and objective heads) all build at smoke size, so a grid point the model cannot express (e.g. a
-    squeeze too many) or an override a loader does not take fails here and not in a sweep; together they run
-    every point of the grid."""
+def test_every_sweep_point_composes_and_its_smoke_run_builds(path):
+    """Every point of the grid composes with its overrides applied; each table cell's recipe is what the run of
+    its grid point is configured to do (:func:`assert_recipe_matches`); and the smoke command(s) in the header
+    expand to jobs whose data module, model (with dequantiser, estimator and objective heads) all build at
+    smoke size, so a grid point the model cannot express (e.g. a squeeze too many) or an override a loader
+    does not take fails here and not in a sweep.  Together the smoke commands run every point of the grid; each
+    point is composed once."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from flowforge.experiment import build
     from flowforge.smoke import shrink
 
-    params = load(path)["hydra"]["sweeper"]["params"]
+    params, cells = load(path)["hydra"]["sweeper"]["params"], load(path)["table"]["cells"]
     points = {tuple(sorted(job)) for job in grid(path)}
-    covered = set()
+    assert points
+    covered, checked = set(), set()
     commands = smoke_commands(path)
     assert commands, f"{path.name}: no smoke command (python train.py -m ... smoke=true) in the header"
     for args in commands:
@@ -179,11 +205,19 @@ def test_documented_smoke_runs_build_and_cover_the_grid(path):
         cli = [a for a in args if not a.startswith("hydra.")]
         overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + cli)
         for job in (list(j) for batch in BasicSweeper.split_arguments(overrides, None) for j in batch):
-            cfg = shrink(composed(job))
-            _, module = build(cfg)
+            point = [o for o in job if o.split("=", 1)[0] in params]
+            cfg = composed(point)
+            assert_overrides_applied(path, cfg, point)
+            for i, cell in enumerate(cells):
+                if selects(cell, point):
+                    assert_recipe_matches(cell, cfg)
+                    checked.add(i)
+            cfg = with_values(cfg, [o for o in job if o not in point]) or composed(job)
+            _, module = build(shrink(cfg))
             assert sum(p.numel() for p in module.parameters()) > 0, job
-            covered.add(tuple(sorted(o for o in job if o.split("=", 1)[0] in params)))
+            covered.add(tuple(sorted(point)))
     assert points <= covered, f"grid points no smoke command runs: {sorted(points - covered)}"
+    assert checked == set(range(len(cells))), "a table cell selects no grid point"
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
@@ -265,26 +299,6 @@ def test_each_cell_selects_exactly_one_grid_point(path):
     for cell in cells:
         job = next(j for j in jobs if selects(cell, j))
         assert selects(cell, ["smoke=True", "trainer=gpu", *job, "paths.data_dir=/tmp/fake"])
-
-
-@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_cell_recipes_match_the_composed_runs(path):
-    """recipe.epochs (or recipe.steps when the recipe counts optimizer steps) and recipe.batch_size are what
-    the run of that grid point is configured to do; recipe.gpus is a count."""
-    jobs = grid(path)
-    for cell in load(path)["table"]["cells"]:
-        recipe = cell["recipe"]
-        assert set(recipe) in ({"epochs", "batch_size", "gpus"}, {"steps", "batch_size", "gpus"}), recipe
-        job = next(j for j in jobs if selects(cell, j))
-        cfg = composed(job)
-        if "steps" in recipe:
-            assert cfg.trainer.max_steps == recipe["steps"] > 0, (cell["match"], cfg.trainer.max_steps)
-            assert cfg.trainer.max_epochs == -1, (cell["match"], "max_steps must decide")
-        else:
-            assert cfg.trainer.max_epochs == recipe["epochs"] > 0, (cell["match"], cfg.trainer.max_epochs)
-            assert cfg.trainer.max_steps in (-1, None), (cell["match"], "max_epochs must decide")
-        assert cfg.dataset.batch_size == recipe["batch_size"], (cell["match"], cfg.dataset.batch_size)
-        assert isinstance(recipe["gpus"], int) and recipe["gpus"] >= 0, recipe
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
