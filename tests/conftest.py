@@ -42,6 +42,10 @@ DATASETS = sorted(p.stem for p in (ROOT / "conf" / "dataset").glob("*.yaml"))
 
 # small sizes so every model builds and runs fast in tests
 SMALL = {name: list(f.test) for name, f in FAMILIES.items()}
+#: families whose brute-force Jacobian runs one example at a time (``copies=False`` of
+#: flowforge.testing.jacobian_matrix): a continuous flow's exact divergence costs the batch times the dimension, so
+#: a batch of ``D`` copies costs ``D`` times a batch of one
+LOOPED_JACOBIAN = {"cnf"}
 # models whose log-det is estimated: exact-reference tests add these (estimator=exact, tight inverses and solves,
 # adjoints included: the brute-force Jacobian differentiates through them)
 EXACT_OVERRIDES = {name: list(f.exact_test) for name, f in FAMILIES.items() if f.exact_test}

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import EXACT_OVERRIDES, FAMILIES, MODELS, ROOT, SMALL, compose, instantiate_model
+from conftest import EXACT_OVERRIDES, FAMILIES, LOOPED_JACOBIAN, MODELS, ROOT, SMALL, compose, instantiate_model
 
 from flowforge.errors import ConfigError, DataError
 from flowforge.testing import jacobian_matrix
@@ -42,10 +42,10 @@ def settled(flow, x, c, scale=0.05):
     return flow
 
 
-def brute_force_logdet(flow, x, c, copies=True):
+def brute_force_logdet(flow, x, c, model):
     """``log |det df(x; c)/dx|`` per example from the full float64 Jacobian, one example (and its context) at a
-    time (:func:`flowforge.testing.jacobian_matrix`; ``copies=False`` for the continuous flow, whose exact divergence
-    makes a batch of copies the slower way)."""
+    time (:func:`flowforge.testing.jacobian_matrix`, with copies unless ``model`` is in ``LOOPED_JACOBIAN``)."""
+    copies = model not in LOOPED_JACOBIAN
     out = []
     for xi, ci in zip(x, c):
         fn = lambda v, ci=ci: flow(v, ci.expand(v.shape[0], *ci.shape))[0]  # noqa: E731
@@ -77,7 +77,7 @@ def test_log_det_with_context_is_exact_and_inverts(model):
     x = torch.randn(3, 2, dtype=torch.float64)
     flow = settled(flow, x, CONTEXTS)
     z, log_det = flow(x, CONTEXTS)
-    torch.testing.assert_close(log_det, brute_force_logdet(flow, x, CONTEXTS, model != "cnf"), atol=ATOL, rtol=0)
+    torch.testing.assert_close(log_det, brute_force_logdet(flow, x, CONTEXTS, model), atol=ATOL, rtol=0)
     torch.testing.assert_close(flow.inverse(z, CONTEXTS), x, atol=ATOL, rtol=0)
     # the same x under another context maps elsewhere: the layers read the context
     z_other, _ = flow(x, CONTEXTS.flip(0))
@@ -92,7 +92,7 @@ def test_image_log_det_with_class_label_is_exact(model):
     labels = torch.tensor([3, 7])
     flow = settled(flow, x, labels)
     z, log_det = flow(x, labels)
-    torch.testing.assert_close(log_det, brute_force_logdet(flow, x, labels, model != "cnf"), atol=ATOL, rtol=0)
+    torch.testing.assert_close(log_det, brute_force_logdet(flow, x, labels, model), atol=ATOL, rtol=0)
     torch.testing.assert_close(flow.inverse(z, labels), x, atol=ATOL, rtol=0)
 
 

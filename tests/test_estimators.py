@@ -18,7 +18,7 @@ from flowforge.estimators import LogDetEstimator, RouletteDistribution
 from flowforge.estimators.exact import exact_logdet, full_jacobian
 from flowforge.estimators.logdet import linearize
 from flowforge.nn.lipschitz_net import lipschitz_mlp
-from flowforge.testing import jacobian_matrix
+from flowforge.testing import jacobian_matrix, mean_over_copies
 
 
 class ScaledTanhNet(nn.Module):
@@ -63,12 +63,10 @@ def nets(d, lip):
 
 
 def draws(est, g, x, m, copies=1):
-    """``m`` independent draws of the estimate at ``x``, each the mean over ``copies`` copies of ``x`` in one batch:
-    the copies get their own probes but share the call's series length (a host draw per call), so the draws are
-    the calls, not the copies."""
+    """``m`` independent draws of the estimate at ``x``, each the mean over ``copies`` copies of ``x`` in one call
+    (:func:`flowforge.testing.mean_over_copies`)."""
     with torch.no_grad():
-        xs = x.repeat(copies, *([1] * (x.dim() - 1)))
-        return torch.stack([est(g, xs, training=True)[1].reshape(copies, -1).mean(0) for _ in range(m)])
+        return torch.stack([mean_over_copies(lambda v: est(g, v, training=True)[1], x, copies) for _ in range(m)])
 
 
 @pytest.mark.parametrize("d", [3, 6])
@@ -91,7 +89,6 @@ def test_roulette_hutchinson_unbiased(d, kwargs):
         est = draws(LogDetEstimator(**kwargs), g, x, 600, copies=5)
         mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
         z = (mean - exact) / se
-        print(gname, kwargs, z)
         assert (z.abs() < 3).all(), f"{gname} {kwargs}: mean {mean} vs exact {exact}, z = {z} (tolerance 3 SE)"
 
 
@@ -171,14 +168,11 @@ def test_neumann_gradient_unbiased(gname):
     dirs = torch.cat([exact[None] / exact.norm(), torch.randn(3, exact.numel(), dtype=torch.float64)])
 
     def z_scores(est, m, copies=5):
-        # each call: ``copies`` copies of x in one batch (own probes, one shared series length), their mean
-        xs = lambda: x.repeat(copies, 1)  # noqa: E731
-        proj = torch.stack(
-            [
-                dirs @ _flat_grad(est(g, xs(), training=True)[1].reshape(copies, -1).mean(0).sum(), params + [x])
-                for _ in range(m)
-            ]
-        )
+        def draw():  # one call on `copies` copies of x (mean_over_copies)
+            value = mean_over_copies(lambda v: est(g, v, training=True)[1], x, copies)
+            return dirs @ _flat_grad(value.sum(), params + [x])
+
+        proj = torch.stack([draw() for _ in range(m)])
         return (proj.mean(0) - dirs @ exact) / (proj.std(0) / math.sqrt(m))
 
     torch.manual_seed(7)

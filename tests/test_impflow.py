@@ -11,7 +11,7 @@ from torch import nn
 from flowforge.estimators import LogDetEstimator
 from flowforge.flows.impflow import ImplicitBlock, ImplicitFlow
 from flowforge.nn.lipschitz_net import lipschitz_convnet, lipschitz_mlp
-from flowforge.testing import batch_jacobian_logdet
+from flowforge.testing import batch_jacobian_logdet, mean_over_copies
 
 EXACT = LogDetEstimator("exact")
 TIGHT = dict(atol=1e-13, rtol=1e-13, max_iters=500, fallback_iters=3000)
@@ -124,8 +124,8 @@ def test_roulette_logdet_is_unbiased_for_the_block():
     exact = block(gx, gz)(x)[1].detach()
     blk.train()
     torch.manual_seed(4)
-    with torch.no_grad():  # 300 calls on 5 copies of x each (own probes, one shared series length per call)
-        draws = torch.stack([blk(x.repeat(5, 1))[1].reshape(5, -1).mean(0) for _ in range(300)])
+    with torch.no_grad():  # 300 calls on 5 copies of x each (mean_over_copies)
+        draws = torch.stack([mean_over_copies(lambda v: blk(v)[1], x, 5) for _ in range(300)])
     z = (draws.mean(0) - exact) / (draws.std(0) / math.sqrt(300))
     assert (z.abs() < 3).all(), z
 

@@ -6,14 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import EXACT_OVERRIDES, FAMILIES, MODELS, SMALL, compose, instantiate_model
+from conftest import EXACT_OVERRIDES, FAMILIES, LOOPED_JACOBIAN, MODELS, SMALL, compose, instantiate_model
 
 from flowforge.testing import batch_jacobian_logdet
 
 ATOL = 1e-6
-#: families whose brute-force Jacobian runs one example at a time (``copies=False``): a continuous flow's exact
-#: divergence costs the batch times the dimension, so a batch of ``D`` copies costs ``D`` times a batch of one
-LOOPED_JACOBIAN = {"cnf"}
 
 
 def build(model, dataset):

@@ -15,7 +15,7 @@ from flowforge.flows.monotone import MonotoneBlock, MonotoneFlow
 from flowforge.nn.densenet import dense_convnet, dense_mlp
 from flowforge.nn.lipschitz import update_lipschitz
 from flowforge.nn.lipschitz_net import lipschitz_mlp
-from flowforge.testing import batch_jacobian_logdet, jacobian_matrix
+from flowforge.testing import batch_jacobian_logdet, jacobian_matrix, mean_over_copies
 
 EXACT = LogDetEstimator("exact")
 TIGHT = dict(atol=1e-13, rtol=1e-13, max_iters=3000)
@@ -109,10 +109,9 @@ def test_roulette_odd_series_is_unbiased(kwargs):
     x = torch.randn(2, 3, dtype=torch.float64)
     est = LogDetEstimator(**kwargs)
     torch.manual_seed(11)
-    # 600 draws, each one call on 5 copies of x (own probes, one shared series length per call), their mean
-    xs = x.repeat(5, 1)
-    with torch.no_grad():
-        draws = torch.stack([est(g, xs, True, kind="monotone")[1].reshape(5, -1).mean(0) for _ in range(600)])
+    draw = lambda: mean_over_copies(lambda v: est(g, v, True, kind="monotone")[1], x, 5)  # noqa: E731
+    with torch.no_grad():  # 600 draws, each one call on 5 copies of x
+        draws = torch.stack([draw() for _ in range(600)])
     z = (draws.mean(0) - exact) / (draws.std(0) / math.sqrt(600))
     assert (z.abs() < 3).all(), f"monotone roulette mean {draws.mean(0)} vs exact {exact}: z = {z}"
     # negative control: the truncated odd series with 1 term is biased
@@ -136,8 +135,8 @@ def test_neumann_gradient_of_the_odd_series_is_unbiased():
     x = torch.randn(1, 3, dtype=torch.float64)
     est = LogDetEstimator("roulette", n_exact_terms=2, neumann_grad=True, probe="gaussian")
     torch.manual_seed(3)
-    xs = x.repeat(5, 1)  # 600 draws, each the mean over 5 copies of x in one call (one shared series length)
-    grads = torch.stack([torch.autograd.grad(est(g, xs, True, kind="monotone")[1].mean(), g.a)[0] for _ in range(600)])
+    draw = lambda: mean_over_copies(lambda v: est(g, v, True, kind="monotone")[1], x, 5)  # noqa: E731
+    grads = torch.stack([torch.autograd.grad(draw().sum(), g.a)[0] for _ in range(600)])  # 5 copies per call
     dirs = torch.cat([exact.reshape(1, -1) / exact.norm(), torch.randn(3, 9, dtype=torch.float64)])
     proj = grads.reshape(600, -1) @ dirs.T
     z = (proj.mean(0) - dirs @ exact.reshape(-1)) / (proj.std(0) / math.sqrt(600))

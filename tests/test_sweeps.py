@@ -194,7 +194,8 @@ def test_every_sweep_point_composes_and_its_smoke_run_builds(path):
     from flowforge.experiment import build
     from flowforge.smoke import shrink
 
-    params, cells = load(path)["hydra"]["sweeper"]["params"], load(path)["table"]["cells"]
+    spec = load(path)
+    params, cells = spec["hydra"]["sweeper"]["params"], spec["table"]["cells"]
     points = {tuple(sorted(job)) for job in grid(path)}
     assert points
     covered, checked = set(), set()

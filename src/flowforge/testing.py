@@ -12,11 +12,12 @@ from torch import Tensor
 def jacobian_matrix(fn, x: Tensor, copies: bool = True) -> Tensor:
     """Per-sample full Jacobian ``d fn(x)_i / d x_j`` of a batched map, shape ``(B, D_out, D_in)``.
 
-    With ``copies`` (the default), each sample is repeated ``D_out`` times and the copies go through ``fn`` as one
+    With ``copies`` (the default), each sample is repeated ``D`` times and the copies go through ``fn`` as one
     batch; one backward pass with the identity as the cotangents (copy ``i`` gets ``e_i``) leaves row ``i`` of
-    the Jacobian in copy ``i``'s gradient.  Without, each sample goes through ``fn`` alone (a batch of one)
-    followed by ``D_out`` backward passes: slower for most maps, faster for one whose cost grows with the
-    batch times the dimension (a continuous flow with the exact divergence).
+    the Jacobian in copy ``i``'s gradient.  Without, or for a map whose output size differs from its input's,
+    each sample goes through ``fn`` alone (a batch of one) followed by ``D_out`` backward passes: slower for most
+    maps, faster for one whose cost grows with the batch times the dimension (a continuous flow with the exact
+    divergence).
 
     Either way ``fn`` must treat the examples of a batch independently (initialise data-dependent layers such
     as ActNorm first); every copy then runs what a batch of one would, adaptive solvers included (identical
@@ -24,20 +25,34 @@ def jacobian_matrix(fn, x: Tensor, copies: bool = True) -> Tensor:
     """
     out = []
     for xi in x:
-        if not copies:
-
-            def f(v: Tensor, shape=xi.shape) -> Tensor:
-                return fn(v.reshape(1, *shape)).reshape(-1)
-
-            out.append(torch.autograd.functional.jacobian(f, xi.reshape(-1)))
-            continue
-        with torch.enable_grad():
-            n_out = fn(xi.detach().unsqueeze(0)).numel()
-            batch = xi.detach().unsqueeze(0).repeat(n_out, *([1] * xi.dim())).requires_grad_(True)
-            y = fn(batch).reshape(n_out, n_out)
-            (grad,) = torch.autograd.grad(y, batch, torch.eye(n_out, dtype=y.dtype, device=y.device))
-        out.append(grad.reshape(n_out, -1))
+        jac = _jacobian_of_copies(fn, xi) if copies else None
+        out.append(_jacobian_one_by_one(fn, xi) if jac is None else jac)
     return torch.stack(out)
+
+
+def _jacobian_of_copies(fn, xi: Tensor) -> Tensor | None:
+    """The Jacobian of ``fn`` at the sample ``xi`` from ``D`` copies in one batch, or None for a non-square map."""
+    n = xi.numel()
+    with torch.enable_grad():
+        batch = xi.detach().unsqueeze(0).repeat(n, *([1] * xi.dim())).requires_grad_(True)
+        y = fn(batch).reshape(n, -1)
+        if y.shape[1] != n:
+            return None
+        (grad,) = torch.autograd.grad(y, batch, torch.eye(n, dtype=y.dtype, device=y.device))
+    return grad.reshape(n, n)
+
+
+def _jacobian_one_by_one(fn, xi: Tensor) -> Tensor:
+    """The Jacobian of ``fn`` at the sample ``xi`` as a batch of one, one backward pass per output."""
+    return torch.autograd.functional.jacobian(lambda v: fn(v.reshape(1, *xi.shape)).reshape(-1), xi.reshape(-1))
+
+
+def mean_over_copies(fn, x: Tensor, copies: int) -> Tensor:
+    """``fn`` on ``copies`` copies of the batch ``x`` stacked into one batch, averaged over the copies: one draw of
+    a randomised per-example estimator that gets its own probes per copy but makes its per-call random choices (the
+    roulette's series length, a host draw) once, so that the calls, not the copies, are independent draws."""
+    out = fn(x.repeat(copies, *([1] * (x.dim() - 1))))
+    return out.reshape(copies, *x.shape[:1], *out.shape[1:]).mean(0)
 
 
 def batch_jacobian_logdet(transform, x: Tensor, copies: bool = True) -> Tensor:

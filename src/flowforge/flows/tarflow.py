@@ -325,8 +325,9 @@ class TarFlowBlock(Transform):
         if not opts.cache:
             return lambda tokens: self._trunk(torch.cat(tokens, dim=1), h, temperature)[:, -1:]
         offsets = self._offsets(h)
-        if opts.compiled:  # detached: a reversed block's flipped embedding does not require grad, and the compiled
-            # step would otherwise be compiled again for the blocks whose embedding does
+        # detached: a reversed block's flipped embedding does not require grad, and the compiled step would
+        # otherwise be compiled again for the blocks whose embedding does
+        if opts.compiled:
             return self._compiled_stepper(z, offsets.detach(), temperature)
         caches = [KVCache(z.shape[1]) for _ in self.layers]
 
