@@ -780,3 +780,31 @@ def test_sigma_direction_follows_buffers_swapped_through_data(kind):
     layer.forget_sigma_direction()
     assert float(layer.sigma_hat()) == pytest.approx(expected, rel=1e-12)
     assert abs(expected - before) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+def test_group_update_stores_the_sigma_direction_the_layer_would_compute(kind):
+    """update_lipschitz's batched subspace iteration stores every updated layer's ``M = u v^T`` (sigma_hat's
+    direction) with the new buffers; it equals what the layer computes from those buffers itself, and a weight
+    that is exactly zero (buffers left as they were) is not given one."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layers = nn.Sequential(*[SpectralNormLinear(7, 5, coeff=0.9) for _ in range(3)]).double()
+    else:
+        layers = nn.Sequential(*[SpectralNormConv2d(4, 3, 1, input_size=(3, 3), coeff=0.9) for _ in range(3)])
+        layers = layers.double()
+    update_lipschitz(layers)  # first estimates (Lanczos, one by one)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.add_(0.1 * torch.randn_like(layer.weight))
+        layers[2].weight.zero_()
+    update_lipschitz(layers)  # the group's block iteration
+    for i, layer in enumerate(layers):
+        cached = layer._sigma_direction_cache.get((layer.u, layer.v), extra=torch.float64)
+        if i == 2:
+            assert cached is None
+            continue
+        assert cached is not None
+        layer.forget_sigma_direction()
+        torch.testing.assert_close(cached, layer.sigma_direction(), rtol=0, atol=1e-15)
+        assert cached.shape == layer.weight.shape

@@ -54,10 +54,10 @@ def neumann_series(jvp: Jvp, v: Tensor, weights: Sequence[float]) -> tuple[Tenso
     w, est, acc = v, v.new_zeros(v.shape[0]), torch.zeros_like(v)
     for k, c in enumerate(weights[:last], start=1):
         if c:
-            acc = acc + c * w  # w = J^{k-1} v here
+            acc.add_(w, alpha=c)  # w = J^{k-1} v here
         w = jvp(w)
         if c:
-            est = est + (c / k) * batch_dot(v, w)
+            est.add_(batch_dot(v, w), alpha=c / k)
     return est, acc
 
 

@@ -204,8 +204,10 @@ class LipschitzLayer(nn.Module):
 
     # ------------------------------------------------------------------ public API
     def _iteration_dtype(self) -> torch.dtype:
-        dt = torch.promote_types(self.weight.dtype, torch.float32)
-        return torch.promote_types(dt, self.u.dtype)
+        wt, ut = self.weight.dtype, self.u.dtype
+        if wt == ut and wt in (torch.float32, torch.float64):  # the common case, without a dispatched op
+            return wt
+        return torch.promote_types(torch.promote_types(wt, torch.float32), ut)
 
     def _is_initialized(self) -> bool:
         """Whether ``u``, ``v`` have been through a power iteration: a Python flag mirroring the
@@ -785,6 +787,13 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
         layer._mark_initialized()
         layer.power_converged = bool(passed[i])
         layer._subspace_cache.put((layer.v,), basis[i])
+    if not conv:  # sigma_hat's direction M = u v^T of every updated layer, computed for the group at once
+        un = u_new / torch.linalg.vector_norm(u_new, dim=1, keepdim=True).clamp_min(_TINY)
+        vn = v_new / torch.linalg.vector_norm(v_new, dim=1, keepdim=True).clamp_min(_TINY)
+        directions = torch.bmm(un.unsqueeze(2), vn.unsqueeze(1))
+        for i, layer in enumerate(layers):
+            if sigmas[i] > _TINY and layer.u.dtype == dt and layer.v.dtype == dt:
+                layer._sigma_direction_cache.put((layer.u, layer.v), directions[i].view(layer.weight.shape), extra=dt)
     return iters
 
 
