@@ -675,7 +675,7 @@ def _refresh_ready(module: LipschitzLayer, incompatible_keys) -> None:
 
 def lipschitz_layers(module: nn.Module) -> list[nn.Module]:
     """All submodules (``module`` included) that carry a ``power_iteration`` method."""
-    return [m for m in module.modules() if callable(getattr(m, "power_iteration", None))]
+    return [m for m in module.modules() if callable(getattr(type(m), "power_iteration", None))]  # a class lookup
 
 
 def _group_key(layer: nn.Module):
@@ -841,7 +841,6 @@ def update_lipschitz(
     layers = lipschitz_layers(module)
     if not layers:
         return {}
-    names = {id(m): name for name, m in module.named_modules()}
     groups: dict = {}
     iters = []
     for layer in layers:
@@ -859,11 +858,15 @@ def update_lipschitz(
         else:
             settings = group[0]._settings(max_iters, rtol, None, "update_lipschitz")
             iters.append(_block_power_iteration(group, *settings))
+    unconverged = [layer for layer in layers if not layer.power_converged]
+    if unconverged:
+        names = {id(m): name for name, m in module.named_modules()}
+        unconverged = [names[id(layer)] for layer in unconverged]
     return {
         "max_sigma": max(float(layer.sigma) for layer in layers),
         "power_iterations": int(max(iters)),
         "num_layers": len(layers),
-        "unconverged": [names[id(layer)] for layer in layers if not layer.power_converged],
+        "unconverged": unconverged,
     }
 
 
