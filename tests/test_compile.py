@@ -1,6 +1,8 @@
 """No host reads in a training step: every model config's training loss traces under
 ``torch.compile(fullgraph=True)`` (forward and backward, through AOTAutograd), except where a solver's
-data-dependent loop or the roulette draw makes that impossible by design; those configs name the place.
+data-dependent loop or the roulette draw makes that impossible by design; those configs name the place.  Blocks whose
+g is a Lipschitz MLP on vectors run the hand-written Neumann route eagerly between compiled pieces (a graph break,
+not a host read); the test names that place too and then traces the autograd route whole.
 
 Also: :func:`flowforge.flows.initialize` and the host-side ``_ready`` flag of data-initialised layers.
 """
@@ -41,6 +43,12 @@ ROULETTE = (
     "the roulette draw (RouletteDistribution.sample): the number of series terms is drawn on the host and "
     "shapes the graph",
 )
+FUSED_NEUMANN = (
+    ("_planned_neumann_logdet",),
+    "the hand-written Neumann log-det of a Lipschitz MLP (flowforge.estimators.neumann_mlp), run eagerly between "
+    "compiled pieces: its autograd function keeps Python state per call, and eagerly it costs less than the "
+    "compiled autograd route",
+)
 VMF_NORMALIZER = (
     ("flows/manifold_distributions.py",),
     "the von Mises-Fisher log-normaliser: its continued fraction's length follows the learned concentration",
@@ -61,6 +69,12 @@ def exemption(model: str, dataset: str) -> tuple[tuple[str, ...], str] | None:
 
 def uses_roulette(flow) -> bool:
     return any(getattr(getattr(m, "logdet_estimator", None), "name", None) == "roulette" for m in flow.modules())
+
+
+def fused_estimators(flow) -> list:
+    """The block estimators that take the hand-written Neumann route where g allows it."""
+    estimators = [getattr(m, "logdet_estimator", None) for m in flow.modules()]
+    return [e for e in estimators if e is not None and getattr(e, "fused", False) and e.neumann_grad]
 
 
 def _batch(flow, dataset: str, n: int = 16) -> torch.Tensor:
@@ -106,7 +120,8 @@ def _first_break(loss_fn, x) -> str:
 def test_training_step_traces_without_host_reads(model, dataset, monkeypatch):
     """The training loss of every config compiles with ``fullgraph=True`` and its backward runs.  An exempt config's
     first graph break is its named place; the roulette draw, fixed in the test, then traces (so for resflow and
-    iresnet nothing else breaks, and for the implicit families the next break is their solve)."""
+    iresnet the next break is the hand-written Neumann route of their MLP blocks, and with that route off nothing
+    else breaks; for the implicit families the next break is their solve)."""
     flow, x, loss_fn = _training_loss(model, dataset, monkeypatch)
     exempt = exemption(model, dataset)
     if uses_roulette(flow) and exempt is not ROULETTE:
@@ -118,6 +133,12 @@ def test_training_step_traces_without_host_reads(model, dataset, monkeypatch):
         if exempt is not ROULETTE:
             return
         monkeypatch.setattr(RouletteDistribution, "sample", lambda self: 3)
+        if fused_estimators(flow):  # blocks on vectors with an MLP g take the hand-written route, run eagerly
+            places, why = FUSED_NEUMANN
+            found = _first_break(loss_fn, x)
+            assert any(p in found for p in places), f"{model} on {dataset} breaks the graph outside {why}: {found}"
+            for estimator in fused_estimators(flow):  # the autograd route then traces whole
+                monkeypatch.setattr(estimator, "fused", False)
     dynamo.reset()
     loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x)
     loss.backward()

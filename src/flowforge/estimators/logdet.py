@@ -32,7 +32,7 @@ from flowforge.errors import ConfigError
 from flowforge.estimators.exact import MAX_EXACT_DIM, exact_logdet
 from flowforge.estimators.hutchinson import PROBES, sample_probe
 from flowforge.estimators.mem_eff import backward_in_forward
-from flowforge.estimators.neumann_mlp import mlp_plan, neumann_mlp_logdet
+from flowforge.estimators.neumann_mlp import fused_neumann_logdet
 from flowforge.estimators.roulette import RouletteDistribution
 from flowforge.estimators.series import neumann_logdet, series_logdet
 
@@ -143,9 +143,9 @@ class LogDetEstimator:
         coeffs = [a * c for a, c in zip(series_signs(kind, len(raw)), raw)]
         probes = [sample_probe(x, self.probe) for _ in range(self.n_probes)]
         if self.neumann_grad and training and torch.is_grad_enabled() and self.fused:
-            plan = mlp_plan(g, x)
-            if plan is not None:
-                y, est = neumann_mlp_logdet(plan, x, probes, coeffs)
+            fused = fused_neumann_logdet(g, x, probes, coeffs)
+            if fused is not None:
+                y, est = fused
                 return y, est, {"terms": len(coeffs)}
         series = neumann_logdet if (self.neumann_grad and training) else series_logdet
 
