@@ -262,7 +262,10 @@ def fused_neumann_logdet(
 
 
 @torch.compiler.disable
-def _planned_neumann_logdet(g: nn.Module, x: Tensor, probes: Sequence[Tensor], weights: Sequence[float]):
+def _planned_neumann_logdet(
+    g: nn.Module, x: Tensor, probes: Sequence[Tensor], weights: Sequence[float]
+) -> tuple[Tensor, Tensor] | None:
+    """The eager part of :func:`fused_neumann_logdet` (``torch.compiler.disable``: a graph break, not traced)."""
     plan = mlp_plan(g, x)
     return None if plan is None else neumann_mlp_logdet(plan, x, probes, weights)
 

@@ -66,9 +66,10 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _normalize(x: Tensor) -> Tensor:
-    """``x / ||x||_2`` (zero stays zero; the power-iteration loop then keeps its previous vectors)."""
-    return x / torch.linalg.vector_norm(x).clamp_min(_TINY)
+def _normalize(x: Tensor, dim: int | None = None) -> Tensor:
+    """``x / ||x||_2``, or each slice along ``dim`` by its own norm (zero stays zero; the power-iteration loop then
+    keeps its previous vectors)."""
+    return x / torch.linalg.vector_norm(x, dim=dim, keepdim=dim is not None).clamp_min(_TINY)
 
 
 def _check_positive_int(name: str, value, owner: str) -> int:
@@ -788,9 +789,7 @@ def _block_power_iteration(layers: list[LipschitzLayer], max_iters: int, rtol: f
         layer.power_converged = bool(passed[i])
         layer._subspace_cache.put((layer.v,), basis[i])
     if not conv:  # sigma_hat's direction M = u v^T of every updated layer, computed for the group at once
-        un = u_new / torch.linalg.vector_norm(u_new, dim=1, keepdim=True).clamp_min(_TINY)
-        vn = v_new / torch.linalg.vector_norm(v_new, dim=1, keepdim=True).clamp_min(_TINY)
-        directions = torch.bmm(un.unsqueeze(2), vn.unsqueeze(1))
+        directions = torch.bmm(_normalize(u_new, 1).unsqueeze(2), _normalize(v_new, 1).unsqueeze(1))
         for i, layer in enumerate(layers):
             if sigmas[i] > _TINY and layer.u.dtype == dt and layer.v.dtype == dt:
                 layer._sigma_direction_cache.put((layer.u, layer.v), directions[i].view(layer.weight.shape), extra=dt)
